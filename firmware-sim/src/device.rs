@@ -1,0 +1,231 @@
+//! Simulated device identity and message construction.
+//!
+//! A [`Device`] carries what a connection needs to identify itself (id and, once the
+//! gateway issues them, credentials), and a [`MessageSource`] turns the device's signal
+//! and clock into encoded wire messages. Both transports share this so that MQTT and
+//! WebSocket runs produce byte-identical payloads for the same settings.
+
+use anyhow::anyhow;
+use fluxgate_proto::{Frame, Point, Value};
+
+use crate::config::Encoding;
+use crate::signal::{DeviceSignal, Reading, TsClock};
+
+/// Credentials a device presents to the gateway.
+///
+/// The gateway does not issue device tokens yet, so every device currently has `None`.
+/// When tokens arrive, MQTT will send them as username = device id and password = token
+/// (see [`crate::mqtt`]), and only the code that builds [`Device`]s needs to change.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// MQTT username; by the gateway's convention, the device id.
+    pub username: String,
+    /// The device token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    // Tokens are secrets; keep them out of logs and panic messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// One simulated device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// Position in the fleet, 0-based; also seeds the device's signal.
+    pub index: u64,
+    /// Device id, `{prefix}-{index:05}`.
+    pub id: String,
+    /// Credentials, if the gateway requires them.
+    pub credentials: Option<Credentials>,
+}
+
+/// The id of device `index` with `prefix`.
+pub fn device_id(prefix: &str, index: u64) -> String {
+    format!("{prefix}-{index:05}")
+}
+
+/// Checks that every id of a fleet of `devices` devices is valid, by checking the first
+/// and the last one: all ids share the prefix and the last one is the longest.
+pub fn validate_fleet(prefix: &str, devices: usize) -> anyhow::Result<()> {
+    let last = devices.saturating_sub(1) as u64;
+    for index in [0, last] {
+        let id = device_id(prefix, index);
+        fluxgate_proto::validate_device_id(&id)
+            .map_err(|e| anyhow!("device id {id:?} (prefix {prefix:?}) is invalid: {e:?}"))?;
+    }
+    Ok(())
+}
+
+/// Builds the fleet of `devices` devices named with `prefix`.
+pub fn fleet(prefix: &str, devices: usize) -> Vec<Device> {
+    (0..devices as u64)
+        .map(|index| Device {
+            index,
+            id: device_id(prefix, index),
+            credentials: None,
+        })
+        .collect()
+}
+
+/// An encoded message, ready for either transport.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// JSON text (MQTT `devices/{id}/telemetry`, WebSocket text frame).
+    Json(String),
+    /// Postcard frame (MQTT `devices/{id}/telemetry/bin`, WebSocket binary frame).
+    Postcard(Vec<u8>),
+}
+
+impl Payload {
+    /// The payload bytes, for MQTT.
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Payload::Json(s) => s.into_bytes(),
+            Payload::Postcard(b) => b,
+        }
+    }
+}
+
+/// Generates a device's messages: one point per message with a device timestamp and the
+/// four metrics.
+#[derive(Debug, Clone)]
+pub struct MessageSource {
+    signal: DeviceSignal,
+    clock: TsClock,
+    encoding: Encoding,
+}
+
+impl MessageSource {
+    /// Creates the source for `device`, with a signal "day" of `period_ms` and a clock
+    /// that follows the wall clock.
+    pub fn new(device: &Device, period_ms: u64, encoding: Encoding) -> Self {
+        Self {
+            signal: DeviceSignal::new(device.index, period_ms),
+            clock: TsClock::new(),
+            encoding,
+        }
+    }
+
+    /// Produces the next message for wall-clock time `now_ms`.
+    ///
+    /// The message's timestamp is `now_ms` unless that would not be later than the
+    /// previous message's, see [`TsClock`].
+    pub fn next_message(&mut self, now_ms: u64) -> anyhow::Result<Payload> {
+        let ts = self.clock.next(now_ms);
+        let point = point(ts, self.signal.sample(ts));
+        encode(self.encoding, point)
+    }
+}
+
+/// Builds the wire-format point of one reading.
+pub fn point(ts_ms: u64, r: Reading) -> Point {
+    Point {
+        ts_ms: Some(ts_ms),
+        values: vec![
+            ("temp".to_string(), Value::F64(r.temp)),
+            ("humidity".to_string(), Value::F64(r.humidity)),
+            ("pressure".to_string(), Value::F64(r.pressure)),
+            ("battery".to_string(), Value::F64(r.battery)),
+        ],
+    }
+}
+
+/// Encodes one point with `encoding`.
+pub fn encode(encoding: Encoding, point: Point) -> anyhow::Result<Payload> {
+    match encoding {
+        Encoding::Json => fluxgate_proto::encode_json(std::slice::from_ref(&point))
+            .map(Payload::Json)
+            .map_err(|e| anyhow!("encoding JSON: {e:?}")),
+        Encoding::Postcard => fluxgate_proto::encode_frame(&Frame {
+            readings: vec![point],
+        })
+        .map(Payload::Postcard)
+        .map_err(|e| anyhow!("encoding postcard frame: {e:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_zero_padded() {
+        assert_eq!(device_id("sim", 0), "sim-00000");
+        assert_eq!(device_id("sim", 42), "sim-00042");
+        assert_eq!(device_id("x", 123_456), "x-123456");
+        let f = fleet("lab", 3);
+        assert_eq!(f.len(), 3);
+        assert_eq!(f[2].id, "lab-00002");
+        assert_eq!(f[2].index, 2);
+    }
+
+    #[test]
+    fn fleet_validation_uses_proto_rules() {
+        assert!(validate_fleet("sim", 1_000).is_ok());
+        assert!(validate_fleet("with space", 1).is_err());
+        assert!(validate_fleet("slash/inside", 1).is_err());
+        // 58 + "-" + 5 digits = 64 characters is the longest valid id.
+        assert!(validate_fleet(&"a".repeat(58), 10).is_ok());
+        assert!(validate_fleet(&"a".repeat(59), 10).is_err());
+    }
+
+    #[test]
+    fn credentials_are_redacted_in_debug() {
+        let c = Credentials {
+            username: "sim-00000".into(),
+            password: "s3cret".into(),
+        };
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn messages_encode_with_both_encodings() {
+        let device = &fleet("sim", 1)[0];
+        let mut json = MessageSource::new(device, 60_000, Encoding::Json);
+        let Payload::Json(text) = json.next_message(1_700_000_000_000).expect("json") else {
+            panic!("expected JSON payload");
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        assert_eq!(parsed["ts"], 1_700_000_000_000u64);
+        for metric in ["temp", "humidity", "pressure", "battery"] {
+            assert!(
+                parsed["values"][metric].is_number(),
+                "{metric} missing in {text}"
+            );
+        }
+
+        let mut bin = MessageSource::new(device, 60_000, Encoding::Postcard);
+        let Payload::Postcard(bytes) = bin.next_message(1_700_000_000_000).expect("postcard")
+        else {
+            panic!("expected postcard payload");
+        };
+        assert!(
+            bytes.len() > 1,
+            "a frame is at least a version byte plus data"
+        );
+    }
+
+    #[test]
+    fn consecutive_messages_never_share_a_timestamp() {
+        let device = &fleet("sim", 1)[0];
+        let mut source = MessageSource::new(device, 60_000, Encoding::Json);
+        let mut last = 0;
+        for _ in 0..100 {
+            // The same wall-clock millisecond for every message, as in a tight bench loop.
+            let Payload::Json(text) = source.next_message(5_000).expect("json") else {
+                panic!("expected JSON payload");
+            };
+            let parsed: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+            let ts = parsed["ts"].as_u64().expect("numeric ts");
+            assert!(ts > last || last == 0);
+            last = ts;
+        }
+        assert_eq!(last, 5_099);
+    }
+}

@@ -1,0 +1,286 @@
+//! `firmware-sim`: simulates fleets of fluxgate devices and benchmarks the gateway.
+//!
+//! Two subcommands share the device, signal and transport code:
+//!
+//! * `run` keeps N devices sending realistic telemetry at a steady rate, over MQTT or
+//!   WebSocket, until a duration elapses or Ctrl-C, with a live rate display.
+//! * `bench` pushes a fixed number of messages as fast as possible and reports send
+//!   throughput, end-to-end ingest throughput (from the gateway's `/metrics`) and
+//!   acknowledgement latency, as a table and as one JSON line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+mod backoff;
+mod bench;
+mod config;
+mod device;
+mod metrics;
+mod mqtt;
+mod run;
+mod signal;
+mod stats;
+mod ws;
+
+use config::{DEFAULT_HTTP, DEFAULT_MQTT, Encoding, Qos, RunFile, RunSettings, Transport};
+
+/// Exit code of a benchmark that finished but lost or failed to send messages, so that
+/// scripts can tell "gateway dropped data" from "benchmark could not run" (exit code 1).
+const EXIT_INCOMPLETE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "firmware-sim",
+    version,
+    about = "fluxgate device fleet simulator and benchmark"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Simulate a fleet sending telemetry at a steady rate until stopped.
+    Run(RunArgs),
+    /// Send a fixed number of messages as fast as possible and measure the gateway.
+    Bench(BenchArgs),
+}
+
+/// Options of `run`. None of them has a clap default, so that values from `--config`
+/// apply unless overridden; the defaults are listed in the help texts.
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// TOML file with any of the options below (command-line values take precedence).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Transport [default: mqtt].
+    #[arg(long, value_enum)]
+    transport: Option<Transport>,
+    /// Payload encoding [default: json].
+    #[arg(long, value_enum)]
+    encoding: Option<Encoding>,
+    /// Number of devices, one connection each [default: 1].
+    #[arg(long)]
+    devices: Option<usize>,
+    /// Messages per second per device, may be fractional (e.g. 0.5) [default: 1].
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Gateway MQTT listener HOST:PORT [default: 127.0.0.1:1883].
+    #[arg(long, value_name = "HOST:PORT", env = "FLUXGATE_SIM_MQTT")]
+    mqtt: Option<String>,
+    /// Gateway HTTP/WebSocket listener HOST:PORT [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "HOST:PORT", env = "FLUXGATE_SIM_HTTP")]
+    http: Option<String>,
+    /// MQTT QoS, 0 or 1 [default: 0].
+    #[arg(long, value_parser = config::parse_qos)]
+    qos: Option<u8>,
+    /// Stop after this long, e.g. 30s or 2h [default: run until Ctrl-C].
+    #[arg(long, value_parser = duration_text)]
+    duration: Option<String>,
+    /// Device id prefix; devices are named PREFIX-00000, PREFIX-00001, ... [default: sim].
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Length of one simulated day of the sensor signals [default: 10m].
+    #[arg(long, value_parser = duration_text)]
+    period: Option<String>,
+}
+
+impl RunArgs {
+    fn into_file(self) -> (Option<PathBuf>, RunFile) {
+        let file = RunFile {
+            transport: self.transport,
+            encoding: self.encoding,
+            devices: self.devices,
+            rate: self.rate,
+            mqtt: self.mqtt,
+            http: self.http,
+            qos: self.qos,
+            duration: self.duration,
+            prefix: self.prefix,
+            period: self.period,
+        };
+        (self.config, file)
+    }
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Transport under test.
+    #[arg(long, value_enum, default_value = "mqtt")]
+    transport: Transport,
+    /// Payload encoding.
+    #[arg(long, value_enum, default_value = "json")]
+    encoding: Encoding,
+    /// Number of concurrent device connections.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    devices: u64,
+    /// Total messages over all devices (underscores allowed: 1_000_000).
+    #[arg(long, default_value = "1_000_000", value_parser = count)]
+    messages: u64,
+    /// MQTT QoS, 0 or 1; QoS 1 keeps 100 publishes in flight per connection.
+    #[arg(long, default_value = "0", value_parser = config::parse_qos)]
+    qos: u8,
+    /// Gateway MQTT listener HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_MQTT, env = "FLUXGATE_SIM_MQTT")]
+    mqtt: String,
+    /// Gateway HTTP listener HOST:PORT (WebSocket ingest and /metrics).
+    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_HTTP, env = "FLUXGATE_SIM_HTTP")]
+    http: String,
+    /// Unacknowledged messages allowed per WebSocket connection.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    max_inflight: u64,
+    /// Give up sending after this long (the drain wait adds at most a few seconds).
+    #[arg(long, default_value = "120s", value_parser = config::parse_duration)]
+    timeout: Duration,
+    /// Device id prefix. Distinct from `run`'s default so that a benchmark does not take
+    /// over the MQTT client ids (and thus the sessions) of a simulation running alongside.
+    #[arg(long, default_value = "bench")]
+    prefix: String,
+    /// Print only the JSON result line on stdout (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Validates a duration argument but keeps it as text, so that it merges with the
+/// config file (where durations are strings) before being parsed once.
+fn duration_text(s: &str) -> Result<String, String> {
+    config::parse_duration(s).map(|_| s.to_string())
+}
+
+/// Parses a message count, allowing `_` separators.
+fn count(s: &str) -> Result<u64, String> {
+    s.replace('_', "")
+        .parse()
+        .map_err(|e| format!("invalid count {s:?}: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run(args) => {
+            let (config, cli) = args.into_file();
+            let file = match config {
+                Some(path) => RunFile::load(&path)?,
+                None => RunFile::default(),
+            };
+            run::run(RunSettings::resolve(cli, file)?).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => {
+            let settings = bench::BenchSettings {
+                transport: args.transport,
+                encoding: args.encoding,
+                devices: usize::try_from(args.devices)?,
+                messages: args.messages,
+                qos: Qos::from_level(args.qos)?,
+                mqtt: args.mqtt,
+                http: args.http,
+                max_inflight: usize::try_from(args.max_inflight)?,
+                timeout: args.timeout,
+                prefix: args.prefix,
+                period: config::DEFAULT_PERIOD,
+                json: args.json,
+            };
+            let json_only = settings.json;
+            let report = bench::bench(settings).await?;
+            if json_only {
+                println!("{}", report.to_json());
+            } else {
+                println!("firmware-sim bench results:");
+                print!("{}", report.to_table());
+                println!("json: {}", report.to_json());
+            }
+            if report.is_complete() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                if let Some(missing) = report.missing().filter(|m| *m > 0) {
+                    eprintln!("!!! {missing} messages missing at the gateway !!!");
+                }
+                Ok(ExitCode::from(EXIT_INCOMPLETE))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "firmware-sim",
+            "run",
+            "--transport",
+            "ws",
+            "--encoding",
+            "postcard",
+            "--devices",
+            "5",
+            "--rate",
+            "0.5",
+            "--duration",
+            "30s",
+            "--qos",
+            "1",
+        ])
+        .expect("valid arguments");
+        let Command::Run(args) = cli.command else {
+            panic!("expected run");
+        };
+        let (config, file) = args.into_file();
+        assert_eq!(config, None);
+        let s = RunSettings::resolve(file, RunFile::default()).expect("valid settings");
+        assert_eq!(s.transport, Transport::Ws);
+        assert_eq!(s.rate, 0.5);
+        assert_eq!(s.duration, Some(Duration::from_secs(30)));
+        assert_eq!(s.qos, Qos::AtLeastOnce);
+        assert!(Cli::try_parse_from(["firmware-sim", "run", "--qos", "2"]).is_err());
+        assert!(Cli::try_parse_from(["firmware-sim", "run", "--duration", "soon"]).is_err());
+    }
+
+    #[test]
+    fn bench_defaults_and_counts() {
+        let cli = Cli::try_parse_from(["firmware-sim", "bench"]).expect("defaults");
+        let Command::Bench(args) = cli.command else {
+            panic!("expected bench");
+        };
+        assert_eq!(args.devices, 10);
+        assert_eq!(args.messages, 1_000_000);
+        assert_eq!(args.max_inflight, 64);
+        assert_eq!(args.timeout, Duration::from_secs(120));
+        assert_eq!(count("2_500"), Ok(2_500));
+        assert!(count("many").is_err());
+        assert!(Cli::try_parse_from(["firmware-sim", "bench", "--devices", "0"]).is_err());
+    }
+}

@@ -1,0 +1,339 @@
+//! MQTT devices: one rumqttc client and event loop per simulated device.
+//!
+//! rumqttc splits a connection into an [`AsyncClient`] (a handle that queues requests)
+//! and an [`EventLoop`] that does all network I/O and must be polled continuously. Each
+//! device therefore runs two tasks: a publisher that generates messages into the client,
+//! and [`drive`], which polls the event loop, counts what actually went over the wire
+//! and reconnects with jittered backoff.
+//!
+//! "Sent" is counted on `Outgoing::Publish` events, i.e. when the event loop has written
+//! and flushed the PUBLISH packet, not when it was queued in the client; only that number
+//! is comparable with what the gateway receives.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet};
+use tokio::sync::watch;
+
+use crate::backoff::Backoff;
+use crate::bench::BenchCtx;
+use crate::config::{Encoding, Qos, RunSettings, validate_host_port};
+use crate::device::{Device, MessageSource};
+use crate::run::stopped;
+use crate::signal::now_ms;
+use crate::stats::{ConnectedGuard, Counters, micros};
+
+/// Keep-alive interval; short enough to notice a dead gateway within a minute.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Seconds rumqttc waits for the TCP connect plus CONNACK.
+const CONNECT_TIMEOUT_SECS: u64 = 10;
+/// How long a stopping device may take to send its DISCONNECT before it is dropped.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
+/// Request queue between a `run` publisher and its event loop. Small on purpose: while
+/// disconnected, a device should drop new readings (counted) rather than pile them up.
+const RUN_QUEUE: usize = 16;
+/// Request queue for `bench`; deep enough that the event loop never waits for the
+/// publisher task, which keeps the socket busy.
+const BENCH_QUEUE: usize = 1_024;
+/// Maximum unacknowledged QoS 1 publishes per connection.
+pub const BENCH_INFLIGHT: u16 = 100;
+
+/// The telemetry topic for `encoding`.
+pub fn topic_for(device_id: &str, encoding: Encoding) -> String {
+    match encoding {
+        Encoding::Json => fluxgate_proto::topic::telemetry(device_id),
+        Encoding::Postcard => fluxgate_proto::topic::telemetry_bin(device_id),
+    }
+}
+
+/// Builds the client and event loop of `device` for the broker at `addr` (`HOST:PORT`).
+pub fn client_for(
+    device: &Device,
+    addr: &str,
+    inflight: u16,
+    queue: usize,
+) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let (host, port) = validate_host_port(addr)?;
+    // The gateway identifies devices by MQTT client id, so it must be the device id.
+    let mut options = MqttOptions::new(device.id.clone(), host, port);
+    options
+        .set_keep_alive(KEEP_ALIVE)
+        // A clean session keeps the broker from holding state for thousands of simulated
+        // devices between runs; the simulator does not need queued messages redelivered.
+        .set_clean_session(true)
+        .set_inflight(inflight.max(1));
+    if let Some(credentials) = &device.credentials {
+        options.set_credentials(credentials.username.clone(), credentials.password.clone());
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, queue);
+    let mut network = NetworkOptions::new();
+    // Telemetry messages are small; Nagle's algorithm would only add latency.
+    network.set_tcp_nodelay(true);
+    network.set_connection_timeout(CONNECT_TIMEOUT_SECS);
+    eventloop.set_network_options(network);
+    Ok((client, eventloop))
+}
+
+/// Polls `eventloop` until the device has disconnected after `shutdown`, counting sent
+/// messages, PUBACKs and errors, and reconnecting with backoff after failures.
+///
+/// With `track_latency`, the time from writing each QoS 1 PUBLISH to its PUBACK is
+/// recorded and returned (in microseconds).
+///
+/// The event loop is never cancelled in the middle of a `poll` except when the shutdown
+/// grace period has run out, because a cancelled poll may leave a half-written packet
+/// behind; after that the connection is dropped rather than reused.
+pub async fn drive(
+    mut eventloop: EventLoop,
+    device_id: &str,
+    counters: &Arc<Counters>,
+    shutdown: watch::Receiver<bool>,
+    track_latency: bool,
+) -> Vec<u32> {
+    let mut guard = ConnectedGuard::new(counters.clone());
+    let mut backoff = Backoff::default();
+    let mut inflight: HashMap<u16, Instant> = HashMap::new();
+    let mut latencies = Vec::new();
+    let stopping = shutdown.clone();
+    let mut grace_rx = shutdown;
+    let grace = async move {
+        stopped(&mut grace_rx).await;
+        tokio::time::sleep(DISCONNECT_GRACE).await;
+    };
+    tokio::pin!(grace);
+
+    loop {
+        let event = tokio::select! {
+            event = eventloop.poll() => event,
+            () = &mut grace => break,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                guard.up();
+                backoff.reset();
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                Counters::inc(&counters.acked);
+                if let Some(sent_at) = inflight.remove(&ack.pkid) {
+                    latencies.push(micros(sent_at.elapsed()));
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                Counters::inc(&counters.sent);
+                // Packet id 0 is QoS 0, which is never acknowledged.
+                if track_latency && pkid != 0 {
+                    inflight.insert(pkid, Instant::now());
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => {}
+            Err(error) => {
+                guard.down();
+                // Unacknowledged publishes of a clean session are gone after reconnecting,
+                // so their timers must not be matched against new packets.
+                inflight.clear();
+                if *stopping.borrow() {
+                    break;
+                }
+                let delay = backoff.next_delay();
+                counters.error(|| format!("{device_id}: MQTT: {error} (retrying in {delay:.1?})"));
+                // rumqttc reconnects on the very next poll, so the backoff is ours to do.
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = &mut grace => break,
+                }
+            }
+        }
+    }
+    latencies
+}
+
+/// Runs one device of `run` until `shutdown`.
+pub async fn run_device(
+    device: Device,
+    settings: Arc<RunSettings>,
+    counters: Arc<Counters>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (client, eventloop) = match client_for(&device, &settings.mqtt, BENCH_INFLIGHT, RUN_QUEUE) {
+        Ok(pair) => pair,
+        Err(e) => {
+            counters.error(|| format!("{}: {e:#}", device.id));
+            return;
+        }
+    };
+    let publisher = tokio::spawn(run_publisher(
+        client,
+        device.clone(),
+        settings,
+        counters.clone(),
+        shutdown.clone(),
+    ));
+    drive(eventloop, &device.id, &counters, shutdown, false).await;
+    // The publisher normally ended by itself on shutdown; this only matters if the event
+    // loop gave up first.
+    publisher.abort();
+}
+
+/// Generates `run` messages at the configured rate until `shutdown`, then asks the event
+/// loop to disconnect.
+async fn run_publisher(
+    client: AsyncClient,
+    device: Device,
+    settings: Arc<RunSettings>,
+    counters: Arc<Counters>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let period_ms = u64::try_from(settings.period.as_millis()).unwrap_or(u64::MAX);
+    let mut source = MessageSource::new(&device, period_ms, settings.encoding);
+    let topic = topic_for(&device.id, settings.encoding);
+    let qos = settings.qos.to_rumqttc();
+    let mut ticker = crate::run::device_ticker(settings.rate);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stopped(&mut shutdown) => break,
+        }
+        let payload = match source.next_message(now_ms()) {
+            Ok(payload) => payload,
+            Err(e) => {
+                counters.error(|| format!("{}: {e:#}", device.id));
+                continue;
+            }
+        };
+        // try_publish never blocks: if the event loop is not draining the queue (because
+        // the device is disconnected), the reading is dropped like a real device with a
+        // full buffer would, and the schedule of later readings is unaffected.
+        if client
+            .try_publish(topic.clone(), qos, false, payload.into_bytes())
+            .is_err()
+        {
+            Counters::inc(&counters.dropped);
+        }
+    }
+    let _ = client.try_disconnect();
+}
+
+/// Runs one device of `bench`: connects, waits for the start signal, publishes
+/// `messages` messages as fast as the connection allows, and keeps the connection open
+/// until `ctx.shutdown` so that nothing is cut off while the gateway drains.
+///
+/// Returns PUBACK latencies in microseconds for QoS 1.
+pub async fn bench_device(device: Device, messages: u64, ctx: Arc<BenchCtx>) -> Vec<u32> {
+    let (client, eventloop) = match client_for(&device, &ctx.mqtt_addr, BENCH_INFLIGHT, BENCH_QUEUE)
+    {
+        Ok(pair) => pair,
+        Err(e) => {
+            ctx.counters.error(|| format!("{}: {e:#}", device.id));
+            ctx.finished.fetch_add(1, Ordering::Relaxed);
+            return Vec::new();
+        }
+    };
+    let publisher = tokio::spawn(bench_publisher(
+        client,
+        device.clone(),
+        messages,
+        ctx.clone(),
+    ));
+    let track_latency = ctx.qos == Qos::AtLeastOnce;
+    let latencies = drive(
+        eventloop,
+        &device.id,
+        &ctx.counters,
+        ctx.shutdown.clone(),
+        track_latency,
+    )
+    .await;
+    publisher.abort();
+    latencies
+}
+
+async fn bench_publisher(client: AsyncClient, device: Device, messages: u64, ctx: Arc<BenchCtx>) {
+    publish_burst(&client, &device, messages, &ctx).await;
+    ctx.finished.fetch_add(1, Ordering::Relaxed);
+    stopped(&mut ctx.shutdown.clone()).await;
+    let _ = client.try_disconnect();
+}
+
+async fn publish_burst(client: &AsyncClient, device: &Device, messages: u64, ctx: &BenchCtx) {
+    let mut go = ctx.go.clone();
+    if go.wait_for(|go| *go).await.is_err() {
+        return;
+    }
+    let mut source = MessageSource::new(device, ctx.period_ms, ctx.encoding);
+    let topic = topic_for(&device.id, ctx.encoding);
+    let qos = ctx.qos.to_rumqttc();
+    for i in 0..messages {
+        // Back-date by the number of messages still to send: timestamps stay strictly
+        // increasing yet never run ahead of the wall clock (see `TsClock`).
+        let remaining_after = messages - i - 1;
+        let payload = match source.next_message(now_ms().saturating_sub(remaining_after)) {
+            Ok(payload) => payload,
+            Err(e) => {
+                ctx.counters.error(|| format!("{}: {e:#}", device.id));
+                return;
+            }
+        };
+        // `publish` waits while the queue is full, which is the backpressure that keeps
+        // the inflight window full without unbounded memory. The deadline bounds that
+        // wait in case the gateway stops reading.
+        let queued = tokio::time::timeout_at(
+            ctx.deadline.into(),
+            client.publish(topic.clone(), qos, false, payload.into_bytes()),
+        )
+        .await;
+        match queued {
+            Ok(Ok(())) => {
+                ctx.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            // The event loop is gone or the deadline passed: stop this device.
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_follow_the_contract() {
+        assert_eq!(
+            topic_for("sim-00001", Encoding::Json),
+            "devices/sim-00001/telemetry"
+        );
+        assert_eq!(
+            topic_for("sim-00001", Encoding::Postcard),
+            "devices/sim-00001/telemetry/bin"
+        );
+    }
+
+    #[test]
+    fn client_options_use_device_id_and_credentials() {
+        let mut device = crate::device::fleet("sim", 1).remove(0);
+        let (_client, eventloop) = client_for(&device, "127.0.0.1:1883", 100, 8).expect("options");
+        assert_eq!(eventloop.mqtt_options.client_id(), "sim-00000");
+        assert_eq!(eventloop.mqtt_options.credentials(), None);
+        assert!(eventloop.mqtt_options.clean_session());
+
+        device.credentials = Some(crate::device::Credentials {
+            username: "sim-00000".into(),
+            password: "token".into(),
+        });
+        let (_client, eventloop) = client_for(&device, "[::1]:1884", 100, 8).expect("options");
+        let login = eventloop
+            .mqtt_options
+            .credentials()
+            .expect("credentials set");
+        assert_eq!(login.username, "sim-00000");
+        assert_eq!(login.password, "token");
+        assert_eq!(
+            eventloop.mqtt_options.broker_address(),
+            ("::1".to_string(), 1884)
+        );
+        assert!(client_for(&device, "no-port", 100, 8).is_err());
+    }
+}

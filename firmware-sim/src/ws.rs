@@ -1,0 +1,518 @@
+//! WebSocket devices: one connection to `/api/v1/ingest/ws?device={id}` per device.
+//!
+//! The gateway answers every message, in order, with a text frame that is either
+//! `{"type":"ack","seq":N,"readings":K}` or `{"type":"error","seq":N,"reason":..}`, where
+//! `seq` is the 1-based position of the message on the connection. That ordering is what
+//! lets the benchmark pipeline messages and still attribute each reply (and its latency)
+//! to the right message without any id in the payload: replies are matched first in,
+//! first out, and `seq` is only used to detect a gateway that breaks the contract.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, TryAcquireError, mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::backoff::Backoff;
+use crate::bench::BenchCtx;
+use crate::config::RunSettings;
+use crate::device::{Device, MessageSource, Payload};
+use crate::run::stopped;
+use crate::signal::now_ms;
+use crate::stats::{ConnectedGuard, Counters, micros};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Time allowed for TCP connect plus the WebSocket handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping `run` device waits for the replies to its last messages.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long the benchmark waits for a single reply before declaring the connection
+/// stuck; generous because a loaded gateway may pause (e.g. for a database checkpoint).
+const REPLY_STALL: Duration = Duration::from_secs(10);
+/// How long past the bench deadline outstanding replies are still awaited.
+const REPLY_GRACE: Duration = Duration::from_secs(5);
+
+/// The ingest URL of `device_id` on the gateway's HTTP listener `http_addr`.
+///
+/// Device ids are restricted to `[A-Za-z0-9_.-]`, which needs no percent-encoding.
+pub fn ingest_url(http_addr: &str, device_id: &str) -> String {
+    format!("ws://{http_addr}/api/v1/ingest/ws?device={device_id}")
+}
+
+/// A reply frame from the gateway. Unknown fields are ignored so that the gateway may
+/// add information without breaking older simulators.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Reply {
+    /// The message was ingested.
+    Ack {
+        /// 1-based position of the message on the connection.
+        seq: u64,
+        /// Number of readings the message produced.
+        readings: u64,
+    },
+    /// The message was rejected.
+    Error {
+        /// 1-based position of the message on the connection.
+        seq: u64,
+        /// Machine-readable reason, e.g. `invalid_json`.
+        reason: String,
+        /// Human-readable detail.
+        #[serde(default)]
+        detail: String,
+    },
+}
+
+impl Reply {
+    /// Parses a reply text frame.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| format!("unexpected reply {text:?}: {e}"))
+    }
+
+    /// The message position this reply refers to.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Reply::Ack { seq, .. } | Reply::Error { seq, .. } => *seq,
+        }
+    }
+}
+
+/// Converts an encoded payload into the frame type the contract requires: text for
+/// JSON, binary for postcard.
+fn to_message(payload: Payload) -> Message {
+    match payload {
+        Payload::Json(text) => Message::text(text),
+        Payload::Postcard(bytes) => Message::binary(bytes),
+    }
+}
+
+async fn connect(url: &str) -> Result<Ws, String> {
+    // Nagle off: small frames, and the benchmark measures per-message latency.
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_tungstenite::connect_async_with_config(url, None, true),
+    )
+    .await
+    {
+        Ok(Ok((ws, _response))) => Ok(ws),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("connect timed out after {CONNECT_TIMEOUT:?}")),
+    }
+}
+
+/// Tracks replies on one connection and accounts for them in the counters.
+struct ReplyTracker<'a> {
+    device_id: &'a str,
+    counters: &'a Counters,
+    received: u64,
+}
+
+impl<'a> ReplyTracker<'a> {
+    fn new(device_id: &'a str, counters: &'a Counters) -> Self {
+        Self {
+            device_id,
+            counters,
+            received: 0,
+        }
+    }
+
+    /// Accounts for one text frame; returns whether it was a reply (as opposed to
+    /// something unparseable, which is counted as an error but matches no message).
+    fn handle(&mut self, text: &str) -> bool {
+        let reply = match Reply::parse(text) {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.counters.error(|| format!("{}: {e}", self.device_id));
+                return false;
+            }
+        };
+        self.received += 1;
+        if reply.seq() != self.received {
+            let (got, want) = (reply.seq(), self.received);
+            self.counters.error(|| {
+                format!(
+                    "{}: reply seq {got}, expected {want} (gateway broke ordering)",
+                    self.device_id
+                )
+            });
+        }
+        match reply {
+            Reply::Ack { .. } => Counters::inc(&self.counters.acked),
+            Reply::Error {
+                seq,
+                reason,
+                detail,
+            } => {
+                self.counters.error(|| {
+                    format!(
+                        "{}: message {seq} rejected: {reason}: {detail}",
+                        self.device_id
+                    )
+                });
+            }
+        }
+        true
+    }
+}
+
+/// Runs one device of `run` until `shutdown`, reconnecting with backoff.
+pub async fn run_device(
+    device: Device,
+    settings: Arc<RunSettings>,
+    counters: Arc<Counters>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let url = ingest_url(&settings.http, &device.id);
+    let period_ms = u64::try_from(settings.period.as_millis()).unwrap_or(u64::MAX);
+    let mut source = MessageSource::new(&device, period_ms, settings.encoding);
+    let mut ticker = crate::run::device_ticker(settings.rate);
+    let mut backoff = Backoff::default();
+    let mut guard = ConnectedGuard::new(counters.clone());
+
+    loop {
+        let connected = tokio::select! {
+            result = connect(&url) => result,
+            () = stopped(&mut shutdown) => return,
+        };
+        let failure = match connected {
+            Ok(ws) => {
+                guard.up();
+                backoff.reset();
+                let outcome = run_connection(
+                    ws,
+                    &device.id,
+                    &mut source,
+                    &mut ticker,
+                    &counters,
+                    &mut shutdown,
+                )
+                .await;
+                guard.down();
+                match outcome {
+                    Ok(()) => return,
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        let delay = backoff.next_delay();
+        counters.error(|| {
+            format!(
+                "{}: WebSocket: {failure} (retrying in {delay:.1?})",
+                device.id
+            )
+        });
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Sends messages on each tick and reads replies until shutdown (`Ok`) or a connection
+/// failure (`Err`).
+async fn run_connection(
+    ws: Ws,
+    device_id: &str,
+    source: &mut MessageSource,
+    ticker: &mut tokio::time::Interval,
+    counters: &Counters,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let (mut sink, mut stream) = ws.split();
+    let mut replies = ReplyTracker::new(device_id, counters);
+    let mut sent = 0u64;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let payload = match source.next_message(now_ms()) {
+                    Ok(payload) => payload,
+                    Err(e) => {
+                        counters.error(|| format!("{device_id}: {e:#}"));
+                        continue;
+                    }
+                };
+                sink.send(to_message(payload)).await.map_err(|e| e.to_string())?;
+                sent += 1;
+                Counters::inc(&counters.sent);
+            }
+            frame = stream.next() => {
+                handle_frame(frame, &mut replies)?;
+            }
+            () = stopped(shutdown) => break,
+        }
+    }
+
+    // Wait briefly for the replies to messages already sent, so the summary's acked
+    // count is complete, then close politely.
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while replies.received < sent {
+            if handle_frame(stream.next().await, &mut replies).is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
+    Ok(())
+}
+
+/// Handles one item from the WebSocket stream; `Err` means the connection is over.
+fn handle_frame(
+    frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    replies: &mut ReplyTracker<'_>,
+) -> Result<bool, String> {
+    match frame {
+        Some(Ok(Message::Text(text))) => Ok(replies.handle(text.as_str())),
+        // Pings are answered by tungstenite itself; binary frames carry no replies.
+        Some(Ok(Message::Close(close))) => Err(match close {
+            Some(frame) => format!("closed by gateway: {} {}", frame.code, frame.reason),
+            None => "closed by gateway".to_string(),
+        }),
+        Some(Ok(_)) => Ok(false),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("connection closed".to_string()),
+    }
+}
+
+/// Runs one device of `bench`: connects once, waits for the start signal, then keeps up
+/// to `ctx.max_inflight` unacknowledged messages in flight until `messages` have been
+/// sent and answered (or the deadline passes).
+///
+/// Returns reply latencies in microseconds. Connection failures are not retried: a
+/// benchmark that silently reconnected would measure the reconnects.
+pub async fn bench_device(device: Device, messages: u64, ctx: Arc<BenchCtx>) -> Vec<u32> {
+    let latencies = bench_connection(&device, messages, &ctx).await;
+    ctx.finished.fetch_add(1, Ordering::Relaxed);
+    latencies
+}
+
+async fn bench_connection(device: &Device, messages: u64, ctx: &Arc<BenchCtx>) -> Vec<u32> {
+    let url = ingest_url(&ctx.http_addr, &device.id);
+    let ws = match connect(&url).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            ctx.counters
+                .error(|| format!("{}: WebSocket connect to {url}: {e}", device.id));
+            return Vec::new();
+        }
+    };
+    let mut guard = ConnectedGuard::new(ctx.counters.clone());
+    guard.up();
+    let (sink, stream) = ws.split();
+    let window = Arc::new(Semaphore::new(ctx.max_inflight));
+    // The writer reports each message's send time in order; the reader takes one per reply.
+    let (sent_tx, sent_rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(bench_writer(
+        sink,
+        device.clone(),
+        messages,
+        window.clone(),
+        sent_tx,
+        ctx.clone(),
+    ));
+    let (latencies, reader_ok) = bench_reader(stream, &device.id, sent_rx, &window, ctx).await;
+    // After a reader failure the writer may be blocked on a socket the gateway no longer
+    // reads; aborting it keeps the benchmark bounded. On success it has already finished,
+    // because the reader only completes once the writer dropped its channel end.
+    if !reader_ok {
+        writer.abort();
+    }
+    match writer.await {
+        Ok(Some(mut sink)) if reader_ok => {
+            let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
+        }
+        Ok(_) => {}
+        Err(e) if e.is_cancelled() => {}
+        Err(e) => ctx
+            .counters
+            .error(|| format!("{}: writer task failed: {e}", device.id)),
+    }
+    guard.down();
+    latencies
+}
+
+/// Sends the device's messages, feeding frames while the window has room and flushing
+/// whenever it has to wait, so frames go out in batches without stalling the pipeline.
+/// Returns the sink for a polite close unless sending failed.
+async fn bench_writer(
+    mut sink: SplitSink<Ws, Message>,
+    device: Device,
+    messages: u64,
+    window: Arc<Semaphore>,
+    sent_tx: mpsc::UnboundedSender<Instant>,
+    ctx: Arc<BenchCtx>,
+) -> Option<SplitSink<Ws, Message>> {
+    let mut go = ctx.go.clone();
+    if go.wait_for(|go| *go).await.is_err() {
+        return Some(sink);
+    }
+    let mut source = MessageSource::new(&device, ctx.period_ms, ctx.encoding);
+    let mut unflushed = 0u64;
+    for i in 0..messages {
+        let permit = match window.try_acquire() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => break,
+            Err(TryAcquireError::NoPermits) => {
+                // The window is full: push out what is buffered, then wait for a reply.
+                if let Err(e) = flush(&mut sink, &mut unflushed, &ctx.counters).await {
+                    ctx.counters.error(|| format!("{}: send: {e}", device.id));
+                    return None;
+                }
+                match tokio::time::timeout_at(ctx.deadline.into(), window.acquire()).await {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) | Err(_) => break,
+                }
+            }
+        };
+        // The reader hands the permit back when the reply arrives.
+        permit.forget();
+        if Instant::now() >= ctx.deadline {
+            break;
+        }
+        // Back-dated like the MQTT bench: strictly increasing, never in the future.
+        let remaining_after = messages - i - 1;
+        let payload = match source.next_message(now_ms().saturating_sub(remaining_after)) {
+            Ok(payload) => payload,
+            Err(e) => {
+                ctx.counters.error(|| format!("{}: {e:#}", device.id));
+                break;
+            }
+        };
+        // Record the send time before the frame can possibly be answered.
+        if sent_tx.send(Instant::now()).is_err() {
+            // The reader is gone, so the connection failed; stop sending.
+            return None;
+        }
+        if let Err(e) = sink.feed(to_message(payload)).await {
+            ctx.counters.error(|| format!("{}: send: {e}", device.id));
+            return None;
+        }
+        unflushed += 1;
+        ctx.queued.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Err(e) = flush(&mut sink, &mut unflushed, &ctx.counters).await {
+        ctx.counters.error(|| format!("{}: send: {e}", device.id));
+        return None;
+    }
+    // Dropping `sent_tx` here tells the reader that no further replies are expected.
+    Some(sink)
+}
+
+async fn flush(
+    sink: &mut SplitSink<Ws, Message>,
+    unflushed: &mut u64,
+    counters: &Counters,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    if *unflushed == 0 {
+        return Ok(());
+    }
+    sink.flush().await?;
+    counters.sent.fetch_add(*unflushed, Ordering::Relaxed);
+    *unflushed = 0;
+    Ok(())
+}
+
+/// Reads one reply per message the writer reports, until the writer is done and every
+/// message is answered. Returns the latencies and whether the connection stayed healthy.
+async fn bench_reader(
+    mut stream: SplitStream<Ws>,
+    device_id: &str,
+    mut sent_rx: mpsc::UnboundedReceiver<Instant>,
+    window: &Semaphore,
+    ctx: &BenchCtx,
+) -> (Vec<u32>, bool) {
+    let mut latencies = Vec::new();
+    let mut replies = ReplyTracker::new(device_id, &ctx.counters);
+    while let Some(sent_at) = sent_rx.recv().await {
+        let limit = (Instant::now() + REPLY_STALL).min(ctx.deadline + REPLY_GRACE);
+        let before = replies.received;
+        while replies.received == before {
+            let frame = match tokio::time::timeout_at(limit.into(), stream.next()).await {
+                Ok(frame) => frame,
+                Err(_) => {
+                    ctx.counters.error(|| {
+                        format!("{device_id}: no reply within {REPLY_STALL:?}; giving up")
+                    });
+                    return (latencies, false);
+                }
+            };
+            if let Err(e) = handle_frame(frame, &mut replies) {
+                ctx.counters.error(|| format!("{device_id}: {e}"));
+                return (latencies, false);
+            }
+        }
+        latencies.push(micros(sent_at.elapsed()));
+        ctx.replies.fetch_add(1, Ordering::Relaxed);
+        window.add_permits(1);
+    }
+    (latencies, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_follows_the_contract() {
+        assert_eq!(
+            ingest_url("127.0.0.1:8080", "sim-00003"),
+            "ws://127.0.0.1:8080/api/v1/ingest/ws?device=sim-00003"
+        );
+    }
+
+    #[test]
+    fn replies_parse() {
+        assert_eq!(
+            Reply::parse(r#"{"type":"ack","seq":3,"readings":4}"#),
+            Ok(Reply::Ack {
+                seq: 3,
+                readings: 4
+            })
+        );
+        assert_eq!(
+            Reply::parse(
+                r#"{"type":"error","seq":1,"reason":"invalid_json","detail":"eof","extra":true}"#
+            ),
+            Ok(Reply::Error {
+                seq: 1,
+                reason: "invalid_json".into(),
+                detail: "eof".into()
+            })
+        );
+        assert_eq!(
+            Reply::parse(r#"{"type":"error","seq":2,"reason":"too_large"}"#).map(|r| r.seq()),
+            Ok(2)
+        );
+        assert!(Reply::parse(r#"{"type":"hello"}"#).is_err());
+        assert!(Reply::parse("not json").is_err());
+    }
+
+    #[test]
+    fn tracker_counts_acks_errors_and_order_violations() {
+        let counters = Counters::default();
+        let mut t = ReplyTracker::new("sim-00000", &counters);
+        assert!(t.handle(r#"{"type":"ack","seq":1,"readings":4}"#));
+        assert!(t.handle(r#"{"type":"error","seq":2,"reason":"invalid_json","detail":"x"}"#));
+        // Seq 4 where 3 was due: still a reply, but counted as an error.
+        assert!(t.handle(r#"{"type":"ack","seq":4,"readings":4}"#));
+        assert!(!t.handle("garbage"));
+        let snap = counters.snapshot();
+        assert_eq!(t.received, 3);
+        assert_eq!(snap.acked, 2);
+        assert_eq!(snap.errors, 3);
+    }
+
+    #[test]
+    fn frames_use_text_for_json_and_binary_for_postcard() {
+        assert!(to_message(Payload::Json("{}".into())).is_text());
+        assert!(to_message(Payload::Postcard(vec![1, 2])).is_binary());
+    }
+}

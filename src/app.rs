@@ -1,0 +1,217 @@
+//! The only place that wires components together: it creates every channel (bounded,
+//! with its full-policy named here), starts every task, and owns shutdown.
+//!
+//! ```text
+//! mqtt consumer ─┐ try_send; full -> spill (bounded) -> drop, counted
+//! ws / http ─────┤ send().await; full -> backpressure to the device
+//!                v
+//!            pipeline ── publish (never waits) ──> live hub -> subscriber queues (conflate)
+//!                │
+//!                v send_async; full -> backpressure (block)
+//!          store writer thread (SQLite)
+//! ```
+//!
+//! Shutdown runs front to back: cancel -> ingest stops accepting and drains -> the
+//! pipeline sees its input close, flushes the batcher -> the store writer commits the
+//! last batch and exits.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiSettings, AppState};
+use crate::config::Config;
+use crate::ingest::mqtt::MqttIngest;
+use crate::live::{Hub, HubLimits};
+use crate::model::now_ms;
+use crate::observe::Metrics;
+use crate::pipeline::{Pipeline, StoreBatch};
+use crate::store;
+
+/// Entry point for starting a gateway.
+pub struct Gateway;
+
+/// A started gateway: its bound addresses and the handle to stop it.
+pub struct RunningGateway {
+    /// The HTTP listener's bound address.
+    pub http_addr: SocketAddr,
+    /// The MQTT listener's address, when the broker is enabled.
+    pub mqtt_addr: Option<SocketAddr>,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    writer_done: Option<oneshot::Receiver<()>>,
+}
+
+impl Gateway {
+    /// Start every component from a validated config. Returns once all listeners are
+    /// bound and the broker answers.
+    pub async fn start(config: Config) -> anyhow::Result<RunningGateway> {
+        let metrics = Arc::new(Metrics::default());
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        // Store writer: a dedicated thread; its queue's full-policy is backpressure.
+        let (store_tx, store_reader, writer_done) = if config.store.enabled {
+            let dir = config.data_dir.clone();
+            let (writer, reader) = tokio::task::spawn_blocking(move || store::open_store(&dir))
+                .await
+                .context("opening the store")?
+                .with_context(|| {
+                    format!(
+                        "cannot open the embedded store in {}",
+                        config.data_dir.display()
+                    )
+                })?;
+            let (tx, rx) = flume::bounded::<StoreBatch>(config.batch.queue_capacity);
+            let (done_tx, done_rx) = oneshot::channel();
+            let m = metrics.clone();
+            let (retention, interval) = (config.store.retention, config.store.retention_interval);
+            std::thread::Builder::new()
+                .name("store-writer".to_owned())
+                .spawn(move || {
+                    writer.run(rx, m, retention, interval);
+                    let _ = done_tx.send(());
+                })
+                .context("starting the store writer thread")?;
+            (Some(tx), Some(reader), Some(done_rx))
+        } else {
+            (None, None, None)
+        };
+
+        let hub = Arc::new(Hub::new(
+            now_ms(),
+            HubLimits {
+                ring_capacity: config.live.ring_capacity,
+                client_queue: config.live.client_queue,
+                max_subscribers: config.live.max_subscribers,
+                max_filters: config.live.max_filters,
+            },
+            metrics.clone(),
+        ));
+
+        // Ingest -> pipeline. Full-policy: WS/HTTP wait (backpressure), MQTT spills.
+        let (pipe_tx, pipe_rx) = mpsc::channel(config.pipeline.queue_capacity);
+        let pipeline = Pipeline {
+            limits: config.limits.to_proto(),
+            batch: config.batch.clone(),
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+        };
+        tasks.push(tokio::spawn(pipeline.run(
+            pipe_rx,
+            store_tx,
+            shutdown.clone(),
+            config.http.shutdown_grace,
+        )));
+
+        let mqtt_addr = if config.mqtt.enabled {
+            let mqtt = MqttIngest::new(config.mqtt.clone(), config.limits.max_frame_bytes)?;
+            let (ready_tx, ready_rx) = oneshot::channel();
+            tasks.push(tokio::spawn(mqtt.run(
+                pipe_tx.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+                ready_tx,
+            )));
+            let addr = ready_rx
+                .await
+                .context("the MQTT component stopped during start")??;
+            Some(addr)
+        } else {
+            None
+        };
+
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| format!("cannot bind HTTP listener {}", config.http.listen))?;
+        let http_addr = listener.local_addr()?;
+        let state = AppState {
+            hub,
+            store: store_reader,
+            ingest: pipe_tx,
+            metrics: metrics.clone(),
+            settings: Arc::new(ApiSettings {
+                limits: config.limits.to_proto(),
+                max_frame_bytes: config.limits.max_frame_bytes,
+                ws_max_inflight: config.http.ws_max_inflight,
+                heartbeat: config.live.heartbeat,
+                max_query_points: config.store.max_query_points,
+            }),
+            shutdown: shutdown.clone(),
+        };
+        let app = api::router(state);
+        let http_shutdown = shutdown.clone();
+        let grace = config.http.shutdown_grace;
+        tasks.push(tokio::spawn(async move {
+            let server = axum::serve(listener, app)
+                .with_graceful_shutdown(http_shutdown.clone().cancelled_owned());
+            tokio::select! {
+                result = server => {
+                    if let Err(e) = result {
+                        tracing::error!(error = %e, "HTTP server failed");
+                    }
+                }
+                // Graceful shutdown waits for open connections; past the grace period
+                // they are cut so that shutdown always completes.
+                () = async { http_shutdown.cancelled().await; tokio::time::sleep(grace).await } => {}
+            }
+        }));
+
+        tracing::info!(
+            mqtt = %mqtt_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
+            http = %http_addr,
+            data_dir = %config.data_dir.display(),
+            "listening mqtt={} http={}",
+            mqtt_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
+            http_addr,
+        );
+        Ok(RunningGateway {
+            http_addr,
+            mqtt_addr,
+            data_dir: config.data_dir,
+            metrics,
+            shutdown,
+            tasks,
+            writer_done,
+        })
+    }
+}
+
+impl RunningGateway {
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A token that stops the gateway when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stop accepting, drain, flush, and wait until everything has stopped.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+
+    /// Wait until the gateway has stopped (after its token is cancelled).
+    pub async fn wait(self) {
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "a gateway task failed");
+            }
+        }
+        if let Some(done) = self.writer_done {
+            let _ = done.await;
+        }
+        tracing::info!("gateway stopped");
+    }
+}

@@ -1,0 +1,566 @@
+//! Configuration: parse (TOML + `FLUXGATE_*` environment overrides) -> validate (pure)
+//! -> a [`Config`] the app builds from.
+//!
+//! Every struct denies unknown fields so a typo fails at start instead of being silently
+//! ignored, and every error names the key it is about (`mqtt.listen: invalid socket
+//! address`). Durations are humantime strings (`"100ms"`, `"7d"`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The environment variable prefix for overrides: `FLUXGATE_HTTP__LISTEN=127.0.0.1:9000`.
+pub const ENV_PREFIX: &str = "FLUXGATE_";
+
+/// A configuration error. Each variant names the key or file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {detail}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        detail: String,
+    },
+    /// An environment override could not be applied.
+    #[error("environment variable {var}: {detail}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A key has a value of the wrong type or an unknown key is present.
+    #[error("{key}: {detail}")]
+    Invalid {
+        /// The dotted key path (`mqtt.listen`).
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+fn invalid(key: &str, detail: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+/// The whole gateway configuration; the documented defaults live in `config/fluxgate.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for the embedded store and other state; created if missing.
+    pub data_dir: PathBuf,
+    /// Logging.
+    pub log: LogConfig,
+    /// The embedded MQTT broker.
+    pub mqtt: MqttConfig,
+    /// REST API, live streams, WebSocket ingest and `/metrics`.
+    pub http: HttpConfig,
+    /// Limits applied to every device message, whatever the transport.
+    pub limits: LimitsConfig,
+    /// Ingest -> pipeline hand-off.
+    pub pipeline: PipelineConfig,
+    /// Batching in front of the durable destinations.
+    pub batch: BatchConfig,
+    /// The embedded SQLite telemetry store.
+    pub store: StoreConfig,
+    /// Live fan-out to dashboards.
+    pub live: LiveConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            log: LogConfig::default(),
+            mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
+            limits: LimitsConfig::default(),
+            pipeline: PipelineConfig::default(),
+            batch: BatchConfig::default(),
+            store: StoreConfig::default(),
+            live: LiveConfig::default(),
+        }
+    }
+}
+
+/// Logging options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `fluxgate=debug,info`); `RUST_LOG` wins when set.
+    pub level: String,
+    /// `text` for humans or `json` for log shippers.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Embedded MQTT broker options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Run the embedded broker at all.
+    pub enabled: bool,
+    /// Listen address; port 0 picks a free port (logged at start).
+    pub listen: SocketAddr,
+    /// Maximum concurrent MQTT connections.
+    pub max_connections: usize,
+    /// Time a new connection may take to send CONNECT.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Size of one broker log segment in bytes; memory per topic filter is at most
+    /// `segment_bytes * segment_count`.
+    pub segment_bytes: usize,
+    /// Number of segments kept per topic filter before the oldest is dropped.
+    pub segment_count: usize,
+    /// Bytes of decoded-but-not-yet-accepted MQTT messages the consumer may hold when the
+    /// pipeline is busy ("spill"); beyond it messages are dropped and counted.
+    pub spill_bytes: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_connections: 10_000,
+            connect_timeout: Duration::from_secs(5),
+            segment_bytes: 16 * 1024 * 1024,
+            segment_count: 4,
+            spill_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// HTTP server options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address; port 0 picks a free port (logged at start).
+    pub listen: SocketAddr,
+    /// Maximum unacknowledged messages per WebSocket ingest connection.
+    pub ws_max_inflight: usize,
+    /// Time allowed for in-flight requests to finish on shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            ws_max_inflight: 256,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Per-message limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest accepted payload in bytes (MQTT, WS frame or HTTP body); larger ones are
+    /// rejected with `payload_too_large` and the connection stays open.
+    pub max_payload_bytes: usize,
+    /// Transport-level cap on one MQTT packet or WebSocket message: anything larger
+    /// closes the connection (MQTT) or closes it with code 1009 (WebSocket).
+    pub max_frame_bytes: usize,
+    /// Most readings (metric values) in one message.
+    pub max_readings: usize,
+    /// Longest string value in bytes.
+    pub max_string_len: usize,
+    /// How far in the past a device timestamp may be (offline backfill).
+    #[serde(with = "humantime_serde")]
+    pub max_past: Duration,
+    /// How far in the future a device timestamp may be (clock skew).
+    #[serde(with = "humantime_serde")]
+    pub max_future: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 64 * 1024,
+            max_frame_bytes: 2 * 1024 * 1024,
+            max_readings: 1_000,
+            max_string_len: 256,
+            max_past: Duration::from_secs(365 * 86_400),
+            max_future: Duration::from_secs(300),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The decode limits for `fluxgate-proto`.
+    pub fn to_proto(&self) -> fluxgate_proto::Limits {
+        fluxgate_proto::Limits {
+            max_payload_bytes: self.max_payload_bytes,
+            max_readings: self.max_readings,
+            max_string_len: self.max_string_len,
+            max_past_ms: u64::try_from(self.max_past.as_millis()).unwrap_or(u64::MAX),
+            max_future_ms: u64::try_from(self.max_future.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// Ingest -> pipeline hand-off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Capacity (messages) of the queue from ingest to the pipeline. When full, WS and
+    /// HTTP ingest wait (backpressure) and MQTT spills into `mqtt.spill_bytes`.
+    pub queue_capacity: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 8_192,
+        }
+    }
+}
+
+/// Batching options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Flush when this many readings are pending.
+    pub max_rows: usize,
+    /// Flush when the oldest pending reading is this old; also bounds the ack latency of
+    /// WS and HTTP ingest (group commit).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Batches that may wait for the store writer; when full the pipeline waits.
+    pub queue_capacity: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_rows: 20_000,
+            max_age: Duration::from_millis(10),
+            queue_capacity: 4,
+        }
+    }
+}
+
+/// Embedded SQLite store options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Write readings to `data_dir/telemetry.db`.
+    pub enabled: bool,
+    /// Readings older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the retention sweep runs.
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
+    /// Most points one `readings` query returns.
+    pub max_query_points: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            retention: Duration::from_secs(7 * 86_400),
+            retention_interval: Duration::from_secs(60),
+            max_query_points: 100_000,
+        }
+    }
+}
+
+/// Live fan-out options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LiveConfig {
+    /// Readings kept in memory for resuming subscribers.
+    pub ring_capacity: usize,
+    /// Readings queued per subscriber before its queue is conflated (latest per series).
+    pub client_queue: usize,
+    /// Interval of heartbeats on idle streams.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Most concurrent live subscribers.
+    pub max_subscribers: usize,
+    /// Most device ids plus metric names in one subscription.
+    pub max_filters: usize,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        Self {
+            ring_capacity: 100_000,
+            client_queue: 10_000,
+            heartbeat: Duration::from_secs(15),
+            max_subscribers: 1_000,
+            max_filters: 1_000,
+        }
+    }
+}
+
+impl Config {
+    /// Parse a config from TOML text plus environment overrides (pairs of name, value),
+    /// then validate it. `origin` names the source in errors.
+    pub fn parse(
+        text: &str,
+        origin: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_owned(),
+            detail: e.to_string(),
+        })?;
+        apply_env(&mut table, env)?;
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                // toml repeats the path after the message; the key is already in front.
+                let detail = e.inner().to_string();
+                let detail = detail.split("\nin `").next().unwrap_or_default().trim();
+                invalid(if key == "." { "(top level)" } else { &key }, detail)
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Load from a file (or the built-in defaults when `path` is `None`) and the process
+    /// environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env = std::env::vars();
+        match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Config::parse(&text, path, env)
+            }
+            None => Config::parse("", Path::new("(defaults)"), env),
+        }
+    }
+
+    /// Check the values that types alone cannot (pure; no I/O).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("mqtt.max_connections", self.mqtt.max_connections),
+            ("mqtt.segment_count", self.mqtt.segment_count),
+            ("http.ws_max_inflight", self.http.ws_max_inflight),
+            ("limits.max_payload_bytes", self.limits.max_payload_bytes),
+            ("limits.max_readings", self.limits.max_readings),
+            ("pipeline.queue_capacity", self.pipeline.queue_capacity),
+            ("batch.max_rows", self.batch.max_rows),
+            ("batch.queue_capacity", self.batch.queue_capacity),
+            ("store.max_query_points", self.store.max_query_points),
+            ("live.ring_capacity", self.live.ring_capacity),
+            ("live.client_queue", self.live.client_queue),
+            ("live.max_subscribers", self.live.max_subscribers),
+            ("live.max_filters", self.live.max_filters),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.mqtt.segment_bytes < 1024 {
+            return Err(invalid("mqtt.segment_bytes", "must be at least 1024"));
+        }
+        if self.limits.max_frame_bytes < self.limits.max_payload_bytes {
+            return Err(invalid(
+                "limits.max_frame_bytes",
+                "must be at least limits.max_payload_bytes",
+            ));
+        }
+        if self.mqtt.segment_bytes < self.limits.max_frame_bytes + 1024 {
+            return Err(invalid(
+                "mqtt.segment_bytes",
+                "must exceed limits.max_frame_bytes by at least 1024 so one packet fits",
+            ));
+        }
+        if self.limits.max_frame_bytes > 64 * 1024 * 1024 {
+            return Err(invalid("limits.max_frame_bytes", "must be at most 64 MiB"));
+        }
+        if self.batch.max_age.is_zero() {
+            return Err(invalid("batch.max_age", "must be greater than 0"));
+        }
+        if self.live.heartbeat < Duration::from_millis(100) {
+            return Err(invalid("live.heartbeat", "must be at least 100ms"));
+        }
+        if self.store.retention < Duration::from_secs(60) {
+            return Err(invalid("store.retention", "must be at least 1m"));
+        }
+        if self.store.retention_interval.is_zero() {
+            return Err(invalid(
+                "store.retention_interval",
+                "must be greater than 0",
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// Apply `FLUXGATE_A__B=value` overrides into the parsed table. A value is read as a
+/// TOML value when it parses as one (`true`, `42`, `"7d"`, `[1, 2]`) and as a plain
+/// string otherwise, so `FLUXGATE_HTTP__LISTEN=127.0.0.1:9000` needs no quoting.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    // Sorted so that the outcome never depends on the environment's iteration order.
+    vars.sort();
+    for (var, raw) in vars {
+        let path: Vec<String> = var[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::Env {
+                var,
+                detail: "empty key segment".to_owned(),
+            });
+        }
+        let value = parse_env_value(&raw);
+        let mut node = &mut *table;
+        let (last, parents) = path.split_last().ok_or_else(|| ConfigError::Env {
+            var: var.clone(),
+            detail: "no key".to_owned(),
+        })?;
+        for part in parents {
+            let entry = node
+                .entry(part.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            node = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var,
+                        detail: format!("`{part}` is not a table"),
+                    });
+                }
+            };
+        }
+        node.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    // Parse as the right-hand side of a key so every TOML scalar and array works.
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::parse(
+            text,
+            Path::new("test.toml"),
+            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse("", &[]).expect("defaults");
+        assert_eq!(c.http.listen.port(), 8080);
+        assert_eq!(c.mqtt.listen.port(), 1883);
+        assert_eq!(c.store.retention, Duration::from_secs(7 * 86_400));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("[mqtt]\nlisten = \"0.0.0.0:1\"\nlistn = 3\n", &[]).expect_err("unknown");
+        let msg = e.to_string();
+        assert!(msg.starts_with("mqtt"), "{msg}");
+        assert!(msg.contains("listn"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let e = parse("[store]\nretention = \"seven days\"\n", &[]).expect_err("bad");
+        assert!(e.to_string().starts_with("store.retention"), "{e}");
+        let e = parse("[http]\nlisten = \"nope\"\n", &[]).expect_err("bad");
+        assert!(e.to_string().starts_with("http.listen"), "{e}");
+        let e = parse("[batch]\nmax_rows = 0\n", &[]).expect_err("zero");
+        assert!(e.to_string().starts_with("batch.max_rows"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_win() {
+        let c = parse(
+            "[http]\nlisten = \"0.0.0.0:1\"\n",
+            &[
+                ("FLUXGATE_HTTP__LISTEN", "127.0.0.1:9000"),
+                ("FLUXGATE_STORE__RETENTION", "2d"),
+                ("FLUXGATE_MQTT__ENABLED", "false"),
+                ("OTHER_VAR", "x"),
+            ],
+        )
+        .expect("env");
+        assert_eq!(c.http.listen, "127.0.0.1:9000".parse().expect("addr"));
+        assert_eq!(c.store.retention, Duration::from_secs(2 * 86_400));
+        assert!(!c.mqtt.enabled);
+    }
+
+    #[test]
+    fn env_unknown_key_is_named() {
+        let e = parse("", &[("FLUXGATE_HTTP__LISTN", "x")]).expect_err("unknown");
+        assert!(e.to_string().contains("listn"), "{e}");
+    }
+
+    #[test]
+    fn shipped_config_parses_and_equals_defaults() {
+        let text = include_str!("../config/fluxgate.toml");
+        let c = parse(text, &[]).expect("shipped config");
+        let d = Config::default();
+        assert_eq!(format!("{c:?}"), format!("{d:?}"));
+    }
+}

@@ -1,0 +1,29 @@
+//! fluxgate: a single-binary IoT telemetry gateway.
+//!
+//! Devices send telemetry over MQTT (an embedded rumqttd broker), WebSocket or HTTP; the
+//! gateway decodes it, fans it out live to dashboards (WebSocket and SSE) and batches it
+//! into an embedded SQLite store.
+//!
+//! Layout (see ARCHITECTURE.md for the data flow and invariants):
+//! - [`app`]: the only wiring: channels, tasks, shutdown; [`Gateway::start`].
+//! - [`config`]: serde config, environment overrides, validation.
+//! - [`model`]: domain types.
+//! - [`ingest`]: MQTT, WebSocket and HTTP ingest -> envelopes.
+//! - [`pipeline`]: decode and batch.
+//! - [`store`]: the embedded SQLite store.
+//! - [`live`]: the live hub and its WS/SSE streams.
+//! - [`api`]: the axum router and problem+json errors.
+//! - [`observe`]: events, metrics and their log lines.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod ingest;
+pub mod live;
+pub mod model;
+pub mod observe;
+pub mod pipeline;
+pub mod store;
+
+pub use app::{Gateway, RunningGateway};
+pub use config::Config;

@@ -1,0 +1,116 @@
+//! Domain types shared by ingest, pipeline, store and live fan-out.
+//!
+//! Strings that repeat on every reading (device id, metric name) are `Arc<str>` so a
+//! reading can be handed to the live hub and the batcher without copying them.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+pub use fluxgate_proto::{DecodeError, Value};
+
+/// A validated device id (`[A-Za-z0-9_.-]{1,64}`).
+pub type DeviceId = Arc<str>;
+/// A validated metric name (`[A-Za-z0-9_.-]{1,64}`).
+pub type MetricName = Arc<str>;
+
+/// One metric value of one device at one time: the unit everything downstream handles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// The device that sent it.
+    pub device: DeviceId,
+    /// The metric name.
+    pub metric: MetricName,
+    /// Milliseconds since the Unix epoch.
+    pub ts_ms: i64,
+    /// The value.
+    pub value: Value,
+}
+
+/// How a message reached the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// The embedded MQTT broker.
+    Mqtt,
+    /// The WebSocket ingest endpoint.
+    Ws,
+    /// `POST /api/v1/devices/{id}/telemetry`.
+    Http,
+}
+
+impl Transport {
+    /// All transports, for pre-registering metric labels.
+    pub const ALL: [Transport; 3] = [Transport::Mqtt, Transport::Ws, Transport::Http];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Mqtt => "mqtt",
+            Transport::Ws => "ws",
+            Transport::Http => "http",
+        }
+    }
+}
+
+/// The payload encoding of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// One of the ThingsBoard-compatible JSON shapes.
+    Json,
+    /// A versioned postcard `Frame`.
+    Postcard,
+}
+
+/// Why a message was not accepted, as reported back to the device.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    /// The payload did not decode.
+    #[error("{0}")]
+    Decode(DecodeError),
+    /// A durable destination failed to store the readings; the device should retry.
+    #[error("storage unavailable, retry later")]
+    Unavailable,
+}
+
+impl Rejection {
+    /// A stable snake_case reason for error frames and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::Decode(e) => e.reason(),
+            Rejection::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The outcome the pipeline reports for one message: the number of readings that are now
+/// durable in every enabled durable destination, or why not.
+pub type AckResult = Result<usize, Rejection>;
+
+/// Where the pipeline reports the outcome of a message whose sender waits for it.
+pub type AckSender = oneshot::Sender<AckResult>;
+
+/// A raw message from any transport on its way to the pipeline.
+#[derive(Debug)]
+pub struct Envelope {
+    /// The device the transport authenticated (or, for MQTT, the topic named).
+    pub device: DeviceId,
+    /// The transport it came over.
+    pub transport: Transport,
+    /// How to decode `payload`.
+    pub encoding: Encoding,
+    /// The bytes as received.
+    pub payload: Bytes,
+    /// Server time at receipt, ms since the Unix epoch (used for readings without `ts`).
+    pub received_at_ms: u64,
+    /// Set when the sender waits for durability (WS and HTTP); `None` for MQTT.
+    pub ack: Option<AckSender>,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,502 @@
+//! Observability: every countable thing that happens is an [`Event`], and
+//! [`Metrics::emit`] is the one place that turns it into both a counter and (where it is
+//! worth a line) a log record, so the two can never disagree.
+//!
+//! The registry is a fixed set of atomics rendered as Prometheus text on `/metrics`. Label
+//! sets are closed enumerations (transports, decode reasons, drop reasons), so there is no
+//! per-device label and no unbounded cardinality.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use fluxgate_proto::DECODE_ERROR_REASONS;
+
+use crate::model::Transport;
+
+/// Why something was dropped. Every drop in the gateway has one of these. The
+/// discriminant indexes the counter array, in the order of `ALL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The MQTT spill buffer was full while the pipeline was busy.
+    MqttSpillFull,
+    /// The store failed to commit a batch (disk full, I/O error).
+    StoreFailed,
+    /// An MQTT message arrived on a topic the gateway does not consume.
+    UnknownTopic,
+    /// The pipeline was gone (shutdown) when a message arrived.
+    ShuttingDown,
+    /// rumqttd skipped messages that rolled out of its segments before the consumer
+    /// read them.
+    MqttCursorJump,
+}
+
+impl DropReason {
+    const ALL: [DropReason; 5] = [
+        DropReason::MqttSpillFull,
+        DropReason::StoreFailed,
+        DropReason::UnknownTopic,
+        DropReason::ShuttingDown,
+        DropReason::MqttCursorJump,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            DropReason::MqttSpillFull => "mqtt_spill_full",
+            DropReason::StoreFailed => "store_failed",
+            DropReason::UnknownTopic => "unknown_topic",
+            DropReason::ShuttingDown => "shutting_down",
+            DropReason::MqttCursorJump => "mqtt_cursor_jump",
+        }
+    }
+}
+
+/// Bounded queues whose depth is exported as a gauge. The discriminant indexes the gauge
+/// array, in the order of `ALL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    /// Ingest -> pipeline envelopes.
+    Pipeline,
+    /// Batcher -> store writer batches.
+    Store,
+    /// MQTT messages held by the consumer while the pipeline is busy.
+    MqttSpill,
+}
+
+impl Queue {
+    const ALL: [Queue; 3] = [Queue::Pipeline, Queue::Store, Queue::MqttSpill];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Queue::Pipeline => "pipeline",
+            Queue::Store => "store",
+            Queue::MqttSpill => "mqtt_spill",
+        }
+    }
+}
+
+/// Something that happened and is counted (and maybe logged).
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A message decoded into `readings` readings.
+    Ingested {
+        /// Its transport.
+        transport: Transport,
+        /// Readings it held.
+        readings: usize,
+    },
+    /// A message failed to decode.
+    DecodeFailed {
+        /// Its transport.
+        transport: Transport,
+        /// The device it came from.
+        device: &'a str,
+        /// The error.
+        error: &'a fluxgate_proto::DecodeError,
+    },
+    /// The store committed a batch.
+    BatchWritten {
+        /// Rows in the batch.
+        rows: usize,
+        /// Time spent writing and committing.
+        elapsed: Duration,
+    },
+    /// The store failed to commit a batch.
+    StoreWriteFailed {
+        /// Rows lost from this batch (devices with acks were told to retry).
+        rows: usize,
+        /// What failed.
+        error: &'a str,
+    },
+    /// Readings were dropped.
+    Dropped {
+        /// Why.
+        reason: DropReason,
+        /// How many messages.
+        count: u64,
+    },
+    /// The retention sweep deleted old points.
+    RetentionSwept {
+        /// Points deleted.
+        deleted: usize,
+    },
+    /// A live subscriber's queue was full and pending readings were conflated.
+    Conflated {
+        /// Readings replaced by a later reading of the same series.
+        count: u64,
+    },
+    /// Frames and readings sent to live subscribers.
+    LiveSent {
+        /// Readings in the frame.
+        readings: usize,
+    },
+}
+
+/// A histogram with fixed upper bounds.
+struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+    /// Whether values are recorded in micro-units (seconds) or whole units (rows).
+    scale: f64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64], scale: f64) -> Self {
+        Self {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            scale,
+        }
+    }
+
+    fn observe(&self, value: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.sum_micros
+            .fetch_add((value * self.scale) as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Relaxed) as f64 / self.scale;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+const SECONDS_BOUNDS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+const ROWS_BOUNDS: &[f64] = &[
+    1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 20_000.0, 50_000.0, 100_000.0,
+];
+
+/// The gateway's metrics registry. Shared as `Arc<Metrics>`.
+pub struct Metrics {
+    messages: [AtomicU64; 3],
+    readings: [AtomicU64; 3],
+    decode_errors: Vec<[AtomicU64; 3]>,
+    dropped: [AtomicU64; 5],
+    queue_depth: [AtomicI64; 3],
+    batch_rows: Histogram,
+    store_write: Histogram,
+    store_rows: AtomicU64,
+    store_errors: AtomicU64,
+    retention_deleted: AtomicU64,
+    live_subscribers: AtomicI64,
+    live_frames: AtomicU64,
+    live_readings: AtomicU64,
+    live_conflated: AtomicU64,
+    log_budget: LogBudget,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            messages: Default::default(),
+            readings: Default::default(),
+            decode_errors: DECODE_ERROR_REASONS
+                .iter()
+                .map(|_| Default::default())
+                .collect(),
+            dropped: Default::default(),
+            queue_depth: Default::default(),
+            batch_rows: Histogram::new(ROWS_BOUNDS, 1.0),
+            store_write: Histogram::new(SECONDS_BOUNDS, 1e6),
+            store_rows: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
+            retention_deleted: AtomicU64::new(0),
+            live_subscribers: AtomicI64::new(0),
+            live_frames: AtomicU64::new(0),
+            live_readings: AtomicU64::new(0),
+            live_conflated: AtomicU64::new(0),
+            log_budget: LogBudget::default(),
+        }
+    }
+}
+
+fn transport_index(t: Transport) -> usize {
+    match t {
+        Transport::Mqtt => 0,
+        Transport::Ws => 1,
+        Transport::Http => 2,
+    }
+}
+
+impl Metrics {
+    /// Record an event: count it, and log it where a line is worth it.
+    pub fn emit(&self, event: Event<'_>) {
+        match event {
+            Event::Ingested {
+                transport,
+                readings,
+            } => {
+                let i = transport_index(transport);
+                self.messages[i].fetch_add(1, Relaxed);
+                self.readings[i].fetch_add(readings as u64, Relaxed);
+            }
+            Event::DecodeFailed {
+                transport,
+                device,
+                error,
+            } => {
+                let reason = error.reason();
+                if let Some(r) = DECODE_ERROR_REASONS.iter().position(|x| *x == reason) {
+                    self.decode_errors[r][transport_index(transport)].fetch_add(1, Relaxed);
+                }
+                // Bad input from the network must not turn into a log flood: a few lines
+                // per second, then a count of what was suppressed.
+                if let Some(suppressed) = self.log_budget.take() {
+                    tracing::warn!(
+                        transport = transport.as_str(),
+                        device,
+                        reason,
+                        suppressed,
+                        "rejected message: {error}"
+                    );
+                }
+            }
+            Event::BatchWritten { rows, elapsed } => {
+                self.batch_rows.observe(rows as f64);
+                self.store_write.observe(elapsed.as_secs_f64());
+                self.store_rows.fetch_add(rows as u64, Relaxed);
+                tracing::trace!(rows, ?elapsed, "batch committed");
+            }
+            Event::StoreWriteFailed { rows, error } => {
+                self.store_errors.fetch_add(1, Relaxed);
+                self.dropped[DropReason::StoreFailed as usize].fetch_add(rows as u64, Relaxed);
+                tracing::error!(rows, error, "store write failed; batch dropped");
+            }
+            Event::Dropped { reason, count } => {
+                self.dropped[reason as usize].fetch_add(count, Relaxed);
+                if self.log_budget.take().is_some() {
+                    tracing::warn!(reason = reason.as_str(), count, "dropped messages");
+                }
+            }
+            Event::RetentionSwept { deleted } => {
+                self.retention_deleted.fetch_add(deleted as u64, Relaxed);
+                if deleted > 0 {
+                    tracing::info!(deleted, "retention sweep deleted old points");
+                }
+            }
+            Event::Conflated { count } => {
+                self.live_conflated.fetch_add(count, Relaxed);
+                tracing::debug!(count, "slow live subscriber: readings conflated");
+            }
+            Event::LiveSent { readings } => {
+                self.live_frames.fetch_add(1, Relaxed);
+                self.live_readings.fetch_add(readings as u64, Relaxed);
+            }
+        }
+    }
+
+    /// Set the depth gauge of a queue.
+    pub fn set_queue_depth(&self, queue: Queue, depth: usize) {
+        self.queue_depth[queue as usize].store(depth as i64, Relaxed);
+    }
+
+    /// Add to the live subscriber gauge (negative to remove).
+    pub fn add_live_subscribers(&self, delta: i64) {
+        self.live_subscribers.fetch_add(delta, Relaxed);
+    }
+
+    /// Messages ingested over a transport so far.
+    pub fn messages_ingested(&self, transport: Transport) -> u64 {
+        self.messages[transport_index(transport)].load(Relaxed)
+    }
+
+    /// Render the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        counter_by_transport(
+            &mut out,
+            "fluxgate_ingest_messages_total",
+            "Messages decoded successfully, by transport.",
+            &self.messages,
+        );
+        counter_by_transport(
+            &mut out,
+            "fluxgate_ingest_readings_total",
+            "Readings (metric values) decoded, by transport.",
+            &self.readings,
+        );
+        let name = "fluxgate_decode_errors_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Messages rejected by the decoder, by transport and reason.\n# TYPE {name} counter"
+        );
+        for (reason, per_transport) in DECODE_ERROR_REASONS.iter().zip(&self.decode_errors) {
+            for t in Transport::ALL {
+                let v = per_transport[transport_index(t)].load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "{name}{{transport=\"{}\",reason=\"{reason}\"}} {v}",
+                    t.as_str()
+                );
+            }
+        }
+        let name = "fluxgate_dropped_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Messages or readings dropped, by reason.\n# TYPE {name} counter"
+        );
+        for (r, v) in DropReason::ALL.iter().zip(&self.dropped) {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                r.as_str(),
+                v.load(Relaxed)
+            );
+        }
+        let name = "fluxgate_queue_depth";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Items waiting in a bounded queue.\n# TYPE {name} gauge"
+        );
+        for (q, v) in Queue::ALL.iter().zip(&self.queue_depth) {
+            let _ = writeln!(
+                out,
+                "{name}{{queue=\"{}\"}} {}",
+                q.as_str(),
+                v.load(Relaxed)
+            );
+        }
+        self.batch_rows.render(
+            &mut out,
+            "fluxgate_batch_rows",
+            "Readings per batch written to the store.",
+        );
+        self.store_write.render(
+            &mut out,
+            "fluxgate_store_write_seconds",
+            "Time to write and commit one batch.",
+        );
+        let scalars: [(&str, &str, &str, i64); 8] = [
+            (
+                "fluxgate_store_rows_written_total",
+                "counter",
+                "Readings committed to the embedded store.",
+                self.store_rows.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_store_errors_total",
+                "counter",
+                "Failed store commits.",
+                self.store_errors.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_store_retention_deleted_total",
+                "counter",
+                "Points deleted by retention.",
+                self.retention_deleted.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_live_subscribers",
+                "gauge",
+                "Connected live subscribers (WS and SSE).",
+                self.live_subscribers.load(Relaxed),
+            ),
+            (
+                "fluxgate_live_frames_total",
+                "counter",
+                "Frames sent to live subscribers.",
+                self.live_frames.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_live_readings_sent_total",
+                "counter",
+                "Readings sent to live subscribers.",
+                self.live_readings.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_live_conflated_total",
+                "counter",
+                "Readings replaced by a newer reading of the same series for slow subscribers.",
+                self.live_conflated.load(Relaxed) as i64,
+            ),
+            ("fluxgate_up", "gauge", "1 while the gateway runs.", 1),
+        ];
+        for (name, kind, help, v) in scalars {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+        out
+    }
+}
+
+fn counter_by_transport(out: &mut String, name: &str, help: &str, values: &[AtomicU64; 3]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for t in Transport::ALL {
+        let v = values[transport_index(t)].load(Relaxed);
+        let _ = writeln!(out, "{name}{{transport=\"{}\"}} {v}", t.as_str());
+    }
+}
+
+/// A per-second budget for log lines caused by network input.
+#[derive(Default)]
+struct LogBudget {
+    second: AtomicU64,
+    used: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogBudget {
+    const PER_SECOND: u64 = 20;
+
+    /// `Some(suppressed_since_last_line)` when a line may be written now.
+    fn take(&self) -> Option<u64> {
+        let now = crate::model::now_ms() / 1000;
+        if self.second.swap(now, Relaxed) != now {
+            self.used.store(0, Relaxed);
+        }
+        if self.used.fetch_add(1, Relaxed) < Self::PER_SECOND {
+            Some(self.suppressed.swap(0, Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_counts_events() {
+        let m = Metrics::default();
+        m.emit(Event::Ingested {
+            transport: Transport::Ws,
+            readings: 4,
+        });
+        m.emit(Event::Dropped {
+            reason: DropReason::MqttSpillFull,
+            count: 3,
+        });
+        m.emit(Event::BatchWritten {
+            rows: 7,
+            elapsed: Duration::from_millis(3),
+        });
+        let text = m.render();
+        assert!(text.contains("fluxgate_ingest_messages_total{transport=\"ws\"} 1\n"));
+        assert!(text.contains("fluxgate_ingest_readings_total{transport=\"ws\"} 4\n"));
+        assert!(text.contains("fluxgate_dropped_total{reason=\"mqtt_spill_full\"} 3\n"));
+        assert!(text.contains("fluxgate_batch_rows_bucket{le=\"10\"} 1\n"));
+        assert!(text.contains("fluxgate_store_write_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("fluxgate_store_rows_written_total 7\n"));
+    }
+}

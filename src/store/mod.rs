@@ -1,0 +1,295 @@
+//! The embedded telemetry store: SQLite (bundled) in WAL mode.
+//!
+//! Writes happen on one dedicated thread ([`StoreWriter::run`]) in batched transactions,
+//! so SQLite's blocking calls never run on a tokio worker and there is never write
+//! contention. Reads ([`StoreReader`]) use a small pool of separate connections through
+//! `spawn_blocking`; WAL lets them run while the writer commits.
+//!
+//! Schema: `series(id, device, metric)` and `points(series_id, ts, kind, value)` keyed by
+//! `(series_id, ts)` WITHOUT ROWID. The key makes writes idempotent: a device that
+//! retries a message overwrites the same rows instead of duplicating them.
+
+mod query;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags, params};
+
+use crate::model::{DeviceId, Reading, Rejection, Value};
+use crate::observe::{Event, Metrics, Queue};
+use crate::pipeline::StoreBatch as Batch;
+
+pub use query::{Agg, LatestValue, RangeQuery, SeriesPoint};
+
+/// The file name of the store inside `data_dir`.
+pub const FILE_NAME: &str = "telemetry.db";
+
+/// Errors of the embedded store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The data directory could not be created.
+    #[error("cannot create {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A blocking query task failed to complete (panicked or was cancelled).
+    #[error("query task failed")]
+    Join,
+}
+
+/// Value kinds as stored in `points.kind`.
+const KIND_F64: i64 = 0;
+const KIND_I64: i64 = 1;
+const KIND_BOOL: i64 = 2;
+const KIND_STR: i64 = 3;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS series (
+    id     INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    UNIQUE (device, metric)
+) STRICT;
+CREATE TABLE IF NOT EXISTS points (
+    series_id INTEGER NOT NULL,
+    ts        INTEGER NOT NULL,
+    kind      INTEGER NOT NULL,
+    value     ANY,
+    PRIMARY KEY (series_id, ts)
+) WITHOUT ROWID, STRICT;
+";
+
+fn open(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL in WAL mode is durable against process crashes (the WAL is written
+        // before commit returns); only an OS crash or power loss can lose the last
+        // transactions, which is the usual trade for an embedded time-series store.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+    }
+    Ok(conn)
+}
+
+/// Open (creating if needed) the store in `data_dir` and return its writer and reader.
+pub fn open_store(data_dir: &Path) -> Result<(StoreWriter, StoreReader), StoreError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
+        path: data_dir.to_owned(),
+        source,
+    })?;
+    let path = data_dir.join(FILE_NAME);
+    let conn = open(&path, false)?;
+    let mut writer = StoreWriter {
+        conn,
+        series: HashMap::new(),
+    };
+    writer.load_series()?;
+    let reader = StoreReader {
+        inner: Arc::new(ReaderInner {
+            path,
+            pool: Mutex::new(Vec::new()),
+        }),
+    };
+    Ok((writer, reader))
+}
+
+/// The single writer. Owns its connection and a cache of series ids.
+pub struct StoreWriter {
+    conn: Connection,
+    series: HashMap<DeviceId, HashMap<Arc<str>, i64>>,
+}
+
+impl StoreWriter {
+    fn load_series(&mut self) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare("SELECT id, device, metric FROM series")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, device, metric) = row?;
+            self.series
+                .entry(Arc::from(device))
+                .or_default()
+                .insert(Arc::from(metric), id);
+        }
+        Ok(())
+    }
+
+    /// Run on a dedicated thread until `input` is closed and drained: write every batch in
+    /// one transaction, then answer its acks; sweep retention every `retention_interval`.
+    pub fn run(
+        mut self,
+        input: flume::Receiver<Batch>,
+        metrics: Arc<Metrics>,
+        retention: Duration,
+        retention_interval: Duration,
+    ) {
+        let mut next_sweep = Instant::now() + retention_interval;
+        loop {
+            let timeout = next_sweep.saturating_duration_since(Instant::now());
+            match input.recv_timeout(timeout) {
+                Ok(batch) => {
+                    metrics.set_queue_depth(Queue::Store, input.len());
+                    self.write_and_ack(batch, &metrics);
+                }
+                Err(flume::RecvTimeoutError::Timeout) => {}
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_sweep {
+                let cutoff = crate::model::now_ms() as i64 - retention.as_millis() as i64;
+                match self.sweep(cutoff) {
+                    Ok(deleted) => metrics.emit(Event::RetentionSwept { deleted }),
+                    Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+                }
+                next_sweep = Instant::now() + retention_interval;
+            }
+        }
+        tracing::debug!("store writer drained and stopped");
+    }
+
+    fn write_and_ack(&mut self, batch: Batch, metrics: &Metrics) {
+        let started = Instant::now();
+        let rows = batch.items.len();
+        let outcome = self.write(&batch.items);
+        match &outcome {
+            Ok(()) => metrics.emit(Event::BatchWritten {
+                rows,
+                elapsed: started.elapsed(),
+            }),
+            Err(e) => metrics.emit(Event::StoreWriteFailed {
+                rows,
+                error: &e.to_string(),
+            }),
+        }
+        for (ack, count) in batch.acks {
+            // A sender that stopped waiting (client gone) is not an error.
+            let _ = ack.send(match outcome {
+                Ok(()) => Ok(count),
+                Err(_) => Err(Rejection::Unavailable),
+            });
+        }
+    }
+
+    /// Write readings in one transaction (idempotent on series and timestamp).
+    pub fn write(&mut self, readings: &[Reading]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut insert_series =
+                tx.prepare_cached("INSERT INTO series (device, metric) VALUES (?1, ?2)")?;
+            let mut insert_point = tx.prepare_cached(
+                "INSERT OR REPLACE INTO points (series_id, ts, kind, value) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for r in readings {
+                let id = match self.series.get(&*r.device).and_then(|m| m.get(&*r.metric)) {
+                    Some(id) => *id,
+                    None => {
+                        insert_series.execute(params![&*r.device, &*r.metric])?;
+                        let id = tx.last_insert_rowid();
+                        self.series
+                            .entry(r.device.clone())
+                            .or_default()
+                            .insert(r.metric.clone(), id);
+                        id
+                    }
+                };
+                match &r.value {
+                    Value::F64(v) => insert_point.execute(params![id, r.ts_ms, KIND_F64, v])?,
+                    Value::I64(v) => insert_point.execute(params![id, r.ts_ms, KIND_I64, v])?,
+                    Value::Bool(v) => insert_point.execute(params![id, r.ts_ms, KIND_BOOL, v])?,
+                    Value::Str(v) => insert_point.execute(params![id, r.ts_ms, KIND_STR, v])?,
+                };
+            }
+        }
+        let result = tx.commit();
+        if result.is_err() {
+            // The transaction rolled back, so series rows inserted in it are gone too;
+            // forget the cache so ids are looked up again rather than dangling.
+            self.series.clear();
+            let _ = self.load_series();
+        }
+        Ok(result?)
+    }
+
+    fn sweep(&mut self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut deleted = 0;
+        {
+            let mut stmt =
+                tx.prepare_cached("DELETE FROM points WHERE series_id = ?1 AND ts < ?2")?;
+            for id in self.series.values().flat_map(|m| m.values()) {
+                deleted += stmt.execute(params![id, cutoff_ms])?;
+            }
+        }
+        tx.commit()?;
+        Ok(deleted)
+    }
+}
+
+struct ReaderInner {
+    path: PathBuf,
+    pool: Mutex<Vec<Connection>>,
+}
+
+/// Read access for the REST API; cheap to clone.
+#[derive(Clone)]
+pub struct StoreReader {
+    inner: Arc<ReaderInner>,
+}
+
+impl StoreReader {
+    /// Run `f` with a pooled read-only connection on the blocking thread pool.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.pool.lock().ok().and_then(|mut p| p.pop());
+            let conn = match pooled {
+                Some(c) => c,
+                None => open(&inner.path, true)?,
+            };
+            let result = f(&conn);
+            if let Ok(mut pool) = inner.pool.lock() {
+                if pool.len() < 8 {
+                    pool.push(conn);
+                }
+            }
+            result
+        })
+        .await
+        .map_err(|_| StoreError::Join)?
+    }
+
+    /// The latest value of every metric of a device (empty if the device has none).
+    pub async fn latest(&self, device: String) -> Result<Vec<LatestValue>, StoreError> {
+        self.with_conn(move |c| query::latest(c, &device)).await
+    }
+
+    /// Points of one series in a time range, raw or aggregated per step.
+    pub async fn range(&self, q: RangeQuery) -> Result<Vec<SeriesPoint>, StoreError> {
+        self.with_conn(move |c| query::range(c, &q)).await
+    }
+}

@@ -165,14 +165,8 @@ impl Gateway {
             }
         }));
 
-        tracing::info!(
-            mqtt = %mqtt_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
-            http = %http_addr,
-            data_dir = %config.data_dir.display(),
-            "listening mqtt={} http={}",
-            mqtt_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
-            http_addr,
-        );
+        let mqtt_shown = mqtt_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string());
+        tracing::info!(data_dir = %config.data_dir.display(), "listening mqtt={mqtt_shown} http={http_addr}");
         Ok(RunningGateway {
             http_addr,
             mqtt_addr,

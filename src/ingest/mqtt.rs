@@ -30,10 +30,11 @@ use crate::config::MqttConfig;
 use crate::model::{Encoding, Envelope, Transport, now_ms};
 use crate::observe::{DropReason, Event, Metrics, Queue};
 
-/// The client id of the gateway's own consumer link; devices cannot use it.
-pub const CONSUMER_CLIENT_ID: &str = "$fluxgate-consumer";
+/// The client id of the gateway's own consumer link. The colon is outside the device id
+/// alphabet, so no device can take it.
+pub const CONSUMER_CLIENT_ID: &str = "fluxgate:consumer";
 /// The client id of the readiness probe.
-const PROBE_CLIENT_ID: &str = "$fluxgate-probe";
+const PROBE_CLIENT_ID: &str = "fluxgate:probe";
 
 /// Errors of the MQTT component.
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +249,6 @@ fn probe_ready(addr: SocketAddr) -> bool {
             packet.extend_from_slice(id);
             let mut connack = [0u8; 4];
             if s.write_all(&packet).is_ok() && s.read_exact(&mut connack).is_ok() {
-                let _ = s.write_all(&[0xE0, 0x00]);
                 return connack[0] == 0x20 && connack[3] == 0;
             }
         }

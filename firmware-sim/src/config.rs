@@ -193,7 +193,7 @@ impl RunSettings {
         let settings = Self {
             transport: cli.transport.or(file.transport).unwrap_or(Transport::Mqtt),
             encoding: cli.encoding.or(file.encoding).unwrap_or(Encoding::Json),
-            devices: cli.devices.or(file.devices).unwrap_or(1),
+            devices: cli.devices.or(file.devices).unwrap_or(10),
             rate: cli.rate.or(file.rate).unwrap_or(1.0),
             mqtt: cli
                 .mqtt

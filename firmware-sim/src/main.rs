@@ -63,7 +63,7 @@ struct RunArgs {
     /// Payload encoding [default: json].
     #[arg(long, value_enum)]
     encoding: Option<Encoding>,
-    /// Number of devices, one connection each [default: 1].
+    /// Number of devices, one connection each [default: 10].
     #[arg(long)]
     devices: Option<usize>,
     /// Messages per second per device, may be fractional (e.g. 0.5) [default: 1].

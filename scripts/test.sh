@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one test command (README, CI): installs what the tests need, then runs formatting,
+# lints and every test of the workspace. Safe to run repeatedly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# --- what the tests need -------------------------------------------------------------
+# The spine's tests need nothing outside cargo: SQLite is bundled (rusqlite), and the
+# MQTT/WebSocket peers are real Rust clients (rumqttc, tokio-tungstenite). System
+# packages that later suites need (victoria-metrics, chromium) are listed here so a fresh
+# machine gets them from this one command.
+apt_packages=()
+if [ "${#apt_packages[@]}" -gt 0 ]; then
+  missing=()
+  for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  fi
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+# --- checks --------------------------------------------------------------------------
+log "rustfmt"
+cargo fmt --all -- --check
+
+log "clippy (-D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "build (no_std check of the wire-format crate)"
+cargo build -p fluxgate-proto --no-default-features --locked
+
+log "tests"
+cargo nextest run --workspace --locked --no-fail-fast
+
+log "doc tests"
+cargo test --workspace --doc --locked

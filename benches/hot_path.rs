@@ -102,24 +102,28 @@ fn hub_publish(c: &mut Criterion) {
 }
 
 fn store_write(c: &mut Criterion) {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut writer, _reader) = fluxgate::store::open_store(dir.path()).unwrap();
-    // 1,000 devices x 5 messages x 4 metrics = 20,000 points, the default batch.max_rows.
-    let mut t0 = 0i64;
+    // 20,000 points per batch (the default batch.max_rows), spread over few or many
+    // series: the number of series touched per commit is what the write cost depends on.
     let mut g = c.benchmark_group("store");
     g.throughput(Throughput::Elements(20_000));
     g.sample_size(20);
     g.measurement_time(Duration::from_secs(10));
-    g.bench_function("write_batch_20000_points", |b| {
-        b.iter_batched(
-            || {
-                t0 += 10;
-                readings(1_000, 5, t0)
-            },
-            |batch| writer.write(&batch).unwrap(),
-            BatchSize::LargeInput,
-        )
-    });
+    for (devices, per_device) in [(10usize, 500usize), (1_000, 5)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, _reader) = fluxgate::store::open_store(dir.path()).unwrap();
+        let mut t0 = 0i64;
+        let name = format!("write_batch_20000_points_{}_series", devices * 4);
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    t0 += per_device as i64;
+                    readings(devices, per_device, t0)
+                },
+                |batch| writer.write(&batch).unwrap(),
+                BatchSize::LargeInput,
+            )
+        });
+    }
     g.finish();
 }
 

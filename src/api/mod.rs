@@ -70,6 +70,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/live", get(live::ws::upgrade))
         .route("/api/v1/live/sse", get(live::sse::stream))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -90,6 +91,16 @@ async fn metrics(axum::extract::State(st): axum::extract::State<AppState>) -> Re
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+// Without this, axum answers a known path with the wrong method by an empty 405, the
+// one error that would not be problem+json. axum still adds the `Allow` header.
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
 }
 
 /// An RFC 9457 problem.

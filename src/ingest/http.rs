@@ -48,15 +48,7 @@ pub async fn telemetry(
     })?;
     let encoding = encoding(&headers)?;
     let max = st.settings.limits.max_payload_bytes;
-    let payload = axum::body::to_bytes(body, max).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            ApiError::from(&DecodeError::PayloadTooLarge { size: max + 1, max })
-        } else {
-            ApiError::bad_request("could not read the request body")
-        }
-    })?;
+    let payload = read_body(body, max, st.settings.max_frame_bytes).await?;
     let rx = submit(&st.ingest, device, Transport::Http, encoding, payload)
         .await
         .ok_or_else(|| ApiError::unavailable("the gateway is shutting down"))?;
@@ -65,4 +57,32 @@ pub async fn telemetry(
         .map_err(|_| ApiError::unavailable("the gateway is shutting down"))?;
     let accepted = outcome.map_err(ApiError::from)?;
     Ok(Json(serde_json::json!({ "accepted": accepted })))
+}
+
+/// Read a body of at most `max` bytes. A larger body is still read to its end (and
+/// discarded) up to `cap` bytes before the 413 is answered: a server that answers
+/// without reading the body must close the connection, and closing with unread data
+/// makes TCP reset it, which can destroy the 413 before the client reads it. Beyond
+/// `cap` (the transport cap, `limits.max_frame_bytes`) reading stops and the connection
+/// is closed, as for WebSocket and MQTT.
+async fn read_body(mut body: Body, max: usize, cap: usize) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::BodyExt as _;
+    let mut payload = bytes::BytesMut::new();
+    let mut size = 0usize;
+    while size <= cap {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let frame = frame.map_err(|_| ApiError::bad_request("could not read the request body"))?;
+        if let Ok(data) = frame.into_data() {
+            size = size.saturating_add(data.len());
+            if size <= max {
+                payload.extend_from_slice(&data);
+            }
+        }
+    }
+    if size > max {
+        return Err(ApiError::from(&DecodeError::PayloadTooLarge { size, max }));
+    }
+    Ok(payload.freeze())
 }

@@ -101,7 +101,7 @@ impl MqttIngest {
     ) {
         let router_config = RouterConfig {
             max_connections: self.config.max_connections + 2,
-            max_outgoing_packet_count: 1_000,
+            max_outgoing_packet_count: 16_384,
             max_segment_size: self.config.segment_bytes,
             max_segment_count: self.config.segment_count,
             ..RouterConfig::default()

@@ -4,7 +4,7 @@
 //! `seq` counts the connection's messages from 1. A bad message never closes the
 //! connection; a frame larger than `limits.max_frame_bytes` does (close code 1009).
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{RawQuery, State};
 use axum::response::Response;
 use bytes::Bytes;
@@ -51,6 +51,10 @@ fn error_text(seq: u64, rejection: &Rejection) -> String {
 
 async fn serve(socket: WebSocket, st: AppState, device: DeviceId) {
     let (mut sink, mut stream) = socket.split();
+    // Set by the reader when a message exceeded the frame cap, so that the writer closes
+    // with 1009 (Message Too Big) instead of a close frame without a code.
+    let too_big = std::sync::atomic::AtomicBool::new(false);
+    let too_big = &too_big;
     // Outcomes are answered in message order by a writer task; the bounded queue of
     // pending outcomes limits how far a device may run ahead of durability.
     let (pending_tx, mut pending_rx) =
@@ -69,6 +73,13 @@ async fn serve(socket: WebSocket, st: AppState, device: DeviceId) {
                 return;
             }
         }
+        if too_big.load(std::sync::atomic::Ordering::Relaxed) {
+            let frame = CloseFrame {
+                code: close_code::SIZE,
+                reason: "message larger than limits.max_frame_bytes".into(),
+            };
+            let _ = sink.send(Message::Close(Some(frame))).await;
+        }
         let _ = sink.close().await;
     };
     let reader = async {
@@ -84,6 +95,11 @@ async fn serve(socket: WebSocket, st: AppState, device: DeviceId) {
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Ok(Message::Close(_))) | None => break,
                 Some(Err(e)) => {
+                    // axum hides tungstenite's error type; its capacity error (a message
+                    // over `max_message_size`) is the one that displays this way.
+                    if e.to_string().starts_with("Space limit exceeded") {
+                        too_big.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     tracing::debug!(device = &*device, error = %e, "ingest websocket closed");
                     break;
                 }

@@ -115,10 +115,10 @@ pub enum Event<'a> {
         /// How many messages.
         count: u64,
     },
-    /// The retention sweep deleted old points.
+    /// The retention sweep deleted old chunks.
     RetentionSwept {
-        /// Points deleted.
-        deleted: usize,
+        /// Chunks deleted.
+        chunks: usize,
     },
     /// A live subscriber's queue was full and pending readings were conflated.
     Conflated {
@@ -285,10 +285,10 @@ impl Metrics {
                     tracing::warn!(reason = reason.as_str(), count, "dropped messages");
                 }
             }
-            Event::RetentionSwept { deleted } => {
-                self.retention_deleted.fetch_add(deleted as u64, Relaxed);
-                if deleted > 0 {
-                    tracing::info!(deleted, "retention sweep deleted old points");
+            Event::RetentionSwept { chunks } => {
+                self.retention_deleted.fetch_add(chunks as u64, Relaxed);
+                if chunks > 0 {
+                    tracing::info!(chunks, "retention sweep deleted old chunks");
                 }
             }
             Event::Conflated { count } => {
@@ -397,9 +397,9 @@ impl Metrics {
                 self.store_errors.load(Relaxed) as i64,
             ),
             (
-                "fluxgate_store_retention_deleted_total",
+                "fluxgate_store_retention_chunks_deleted_total",
                 "counter",
-                "Points deleted by retention.",
+                "Chunks (one series, one batch) deleted by retention.",
                 self.retention_deleted.load(Relaxed) as i64,
             ),
             (

@@ -100,7 +100,7 @@ fn bad_payloads() -> Vec<Bad> {
     ]
 }
 
-/// How many of `bad` have `reason` and come over the encoding `binary`.
+/// How many of `bad` are rejected with `reason`.
 fn count(bad: &[Bad], reason: &str) -> usize {
     bad.iter().filter(|b| b.reason == reason).count()
 }
@@ -342,6 +342,7 @@ async fn mqtt_counts_each_bad_payload_and_keeps_the_client() {
         mqtt.wait_acks(published, Duration::from_secs(20)).await;
 
         let mut reasons: Vec<&str> = bad.iter().map(|b| b.reason).collect();
+        reasons.sort_unstable();
         reasons.dedup();
         for reason in reasons {
             let series =

@@ -1,10 +1,11 @@
-//! History queries on the embedded store: latest values and time ranges with optional
-//! step aggregation. Aggregation runs in SQL so only the buckets leave SQLite.
+//! History queries on the embedded store: latest values, time ranges with optional step
+//! aggregation, and a full dump. Chunks are read by index range, decoded, and merged:
+//! sorted by (timestamp, write sequence) so that for a repeated timestamp the reading
+//! written last wins, which is what makes retried messages idempotent.
 
-use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{KIND_BOOL, KIND_F64, KIND_I64, KIND_STR, StoreError};
+use super::{CHUNK_SPAN_MS, StoreError, chunk};
 use crate::model::Value;
 
 /// The latest value of one metric.
@@ -23,8 +24,21 @@ pub struct LatestValue {
 pub struct SeriesPoint {
     /// Timestamp (or bucket start when aggregated), ms since the Unix epoch.
     pub ts_ms: i64,
-    /// The value (aggregates of numbers are `F64`, except `last`, `min` and `max` of
-    /// integers, which keep their type).
+    /// The value. `avg` is always `F64`; `min` and `max` are `I64` when every value in
+    /// the bucket was an integer; `last` keeps the type of the value.
+    pub value: Value,
+}
+
+/// One stored reading, as [`StoreReader::dump`](super::StoreReader::dump) returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReading {
+    /// The device.
+    pub device: String,
+    /// The metric.
+    pub metric: String,
+    /// Timestamp, ms since the Unix epoch.
+    pub ts_ms: i64,
+    /// The value.
     pub value: Value,
 }
 
@@ -52,6 +66,16 @@ impl Agg {
             _ => None,
         }
     }
+
+    /// The query-string name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Agg::Min => "min",
+            Agg::Max => "max",
+            Agg::Avg => "avg",
+            Agg::Last => "last",
+        }
+    }
 }
 
 /// A range query on one series.
@@ -71,20 +95,6 @@ pub struct RangeQuery {
     pub limit: usize,
 }
 
-fn value_of(kind: i64, v: ValueRef<'_>) -> Value {
-    match (kind, v) {
-        (KIND_BOOL, ValueRef::Integer(i)) => Value::Bool(i != 0),
-        (KIND_STR, ValueRef::Text(t)) => Value::Str(String::from_utf8_lossy(t).into_owned()),
-        (_, ValueRef::Integer(i)) if kind == KIND_I64 || kind == KIND_BOOL => Value::I64(i),
-        (_, ValueRef::Integer(i)) => Value::F64(i as f64),
-        (_, ValueRef::Real(f)) => Value::F64(f),
-        (_, ValueRef::Text(t)) => Value::Str(String::from_utf8_lossy(t).into_owned()),
-        // NULL or BLOB never get written; map them to NaN-free zero rather than failing
-        // a whole query because of one odd row.
-        _ => Value::F64(0.0),
-    }
-}
-
 fn series_id(c: &Connection, device: &str, metric: &str) -> Result<Option<i64>, StoreError> {
     Ok(
         c.prepare_cached("SELECT id FROM series WHERE device = ?1 AND metric = ?2")?
@@ -93,86 +103,211 @@ fn series_id(c: &Connection, device: &str, metric: &str) -> Result<Option<i64>, 
     )
 }
 
-pub(super) fn latest(c: &Connection, device: &str) -> Result<Vec<LatestValue>, StoreError> {
+/// Decode the chunks of one series that start in `[from_start, to_start)` and return the
+/// points with `from <= ts < to`, deduplicated, in timestamp order.
+fn points(
+    c: &Connection,
+    series: i64,
+    (from_start, to_start): (i64, i64),
+    (from, to): (i64, i64),
+) -> Result<Vec<(i64, Value)>, StoreError> {
     let mut stmt = c.prepare_cached(
-        "SELECT s.metric, p.ts, p.kind, p.value
-           FROM series s
-           JOIN points p ON p.series_id = s.id
-          WHERE s.device = ?1
-            AND p.ts = (SELECT max(ts) FROM points WHERE series_id = s.id)
-          ORDER BY s.metric",
+        "SELECT start_ts, seq, data FROM chunks
+          WHERE series_id = ?1 AND start_ts >= ?2 AND start_ts < ?3",
     )?;
-    let rows = stmt.query_map(params![device], |r: &Row<'_>| {
-        let kind: i64 = r.get(2)?;
-        Ok(LatestValue {
-            metric: r.get(0)?,
-            ts_ms: r.get(1)?,
-            value: value_of(kind, r.get_ref(3)?),
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let mut rows = stmt.query(params![series, from_start, to_start])?;
+    let mut out: Vec<(i64, i64, Value)> = Vec::new();
+    while let Some(row) = rows.next()? {
+        let (start, seq): (i64, i64) = (row.get(0)?, row.get(1)?);
+        let data = row.get_ref(2)?.as_blob().map_err(rusqlite::Error::from)?;
+        chunk::decode(start, data, |ts, v| {
+            if (from..to).contains(&ts) {
+                out.push((ts, seq, v));
+            }
+        })?;
+    }
+    out.sort_by_key(|(ts, seq, _)| (*ts, *seq));
+    let mut merged: Vec<(i64, Value)> = Vec::with_capacity(out.len());
+    for (ts, _, v) in out {
+        match merged.last_mut() {
+            Some(last) if last.0 == ts => last.1 = v,
+            _ => merged.push((ts, v)),
+        }
+    }
+    Ok(merged)
+}
+
+pub(super) fn latest(c: &Connection, device: &str) -> Result<Vec<LatestValue>, StoreError> {
+    let mut series = c.prepare_cached(
+        "SELECT s.id, s.metric, (SELECT max(start_ts) FROM chunks WHERE series_id = s.id)
+           FROM series s WHERE s.device = ?1 ORDER BY s.metric",
+    )?;
+    let list: Vec<(i64, String, Option<i64>)> = series
+        .query_map(params![device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    for (id, metric, max_start) in list {
+        let Some(max_start) = max_start else { continue };
+        // The newest point is in a chunk that starts at most one span before the last
+        // chunk start (a chunk never spans more), so that window is enough.
+        let pts = points(
+            c,
+            id,
+            (max_start - CHUNK_SPAN_MS, i64::MAX),
+            (i64::MIN, i64::MAX),
+        )?;
+        if let Some((ts_ms, value)) = pts.into_iter().next_back() {
+            out.push(LatestValue {
+                metric,
+                ts_ms,
+                value,
+            });
+        }
+    }
+    Ok(out)
 }
 
 pub(super) fn range(c: &Connection, q: &RangeQuery) -> Result<Vec<SeriesPoint>, StoreError> {
     let Some(id) = series_id(c, &q.device, &q.metric)? else {
         return Ok(Vec::new());
     };
-    let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+    let pts = points(
+        c,
+        id,
+        (q.from_ms.saturating_sub(CHUNK_SPAN_MS), q.to_ms),
+        (q.from_ms, q.to_ms),
+    )?;
     let Some((step, agg)) = q.step else {
-        let mut stmt = c.prepare_cached(
-            "SELECT ts, kind, value FROM points
-              WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3
-              ORDER BY ts LIMIT ?4",
-        )?;
-        let rows = stmt.query_map(params![id, q.from_ms, q.to_ms, limit], |r| {
-            Ok(SeriesPoint {
-                ts_ms: r.get(0)?,
-                value: value_of(r.get(1)?, r.get_ref(2)?),
-            })
-        })?;
-        return Ok(rows.collect::<Result<_, _>>()?);
+        return Ok(pts
+            .into_iter()
+            .take(q.limit)
+            .map(|(ts_ms, value)| SeriesPoint { ts_ms, value })
+            .collect());
     };
-    // Buckets are aligned to multiples of `step` since the epoch so that consecutive
-    // queries (a chart scrolling forward) get identical bucket boundaries.
-    let sql = match agg {
-        // SQLite returns the bare columns of the row holding max(ts) for this form.
-        Agg::Last => {
-            "SELECT (ts - (ts % ?4)) AS b, kind, value, max(ts) FROM points
-              WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3
-              GROUP BY b ORDER BY b LIMIT ?5"
+    let mut out = Vec::new();
+    let mut acc: Option<Bucket> = None;
+    for (ts, value) in pts {
+        // Buckets are aligned to multiples of `step` since the epoch so consecutive
+        // queries (a chart scrolling forward) get identical boundaries.
+        let start = ts - ts.rem_euclid(step);
+        if acc.as_ref().is_some_and(|b| b.start != start) {
+            out.extend(acc.take().and_then(|b| b.finish(agg)));
+            if out.len() >= q.limit {
+                break;
+            }
         }
-        Agg::Min => {
-            "SELECT (ts - (ts % ?4)) AS b, max(kind), min(value) FROM points
-              WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3 AND kind IN (0, 1)
-              GROUP BY b ORDER BY b LIMIT ?5"
+        acc.get_or_insert_with(|| Bucket::new(start)).add(value);
+    }
+    if out.len() < q.limit {
+        out.extend(acc.and_then(|b| b.finish(agg)));
+    }
+    out.truncate(q.limit);
+    Ok(out)
+}
+
+/// Running aggregates of one bucket.
+struct Bucket {
+    start: i64,
+    min: Option<Value>,
+    max: Option<Value>,
+    sum: f64,
+    numeric: u64,
+    last: Option<Value>,
+}
+
+fn as_f64(v: &Value) -> Option<f64> {
+    match v {
+        Value::F64(f) => Some(*f),
+        Value::I64(i) => Some(*i as f64),
+        _ => None,
+    }
+}
+
+impl Bucket {
+    fn new(start: i64) -> Self {
+        Self {
+            start,
+            min: None,
+            max: None,
+            sum: 0.0,
+            numeric: 0,
+            last: None,
         }
-        Agg::Max => {
-            "SELECT (ts - (ts % ?4)) AS b, max(kind), max(value) FROM points
-              WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3 AND kind IN (0, 1)
-              GROUP BY b ORDER BY b LIMIT ?5"
-        }
-        Agg::Avg => {
-            "SELECT (ts - (ts % ?4)) AS b, 0, avg(value) FROM points
-              WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3 AND kind IN (0, 1, 2)
-              GROUP BY b ORDER BY b LIMIT ?5"
-        }
-    };
-    let mut stmt = c.prepare_cached(sql)?;
-    let rows = stmt.query_map(params![id, q.from_ms, q.to_ms, step, limit], |r| {
-        let kind: i64 = r.get(1)?;
-        let value = value_of(kind, r.get_ref(2)?);
-        // min/max over a mix of integer and float rows report the mixed result as a
-        // float; max(kind) is I64 only when every row of the bucket was an integer.
-        let value = match (agg, kind, value) {
-            (Agg::Min | Agg::Max, KIND_F64, Value::I64(i)) => Value::F64(i as f64),
-            (_, _, v) => v,
+    }
+
+    fn add(&mut self, v: Value) {
+        let avg_term = match &v {
+            Value::Bool(b) => Some(f64::from(u8::from(*b))),
+            other => as_f64(other),
         };
-        Ok(SeriesPoint {
-            ts_ms: r.get(0)?,
+        if let Some(x) = avg_term {
+            self.sum += x;
+            self.numeric += 1;
+        }
+        if let Some(x) = as_f64(&v) {
+            let keep = |cur: &Option<Value>, better: fn(f64, f64) -> bool| match cur {
+                Some(c) => as_f64(c).is_some_and(|c| better(x, c)),
+                None => true,
+            };
+            // Mixing integers and floats in one bucket reports a float.
+            let mixed = |cur: &Option<Value>| {
+                matches!(
+                    (cur, &v),
+                    (Some(Value::F64(_)), Value::I64(_)) | (Some(Value::I64(_)), Value::F64(_))
+                )
+            };
+            let replace_min = keep(&self.min, |a, b| a < b);
+            let mixed_min = mixed(&self.min);
+            if replace_min {
+                self.min = Some(v.clone());
+            }
+            if mixed_min {
+                self.min = self.min.as_ref().and_then(as_f64).map(Value::F64);
+            }
+            let replace_max = keep(&self.max, |a, b| a > b);
+            let mixed_max = mixed(&self.max);
+            if replace_max {
+                self.max = Some(v.clone());
+            }
+            if mixed_max {
+                self.max = self.max.as_ref().and_then(as_f64).map(Value::F64);
+            }
+        }
+        self.last = Some(v);
+    }
+
+    fn finish(self, agg: Agg) -> Option<SeriesPoint> {
+        let value = match agg {
+            Agg::Min => self.min?,
+            Agg::Max => self.max?,
+            Agg::Avg if self.numeric > 0 => Value::F64(self.sum / self.numeric as f64),
+            Agg::Avg => return None,
+            Agg::Last => self.last?,
+        };
+        Some(SeriesPoint {
+            ts_ms: self.start,
             value,
         })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+pub(super) fn dump(c: &Connection) -> Result<Vec<StoredReading>, StoreError> {
+    let series: Vec<(i64, String, String)> = c
+        .prepare("SELECT id, device, metric FROM series ORDER BY device, metric")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    for (id, device, metric) in series {
+        for (ts_ms, value) in points(c, id, (i64::MIN, i64::MAX), (i64::MIN, i64::MAX))? {
+            out.push(StoredReading {
+                device: device.clone(),
+                metric: metric.clone(),
+                ts_ms,
+                value,
+            });
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -204,8 +339,9 @@ mod tests {
         batch.push(reading("ok", 1_000, Value::Bool(true)));
         batch.push(reading("mode", 1_500, Value::Str("eco".into())));
         w.write(&batch).expect("write");
-        // Writing the same batch again must not add rows.
+        // Writing the same batch again (a retry) must not add readings.
         w.write(&batch).expect("rewrite");
+        assert_eq!(r.dump().await.expect("dump").len(), 22);
         let raw = r
             .range(RangeQuery {
                 device: "d1".into(),
@@ -248,6 +384,14 @@ mod tests {
         assert_eq!(min[1].value, Value::F64(5.0));
         let last = r.range(q("count", Agg::Last)).await.expect("last");
         assert_eq!(last[0].value, Value::I64(4));
+        let limited = r
+            .range(RangeQuery {
+                limit: 1,
+                ..q("count", Agg::Last)
+            })
+            .await
+            .expect("limit");
+        assert_eq!(limited.len(), 1);
 
         let latest = r.latest("d1".into()).await.expect("latest");
         let names: Vec<_> = latest.iter().map(|l| l.metric.as_str()).collect();
@@ -256,5 +400,52 @@ mod tests {
         assert_eq!(latest[2].value, Value::Bool(true));
         assert_eq!(latest[3].ts_ms, 1_900);
         assert!(r.latest("nobody".into()).await.expect("empty").is_empty());
+    }
+
+    #[tokio::test]
+    async fn later_writes_win_and_chunks_split_by_span() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, r) = open_store(dir.path()).expect("open");
+        let hour = CHUNK_SPAN_MS;
+        // One batch spanning three hours becomes several chunks; a later batch
+        // overwrites one timestamp and backfills an older one.
+        w.write(&[
+            reading("t", 0, Value::I64(1)),
+            reading("t", hour, Value::I64(2)),
+            reading("t", 3 * hour, Value::I64(3)),
+            reading("t", 3 * hour, Value::I64(4)),
+        ])
+        .expect("first");
+        w.write(&[
+            reading("t", hour, Value::F64(2.5)),
+            reading("t", 2 * hour, Value::Bool(false)),
+        ])
+        .expect("second");
+        let all = r.dump().await.expect("dump");
+        let got: Vec<_> = all.iter().map(|s| (s.ts_ms, s.value.clone())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, Value::I64(1)),
+                (hour, Value::F64(2.5)),
+                (2 * hour, Value::Bool(false)),
+                (3 * hour, Value::I64(4)),
+            ]
+        );
+        // A range starting inside the first chunk's span still finds its points.
+        let mid = r
+            .range(RangeQuery {
+                device: "d1".into(),
+                metric: "t".into(),
+                from_ms: hour,
+                to_ms: 2 * hour + 1,
+                step: None,
+                limit: 10,
+            })
+            .await
+            .expect("range");
+        assert_eq!(mid.len(), 2);
+        let latest = r.latest("d1".into()).await.expect("latest");
+        assert_eq!(latest[0].value, Value::I64(4));
     }
 }

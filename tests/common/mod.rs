@@ -22,7 +22,6 @@ use fluxgate::model::Value;
 use fluxgate::{Config, Gateway, RunningGateway};
 use futures_util::{Stream, StreamExt};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
-use rusqlite::types::ValueRef;
 use tempfile::TempDir;
 use tokio::net::TcpStream;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -100,10 +99,6 @@ impl TestGateway {
             gateway: Some(gateway),
             dir,
         }
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        self.dir.path()
     }
 
     pub fn http_url(&self, path: &str) -> String {
@@ -239,50 +234,22 @@ pub fn scrape(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
-fn open_db(path: &Path) -> rusqlite::Connection {
-    let conn =
-        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn
-}
-
-/// Every reading in the SQLite file at `path`, sorted by (device, metric, ts). Values
-/// are decoded strictly from `kind` and the SQLite storage class, so a value stored
-/// with the wrong type fails the test instead of being converted.
+/// Every reading in the store file at `path`, sorted by (device, metric, ts), read
+/// through the store's own decoder (chunks are merged and deduplicated on read).
 pub fn store_rows(path: &Path) -> Vec<Row> {
-    let conn = open_db(path);
-    let mut stmt = conn
-        .prepare(
-            "SELECT s.device, s.metric, p.ts, p.kind, p.value
-               FROM points p JOIN series s ON s.id = p.series_id
-              ORDER BY s.device, s.metric, p.ts",
-        )
-        .unwrap();
-    let rows = stmt
-        .query_map([], |r| {
-            let kind: i64 = r.get(3)?;
-            let value = match (kind, r.get_ref(4)?) {
-                (0, ValueRef::Real(f)) => Value::F64(f),
-                (1, ValueRef::Integer(i)) => Value::I64(i),
-                (2, ValueRef::Integer(i @ (0 | 1))) => Value::Bool(i == 1),
-                (3, ValueRef::Text(t)) => Value::Str(String::from_utf8(t.to_vec()).unwrap()),
-                (kind, other) => panic!("kind {kind} stored as {other:?}"),
-            };
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, value))
-        })
-        .unwrap();
-    rows.collect::<Result<_, _>>().unwrap()
+    fluxgate::store::dump_file(path)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.device, r.metric, r.ts_ms, r.value))
+        .collect()
 }
 
-/// The number of points in the SQLite file at `path` (0 before it exists).
+/// The number of readings in the store file at `path` (0 before it exists).
 pub fn store_count(path: &Path) -> i64 {
     if !path.exists() {
         return 0;
     }
-    open_db(path)
-        .query_row("SELECT count(*) FROM points", [], |r| r.get(0))
-        .unwrap()
+    store_rows(path).len() as i64
 }
 
 /// An MQTT client whose event loop runs in a background task that counts CONNACKs and
@@ -303,8 +270,9 @@ impl Mqtt {
             .set_clean_session(true)
             // Room for the 1 MiB payload of the bad-input tests.
             .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024)
-            .set_inflight(100)
-            .set_request_channel_capacity(100);
+            // Up to 100 unacknowledged QoS 1 publishes on the wire (the broker allows 100).
+            .set_inflight(100);
+        // The request channel: `publish` waits when 100 requests are queued.
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         let acks = Arc::new(AtomicU64::new(0));
         let connacks = Arc::new(AtomicU64::new(0));

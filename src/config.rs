@@ -258,10 +258,14 @@ impl Default for PipelineConfig {
 pub struct BatchConfig {
     /// Flush when this many readings are pending.
     pub max_rows: usize,
-    /// Flush when the oldest pending reading is this old; also bounds the ack latency of
-    /// WS and HTTP ingest (group commit).
+    /// Flush when the oldest pending reading is this old. Bounds how much MQTT data (which
+    /// is not acknowledged by the store) a crash can lose after the broker's PUBACK.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// Flush sooner, this long after the first pending message that waits for an
+    /// acknowledgement (WS and HTTP ingest): the group-commit delay of acks.
+    #[serde(with = "humantime_serde")]
+    pub ack_max_age: Duration,
     /// Batches that may wait for the store writer; when full the pipeline waits.
     pub queue_capacity: usize,
 }
@@ -269,8 +273,9 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            max_rows: 20_000,
-            max_age: Duration::from_millis(10),
+            max_rows: 50_000,
+            max_age: Duration::from_millis(500),
+            ack_max_age: Duration::from_millis(10),
             queue_capacity: 4,
         }
     }
@@ -415,6 +420,12 @@ impl Config {
         }
         if self.batch.max_age.is_zero() {
             return Err(invalid("batch.max_age", "must be greater than 0"));
+        }
+        if self.batch.ack_max_age.is_zero() || self.batch.ack_max_age > self.batch.max_age {
+            return Err(invalid(
+                "batch.ack_max_age",
+                "must be greater than 0 and at most batch.max_age",
+            ));
         }
         if self.live.heartbeat < Duration::from_millis(100) {
             return Err(invalid("live.heartbeat", "must be at least 100ms"));

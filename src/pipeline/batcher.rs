@@ -25,23 +25,30 @@ impl<T, A> Default for Batch<T, A> {
 }
 
 /// Groups items into batches of at most `max_rows` (a single larger message becomes a
-/// batch of its own) that are at most `max_age` old.
+/// batch of its own). A batch is due when its oldest item is `max_age` old, or sooner,
+/// `ack_max_age` after the first message that waits for an acknowledgement arrived:
+/// senders that wait get group commit with a short delay, while fire-and-forget traffic
+/// (MQTT) is written in fewer, larger transactions.
 #[derive(Debug)]
 pub struct Batcher<T, A> {
     max_rows: usize,
     max_age: Duration,
+    ack_max_age: Duration,
     pending: Batch<T, A>,
     oldest: Option<Instant>,
+    first_ack: Option<Instant>,
 }
 
 impl<T, A> Batcher<T, A> {
     /// A batcher with the given bounds (`max_rows` >= 1).
-    pub fn new(max_rows: usize, max_age: Duration) -> Self {
+    pub fn new(max_rows: usize, max_age: Duration, ack_max_age: Duration) -> Self {
         Self {
             max_rows: max_rows.max(1),
             max_age,
+            ack_max_age,
             pending: Batch::default(),
             oldest: None,
+            first_ack: None,
         }
     }
 
@@ -63,6 +70,9 @@ impl<T, A> Batcher<T, A> {
             return;
         }
         self.oldest.get_or_insert(now);
+        if ack.is_some() {
+            self.first_ack.get_or_insert(now);
+        }
         self.pending.items.extend(items);
         self.pending.acks.extend(ack);
         if self.pending.items.len() >= self.max_rows {
@@ -72,7 +82,12 @@ impl<T, A> Batcher<T, A> {
 
     /// When the pending batch becomes due by age, if anything is pending.
     pub fn deadline(&self) -> Option<Instant> {
-        self.oldest.map(|t| t + self.max_age)
+        let by_age = self.oldest.map(|t| t + self.max_age);
+        let by_ack = self.first_ack.map(|t| t + self.ack_max_age);
+        match (by_age, by_ack) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The pending batch if it is due by age at `now`.
@@ -86,6 +101,7 @@ impl<T, A> Batcher<T, A> {
     /// Take whatever is pending (shutdown, or a deadline).
     pub fn flush(&mut self) -> Option<Batch<T, A>> {
         self.oldest = None;
+        self.first_ack = None;
         if self.pending.items.is_empty() && self.pending.acks.is_empty() {
             return None;
         }
@@ -127,17 +143,22 @@ mod tests {
     proptest! {
         /// Against the model "a FIFO of items": nothing is lost, duplicated or reordered,
         /// batches respect max_rows unless one message alone exceeds it, messages are never
-        /// split, and nothing stays pending longer than max_age when the driver polls.
+        /// split, and when the driver polls nothing stays pending longer than max_age and
+        /// no acknowledgement waits longer than ack_max_age.
         #[test]
         fn batches_match_fifo_model(
             max_rows in 1usize..64,
-            max_age_ms in 1u64..20,
+            max_age_ms in 1u64..40,
+            ack_max_age_ms in 1u64..20,
             ops in proptest::collection::vec(op(), 0..200),
         ) {
             let start = Instant::now();
             let mut now = start;
             let max_age = Duration::from_millis(max_age_ms);
-            let mut b: Batcher<(u32, usize), u32> = Batcher::new(max_rows, max_age);
+            let ack_max_age = Duration::from_millis(ack_max_age_ms);
+            let mut b: Batcher<(u32, usize), u32> = Batcher::new(max_rows, max_age, ack_max_age);
+            // When each still-pending message arrived, with whether it waits for an ack.
+            let mut pending: Vec<(Instant, bool)> = Vec::new();
             let mut out = Vec::new();
             let mut model_items = Vec::new();
             let mut model_acks = Vec::new();
@@ -154,14 +175,20 @@ mod tests {
                         let items: Vec<(u32, usize)> = (0..n).map(|i| (id, i)).collect();
                         model_items.extend(items.iter().copied());
                         if with_ack { model_acks.push(id); }
+                        let before = out.len();
                         b.push(items.into_iter(), with_ack.then_some(id), now, &mut out);
+                        if out.len() > before { pending.clear(); }
+                        if !b.is_empty() { pending.push((now, with_ack)); }
                     }
                     Op::Wait(ms) => {
                         now += Duration::from_millis(ms);
-                        out.extend(b.poll(now));
-                        // After a poll nothing pending may be older than max_age.
-                        if let Some(d) = b.deadline() {
-                            prop_assert!(d > now);
+                        if let Some(batch) = b.poll(now) {
+                            out.push(batch);
+                            pending.clear();
+                        }
+                        for (at, acked) in &pending {
+                            prop_assert!(now < *at + max_age, "a reading outlived max_age");
+                            prop_assert!(!acked || now < *at + ack_max_age, "an ack outlived ack_max_age");
                         }
                     }
                 }
@@ -188,22 +215,21 @@ mod tests {
     }
 
     #[test]
-    fn deadline_follows_oldest_item() {
+    fn deadline_follows_oldest_item_and_first_ack() {
         let t0 = Instant::now();
-        let mut b: Batcher<u8, ()> = Batcher::new(10, Duration::from_millis(5));
+        let ms = Duration::from_millis;
+        let mut b: Batcher<u8, ()> = Batcher::new(10, ms(100), ms(5));
         let mut out = Vec::new();
         assert_eq!(b.deadline(), None);
         b.push([1u8].into_iter(), None, t0, &mut out);
-        b.push(
-            [2u8].into_iter(),
-            None,
-            t0 + Duration::from_millis(3),
-            &mut out,
-        );
-        assert_eq!(b.deadline(), Some(t0 + Duration::from_millis(5)));
-        assert!(b.poll(t0 + Duration::from_millis(4)).is_none());
-        let batch = b.poll(t0 + Duration::from_millis(5)).expect("due");
+        assert_eq!(b.deadline(), Some(t0 + ms(100)));
+        // A message waiting for its ack pulls the deadline in to ack_max_age.
+        b.push([2u8].into_iter(), Some(()), t0 + ms(3), &mut out);
+        assert_eq!(b.deadline(), Some(t0 + ms(8)));
+        assert!(b.poll(t0 + ms(7)).is_none());
+        let batch = b.poll(t0 + ms(8)).expect("due");
         assert_eq!(batch.items, vec![1, 2]);
         assert!(out.is_empty());
+        assert_eq!(b.deadline(), None);
     }
 }

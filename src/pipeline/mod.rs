@@ -58,8 +58,11 @@ impl Pipeline {
         };
         tokio::pin!(cutoff);
         let mut closed = false;
-        let mut batcher: Batcher<Reading, (AckSender, usize)> =
-            Batcher::new(self.batch.max_rows, self.batch.max_age);
+        let mut batcher: Batcher<Reading, (AckSender, usize)> = Batcher::new(
+            self.batch.max_rows,
+            self.batch.max_age,
+            self.batch.ack_max_age,
+        );
         let mut interner = Interner::default();
         let mut readings = Vec::new();
         let mut due = Vec::new();

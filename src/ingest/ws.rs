@@ -84,9 +84,13 @@ async fn serve(socket: WebSocket, st: AppState, device: DeviceId) {
     };
     let reader = async {
         let mut seq = 0u64;
+        let mut shutting_down = false;
         loop {
             let msg = tokio::select! {
-                () = st.shutdown.cancelled() => break,
+                () = st.shutdown.cancelled() => {
+                    shutting_down = true;
+                    break;
+                }
                 msg = stream.next() => msg,
             };
             let (encoding, payload): (Encoding, Bytes) = match msg {
@@ -113,6 +117,19 @@ async fn serve(socket: WebSocket, st: AppState, device: DeviceId) {
         }
         // Dropping the sender lets the writer answer what is pending and then close.
         drop(pending_tx);
+        if shutting_down {
+            // Keep reading (and discarding: those messages get no ack, so the device
+            // resends them) until the device answers the close, so the pending acks are
+            // not lost to a TCP reset of a socket with unread data.
+            let drain = async {
+                while let Some(Ok(msg)) = stream.next().await {
+                    if matches!(msg, Message::Close(_)) {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+        }
     };
     tokio::join!(reader, writer);
 }

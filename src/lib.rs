@@ -11,6 +11,7 @@
 //! - [`ingest`]: MQTT, WebSocket and HTTP ingest -> envelopes.
 //! - [`pipeline`]: decode and batch.
 //! - [`store`]: the embedded SQLite store.
+//! - [`registry`]: devices, tokens and operator API keys.
 //! - [`live`]: the live hub and its WS/SSE streams.
 //! - [`api`]: the axum router and problem+json errors.
 //! - [`observe`]: events, metrics and their log lines.
@@ -23,6 +24,7 @@ pub mod live;
 pub mod model;
 pub mod observe;
 pub mod pipeline;
+pub mod registry;
 pub mod store;
 
 pub use app::{Gateway, RunningGateway};

@@ -13,6 +13,7 @@ use std::time::Duration;
 use fluxgate_proto::DECODE_ERROR_REASONS;
 
 use crate::model::Transport;
+use crate::registry::AuthFailure;
 
 /// Why something was dropped. Every drop in the gateway has one of these. The
 /// discriminant indexes the counter array, in the order of `ALL`.
@@ -130,6 +131,31 @@ pub enum Event<'a> {
         /// Readings in the frame.
         readings: usize,
     },
+    /// A device's credentials were refused.
+    AuthRefused {
+        /// Its transport.
+        transport: Transport,
+        /// The device id it claimed (never the secret), if any.
+        device: &'a str,
+        /// Why.
+        reason: AuthFailure,
+    },
+    /// An MQTT client used a topic outside its own namespace; its connection is closed.
+    AclViolation {
+        /// The device.
+        device: &'a str,
+        /// `publish` or `subscribe`.
+        action: &'static str,
+        /// The topic or filter it tried.
+        topic: &'a str,
+    },
+    /// A device's connections were closed because it was disabled, deleted or re-keyed.
+    DeviceKicked {
+        /// The device.
+        device: &'a str,
+        /// Its transport.
+        transport: Transport,
+    },
 }
 
 /// A histogram with fixed upper bounds.
@@ -199,6 +225,10 @@ pub struct Metrics {
     live_frames: AtomicU64,
     live_readings: AtomicU64,
     live_conflated: AtomicU64,
+    auth_refused: [[AtomicU64; 3]; 5],
+    acl_violations: [AtomicU64; 2],
+    kicked: AtomicU64,
+    devices_online: AtomicI64,
     log_budget: LogBudget,
 }
 
@@ -222,6 +252,10 @@ impl Default for Metrics {
             live_frames: AtomicU64::new(0),
             live_readings: AtomicU64::new(0),
             live_conflated: AtomicU64::new(0),
+            auth_refused: Default::default(),
+            acl_violations: Default::default(),
+            kicked: AtomicU64::new(0),
+            devices_online: AtomicI64::new(0),
             log_budget: LogBudget::default(),
         }
     }
@@ -299,7 +333,57 @@ impl Metrics {
                 self.live_frames.fetch_add(1, Relaxed);
                 self.live_readings.fetch_add(readings as u64, Relaxed);
             }
+            Event::AuthRefused {
+                transport,
+                device,
+                reason,
+            } => {
+                let r = AuthFailure::ALL
+                    .iter()
+                    .position(|x| *x == reason)
+                    .unwrap_or_default();
+                self.auth_refused[r][transport_index(transport)].fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.log_budget.take() {
+                    tracing::warn!(
+                        transport = transport.as_str(),
+                        device,
+                        reason = reason.as_str(),
+                        suppressed,
+                        "device credentials refused"
+                    );
+                }
+            }
+            Event::AclViolation {
+                device,
+                action,
+                topic,
+            } => {
+                let i = usize::from(action == "subscribe");
+                self.acl_violations[i].fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.log_budget.take() {
+                    tracing::warn!(
+                        device,
+                        action,
+                        topic,
+                        suppressed,
+                        "MQTT topic outside the device's namespace; connection closed"
+                    );
+                }
+            }
+            Event::DeviceKicked { device, transport } => {
+                self.kicked.fetch_add(1, Relaxed);
+                tracing::info!(
+                    device,
+                    transport = transport.as_str(),
+                    "closed connection of a disabled, deleted or re-keyed device"
+                );
+            }
         }
+    }
+
+    /// Set the online-devices gauge.
+    pub fn set_devices_online(&self, n: usize) {
+        self.devices_online.store(n as i64, Relaxed);
     }
 
     /// Set the depth gauge of a queue.
@@ -383,7 +467,44 @@ impl Metrics {
             "fluxgate_store_write_seconds",
             "Time to write and commit one batch.",
         );
-        let scalars: [(&str, &str, &str, i64); 8] = [
+        let name = "fluxgate_auth_refused_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Device credentials refused, by transport and reason.\n# TYPE {name} counter"
+        );
+        for (reason, per_transport) in AuthFailure::ALL.iter().zip(&self.auth_refused) {
+            for t in Transport::ALL {
+                let v = per_transport[transport_index(t)].load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "{name}{{transport=\"{}\",reason=\"{}\"}} {v}",
+                    t.as_str(),
+                    reason.as_str()
+                );
+            }
+        }
+        let name = "fluxgate_mqtt_acl_violations_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} MQTT connections closed for using another device's topics.\n# TYPE {name} counter"
+        );
+        for (i, action) in ["publish", "subscribe"].iter().enumerate() {
+            let v = self.acl_violations[i].load(Relaxed);
+            let _ = writeln!(out, "{name}{{action=\"{action}\"}} {v}");
+        }
+        let scalars: [(&str, &str, &str, i64); 10] = [
+            (
+                "fluxgate_devices_online",
+                "gauge",
+                "Devices connected now or seen within devices.online_timeout.",
+                self.devices_online.load(Relaxed),
+            ),
+            (
+                "fluxgate_device_connections_closed_total",
+                "counter",
+                "Connections closed because their device was disabled, deleted or re-keyed.",
+                self.kicked.load(Relaxed) as i64,
+            ),
             (
                 "fluxgate_store_rows_written_total",
                 "counter",

@@ -31,6 +31,7 @@ use crate::live::{Hub, HubLimits};
 use crate::model::now_ms;
 use crate::observe::Metrics;
 use crate::pipeline::{Pipeline, StoreBatch};
+use crate::registry::Registry;
 use crate::store;
 
 /// Entry point for starting a gateway.
@@ -44,6 +45,9 @@ pub struct RunningGateway {
     pub mqtt_addr: Option<SocketAddr>,
     /// The data directory.
     pub data_dir: PathBuf,
+    /// On the first start only: the generated admin API key (stored as a hash; this is
+    /// the one chance to show it).
+    pub bootstrap_admin_key: Option<String>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -57,6 +61,23 @@ impl Gateway {
         let metrics = Arc::new(Metrics::default());
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
+
+        let dir = config.data_dir.clone();
+        let (online_timeout, m) = (config.devices.online_timeout, metrics.clone());
+        let registry = tokio::task::spawn_blocking(move || Registry::open(&dir, online_timeout, m))
+            .await
+            .context("opening the registry")?
+            .with_context(|| {
+                format!(
+                    "cannot open the device registry in {}",
+                    config.data_dir.display()
+                )
+            })?;
+        let reg = registry.clone();
+        let bootstrap_admin_key = tokio::task::spawn_blocking(move || reg.bootstrap_admin_key())
+            .await
+            .context("bootstrapping the admin key")??;
+        tasks.push(tokio::spawn(registry.clone().run(shutdown.clone())));
 
         // Store writer: a dedicated thread; its queue's full-policy is backpressure.
         let (store_tx, store_reader, writer_done) = if config.store.enabled {
@@ -103,6 +124,7 @@ impl Gateway {
             limits: config.limits.to_proto(),
             batch: config.batch.clone(),
             hub: hub.clone(),
+            registry: registry.clone(),
             metrics: metrics.clone(),
         };
         tasks.push(tokio::spawn(pipeline.run(
@@ -113,7 +135,11 @@ impl Gateway {
         )));
 
         let mqtt_addr = if config.mqtt.enabled {
-            let mqtt = MqttIngest::new(config.mqtt.clone(), config.limits.max_frame_bytes)?;
+            let mqtt = MqttIngest::new(
+                config.mqtt.clone(),
+                config.limits.max_frame_bytes,
+                registry.clone(),
+            )?;
             let (ready_tx, ready_rx) = oneshot::channel();
             tasks.push(tokio::spawn(mqtt.run(
                 pipe_tx.clone(),
@@ -135,6 +161,7 @@ impl Gateway {
         let http_addr = listener.local_addr()?;
         let state = AppState {
             hub,
+            registry,
             store: store_reader,
             ingest: pipe_tx,
             metrics: metrics.clone(),
@@ -144,6 +171,7 @@ impl Gateway {
                 ws_max_inflight: config.http.ws_max_inflight,
                 heartbeat: config.live.heartbeat,
                 max_query_points: config.store.max_query_points,
+                stream_token_ttl: config.http.stream_token_ttl,
             }),
             shutdown: shutdown.clone(),
         };
@@ -171,6 +199,7 @@ impl Gateway {
             http_addr,
             mqtt_addr,
             data_dir: config.data_dir,
+            bootstrap_admin_key,
             metrics,
             shutdown,
             tasks,

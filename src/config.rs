@@ -80,6 +80,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Live fan-out to dashboards.
     pub live: LiveConfig,
+    /// The device registry.
+    pub devices: DevicesConfig,
 }
 
 impl Default for Config {
@@ -94,6 +96,25 @@ impl Default for Config {
             batch: BatchConfig::default(),
             store: StoreConfig::default(),
             live: LiveConfig::default(),
+            devices: DevicesConfig::default(),
+        }
+    }
+}
+
+/// Device registry options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesConfig {
+    /// A device without an open connection counts as online this long after it was last
+    /// seen (matters for HTTP devices, which never hold a connection).
+    #[serde(with = "humantime_serde")]
+    pub online_timeout: Duration,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        Self {
+            online_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -175,6 +196,10 @@ pub struct HttpConfig {
     /// Time allowed for in-flight requests to finish on shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Lifetime of the stream tokens browsers use to open live streams
+    /// (`POST /api/v1/stream-tokens`).
+    #[serde(with = "humantime_serde")]
+    pub stream_token_ttl: Duration,
 }
 
 impl Default for HttpConfig {
@@ -183,6 +208,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             ws_max_inflight: 256,
             shutdown_grace: Duration::from_secs(5),
+            stream_token_ttl: Duration::from_secs(300),
         }
     }
 }

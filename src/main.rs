@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use fluxgate::config::{Config, LogFormat};
+use fluxgate::registry::Role;
 use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
 use tracing_subscriber::prelude::*;
 
@@ -32,6 +33,24 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Operator API keys (work on `data_dir` directly; no running gateway needed).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create an API key and print it (once) on stdout.
+    Create {
+        /// `admin` (read and write) or `viewer` (read and subscribe).
+        #[arg(long, value_parser = ["admin", "viewer"])]
+        role: String,
+        /// A name to recognise the key by.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -56,6 +75,31 @@ fn main() -> ExitCode {
             println!("configuration OK\n{config:#?}");
             ExitCode::SUCCESS
         }
+        Command::Keys {
+            command: KeysCommand::Create { role, name },
+        } => {
+            let role = if role == "admin" {
+                Role::Admin
+            } else {
+                Role::Viewer
+            };
+            match fluxgate::registry::create_key_offline(&config.data_dir, &name, role) {
+                Ok((key, secret)) => {
+                    eprintln!(
+                        "created {} key `{}` (id {})",
+                        role_name(role),
+                        key.name,
+                        key.id
+                    );
+                    println!("{secret}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve => {
             init_tracing(&config);
             match serve(config) {
@@ -70,6 +114,13 @@ fn main() -> ExitCode {
     }
 }
 
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Admin => "admin",
+        Role::Viewer => "viewer",
+    }
+}
+
 fn init_tracing(config: &Config) {
     // rumqttd logs every accepted connection at info; that is noise at fleet scale.
     let default = format!("{},rumqttd=warn", config.log.level);
@@ -79,7 +130,9 @@ fn init_tracing(config: &Config) {
     // large share of the broker thread's CPU under load. Its events still get through.
     let no_broker_spans =
         filter_fn(|meta| !(meta.is_span() && meta.target().starts_with("rumqttd")));
-    let layer = tracing_subscriber::fmt::layer();
+    // Logs go to stderr; stdout carries only what a user or script asked for (the
+    // one-time admin key), so secrets never end up in a log stream.
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let registry = tracing_subscriber::registry();
     match config.log.format {
         LogFormat::Text => registry
@@ -98,6 +151,17 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     runtime.block_on(async {
         let gateway = fluxgate::Gateway::start(config).await?;
+        if let Some(key) = &gateway.bootstrap_admin_key {
+            // Printed once, on stdout, never logged: only its hash is stored.
+            let host = match gateway.http_addr.ip() {
+                ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+                ip => ip.to_string(),
+            };
+            println!(
+                "First start: created an admin API key. It is shown only now; store it safely.\n\n    {key}\n\nUse it as `Authorization: Bearer {key}`. Dashboard: http://{host}:{}/#key={key}\nMore keys: fluxgate keys create --role viewer --name NAME",
+                gateway.http_addr.port()
+            );
+        }
         let token = gateway.shutdown_token();
         tokio::spawn(async move {
             wait_for_signal().await;

@@ -6,6 +6,7 @@ use axum::extract::{Path, RawQuery, State};
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 
+use super::auth::Viewer;
 use super::{ApiError, AppState};
 use crate::live::JsonValue;
 use crate::store::{Agg, LatestValue, RangeQuery, SeriesPoint, StoreReader};
@@ -59,8 +60,17 @@ impl Serialize for ValueJson<'_> {
 }
 
 /// The latest value of every metric of a device.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/latest", tag = "telemetry",
+    params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 200, description = "`{\"device\": id, \"metrics\": {name: {\"ts\": ms, \"value\": v}}}`", body = serde_json::Value),
+        (status = 401, description = "No or invalid API key", body = super::devices::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Nothing stored for this device", body = super::devices::Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 pub async fn latest(
     State(st): State<AppState>,
+    _viewer: Viewer,
     Path(id): Path<String>,
 ) -> Result<Json<Latest>, ApiError> {
     device_id(&id)?;
@@ -127,8 +137,25 @@ fn parse_time(field: &str, raw: &str) -> Result<i64, ApiError> {
 }
 
 /// Points of one metric: `?metric=temp&from=…&to=…[&step=1m&agg=avg][&limit=N]`.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/readings", tag = "telemetry",
+    params(
+        ("id" = String, Path, description = "Device id"),
+        ("metric" = String, Query, description = "Metric name"),
+        ("from" = Option<String>, Query, description = "Inclusive start: ms since the epoch or RFC 3339; default one hour ago"),
+        ("to" = Option<String>, Query, description = "Exclusive end: ms or RFC 3339; default now"),
+        ("step" = Option<String>, Query, description = "Bucket width, e.g. `1m`"),
+        ("agg" = Option<String>, Query, description = "min, max, avg (default with step) or last"),
+        ("limit" = Option<usize>, Query, description = "Most points"),
+    ),
+    responses(
+        (status = 200, description = "`{\"device\", \"metric\", \"step_ms\"?, \"agg\"?, \"points\": [{\"ts\", \"value\"}]}`", body = serde_json::Value),
+        (status = 400, description = "Bad query parameter", body = super::devices::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or invalid API key", body = super::devices::Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 pub async fn readings(
     State(st): State<AppState>,
+    _viewer: Viewer,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Readings>, ApiError> {

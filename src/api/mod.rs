@@ -4,7 +4,10 @@
 //! Every error leaves as RFC 9457 `application/problem+json` through [`ApiError`]; the
 //! detail says what the client did wrong and never carries internal error text.
 
+pub mod auth;
+pub mod devices;
 mod history;
+pub mod openapi;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,7 @@ use crate::ingest;
 use crate::live::{self, Hub, LiveError};
 use crate::model::{DecodeError, Envelope, Rejection};
 use crate::observe::Metrics;
+use crate::registry::Registry;
 use crate::store::StoreReader;
 
 /// Settings the handlers need.
@@ -36,6 +40,8 @@ pub struct ApiSettings {
     pub heartbeat: Duration,
     /// Most points a readings query returns.
     pub max_query_points: usize,
+    /// Lifetime of stream tokens for browsers.
+    pub stream_token_ttl: Duration,
 }
 
 /// Shared state of all handlers.
@@ -43,6 +49,8 @@ pub struct ApiSettings {
 pub struct AppState {
     /// The live hub.
     pub hub: Arc<Hub>,
+    /// Devices, tokens and operator keys.
+    pub registry: Arc<Registry>,
     /// The embedded store's reader, when the store is enabled.
     pub store: Option<StoreReader>,
     /// Where ingest handlers send envelopes.
@@ -60,6 +68,26 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(openapi::openapi_json))
+        .route("/api/v1/devices", post(devices::create).get(devices::list))
+        .route("/api/v1/devices:bulk", post(devices::bulk))
+        .route(
+            "/api/v1/devices/{id}",
+            get(devices::get_one)
+                .put(devices::replace)
+                .patch(devices::patch)
+                .delete(devices::delete),
+        )
+        .route("/api/v1/devices/{id}/token", post(devices::rotate))
+        .route(
+            "/api/v1/keys",
+            post(devices::create_key).get(devices::list_keys),
+        )
+        .route(
+            "/api/v1/keys/{id}",
+            axum::routing::delete(devices::revoke_key),
+        )
+        .route("/api/v1/stream-tokens", post(devices::stream_token))
         .route("/api/v1/devices/{id}/latest", get(history::latest))
         .route("/api/v1/devices/{id}/readings", get(history::readings))
         .route(
@@ -109,7 +137,7 @@ pub struct ApiError {
     status: StatusCode,
     slug: &'static str,
     detail: String,
-    retry_after: Option<u64>,
+    headers: Vec<(header::HeaderName, &'static str)>,
 }
 
 impl ApiError {
@@ -120,8 +148,14 @@ impl ApiError {
             status,
             slug,
             detail: detail.into(),
-            retry_after: None,
+            headers: Vec::new(),
         }
+    }
+
+    /// The same problem with an extra response header.
+    pub fn with_header(mut self, name: header::HeaderName, value: &'static str) -> Self {
+        self.headers.push((name, value));
+        self
     }
 
     /// 400 with a detail naming what was wrong.
@@ -136,10 +170,8 @@ impl ApiError {
 
     /// 503 for a disabled or failing component, with `Retry-After`.
     pub fn unavailable(detail: impl Into<String>) -> Self {
-        Self {
-            retry_after: Some(1),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
-        }
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+            .with_header(header::RETRY_AFTER, "1")
     }
 
     /// An internal failure: logged here, reported without internals.
@@ -185,14 +217,12 @@ impl From<Rejection> for ApiError {
 impl From<LiveError> for ApiError {
     fn from(e: LiveError) -> Self {
         match e {
-            LiveError::TooManySubscribers { .. } => ApiError {
-                retry_after: Some(5),
-                ..ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too_many_subscribers",
-                    e.to_string(),
-                )
-            },
+            LiveError::TooManySubscribers { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_subscribers",
+                e.to_string(),
+            )
+            .with_header(header::RETRY_AFTER, "5"),
             LiveError::TooManyFilters { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "too_many_filters", e.to_string())
             }
@@ -214,8 +244,8 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let Some(secs) = self.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        for (name, value) in self.headers {
+            headers.insert(name, HeaderValue::from_static(value));
         }
         response
     }

@@ -8,7 +8,8 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 
-use super::{IdentityError, device_identity, submit};
+use super::submit;
+use crate::api::auth::DeviceAuth;
 use crate::api::{ApiError, AppState};
 use crate::model::{DecodeError, Encoding, Transport};
 
@@ -36,16 +37,36 @@ fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
     }
 }
 
-/// Accept telemetry for one device.
+/// Accept telemetry for one device, authenticated by its token.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/telemetry", tag = "telemetry",
+    params(("id" = String, Path, description = "Device id (must be the token's device)")),
+    request_body(content = String, description = "JSON (application/json) or a postcard frame (application/octet-stream)"),
+    responses(
+        (status = 200, description = "`{\"accepted\": N}` once durable", body = serde_json::Value),
+        (status = 400, description = "Malformed payload", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No, unknown or wrong device token, or a disabled device", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token belongs to another device", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Payload too large", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported content type", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage unavailable or shutting down; retry", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+    ),
+    security(("device_token" = [])))]
 pub async fn telemetry(
     State(st): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let device = device_identity(Some(&id)).map_err(|e| match e {
-        IdentityError::Missing | IdentityError::Invalid(_) => ApiError::bad_request(e.to_string()),
-    })?;
+    let DeviceAuth { device, .. } = DeviceAuth::check(&headers, &st, Transport::Http)?;
+    if *device != *id {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the token belongs to another device",
+        ));
+    }
+    st.registry.touch(&device, Transport::Http);
     let encoding = encoding(&headers)?;
     let max = st.settings.limits.max_payload_bytes;
     let payload = read_body(body, max, st.settings.max_frame_bytes).await?;

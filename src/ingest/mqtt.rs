@@ -8,6 +8,14 @@
 //! that is full too does it drop, counted (`mqtt_spill_full`). A consumer that blocked
 //! would let rumqttd's segments roll over under it, which loses data with no error; those
 //! jumps are detected from the forward cursors and counted (`mqtt_cursor_jump`).
+//!
+//! Security: the broker's auth handler accepts a CONNECT only with client id = username
+//! = a registered, enabled device id and password = its token. rumqttd has no ACLs, so
+//! [`AclProtocol`] wraps its v4 codec (rumqttd clones the codec per connection and passes
+//! every packet through it): it remembers the CONNECT identity and closes the connection
+//! on a PUBLISH, SUBSCRIBE or will outside `devices/{own id}/`. Revoked devices are
+//! disconnected by taking over their client id with a local link, which makes the router
+//! drop the old connection (MQTT's rule for duplicate client ids).
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -17,9 +25,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use bytes::BytesMut;
 use fluxgate_proto::topic::{self, TopicKind};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx};
 use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{ConnectReturnCode, Packet, Protocol};
 use rumqttd::{
     ConnectionSettings, LinkType, Notification, Router, RouterConfig, Server, ServerSettings,
 };
@@ -29,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::MqttConfig;
 use crate::model::{Encoding, Envelope, Transport, now_ms};
 use crate::observe::{DropReason, Event, Metrics, Queue};
+use crate::registry::{AuthFailure, Registry};
 
 /// The client id of the gateway's own consumer link. The colon is outside the device id
 /// alphabet, so no device can take it.
@@ -60,12 +71,17 @@ pub struct MqttIngest {
     config: MqttConfig,
     max_packet_bytes: usize,
     listen: SocketAddr,
+    registry: Arc<Registry>,
 }
 
 impl MqttIngest {
     /// Resolve the listen address. rumqttd binds internally and never reports the port
     /// it got, so for port 0 a free port is reserved here (bound and released) first.
-    pub fn new(config: MqttConfig, max_packet_bytes: usize) -> Result<Self, MqttError> {
+    pub fn new(
+        config: MqttConfig,
+        max_packet_bytes: usize,
+        registry: Arc<Registry>,
+    ) -> Result<Self, MqttError> {
         let mut listen = config.listen;
         if listen.port() == 0 {
             let probe = std::net::TcpListener::bind(listen).map_err(|source| MqttError::Bind {
@@ -81,6 +97,7 @@ impl MqttIngest {
             config,
             max_packet_bytes,
             listen,
+            registry,
         })
     }
 
@@ -135,7 +152,15 @@ impl MqttIngest {
             }
         };
 
-        let settings = ServerSettings {
+        // The readiness probe authenticates with a secret that exists only in this process.
+        let probe_secret = match crate::registry::secret::generate("probe_") {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = ready.send(Err(MqttError::Link(e.to_string())));
+                return;
+            }
+        };
+        let mut settings = ServerSettings {
             name: "fluxgate-mqtt".to_owned(),
             listen: self.listen,
             tls: None,
@@ -151,6 +176,33 @@ impl MqttIngest {
                 dynamic_filters: true,
             },
         };
+        let (auth_registry, auth_metrics, auth_probe) =
+            (self.registry.clone(), metrics.clone(), probe_secret.clone());
+        settings.set_auth_handler(
+            move |client_id: String, username: String, password: String| {
+                let outcome = if client_id == PROBE_CLIENT_ID {
+                    if crate::registry::secret::hashes_equal(
+                        &crate::registry::secret::hash(&password),
+                        &crate::registry::secret::hash(&auth_probe),
+                    ) {
+                        Ok(())
+                    } else {
+                        Err(AuthFailure::BadToken)
+                    }
+                } else {
+                    auth_registry.authenticate_mqtt(&client_id, &username, &password)
+                };
+                if let Err(reason) = outcome {
+                    auth_metrics.emit(Event::AuthRefused {
+                        transport: Transport::Mqtt,
+                        device: &client_id,
+                        reason,
+                    });
+                }
+                std::future::ready(outcome.is_ok())
+            },
+        );
+        let protocol = AclProtocol::new(self.registry.clone(), metrics.clone());
         let (stop_server, server_stopped) = std::sync::mpsc::channel::<()>();
         let server_router_tx = router_tx.clone();
         let server_thread = std::thread::Builder::new()
@@ -169,7 +221,7 @@ impl MqttIngest {
                     }
                 };
                 rt.spawn(async move {
-                    let mut server = Server::new(settings, server_router_tx, V4);
+                    let mut server = Server::new(settings, server_router_tx, protocol);
                     if let Err(e) = server.start(LinkType::Remote).await {
                         tracing::error!(error = %e, "MQTT listener stopped");
                     }
@@ -187,7 +239,7 @@ impl MqttIngest {
         };
 
         let listen = self.listen;
-        let probe = tokio::task::spawn_blocking(move || probe_ready(listen)).await;
+        let probe = tokio::task::spawn_blocking(move || probe_ready(listen, &probe_secret)).await;
         if !matches!(probe, Ok(true)) {
             let _ = stop_server.send(());
             let _ = ready.send(Err(MqttError::NotReady(listen)));
@@ -196,6 +248,7 @@ impl MqttIngest {
         let _ = ready.send(Ok(listen));
 
         let draining = Arc::new(AtomicBool::new(false));
+        let metrics_for_kicker = metrics.clone();
         let consumer = Consumer {
             link: link_rx,
             output,
@@ -219,7 +272,26 @@ impl MqttIngest {
             return;
         }
 
+        // Revoked devices lose their MQTT connection at once.
+        let kick_tx = router_tx.clone();
+        // Registering a link under the device's client id makes the router drop the
+        // existing connection with that id. The link itself is dropped right away; the
+        // router replaces it when the device connects again.
+        let kick = move |id: &str| {
+            LinkBuilder::new(id, kick_tx.clone())
+                .build()
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let kicker = tokio::spawn(kick_revoked(
+            self.registry.clone(),
+            kick,
+            metrics_for_kicker,
+            shutdown.clone(),
+        ));
+
         shutdown.cancelled().await;
+        let _ = kicker.await;
         // Stop accepting and close device connections first, so that what the broker
         // has acknowledged is final; then let the consumer drain it.
         let _ = stop_server.send(());
@@ -232,7 +304,7 @@ impl MqttIngest {
 
 /// Connect as the probe client and wait for CONNACK: proves the listener is bound and
 /// the router answers, without a failed-handshake error in rumqttd's log.
-fn probe_ready(addr: SocketAddr) -> bool {
+fn probe_ready(addr: SocketAddr, secret: &str) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     let target = match addr.ip() {
         ip if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
@@ -241,12 +313,15 @@ fn probe_ready(addr: SocketAddr) -> bool {
     while Instant::now() < deadline {
         if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let id = PROBE_CLIENT_ID.as_bytes();
-            // CONNECT, MQTT 3.1.1, clean session, keepalive 10 s.
-            let mut packet = vec![0x10, (10 + 2 + id.len()) as u8];
-            packet.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10]);
-            packet.extend_from_slice(&[0, id.len() as u8]);
-            packet.extend_from_slice(id);
+            let mut payload = Vec::new();
+            for field in [PROBE_CLIENT_ID, PROBE_CLIENT_ID, secret] {
+                payload.extend_from_slice(&(field.len() as u16).to_be_bytes());
+                payload.extend_from_slice(field.as_bytes());
+            }
+            // CONNECT, MQTT 3.1.1, username + password + clean session, keepalive 10 s.
+            let mut packet = vec![0x10, (10 + payload.len()) as u8];
+            packet.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 10]);
+            packet.extend_from_slice(&payload);
             let mut connack = [0u8; 4];
             if s.write_all(&packet).is_ok() && s.read_exact(&mut connack).is_ok() {
                 return connack[0] == 0x20 && connack[3] == 0;
@@ -255,6 +330,163 @@ fn probe_ready(addr: SocketAddr) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// Close the MQTT connections of devices that were disabled, deleted or re-keyed.
+async fn kick_revoked<K>(
+    registry: Arc<Registry>,
+    kick: K,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) where
+    K: Fn(&str) -> Result<(), String> + Clone + Send + Sync + 'static,
+{
+    let mut revocations = registry.revocations();
+    loop {
+        let ids: Vec<Arc<str>> = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = revocations.recv() => match r {
+                Ok(id) => vec![id],
+                // Missed events: re-check every connected device that is now invalid.
+                // (A missed re-key of a still-enabled device is not visible here; it is
+                // caught when that device reconnects.)
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => registry
+                    .connected_devices()
+                    .into_iter()
+                    .filter(|id| registry.get(id).is_none_or(|d| !d.record.fields.enabled))
+                    .collect(),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        for id in ids {
+            let (kick, client) = (kick.clone(), id.clone());
+            // Building a link waits for the router's answer: a blocking call.
+            let kicked = tokio::task::spawn_blocking(move || kick(&client)).await;
+            match kicked {
+                Ok(Ok(())) => metrics.emit(Event::DeviceKicked {
+                    device: &id,
+                    transport: Transport::Mqtt,
+                }),
+                Ok(Err(e)) => {
+                    tracing::error!(device = &*id, error = %e, "could not close MQTT connection")
+                }
+                Err(e) => {
+                    tracing::error!(device = &*id, error = %e, "could not close MQTT connection")
+                }
+            }
+        }
+    }
+}
+
+/// rumqttd's v4 codec with a per-connection topic ACL and presence tracking. rumqttd
+/// clones the value given to `Server::new` for every connection, so each connection has
+/// its own `client` and `connected`.
+struct AclProtocol {
+    inner: V4,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    /// The client id from CONNECT, and the topic prefix it may publish under.
+    client: Option<(Arc<str>, String)>,
+    /// Set once the broker accepted the connection (CONNACK success written).
+    connected: AtomicBool,
+}
+
+impl AclProtocol {
+    fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: V4,
+            registry,
+            metrics,
+            client: None,
+            connected: AtomicBool::new(false),
+        }
+    }
+
+    fn violation(&self, action: &'static str, topic: &str) -> rumqttd::protocol::Error {
+        let device = self.client.as_ref().map_or("", |(id, _)| &**id);
+        self.metrics.emit(Event::AclViolation {
+            device,
+            action,
+            topic,
+        });
+        rumqttd::protocol::Error::InvalidProtocol
+    }
+
+    fn allowed_topic(&self, topic: &[u8]) -> bool {
+        self.client
+            .as_ref()
+            .is_some_and(|(_, prefix)| topic.starts_with(prefix.as_bytes()))
+    }
+}
+
+impl Clone for AclProtocol {
+    fn clone(&self) -> Self {
+        Self::new(self.registry.clone(), self.metrics.clone())
+    }
+}
+
+impl Protocol for AclProtocol {
+    fn read_mut(
+        &mut self,
+        stream: &mut BytesMut,
+        max_size: usize,
+    ) -> Result<Packet, rumqttd::protocol::Error> {
+        let packet = self.inner.read_mut(stream, max_size)?;
+        match &packet {
+            Packet::Connect(connect, _, will, _, _) => {
+                let id: Arc<str> = Arc::from(connect.client_id.as_str());
+                self.client = Some((id, format!("devices/{}/", connect.client_id)));
+                if let Some(will) = will {
+                    if !self.allowed_topic(&will.topic) && connect.client_id != PROBE_CLIENT_ID {
+                        return Err(
+                            self.violation("publish", &String::from_utf8_lossy(&will.topic))
+                        );
+                    }
+                }
+            }
+            Packet::Publish(publish, _) if !self.allowed_topic(&publish.topic) => {
+                return Err(self.violation("publish", &String::from_utf8_lossy(&publish.topic)));
+            }
+            Packet::Subscribe(subscribe, _) => {
+                let own = self
+                    .client
+                    .as_ref()
+                    .map(|(id, _)| topic::commands(id))
+                    .unwrap_or_default();
+                if let Some(f) = subscribe.filters.iter().find(|f| f.path != own) {
+                    return Err(self.violation("subscribe", &f.path));
+                }
+            }
+            _ => {}
+        }
+        Ok(packet)
+    }
+
+    fn write(
+        &self,
+        packet: Packet,
+        write: &mut BytesMut,
+    ) -> Result<usize, rumqttd::protocol::Error> {
+        if let (Packet::ConnAck(ack, _), Some((id, _))) = (&packet, &self.client) {
+            if ack.code == ConnectReturnCode::Success
+                && &**id != PROBE_CLIENT_ID
+                && !self.connected.swap(true, Ordering::Relaxed)
+            {
+                self.registry.connected(id, Transport::Mqtt);
+            }
+        }
+        self.inner.write(packet, write)
+    }
+}
+
+impl Drop for AclProtocol {
+    fn drop(&mut self) {
+        if self.connected.load(Ordering::Relaxed) {
+            if let Some((id, _)) = &self.client {
+                self.registry.disconnected(id);
+            }
+        }
+    }
 }
 
 struct Consumer {

@@ -1,35 +1,54 @@
-//! `GET /api/v1/ingest/ws?device={id}`: WebSocket ingest. Text frames are JSON, binary
-//! frames postcard. Every message gets, in order, `{"type":"ack","seq":N,"readings":K}`
+//! `GET /api/v1/ingest/ws`: WebSocket ingest, authenticated by the device token in
+//! `Authorization: Bearer`. Text frames are JSON, binary frames postcard. Every message gets, in order, `{"type":"ack","seq":N,"readings":K}`
 //! once its readings are durable, or `{"type":"error","seq":N,"reason":…,"detail":…}`;
 //! `seq` counts the connection's messages from 1. A bad message never closes the
-//! connection; a frame larger than `limits.max_frame_bytes` does (close code 1009).
+//! connection; a frame larger than `limits.max_frame_bytes` does (close code 1009), and
+//! so does disabling, deleting or re-keying the device (close code 1008, within a second).
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{device_identity, submit};
+use super::submit;
+use crate::api::auth::DeviceAuth;
 use crate::api::{ApiError, AppState};
 use crate::model::{AckResult, DeviceId, Encoding, Rejection, Transport};
+use crate::observe::Event;
 
 /// Upgrade a device connection.
+#[utoipa::path(get, path = "/api/v1/ingest/ws", tag = "telemetry",
+    params(("device" = Option<String>, Query, description = "Optional; must be the token's device when given")),
+    responses(
+        (status = 101, description = "WebSocket: send JSON (text) or postcard (binary) messages; each gets an ack or error frame"),
+        (status = 401, description = "No, unknown or wrong device token, or a disabled device", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`device` names another device", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+    ),
+    security(("device_token" = [])))]
 pub async fn upgrade(
     State(st): State<AppState>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    let DeviceAuth { device, token_hash } = DeviceAuth::check(&headers, &st, Transport::Ws)?;
     let claimed = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .find(|(k, _)| k == "device")
         .map(|(_, v)| v.into_owned());
-    let device =
-        device_identity(claimed.as_deref()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if claimed.is_some_and(|c| *c != *device) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the token belongs to another device than `device`",
+        ));
+    }
     Ok(ws
         .max_message_size(st.settings.max_frame_bytes)
         .max_frame_size(st.settings.max_frame_bytes)
-        .on_upgrade(move |socket| serve(socket, st, device)))
+        .on_upgrade(move |socket| serve(socket, st, device, token_hash)))
 }
 
 fn ack_text(seq: u64, outcome: AckResult) -> String {
@@ -49,8 +68,35 @@ fn error_text(seq: u64, rejection: &Rejection) -> String {
     .to_string()
 }
 
-async fn serve(socket: WebSocket, st: AppState, device: DeviceId) {
+async fn serve(
+    socket: WebSocket,
+    st: AppState,
+    device: DeviceId,
+    token_hash: crate::registry::secret::Hash,
+) {
+    // Subscribe, then check once: a revocation between the upgrade's authentication and
+    // the subscription is caught by the check, any later one by the subscription.
+    let mut revocations = st.registry.revocations();
+    if !st.registry.still_valid(&device, &token_hash) {
+        return;
+    }
+    st.registry.connected(&device, Transport::Ws);
+    serve_connected(socket, &st, &device, &mut revocations, &token_hash).await;
+    st.registry.disconnected(&device);
+}
+
+async fn serve_connected(
+    socket: WebSocket,
+    st: &AppState,
+    device: &DeviceId,
+    revocations: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<str>>,
+    token_hash: &crate::registry::secret::Hash,
+) {
     let (mut sink, mut stream) = socket.split();
+    // Set by the reader when the device's credentials were revoked: the writer closes
+    // with 1008 (Policy Violation) after answering what is pending.
+    let revoked = std::sync::atomic::AtomicBool::new(false);
+    let revoked = &revoked;
     // Set by the reader when a message exceeded the frame cap, so that the writer closes
     // with 1009 (Message Too Big) instead of a close frame without a code.
     let too_big = std::sync::atomic::AtomicBool::new(false);
@@ -79,6 +125,12 @@ async fn serve(socket: WebSocket, st: AppState, device: DeviceId) {
                 reason: "message larger than limits.max_frame_bytes".into(),
             };
             let _ = sink.send(Message::Close(Some(frame))).await;
+        } else if revoked.load(std::sync::atomic::Ordering::Relaxed) {
+            let frame = CloseFrame {
+                code: close_code::POLICY,
+                reason: "device disabled, deleted or re-keyed".into(),
+            };
+            let _ = sink.send(Message::Close(Some(frame))).await;
         }
         let _ = sink.close().await;
     };
@@ -90,6 +142,24 @@ async fn serve(socket: WebSocket, st: AppState, device: DeviceId) {
                 () = st.shutdown.cancelled() => {
                     shutting_down = true;
                     break;
+                }
+                r = revocations.recv() => {
+                    // A lagged receiver may have missed this device's revocation, so it
+                    // re-checks too; anything else about other devices is ignored.
+                    let check = match &r {
+                        Ok(id) => **id == **device,
+                        Err(_) => true,
+                    };
+                    if check && !st.registry.still_valid(device, token_hash) {
+                        revoked.store(true, std::sync::atomic::Ordering::Relaxed);
+                        st.metrics.emit(Event::DeviceKicked { device, transport: Transport::Ws });
+                        shutting_down = true;
+                        break;
+                    }
+                    if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                        break;
+                    }
+                    continue;
                 }
                 msg = stream.next() => msg,
             };
@@ -104,7 +174,7 @@ async fn serve(socket: WebSocket, st: AppState, device: DeviceId) {
                     if e.to_string().starts_with("Space limit exceeded") {
                         too_big.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
-                    tracing::debug!(device = &*device, error = %e, "ingest websocket closed");
+                    tracing::debug!(device = &**device, error = %e, "ingest websocket closed");
                     break;
                 }
             };

@@ -119,6 +119,8 @@ pub fn parse_filter(query: Option<&str>) -> Result<Filter, String> {
         let target = match &*key {
             "device" | "devices" => &mut filter.devices,
             "metric" | "metrics" => &mut filter.metrics,
+            // Authentication (see `api::auth::StreamViewer`), not a filter.
+            "access_token" => continue,
             other => return Err(format!("unknown query parameter `{other}`")),
         };
         for item in value.split(',').filter(|s| !s.is_empty()) {

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     MAX_FRAME_READINGS, Subscription, conflated_json, delivery_json, position, snapshot_json,
 };
+use crate::api::auth::StreamViewer;
 use crate::api::{ApiError, AppState};
 use crate::observe::{Event, Metrics};
 
@@ -27,8 +28,22 @@ struct StreamState {
 }
 
 /// Open an SSE live stream filtered by `device` and `metric` query parameters.
+#[utoipa::path(get, path = "/api/v1/live/sse", tag = "live",
+    params(
+        ("device" = Option<String>, Query, description = "Device ids, comma-separated or repeated"),
+        ("metric" = Option<String>, Query, description = "Metric names, comma-separated or repeated"),
+        ("access_token" = Option<String>, Query, description = "Stream token (for EventSource), instead of the Authorization header"),
+    ),
+    responses(
+        (status = 200, description = "text/event-stream: `snapshot`, then `readings` (id = position) and `conflated` events", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Bad filter", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid key or stream token", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Too many subscribers", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 pub async fn stream(
     State(st): State<AppState>,
+    _viewer: StreamViewer,
     RawQuery(query): RawQuery,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let filter = super::parse_filter(query.as_deref()).map_err(ApiError::bad_request)?;

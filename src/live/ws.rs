@@ -10,12 +10,27 @@ use axum::response::Response;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::{MAX_FRAME_READINGS, Subscription, conflated_json, delivery_json, snapshot_json};
+use crate::api::auth::StreamViewer;
 use crate::api::{ApiError, AppState};
 use crate::observe::Event;
 
 /// Upgrade to a live WebSocket filtered by `device` and `metric` query parameters.
+#[utoipa::path(get, path = "/api/v1/live", tag = "live",
+    params(
+        ("device" = Option<String>, Query, description = "Device ids, comma-separated or repeated"),
+        ("metric" = Option<String>, Query, description = "Metric names, comma-separated or repeated"),
+        ("access_token" = Option<String>, Query, description = "Stream token, instead of the Authorization header"),
+    ),
+    responses(
+        (status = 101, description = "WebSocket: text frames `snapshot`, `readings`, `conflated`"),
+        (status = 400, description = "Bad filter", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid key or stream token", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Too many subscribers", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 pub async fn upgrade(
     State(st): State<AppState>,
+    _viewer: StreamViewer,
     RawQuery(query): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {

@@ -23,6 +23,7 @@ use crate::config::BatchConfig;
 use crate::live::Hub;
 use crate::model::{AckSender, Envelope, Reading, Rejection};
 use crate::observe::{Event, Metrics, Queue};
+use crate::registry::Registry;
 
 /// What the store writer receives.
 pub type StoreBatch = Batch<Reading, (AckSender, usize)>;
@@ -35,6 +36,8 @@ pub struct Pipeline {
     pub batch: BatchConfig,
     /// The live hub readings are published to.
     pub hub: Arc<Hub>,
+    /// The registry, told when a device was last seen.
+    pub registry: Arc<Registry>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -113,6 +116,7 @@ impl Pipeline {
     ) {
         match decode(&envelope, &self.limits, interner, readings) {
             Ok(n) => {
+                self.registry.touch(&envelope.device, envelope.transport);
                 self.metrics.emit(Event::Ingested {
                     transport: envelope.transport,
                     readings: n,

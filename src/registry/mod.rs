@@ -254,6 +254,9 @@ pub struct DeviceView {
     pub transport: Option<Transport>,
 }
 
+/// The outcome of creating one device: the device and its token (shown once), or why not.
+pub type CreateResult = Result<(DeviceView, String), RegistryError>;
+
 /// Filters for listing devices.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -489,10 +492,7 @@ impl Registry {
         let db = lock(&self.db);
         let found = db
             .prepare_cached("SELECT id, name, role, hash, created_ms FROM api_keys WHERE hash = ?1")
-            .and_then(|mut s| {
-                s.query_row(params![&hash[..]], |r| key_from_row(r))
-                    .optional()
-            });
+            .and_then(|mut s| s.query_row(params![&hash[..]], key_from_row).optional());
         match found {
             Ok(Some(Some((hash, k)))) => {
                 self.write().keys.insert(hash, k.clone());
@@ -614,7 +614,7 @@ impl Registry {
     pub fn create_devices(
         &self,
         items: Vec<(String, DeviceFields)>,
-    ) -> Result<Vec<Result<(DeviceView, String), RegistryError>>, RegistryError> {
+    ) -> Result<Vec<CreateResult>, RegistryError> {
         let mut db = lock(&self.db);
         let now = now_ms() as i64;
         let mut results = Vec::with_capacity(items.len());

@@ -1,0 +1,862 @@
+//! Device provisioning: `/api/v1/devices` CRUD, bulk creation, token rotation, and the
+//! operator key routes (`/api/v1/keys`, `/api/v1/stream-tokens`).
+//!
+//! Bodies are read and parsed here (not with axum's `Json`) so that every failure is a
+//! problem+json naming the field: 415 for a wrong content type, 413 past the size limit,
+//! 400 for malformed JSON or wrong types, 422 for values the registry refuses.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::{Admin, Viewer};
+use super::{ApiError, AppState};
+use crate::registry::{
+    ApiKey, DeviceFields, DeviceView, ListFilter, Registry, RegistryError, Role,
+};
+
+/// Largest body of a single-device request.
+const MAX_BODY: usize = 64 * 1024;
+/// Largest body of a bulk request.
+const MAX_BULK_BODY: usize = 8 * 1024 * 1024;
+/// Most devices in one bulk request.
+pub const MAX_BULK: usize = 10_000;
+/// Most devices in one page.
+const MAX_PAGE: usize = 1_000;
+
+/// An RFC 9457 problem (`application/problem+json`).
+#[derive(Serialize, ToSchema)]
+pub struct Problem {
+    /// `urn:fluxgate:problem:{reason}`.
+    #[serde(rename = "type")]
+    kind: String,
+    /// The HTTP status text.
+    title: String,
+    /// The HTTP status.
+    status: u16,
+    /// What was wrong, naming the field where there is one.
+    detail: String,
+}
+
+/// A device to create.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceCreate {
+    /// `[A-Za-z0-9_.-]{1,64}`.
+    id: String,
+    /// Display name; defaults to the id.
+    name: Option<String>,
+    /// Labels, e.g. `{"site": "berlin"}`.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    /// Defaults to true.
+    enabled: Option<bool>,
+}
+
+impl DeviceCreate {
+    fn into_parts(self) -> (String, DeviceFields) {
+        let fields = DeviceFields {
+            name: self.name.unwrap_or_else(|| self.id.clone()),
+            labels: self.labels,
+            enabled: self.enabled.unwrap_or(true),
+        };
+        (self.id, fields)
+    }
+}
+
+/// Full replacement of a device's mutable fields (`PUT`).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceReplace {
+    /// Display name.
+    name: String,
+    /// Labels.
+    labels: BTreeMap<String, String>,
+    /// Whether the device may connect and send.
+    enabled: bool,
+}
+
+/// Bulk creation request.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkCreate {
+    /// Up to 10,000 devices.
+    devices: Vec<DeviceCreate>,
+}
+
+/// A device resource.
+#[derive(Serialize, ToSchema)]
+pub struct DeviceOut {
+    /// The id.
+    id: String,
+    /// Display name.
+    name: String,
+    /// Labels.
+    labels: BTreeMap<String, String>,
+    /// Whether the device may connect and send.
+    enabled: bool,
+    /// RFC 3339.
+    created_at: String,
+    /// RFC 3339.
+    updated_at: String,
+    /// RFC 3339; null if never seen.
+    last_seen: Option<String>,
+    /// Connected now, or seen within `devices.online_timeout`.
+    online: bool,
+    /// `mqtt`, `ws` or `http`: the transport it last used.
+    transport: Option<String>,
+    /// The ETag of this version (also sent as the `ETag` header).
+    etag: String,
+}
+
+fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl From<&DeviceView> for DeviceOut {
+    fn from(v: &DeviceView) -> Self {
+        let r = &v.record;
+        DeviceOut {
+            id: r.id.clone(),
+            name: r.fields.name.clone(),
+            labels: r.fields.labels.clone(),
+            enabled: r.fields.enabled,
+            created_at: rfc3339(r.created_ms),
+            updated_at: rfc3339(r.updated_ms),
+            last_seen: v.last_seen_ms.map(rfc3339),
+            online: v.online,
+            transport: v.transport.map(|t| t.as_str().to_owned()),
+            etag: r.etag(),
+        }
+    }
+}
+
+/// A created device with its token (shown only in this answer).
+#[derive(Serialize, ToSchema)]
+pub struct DeviceCreated {
+    /// The device.
+    device: DeviceOut,
+    /// The device token: MQTT password, or `Authorization: Bearer` for WS/HTTP ingest.
+    token: String,
+}
+
+/// One item of a bulk answer.
+#[derive(Serialize, ToSchema)]
+pub struct BulkItem {
+    /// The id from the request.
+    id: String,
+    /// 201, or the status this item alone would have got (409, 422).
+    status: u16,
+    /// The token, for created devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+    /// What was wrong, for refused items.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Bulk answer.
+#[derive(Serialize, ToSchema)]
+pub struct BulkResult {
+    /// Devices created.
+    created: usize,
+    /// Devices refused.
+    failed: usize,
+    /// Per item, in request order.
+    results: Vec<BulkItem>,
+}
+
+/// A page of devices.
+#[derive(Serialize, ToSchema)]
+pub struct DevicePage {
+    /// Devices in id order.
+    devices: Vec<DeviceOut>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+/// Query parameters of `GET /devices` (parsed by hand for precise errors; this type
+/// documents them).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct ListParams {
+    /// `key=value`; repeat for several (all must match).
+    label: Option<String>,
+    /// `true` or `false`.
+    online: Option<bool>,
+    /// Only ids starting with this.
+    prefix: Option<String>,
+    /// From `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Page size, 1..=1000, default 100.
+    limit: Option<usize>,
+}
+
+/// Token rotation answer.
+#[derive(Serialize, ToSchema)]
+pub struct TokenRotated {
+    /// The device.
+    device: DeviceOut,
+    /// The new token; the old one stopped working.
+    token: String,
+}
+
+/// An API key to create.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyCreate {
+    /// Human name.
+    name: String,
+    /// `admin` or `viewer`.
+    #[schema(value_type = String)]
+    role: Role,
+}
+
+/// An API key (without its secret).
+#[derive(Serialize, ToSchema)]
+pub struct KeyOut {
+    /// Public id.
+    id: String,
+    /// Name.
+    name: String,
+    /// `admin` or `viewer`.
+    #[schema(value_type = String)]
+    role: Role,
+    /// RFC 3339.
+    created_at: String,
+}
+
+impl From<&ApiKey> for KeyOut {
+    fn from(k: &ApiKey) -> Self {
+        KeyOut {
+            id: k.id.clone(),
+            name: k.name.clone(),
+            role: k.role,
+            created_at: rfc3339(k.created_ms),
+        }
+    }
+}
+
+/// A created API key with its secret (shown only here).
+#[derive(Serialize, ToSchema)]
+pub struct KeyCreated {
+    /// The key.
+    key: KeyOut,
+    /// The secret: `Authorization: Bearer <secret>`.
+    secret: String,
+}
+
+/// A stream token.
+#[derive(Serialize, ToSchema)]
+pub struct StreamToken {
+    /// Pass as `?access_token=` to `/api/v1/live` or `/api/v1/live/sse`.
+    token: String,
+    /// RFC 3339.
+    expires_at: String,
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match &e {
+            RegistryError::NotFound(_) => ApiError::not_found(e.to_string()),
+            RegistryError::AlreadyExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            RegistryError::LastAdmin => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            RegistryError::VersionMismatch { .. } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                e.to_string(),
+            ),
+            RegistryError::Invalid { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_value",
+                e.to_string(),
+            ),
+            RegistryError::Db(_) | RegistryError::CreateDir { .. } | RegistryError::Random(_) => {
+                ApiError::internal(&e)
+            }
+        }
+    }
+}
+
+/// Read and parse a JSON body with errors that name the field.
+async fn json_body<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    merge_patch: bool,
+) -> Result<T, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let ok = mime == "application/json" || (merge_patch && mime == "application/merge-patch+json");
+    if !ok {
+        let expected = if merge_patch {
+            "application/merge-patch+json or application/json"
+        } else {
+            "application/json"
+        };
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("Content-Type must be {expected}, got `{ct}`"),
+        ));
+    }
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body exceeds {limit} bytes"),
+        )
+    })?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::bad_request(format!("invalid JSON body: {inner}"))
+        } else {
+            ApiError::bad_request(format!("`{path}`: {inner}"))
+        }
+    })
+}
+
+/// Run a registry call on the blocking pool (it holds a SQLite connection).
+async fn blocking<T: Send + 'static>(
+    st: &AppState,
+    f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let reg = st.registry.clone();
+    tokio::task::spawn_blocking(move || f(&reg))
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .map_err(ApiError::from)
+}
+
+fn if_match(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn with_etag(status: StatusCode, view: &DeviceView, body: impl Serialize) -> Response {
+    let mut r = (status, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&view.record.etag()) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    r
+}
+
+fn device_id(id: &str) -> Result<(), ApiError> {
+    fluxgate_proto::validate_device_id(id)
+        .map_err(|e| ApiError::bad_request(format!("invalid device id: {e}")))
+}
+
+/// Create a device.
+#[utoipa::path(post, path = "/api/v1/devices", tag = "devices", request_body = DeviceCreate,
+    responses(
+        (status = 201, description = "Created. `Location` and `ETag` headers; the token is shown only here.", body = DeviceCreated),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The id exists", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn create(
+    State(st): State<AppState>,
+    _admin: Admin,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: DeviceCreate = json_body(&headers, body, MAX_BODY, false).await?;
+    let item = req.into_parts();
+    let mut results = blocking(&st, move |r| r.create_devices(vec![item])).await?;
+    let (view, token) = results
+        .pop()
+        .ok_or_else(|| ApiError::internal(&"registry returned no result"))?
+        .map_err(ApiError::from)?;
+    let mut r = with_etag(
+        StatusCode::CREATED,
+        &view,
+        DeviceCreated {
+            device: DeviceOut::from(&view),
+            token,
+        },
+    );
+    if let Ok(loc) = HeaderValue::from_str(&format!("/api/v1/devices/{}", view.record.id)) {
+        r.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(r)
+}
+
+/// Create up to 10,000 devices; results per item.
+#[utoipa::path(post, path = "/api/v1/devices:bulk", tag = "devices", request_body = BulkCreate,
+    responses(
+        (status = 200, description = "Per-item results (201, 409 or 422 each)", body = BulkResult),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "More than 10,000 devices or body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn bulk(
+    State(st): State<AppState>,
+    _admin: Admin,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<axum::Json<BulkResult>, ApiError> {
+    let req: BulkCreate = json_body(&headers, body, MAX_BULK_BODY, false).await?;
+    if req.devices.len() > MAX_BULK {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "at most {MAX_BULK} devices per request, got {}",
+                req.devices.len()
+            ),
+        ));
+    }
+    let items: Vec<(String, DeviceFields)> = req
+        .devices
+        .into_iter()
+        .map(DeviceCreate::into_parts)
+        .collect();
+    let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
+    let results = blocking(&st, move |r| r.create_devices(items)).await?;
+    let mut created = 0;
+    let results: Vec<BulkItem> = ids
+        .into_iter()
+        .zip(results)
+        .map(|(id, r)| match r {
+            Ok((_, token)) => {
+                created += 1;
+                BulkItem {
+                    id,
+                    status: 201,
+                    token: Some(token),
+                    error: None,
+                }
+            }
+            Err(e) => BulkItem {
+                id,
+                status: ApiError::from(RegistryErrorRef(&e)).status().as_u16(),
+                token: None,
+                error: Some(e.to_string()),
+            },
+        })
+        .collect();
+    Ok(axum::Json(BulkResult {
+        created,
+        failed: results.len() - created,
+        results,
+    }))
+}
+
+/// Maps a borrowed registry error to the status it would get alone.
+struct RegistryErrorRef<'a>(&'a RegistryError);
+
+impl From<RegistryErrorRef<'_>> for ApiError {
+    fn from(e: RegistryErrorRef<'_>) -> Self {
+        let status = match e.0 {
+            RegistryError::AlreadyExists(_) => StatusCode::CONFLICT,
+            RegistryError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, "bulk_item", e.0.to_string())
+    }
+}
+
+/// List devices with filters and cursor pagination.
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(ListParams),
+    responses(
+        (status = 200, description = "A page of devices in id order", body = DevicePage),
+        (status = 400, description = "Bad query parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn list(
+    State(st): State<AppState>,
+    _viewer: Viewer,
+    RawQuery(query): RawQuery,
+) -> Result<axum::Json<DevicePage>, ApiError> {
+    let mut filter = ListFilter::default();
+    let mut after = None;
+    let mut limit = 100;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*key {
+            "label" => {
+                let (k, v) = value.split_once('=').ok_or_else(|| {
+                    ApiError::bad_request(format!("`label` must be key=value, got `{value}`"))
+                })?;
+                filter.labels.push((k.to_owned(), v.to_owned()));
+            }
+            "online" => {
+                filter.online = Some(match &*value {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(ApiError::bad_request(format!(
+                            "`online` must be true or false, got `{value}`"
+                        )));
+                    }
+                });
+            }
+            "prefix" => filter.prefix = Some(value.into_owned()),
+            "cursor" => {
+                let raw = URL_SAFE_NO_PAD
+                    .decode(value.as_bytes())
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request("`cursor` is not a cursor from this API")
+                    })?;
+                after = Some(raw);
+            }
+            "limit" => {
+                limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "`limit` must be 1..={MAX_PAGE}, got `{value}`"
+                        ))
+                    })?;
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter `{other}`"
+                )));
+            }
+        }
+    }
+    let (page, next) = st.registry.list(&filter, after.as_deref(), limit);
+    Ok(axum::Json(DevicePage {
+        devices: page.iter().map(DeviceOut::from).collect(),
+        next_cursor: next.map(|id| URL_SAFE_NO_PAD.encode(id.as_bytes())),
+    }))
+}
+
+/// One device.
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 200, description = "The device; `ETag` header", body = DeviceOut),
+        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn get_one(
+    State(st): State<AppState>,
+    _viewer: Viewer,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    device_id(&id)?;
+    let view = st
+        .registry
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("device `{id}` not found")))?;
+    Ok(with_etag(StatusCode::OK, &view, DeviceOut::from(&view)))
+}
+
+/// Replace a device's mutable fields.
+#[utoipa::path(put, path = "/api/v1/devices/{id}", tag = "devices", request_body = DeviceReplace,
+    params(("id" = String, Path, description = "Device id"), ("If-Match" = Option<String>, Header, description = "ETag the change is based on")),
+    responses(
+        (status = 200, description = "The changed device", body = DeviceOut),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match does not match", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn replace(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    device_id(&id)?;
+    let req: DeviceReplace = json_body(&headers, body, MAX_BODY, false).await?;
+    let fields = DeviceFields {
+        name: req.name,
+        labels: req.labels,
+        enabled: req.enabled,
+    };
+    let m = if_match(&headers);
+    let view = blocking(&st, move |r| r.update(&id, |_| Ok(fields), m.as_deref())).await?;
+    Ok(with_etag(StatusCode::OK, &view, DeviceOut::from(&view)))
+}
+
+/// Apply an RFC 7396 JSON merge patch to `{name, labels, enabled}`.
+fn merge_patch(
+    current: &DeviceFields,
+    patch: serde_json::Value,
+) -> Result<DeviceFields, RegistryError> {
+    let bad = |field: &str, detail: &str| RegistryError::Invalid {
+        field: field.to_owned(),
+        detail: detail.to_owned(),
+    };
+    let serde_json::Value::Object(patch) = patch else {
+        return Err(bad("(body)", "a merge patch must be a JSON object"));
+    };
+    let mut out = current.clone();
+    for (key, value) in patch {
+        match (key.as_str(), value) {
+            ("name", serde_json::Value::String(s)) => out.name = s,
+            ("name", _) => return Err(bad("name", "must be a string")),
+            ("enabled", serde_json::Value::Bool(b)) => out.enabled = b,
+            ("enabled", _) => return Err(bad("enabled", "must be true or false")),
+            ("labels", serde_json::Value::Null) => out.labels.clear(),
+            ("labels", serde_json::Value::Object(labels)) => {
+                for (k, v) in labels {
+                    match v {
+                        serde_json::Value::Null => {
+                            out.labels.remove(&k);
+                        }
+                        serde_json::Value::String(s) => {
+                            out.labels.insert(k, s);
+                        }
+                        _ => return Err(bad(&format!("labels.{k}"), "must be a string or null")),
+                    }
+                }
+            }
+            ("labels", _) => return Err(bad("labels", "must be an object or null")),
+            (other, _) => {
+                return Err(bad(other, "is not a mutable field (name, labels, enabled)"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Change some fields with a JSON merge patch.
+#[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices", request_body(content = serde_json::Value, content_type = "application/merge-patch+json", description = "RFC 7396 merge patch of {name, labels, enabled}"),
+    params(("id" = String, Path, description = "Device id"), ("If-Match" = Option<String>, Header, description = "ETag the change is based on")),
+    responses(
+        (status = 200, description = "The changed device", body = DeviceOut),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match does not match", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn patch(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    device_id(&id)?;
+    let patch: serde_json::Value = json_body(&headers, body, MAX_BODY, true).await?;
+    let m = if_match(&headers);
+    let view = blocking(&st, move |r| {
+        r.update(&id, |cur| merge_patch(cur, patch), m.as_deref())
+    })
+    .await?;
+    Ok(with_etag(StatusCode::OK, &view, DeviceOut::from(&view)))
+}
+
+/// Delete a device (its stored telemetry stays). Closes its connections.
+#[utoipa::path(delete, path = "/api/v1/devices/{id}", tag = "devices",
+    params(("id" = String, Path, description = "Device id"), ("If-Match" = Option<String>, Header, description = "ETag the change is based on")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match does not match", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn delete(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    device_id(&id)?;
+    let m = if_match(&headers);
+    blocking(&st, move |r| r.delete(&id, m.as_deref())).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Issue a new token; the old one stops working and open connections close.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/token", tag = "devices",
+    params(("id" = String, Path, description = "Device id"), ("If-Match" = Option<String>, Header, description = "ETag the change is based on")),
+    responses(
+        (status = 200, description = "The new token (shown only here)", body = TokenRotated),
+        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match does not match", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn rotate(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    device_id(&id)?;
+    let m = if_match(&headers);
+    let (view, token) = blocking(&st, move |r| r.rotate_token(&id, m.as_deref())).await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        &view,
+        TokenRotated {
+            device: DeviceOut::from(&view),
+            token,
+        },
+    ))
+}
+
+/// Create an operator API key.
+#[utoipa::path(post, path = "/api/v1/keys", tag = "keys", request_body = KeyCreate,
+    responses(
+        (status = 201, description = "Created; the secret is shown only here", body = KeyCreated),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn create_key(
+    State(st): State<AppState>,
+    _admin: Admin,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: KeyCreate = json_body(&headers, body, MAX_BODY, false).await?;
+    let (key, secret) = blocking(&st, move |r| r.create_key(&req.name, req.role)).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(KeyCreated {
+            key: KeyOut::from(&key),
+            secret,
+        }),
+    )
+        .into_response())
+}
+
+/// List operator API keys (without secrets).
+#[utoipa::path(get, path = "/api/v1/keys", tag = "keys",
+    responses(
+        (status = 200, description = "All keys", body = Vec<KeyOut>),
+        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn list_keys(
+    State(st): State<AppState>,
+    _admin: Admin,
+) -> Result<axum::Json<Vec<KeyOut>>, ApiError> {
+    let keys = blocking(&st, |r| r.list_keys()).await?;
+    Ok(axum::Json(keys.iter().map(KeyOut::from).collect()))
+}
+
+/// Revoke an operator API key.
+#[utoipa::path(delete, path = "/api/v1/keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "Key id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such key", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The last admin key", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn revoke_key(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking(&st, move |r| r.revoke_key(&id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A short-lived, viewer-scoped token for opening live streams from a browser.
+#[utoipa::path(post, path = "/api/v1/stream-tokens", tag = "keys",
+    responses(
+        (status = 201, description = "A token for `?access_token=`", body = StreamToken),
+        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn stream_token(
+    State(st): State<AppState>,
+    _viewer: Viewer,
+) -> Result<Response, ApiError> {
+    let ttl = st.settings.stream_token_ttl;
+    let (token, expires) = blocking(&st, move |r| r.issue_stream_token(ttl)).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(StreamToken {
+            token,
+            expires_at: rfc3339(expires),
+        }),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patch_follows_rfc_7396() {
+        let cur = DeviceFields {
+            name: "a".into(),
+            labels: BTreeMap::from([("x".into(), "1".into()), ("y".into(), "2".into())]),
+            enabled: true,
+        };
+        let out = merge_patch(
+            &cur,
+            serde_json::json!({"labels": {"x": null, "z": "3"}, "enabled": false}),
+        )
+        .unwrap();
+        assert_eq!(out.name, "a");
+        assert!(!out.enabled);
+        assert_eq!(
+            out.labels,
+            BTreeMap::from([("y".into(), "2".into()), ("z".into(), "3".into())])
+        );
+        assert!(merge_patch(&cur, serde_json::json!({"id": "b"})).is_err());
+        assert!(merge_patch(&cur, serde_json::json!({"name": 3})).is_err());
+        assert!(merge_patch(&cur, serde_json::json!([1])).is_err());
+    }
+}

@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use crate::config::{Encoding, Qos, Transport, validate_host_port};
 use crate::device::{fleet, validate_fleet};
 use crate::metrics::scrape_counter;
+use crate::provision::{Provisioning, provision};
 use crate::stats::{Counters, LatencySummary, report_progress};
 use crate::{mqtt, ws};
 
@@ -311,8 +312,14 @@ impl BenchReport {
 }
 
 /// Runs the benchmark and returns its report.
-pub async fn bench(settings: BenchSettings) -> anyhow::Result<BenchReport> {
+pub async fn bench(
+    settings: BenchSettings,
+    provisioning: Provisioning,
+) -> anyhow::Result<BenchReport> {
     settings.validate()?;
+    // Tokens first, so that provisioning is not part of the measured time.
+    let mut fleet = fleet(&settings.prefix, settings.devices);
+    provision(&settings.http, &provisioning, &mut fleet).await?;
     let started = Instant::now();
     let deadline = started + settings.timeout;
     let labels = [("transport", settings.transport.as_str())];
@@ -350,7 +357,7 @@ pub async fn bench(settings: BenchSettings) -> anyhow::Result<BenchReport> {
         shutdown: stop_rx.clone(),
     });
     let mut devices = JoinSet::new();
-    for device in fleet(&settings.prefix, settings.devices) {
+    for device in fleet {
         let messages = share(settings.messages, settings.devices, device.index as usize);
         let ctx = ctx.clone();
         match settings.transport {

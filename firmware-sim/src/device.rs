@@ -11,11 +11,9 @@ use fluxgate_proto::{Frame, Point, Value};
 use crate::config::Encoding;
 use crate::signal::{DeviceSignal, Reading, TsClock};
 
-/// Credentials a device presents to the gateway.
-///
-/// The gateway does not issue device tokens yet, so every device currently has `None`.
-/// When tokens arrive, MQTT will send them as username = device id and password = token
-/// (see [`crate::mqtt`]), and only the code that builds [`Device`]s needs to change.
+/// Credentials a device presents to the gateway: MQTT sends username = device id and
+/// password = token (see [`crate::mqtt`]); WebSocket sends `Authorization: Bearer
+/// <token>`. [`crate::provision`] fills them in.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// MQTT username; by the gateway's convention, the device id.

@@ -20,12 +20,14 @@ mod config;
 mod device;
 mod metrics;
 mod mqtt;
+mod provision;
 mod run;
 mod signal;
 mod stats;
 mod ws;
 
 use config::{DEFAULT_HTTP, DEFAULT_MQTT, Encoding, Qos, RunFile, RunSettings, Transport};
+use provision::Provisioning;
 
 /// Exit code of a benchmark that finished but lost or failed to send messages, so that
 /// scripts can tell "gateway dropped data" from "benchmark could not run" (exit code 1).
@@ -87,10 +89,32 @@ struct RunArgs {
     /// Length of one simulated day of the sensor signals [default: 10m].
     #[arg(long, value_parser = duration_text)]
     period: Option<String>,
+    #[command(flatten)]
+    provisioning: ProvisionArgs,
+}
+
+/// How the fleet gets its device tokens.
+#[derive(Debug, Args)]
+struct ProvisionArgs {
+    /// Admin API key, used to create devices that have no saved token yet.
+    #[arg(long, env = "FLUXGATE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Where device tokens are kept between runs (owner-only permissions).
+    #[arg(long, value_name = "FILE", default_value = "sim-tokens.json")]
+    tokens_file: PathBuf,
+}
+
+impl ProvisionArgs {
+    fn into_provisioning(self) -> Provisioning {
+        Provisioning {
+            api_key: self.api_key,
+            tokens_file: self.tokens_file,
+        }
+    }
 }
 
 impl RunArgs {
-    fn into_file(self) -> (Option<PathBuf>, RunFile) {
+    fn into_file(self) -> (Option<PathBuf>, RunFile, Provisioning) {
         let file = RunFile {
             transport: self.transport,
             encoding: self.encoding,
@@ -103,7 +127,7 @@ impl RunArgs {
             prefix: self.prefix,
             period: self.period,
         };
-        (self.config, file)
+        (self.config, file, self.provisioning.into_provisioning())
     }
 }
 
@@ -143,6 +167,8 @@ struct BenchArgs {
     /// Print only the JSON result line on stdout (progress still goes to stderr).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    provisioning: ProvisionArgs,
 }
 
 /// Validates a duration argument but keeps it as text, so that it merges with the
@@ -182,12 +208,12 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => {
-            let (config, cli) = args.into_file();
+            let (config, cli, provisioning) = args.into_file();
             let file = match config {
                 Some(path) => RunFile::load(&path)?,
                 None => RunFile::default(),
             };
-            run::run(RunSettings::resolve(cli, file)?).await?;
+            run::run(RunSettings::resolve(cli, file)?, provisioning).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => {
@@ -206,7 +232,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 json: args.json,
             };
             let json_only = settings.json;
-            let report = bench::bench(settings).await?;
+            let report = bench::bench(settings, args.provisioning.into_provisioning()).await?;
             if json_only {
                 println!("{}", report.to_json());
             } else {
@@ -258,7 +284,8 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("expected run");
         };
-        let (config, file) = args.into_file();
+        let (config, file, provisioning) = args.into_file();
+        assert_eq!(provisioning.tokens_file, PathBuf::from("sim-tokens.json"));
         assert_eq!(config, None);
         let s = RunSettings::resolve(file, RunFile::default()).expect("valid settings");
         assert_eq!(s.transport, Transport::Ws);

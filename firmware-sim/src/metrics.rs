@@ -32,13 +32,39 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
 }
 
 async fn http_get_inner(addr: &str, path: &str) -> anyhow::Result<String> {
+    let raw = exchange(addr, "GET", path, None, None).await?;
+    let body = parse_http_response(&raw)?;
+    String::from_utf8(body).context("metrics body is not UTF-8")
+}
+
+/// Sends one request and reads the whole raw response.
+async fn exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&[u8]>,
+) -> anyhow::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: firmware-sim\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: firmware-sim\r\nConnection: close\r\n"
     );
+    if let Some(token) = bearer {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
     stream.write_all(request.as_bytes()).await?;
+    if let Some(body) = body {
+        stream.write_all(body).await?;
+    }
 
     // With `Connection: close` the server ends the response by closing the socket, so
     // reading to EOF (bounded by MAX_RESPONSE) collects the whole response.
@@ -48,13 +74,40 @@ async fn http_get_inner(addr: &str, path: &str) -> anyhow::Result<String> {
     if raw.len() > MAX_RESPONSE {
         bail!("response from {addr} exceeds {MAX_RESPONSE} bytes");
     }
-    let body = parse_http_response(&raw)?;
-    String::from_utf8(body).context("metrics body is not UTF-8")
+    Ok(raw)
+}
+
+/// Sends `method path` with an optional bearer token and JSON body; returns the status
+/// and the body whatever the status.
+pub async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&[u8]>,
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    let raw = tokio::time::timeout(
+        Duration::from_secs(60),
+        exchange(addr, method, path, bearer, body),
+    )
+    .await
+    .with_context(|| format!("{method} http://{addr}{path} timed out"))??;
+    split_response(&raw)
 }
 
 /// Splits a complete HTTP/1.1 response into its body, checking for status 200 and
 /// undoing chunked transfer encoding.
 pub fn parse_http_response(raw: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let (status, body) = split_response(raw)?;
+    if status != 200 {
+        bail!("HTTP status {status}");
+    }
+    Ok(body)
+}
+
+/// Splits a complete HTTP/1.1 response into status and body, undoing chunked transfer
+/// encoding.
+fn split_response(raw: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
     let header_end =
         find(raw, b"\r\n\r\n").context("incomplete HTTP response: no end of headers")?;
     let head = std::str::from_utf8(&raw[..header_end]).context("HTTP headers are not UTF-8")?;
@@ -68,9 +121,9 @@ pub fn parse_http_response(raw: &[u8]) -> anyhow::Result<Vec<u8>> {
     if !version.starts_with("HTTP/1.") {
         bail!("not an HTTP/1.x response: {status_line:?}");
     }
-    if status != "200" {
-        bail!("HTTP status {status_line:?}");
-    }
+    let status: u16 = status
+        .parse()
+        .with_context(|| format!("bad status line {status_line:?}"))?;
 
     let mut chunked = false;
     let mut content_length = None;
@@ -86,16 +139,16 @@ pub fn parse_http_response(raw: &[u8]) -> anyhow::Result<Vec<u8>> {
         }
     }
 
-    if chunked {
-        decode_chunked(body)
+    let body = if chunked {
+        decode_chunked(body)?
     } else if let Some(len) = content_length {
-        let body = body
-            .get(..len)
-            .with_context(|| format!("body truncated: {} of {len} bytes", body.len()))?;
-        Ok(body.to_vec())
+        body.get(..len)
+            .with_context(|| format!("body truncated: {} of {len} bytes", body.len()))?
+            .to_vec()
     } else {
-        Ok(body.to_vec())
-    }
+        body.to_vec()
+    };
+    Ok((status, body))
 }
 
 /// Decodes a chunked transfer-encoded body (chunk extensions and trailers are ignored).

@@ -13,6 +13,7 @@ use tokio::time::{Interval, MissedTickBehavior};
 
 use crate::config::{RunSettings, Transport};
 use crate::device::fleet;
+use crate::provision::{Provisioning, provision};
 use crate::stats::{Counters, report_progress};
 use crate::{mqtt, ws};
 
@@ -46,7 +47,9 @@ pub fn device_ticker(rate: f64) -> Interval {
 }
 
 /// Runs the fleet until the configured duration elapses or Ctrl-C, then prints a summary.
-pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
+pub async fn run(settings: RunSettings, provisioning: Provisioning) -> anyhow::Result<()> {
+    let mut fleet = fleet(&settings.prefix, settings.devices);
+    provision(&settings.http, &provisioning, &mut fleet).await?;
     let settings = Arc::new(settings);
     let target = match settings.transport {
         Transport::Mqtt => format!("mqtt://{} qos{}", settings.mqtt, settings.qos.level()),
@@ -67,7 +70,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let counters = Counters::shared();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut devices = JoinSet::new();
-    for device in fleet(&settings.prefix, settings.devices) {
+    for device in fleet {
         let (settings, counters, stop) = (settings.clone(), counters.clone(), stop_rx.clone());
         match settings.transport {
             Transport::Mqtt => devices.spawn(mqtt::run_device(device, settings, counters, stop)),

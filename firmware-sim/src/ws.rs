@@ -93,11 +93,19 @@ fn to_message(payload: Payload) -> Message {
     }
 }
 
-async fn connect(url: &str) -> Result<Ws, String> {
+async fn connect(url: &str, device: &Device) -> Result<Ws, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+    if let Some(c) = &device.credentials {
+        let value = format!("Bearer {}", c.password)
+            .parse()
+            .map_err(|_| "the device token is not a valid header value".to_string())?;
+        request.headers_mut().insert("authorization", value);
+    }
     // Nagle off: small frames, and the benchmark measures per-message latency.
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(url, None, true),
+        tokio_tungstenite::connect_async_with_config(request, None, true),
     )
     .await
     {
@@ -178,7 +186,7 @@ pub async fn run_device(
 
     loop {
         let connected = tokio::select! {
-            result = connect(&url) => result,
+            result = connect(&url, &device) => result,
             () = stopped(&mut shutdown) => return,
         };
         let failure = match connected {
@@ -296,7 +304,7 @@ pub async fn bench_device(device: Device, messages: u64, ctx: Arc<BenchCtx>) -> 
 
 async fn bench_connection(device: &Device, messages: u64, ctx: &Arc<BenchCtx>) -> Vec<u32> {
     let url = ingest_url(&ctx.http_addr, &device.id);
-    let ws = match connect(&url).await {
+    let ws = match connect(&url, device).await {
         Ok(ws) => ws,
         Err(e) => {
             ctx.counters

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use fluxgate::live::{Hub, HubLimits};
+use fluxgate::live::hub::NoLabels;
+use fluxgate::live::{Filter, Hub, HubLimits};
 use fluxgate::model::{Reading, Value};
 use fluxgate::observe::Metrics;
 use fluxgate_proto::{Frame, Limits, Point, decode_frame, decode_json, encode_frame};
@@ -82,10 +83,13 @@ fn hub_publish(c: &mut Criterion) {
         1,
         HubLimits {
             ring_capacity: 100_000,
+            ring_bytes: 32 * 1024 * 1024,
             client_queue: 10_000,
-            max_subscribers: 10,
+            max_subscribers: 1_000,
             max_filters: 10,
+            max_subscriptions: 16,
         },
+        Arc::new(NoLabels),
         Arc::new(Metrics::default()),
     ));
     let batch = readings(1_000, 1, 0);
@@ -94,10 +98,18 @@ fn hub_publish(c: &mut Criterion) {
     g.bench_function("hub_publish_4000_no_subscribers", |b| {
         b.iter(|| hub.publish(&batch))
     });
-    let _sub = hub.subscribe(Default::default()).unwrap();
-    g.bench_function("hub_publish_4000_one_subscriber", |b| {
+    // Subscribers that never read: their queues fill, then conflate. What this measures
+    // is the cost a stalled dashboard adds to every publish (ingest's live path).
+    let stalled: Vec<_> = (0..100)
+        .map(|i| {
+            hub.subscribe(format!("s{i}"), Filter::default(), None)
+                .unwrap()
+        })
+        .collect();
+    g.bench_function("hub_publish_4000_100_stalled_subscribers", |b| {
         b.iter(|| hub.publish(&batch))
     });
+    assert!(stalled.iter().all(|(s, _, _)| s.queued() <= 10_000 + 4_000));
     g.finish();
 }
 

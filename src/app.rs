@@ -111,10 +111,13 @@ impl Gateway {
             now_ms(),
             HubLimits {
                 ring_capacity: config.live.ring_capacity,
+                ring_bytes: config.live.ring_bytes,
                 client_queue: config.live.client_queue,
                 max_subscribers: config.live.max_subscribers,
                 max_filters: config.live.max_filters,
+                max_subscriptions: config.live.max_subscriptions,
             },
+            registry.clone(),
             metrics.clone(),
         ));
 
@@ -172,6 +175,7 @@ impl Gateway {
                 heartbeat: config.live.heartbeat,
                 max_query_points: config.store.max_query_points,
                 stream_token_ttl: config.http.stream_token_ttl,
+                max_gap_fill: config.live.max_gap_fill,
             }),
             shutdown: shutdown.clone(),
         };

@@ -340,6 +340,8 @@ impl Default for StoreConfig {
 pub struct LiveConfig {
     /// Readings kept in memory for resuming subscribers.
     pub ring_capacity: usize,
+    /// Bytes (approximate) the resume ring may hold; whichever bound is hit first wins.
+    pub ring_bytes: usize,
     /// Readings queued per subscriber before its queue is conflated (latest per series).
     pub client_queue: usize,
     /// Interval of heartbeats on idle streams.
@@ -347,18 +349,26 @@ pub struct LiveConfig {
     pub heartbeat: Duration,
     /// Most concurrent live subscribers.
     pub max_subscribers: usize,
-    /// Most device ids plus metric names in one subscription.
+    /// Most selectors (device ids, globs, labels, metric names) in one subscription.
     pub max_filters: usize,
+    /// Most subscriptions on one WebSocket connection.
+    pub max_subscriptions: usize,
+    /// Most readings one gap-fill from the store may replay before the client is reset
+    /// instead.
+    pub max_gap_fill: usize,
 }
 
 impl Default for LiveConfig {
     fn default() -> Self {
         Self {
             ring_capacity: 100_000,
+            ring_bytes: 32 * 1024 * 1024,
             client_queue: 10_000,
             heartbeat: Duration::from_secs(15),
             max_subscribers: 1_000,
             max_filters: 1_000,
+            max_subscriptions: 16,
+            max_gap_fill: 100_000,
         }
     }
 }
@@ -420,6 +430,8 @@ impl Config {
             ("live.client_queue", self.live.client_queue),
             ("live.max_subscribers", self.live.max_subscribers),
             ("live.max_filters", self.live.max_filters),
+            ("live.ring_bytes", self.live.ring_bytes),
+            ("live.max_subscriptions", self.live.max_subscriptions),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -452,6 +464,9 @@ impl Config {
                 "batch.ack_max_age",
                 "must be greater than 0 and at most batch.max_age",
             ));
+        }
+        if self.live.max_subscriptions > 64 {
+            return Err(invalid("live.max_subscriptions", "must be at most 64"));
         }
         if self.live.heartbeat < Duration::from_millis(100) {
             return Err(invalid("live.heartbeat", "must be at least 100ms"));

@@ -15,6 +15,7 @@
 //! - [`live`]: the live hub and its WS/SSE streams.
 //! - [`api`]: the axum router and problem+json errors.
 //! - [`observe`]: events, metrics and their log lines.
+//! - [`web`]: the embedded web dashboard.
 
 pub mod api;
 pub mod app;
@@ -26,6 +27,7 @@ pub mod observe;
 pub mod pipeline;
 pub mod registry;
 pub mod store;
+pub mod web;
 
 pub use app::{Gateway, RunningGateway};
 pub use config::Config;

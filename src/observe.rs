@@ -76,6 +76,29 @@ impl Queue {
     }
 }
 
+/// Where a resuming live subscriber was served from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeSource {
+    /// The in-memory ring still held everything after its position.
+    Ring,
+    /// The ring did not reach back far enough; the gap came from the store.
+    Store,
+    /// Neither could serve it: reset and a fresh snapshot.
+    Reset,
+}
+
+impl ResumeSource {
+    const ALL: [ResumeSource; 3] = [ResumeSource::Ring, ResumeSource::Store, ResumeSource::Reset];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            ResumeSource::Ring => "ring",
+            ResumeSource::Store => "store",
+            ResumeSource::Reset => "reset",
+        }
+    }
+}
+
 /// Something that happened and is counted (and maybe logged).
 #[derive(Debug)]
 pub enum Event<'a> {
@@ -148,6 +171,11 @@ pub enum Event<'a> {
         action: &'static str,
         /// The topic or filter it tried.
         topic: &'a str,
+    },
+    /// A live subscriber resumed from a position.
+    Resumed {
+        /// Where it was served from.
+        source: ResumeSource,
     },
     /// A device's connections were closed because it was disabled, deleted or re-keyed.
     DeviceKicked {
@@ -229,6 +257,7 @@ pub struct Metrics {
     acl_violations: [AtomicU64; 2],
     kicked: AtomicU64,
     devices_online: AtomicI64,
+    live_resumes: [AtomicU64; 3],
     log_budget: LogBudget,
 }
 
@@ -256,6 +285,7 @@ impl Default for Metrics {
             acl_violations: Default::default(),
             kicked: AtomicU64::new(0),
             devices_online: AtomicI64::new(0),
+            live_resumes: Default::default(),
             log_budget: LogBudget::default(),
         }
     }
@@ -370,6 +400,10 @@ impl Metrics {
                     );
                 }
             }
+            Event::Resumed { source } => {
+                self.live_resumes[source as usize].fetch_add(1, Relaxed);
+                tracing::debug!(source = source.as_str(), "live subscriber resumed");
+            }
             Event::DeviceKicked { device, transport } => {
                 self.kicked.fetch_add(1, Relaxed);
                 tracing::info!(
@@ -482,6 +516,19 @@ impl Metrics {
                     reason.as_str()
                 );
             }
+        }
+        let name = "fluxgate_live_resumes_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Live subscribers that resumed from a position, by where they were served from.\n# TYPE {name} counter"
+        );
+        for (source, v) in ResumeSource::ALL.iter().zip(&self.live_resumes) {
+            let _ = writeln!(
+                out,
+                "{name}{{source=\"{}\"}} {}",
+                source.as_str(),
+                v.load(Relaxed)
+            );
         }
         let name = "fluxgate_mqtt_acl_violations_total";
         let _ = writeln!(

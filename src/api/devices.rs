@@ -684,6 +684,14 @@ pub async fn patch(
 ) -> Result<Response, ApiError> {
     device_id(&id)?;
     let patch: serde_json::Value = json_body(&headers, body, MAX_BODY, true).await?;
+    // Wrong types and unknown fields are a malformed body (400), whatever the device
+    // holds; only the merged result's values are the registry's to refuse (422).
+    let empty = DeviceFields {
+        name: String::new(),
+        labels: BTreeMap::new(),
+        enabled: true,
+    };
+    merge_patch(&empty, patch.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let m = if_match(&headers);
     let view = blocking(&st, move |r| {
         r.update(&id, |cur| merge_patch(cur, patch), m.as_deref())

@@ -42,6 +42,8 @@ pub struct ApiSettings {
     pub max_query_points: usize,
     /// Lifetime of stream tokens for browsers.
     pub stream_token_ttl: Duration,
+    /// Most readings one live gap-fill replays from the store.
+    pub max_gap_fill: usize,
 }
 
 /// Shared state of all handlers.
@@ -97,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/ingest/ws", get(ingest::ws::upgrade))
         .route("/api/v1/live", get(live::ws::upgrade))
         .route("/api/v1/live/sse", get(live::sse::stream))
+        .merge(crate::web::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -223,7 +226,7 @@ impl From<LiveError> for ApiError {
                 e.to_string(),
             )
             .with_header(header::RETRY_AFTER, "5"),
-            LiveError::TooManyFilters { .. } => {
+            LiveError::TooManyFilters { .. } | LiveError::TooManySubscriptions { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "too_many_filters", e.to_string())
             }
         }

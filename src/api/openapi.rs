@@ -78,7 +78,10 @@ pub struct ApiDoc;
 
 /// The OpenAPI document.
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "devices",
-    responses((status = 200, description = "This document (OpenAPI 3.1)", body = serde_json::Value)),
+    responses(
+        (status = 200, description = "This document (OpenAPI 3.1)", body = serde_json::Value),
+        (status = 401, description = "No or invalid API key", body = devices::Problem, content_type = "application/problem+json"),
+    ),
     security(("api_key" = [])))]
 pub async fn openapi_json(_viewer: super::auth::Viewer) -> impl IntoResponse {
     Json(ApiDoc::openapi())

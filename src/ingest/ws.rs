@@ -20,7 +20,7 @@ use crate::model::{AckResult, DeviceId, Encoding, Rejection, Transport};
 use crate::observe::Event;
 
 /// Upgrade a device connection.
-#[utoipa::path(get, path = "/api/v1/ingest/ws", tag = "telemetry",
+#[utoipa::path(get, path = "/api/v1/ingest/ws", tag = "telemetry", operation_id = "ingest_ws",
     params(("device" = Option<String>, Query, description = "Optional; must be the token's device when given")),
     responses(
         (status = 101, description = "WebSocket: send JSON (text) or postcard (binary) messages; each gets an ack or error frame"),

@@ -4,38 +4,158 @@
 //! short lock, appends to bounded in-memory structures and wakes subscribers. A
 //! subscriber whose queue is full gets its pending readings conflated to the latest per
 //! series (and a count of how many were replaced) instead of slowing anyone down.
+//!
+//! Resuming: every reading gets a position `{epoch}:{seq}`. A subscriber that passes the
+//! position it last saw is served, atomically with its registration, from the ring (a
+//! bounded window of recent readings); when the ring no longer reaches back that far, it
+//! is told the time window to gap-fill from the store; when even that is impossible
+//! (another epoch, or older than the hub remembers), it gets a reset and a snapshot.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use crate::model::{DeviceId, MetricName, Reading};
-use crate::observe::{Event, Metrics};
+use crate::model::{DeviceId, MetricName, Reading, Value, now_ms};
+use crate::observe::{Event, Metrics, ResumeSource};
 
 /// A reading with its stream position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveReading {
     /// Sequence number within this gateway run's epoch (starts at 1).
     pub seq: u64,
+    /// When the hub received it, ms since the Unix epoch.
+    pub arrival_ms: u64,
     /// The reading.
     pub reading: Reading,
 }
 
-/// Which readings a subscriber wants. Empty sets mean "all".
+impl LiveReading {
+    /// Approximate memory held by this entry, for the ring's byte bound.
+    fn size(&self) -> usize {
+        let r = &self.reading;
+        96 + r.device.len()
+            + r.metric.len()
+            + match &r.value {
+                Value::Str(s) => s.len(),
+                _ => 0,
+            }
+    }
+}
+
+/// A stream position: `{epoch}:{seq}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// The gateway run.
+    pub epoch: u64,
+    /// The sequence number within it.
+    pub seq: u64,
+}
+
+impl Position {
+    /// Parse `{epoch}:{seq}`.
+    pub fn parse(s: &str) -> Option<Position> {
+        let (e, q) = s.trim().split_once(':')?;
+        Some(Position {
+            epoch: e.parse().ok()?,
+            seq: q.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.epoch, self.seq)
+    }
+}
+
+/// Which readings a subscription wants. A device is selected when no device selector is
+/// given, or when it is listed in `devices`, matches one of `globs`, or carries every
+/// label in `labels`. A metric is selected when `metrics` is empty or lists it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
-    /// Device ids; empty = every device.
+    /// Device ids.
     pub devices: HashSet<String>,
-    /// Metric names; empty = every metric.
+    /// Device id patterns with `*` (any run) and `?` (one character).
+    pub globs: Vec<String>,
+    /// Device labels that must all match (`site=berlin`).
+    pub labels: Vec<(String, String)>,
+    /// Metric names.
     pub metrics: HashSet<String>,
 }
 
 impl Filter {
-    /// Whether a reading passes this filter.
-    pub fn matches(&self, r: &Reading) -> bool {
-        (self.devices.is_empty() || self.devices.contains(&*r.device))
-            && (self.metrics.is_empty() || self.metrics.contains(&*r.metric))
+    /// How many selectors this filter holds (for the per-subscription limit).
+    pub fn size(&self) -> usize {
+        self.devices.len() + self.globs.len() + self.labels.len() + self.metrics.len()
+    }
+
+    fn selects_device(&self, device: &str, labels: &dyn DeviceLabels) -> bool {
+        if self.devices.is_empty() && self.globs.is_empty() && self.labels.is_empty() {
+            return true;
+        }
+        self.devices.contains(device)
+            || self.globs.iter().any(|g| glob_match(g, device))
+            || (!self.labels.is_empty() && labels.has_labels(device, &self.labels))
+    }
+
+    /// Whether this filter selects the series `(device, metric)`.
+    pub fn selects(&self, device: &str, metric: &str, labels: &dyn DeviceLabels) -> bool {
+        self.selects_metric(metric) && self.selects_device(device, labels)
+    }
+
+    fn selects_metric(&self, metric: &str) -> bool {
+        self.metrics.is_empty() || self.metrics.contains(metric)
+    }
+
+    /// Whether a reading passes this filter (labels looked up in `labels`).
+    pub fn matches(&self, r: &Reading, labels: &dyn DeviceLabels) -> bool {
+        self.selects_metric(&r.metric) && self.selects_device(&r.device, labels)
+    }
+}
+
+/// `*` matches any run of characters, `?` exactly one; everything else itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// Where the hub looks up device labels (the registry). `version` changes whenever any
+/// device's labels may have changed, which invalidates the hub's per-subscriber caches.
+pub trait DeviceLabels: Send + Sync {
+    /// Increments on every registry change.
+    fn version(&self) -> u64;
+    /// Whether `device` carries every `(key, value)`.
+    fn has_labels(&self, device: &str, labels: &[(String, String)]) -> bool;
+}
+
+/// No labels anywhere (tests, or a hub without a registry).
+pub struct NoLabels;
+
+impl DeviceLabels for NoLabels {
+    fn version(&self) -> u64 {
+        0
+    }
+    fn has_labels(&self, _: &str, _: &[(String, String)]) -> bool {
+        false
     }
 }
 
@@ -48,11 +168,17 @@ pub enum LiveError {
         /// The configured limit.
         limit: usize,
     },
-    /// The filter names more devices and metrics than allowed.
+    /// The filter names more selectors than allowed.
     #[error("too many filters in one subscription ({count}, limit {limit})")]
     TooManyFilters {
         /// Filters requested.
         count: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The connection has as many subscriptions as it allows.
+    #[error("too many subscriptions on this connection (limit {limit})")]
+    TooManySubscriptions {
         /// The configured limit.
         limit: usize,
     },
@@ -63,12 +189,16 @@ pub enum LiveError {
 pub struct HubLimits {
     /// Readings kept for resume.
     pub ring_capacity: usize,
+    /// Bytes (approximate) the ring may hold.
+    pub ring_bytes: usize,
     /// Readings queued per subscriber before conflation.
     pub client_queue: usize,
     /// Concurrent subscribers.
     pub max_subscribers: usize,
-    /// Device ids plus metric names per subscription.
+    /// Selectors per subscription.
     pub max_filters: usize,
+    /// Subscriptions per connection.
+    pub max_subscriptions: usize,
 }
 
 #[derive(Default)]
@@ -78,9 +208,47 @@ struct ClientQueue {
 }
 
 struct Subscriber {
-    filter: Filter,
     queue: Mutex<ClientQueue>,
     notify: Notify,
+}
+
+struct SubEntry {
+    sub: Arc<Subscriber>,
+    filters: Vec<(String, Filter)>,
+    /// Per device: bit i set when filter i selects it. Valid for `cache_version`.
+    cache: HashMap<DeviceId, u64>,
+    cache_version: u64,
+}
+
+impl SubEntry {
+    fn matches(&mut self, r: &Reading, labels: &dyn DeviceLabels) -> bool {
+        let version = labels.version();
+        if version != self.cache_version {
+            self.cache.clear();
+            self.cache_version = version;
+        }
+        let filters = &self.filters;
+        let bits = match self.cache.get(&*r.device) {
+            Some(b) => *b,
+            None => {
+                let b = filters
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, f))| f.selects_device(&r.device, labels))
+                    .fold(0u64, |acc, (i, _)| acc | (1 << i));
+                // Bounded: a subscriber remembers at most this many devices.
+                if self.cache.len() < 100_000 {
+                    self.cache.insert(r.device.clone(), b);
+                }
+                b
+            }
+        };
+        bits != 0
+            && filters
+                .iter()
+                .enumerate()
+                .any(|(i, (_, f))| bits & (1 << i) != 0 && f.selects_metric(&r.metric))
+    }
 }
 
 #[derive(Default)]
@@ -88,8 +256,41 @@ struct State {
     seq: u64,
     latest: HashMap<DeviceId, HashMap<MetricName, Arc<LiveReading>>>,
     ring: VecDeque<Arc<LiveReading>>,
-    subscribers: HashMap<u64, Arc<Subscriber>>,
+    ring_bytes: usize,
+    /// (seq, arrival second in ms): the first reading of every second, to map an old
+    /// position to a time for gap-filling from the store.
+    checkpoints: VecDeque<(u64, u64)>,
+    subscribers: HashMap<u64, SubEntry>,
     next_id: u64,
+}
+
+/// Most checkpoints kept (one per second with traffic: a bit over a day).
+const MAX_CHECKPOINTS: usize = 100_000;
+
+/// How a new subscription starts.
+#[derive(Debug)]
+pub enum Start {
+    /// No position given: the latest value of every matching series.
+    Snapshot(Vec<Arc<LiveReading>>),
+    /// Resumed from the ring: exactly the matching readings after the position.
+    Replay(Vec<Arc<LiveReading>>),
+    /// The ring does not reach back far enough: fetch readings with timestamps in
+    /// `[from_ms, to_ms)` from the store, then these ring readings follow.
+    GapFill {
+        /// Start of the window, ms.
+        from_ms: i64,
+        /// End of the window, ms.
+        to_ms: i64,
+        /// The matching ring readings, after the gap.
+        then: Vec<Arc<LiveReading>>,
+    },
+    /// The position cannot be served: start over from this snapshot.
+    Reset {
+        /// Why (for the client).
+        reason: &'static str,
+        /// A fresh snapshot.
+        snapshot: Vec<Arc<LiveReading>>,
+    },
 }
 
 /// The hub. Shared as `Arc<Hub>`.
@@ -97,6 +298,7 @@ pub struct Hub {
     epoch: u64,
     limits: HubLimits,
     state: Mutex<State>,
+    labels: Arc<dyn DeviceLabels>,
     metrics: Arc<Metrics>,
 }
 
@@ -108,11 +310,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Hub {
     /// A hub for a gateway run identified by `epoch`.
-    pub fn new(epoch: u64, limits: HubLimits, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        epoch: u64,
+        limits: HubLimits,
+        labels: Arc<dyn DeviceLabels>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             epoch,
             limits,
             state: Mutex::new(State::default()),
+            labels,
             metrics,
         }
     }
@@ -128,13 +336,25 @@ impl Hub {
         if readings.is_empty() {
             return;
         }
+        let arrival_ms = now_ms();
         let mut state = lock(&self.state);
         let state = &mut *state;
+        if state
+            .checkpoints
+            .back()
+            .is_none_or(|(_, t)| arrival_ms / 1000 != t / 1000)
+        {
+            if state.checkpoints.len() == MAX_CHECKPOINTS {
+                state.checkpoints.pop_front();
+            }
+            state.checkpoints.push_back((state.seq + 1, arrival_ms));
+        }
         let mut positioned = Vec::with_capacity(readings.len());
         for r in readings {
             state.seq += 1;
             let live = Arc::new(LiveReading {
                 seq: state.seq,
+                arrival_ms,
                 reading: r.clone(),
             });
             let per_device = match state.latest.get_mut(&*r.device) {
@@ -152,22 +372,30 @@ impl Hub {
                     per_device.insert(r.metric.clone(), live.clone());
                 }
             }
-            if state.ring.len() == self.limits.ring_capacity {
-                state.ring.pop_front();
-            }
+            state.ring_bytes += live.size();
             state.ring.push_back(live.clone());
+            while state.ring.len() > self.limits.ring_capacity
+                || state.ring_bytes > self.limits.ring_bytes
+            {
+                match state.ring.pop_front() {
+                    Some(old) => state.ring_bytes -= old.size(),
+                    None => break,
+                }
+            }
             positioned.push(live);
         }
-        for sub in state.subscribers.values() {
-            let mut matched = positioned
+        let labels = &*self.labels;
+        for entry in state.subscribers.values_mut() {
+            let matched: Vec<Arc<LiveReading>> = positioned
                 .iter()
-                .filter(|l| sub.filter.matches(&l.reading))
-                .peekable();
-            if matched.peek().is_none() {
+                .filter(|l| entry.matches(&l.reading, labels))
+                .cloned()
+                .collect();
+            if matched.is_empty() {
                 continue;
             }
-            let mut q = lock(&sub.queue);
-            q.items.extend(matched.cloned());
+            let mut q = lock(&entry.sub.queue);
+            q.items.extend(matched);
             if q.items.len() > self.limits.client_queue {
                 let before = q.items.len();
                 conflate(&mut q.items);
@@ -176,81 +404,185 @@ impl Hub {
                 self.metrics.emit(Event::Conflated { count: replaced });
             }
             drop(q);
-            sub.notify.notify_one();
+            entry.sub.notify.notify_one();
         }
     }
 
-    /// Subscribe: returns the subscription and a snapshot of the latest value of every
-    /// matching series, taken atomically with registration so nothing falls between the
-    /// snapshot and the stream.
-    pub fn subscribe(
-        self: &Arc<Self>,
-        filter: Filter,
-    ) -> Result<(Subscription, Vec<Arc<LiveReading>>), LiveError> {
-        let count = filter.devices.len() + filter.metrics.len();
+    fn check_filter(&self, filter: &Filter) -> Result<(), LiveError> {
+        let count = filter.size();
         if count > self.limits.max_filters {
             return Err(LiveError::TooManyFilters {
                 count,
                 limit: self.limits.max_filters,
             });
         }
+        Ok(())
+    }
+
+    fn snapshot(&self, state: &State, filter: &Filter) -> Vec<Arc<LiveReading>> {
+        let labels = &*self.labels;
+        let mut snapshot: Vec<Arc<LiveReading>> =
+            if filter.globs.is_empty() && filter.labels.is_empty() && !filter.devices.is_empty() {
+                filter
+                    .devices
+                    .iter()
+                    .filter_map(|d| state.latest.get(d.as_str()))
+                    .flat_map(|m| m.values())
+                    .cloned()
+                    .collect()
+            } else {
+                state
+                    .latest
+                    .iter()
+                    .filter(|(d, _)| filter.selects_device(d, labels))
+                    .flat_map(|(_, m)| m.values())
+                    .cloned()
+                    .collect()
+            };
+        snapshot.retain(|l| filter.selects_metric(&l.reading.metric));
+        snapshot.sort_by_key(|l| l.seq);
+        snapshot
+    }
+
+    /// Subscribe with one filter (named `id`), optionally resuming after `since`.
+    /// Registration and the start data are taken under one lock, so nothing falls
+    /// between them and nothing is delivered twice.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        id: String,
+        filter: Filter,
+        since: Option<Position>,
+    ) -> Result<(Subscription, Start, Position), LiveError> {
+        self.check_filter(&filter)?;
         let mut state = lock(&self.state);
+        let at = Position {
+            epoch: self.epoch,
+            seq: state.seq,
+        };
         if state.subscribers.len() >= self.limits.max_subscribers {
             return Err(LiveError::TooManySubscribers {
                 limit: self.limits.max_subscribers,
             });
         }
-        let mut snapshot: Vec<Arc<LiveReading>> = if filter.devices.is_empty() {
-            state
-                .latest
-                .values()
-                .flat_map(|m| m.values())
-                .cloned()
-                .collect()
-        } else {
-            filter
-                .devices
-                .iter()
-                .filter_map(|d| state.latest.get(d.as_str()))
-                .flat_map(|m| m.values())
-                .cloned()
-                .collect()
-        };
-        snapshot.retain(|l| filter.matches(&l.reading));
-        snapshot.sort_by_key(|l| l.seq);
-        let id = state.next_id;
+        let start = self.start(&state, &filter, since);
+        let sub_id = state.next_id;
         state.next_id += 1;
         let sub = Arc::new(Subscriber {
-            filter,
             queue: Mutex::new(ClientQueue::default()),
             notify: Notify::new(),
         });
-        state.subscribers.insert(id, sub.clone());
+        state.subscribers.insert(
+            sub_id,
+            SubEntry {
+                sub: sub.clone(),
+                filters: vec![(id, filter)],
+                cache: HashMap::new(),
+                cache_version: u64::MAX,
+            },
+        );
         drop(state);
         self.metrics.add_live_subscribers(1);
+        if let Some(source) = match &start {
+            Start::Snapshot(_) => None,
+            Start::Replay(_) => Some(ResumeSource::Ring),
+            Start::GapFill { .. } => Some(ResumeSource::Store),
+            Start::Reset { .. } => Some(ResumeSource::Reset),
+        } {
+            self.metrics.emit(Event::Resumed { source });
+        }
         Ok((
             Subscription {
                 hub: self.clone(),
-                id,
+                id: sub_id,
                 sub,
             },
-            snapshot,
+            start,
+            at,
         ))
     }
 
-    /// The latest sequence number assigned.
-    pub fn last_seq(&self) -> u64 {
-        lock(&self.state).seq
+    /// A snapshot for `filter` now, with the position it reflects.
+    pub fn snapshot_now(&self, filter: &Filter) -> (Vec<Arc<LiveReading>>, Position) {
+        let state = lock(&self.state);
+        let at = Position {
+            epoch: self.epoch,
+            seq: state.seq,
+        };
+        (self.snapshot(&state, filter), at)
+    }
+
+    fn start(&self, state: &State, filter: &Filter, since: Option<Position>) -> Start {
+        let Some(pos) = since else {
+            return Start::Snapshot(self.snapshot(state, filter));
+        };
+        let reset = |reason| Start::Reset {
+            reason,
+            snapshot: self.snapshot(state, filter),
+        };
+        if pos.epoch != self.epoch {
+            return reset("the gateway restarted since that position (new epoch)");
+        }
+        if pos.seq > state.seq {
+            return reset("that position is ahead of the stream");
+        }
+        let labels = &*self.labels;
+        let after = |from: u64| -> Vec<Arc<LiveReading>> {
+            let skip = state.ring.partition_point(|l| l.seq <= from);
+            state
+                .ring
+                .range(skip..)
+                .filter(|l| filter.matches(&l.reading, labels))
+                .cloned()
+                .collect()
+        };
+        let ring_first = state.ring.front().map_or(state.seq + 1, |l| l.seq);
+        if pos.seq + 1 >= ring_first {
+            return Start::Replay(after(pos.seq));
+        }
+        // The ring starts later than the position: find when that position was
+        // published (the checkpoint at or before it) and gap-fill the time in between
+        // from the store. Devices' clocks may differ from the gateway's a little, hence
+        // the margin; the client removes duplicates by (device, metric, ts).
+        let idx = state
+            .checkpoints
+            .partition_point(|(seq, _)| *seq <= pos.seq);
+        let Some(&(_, from_arrival)) = idx.checked_sub(1).and_then(|i| state.checkpoints.get(i))
+        else {
+            return reset("that position is older than the gateway remembers");
+        };
+        let to_arrival = state.ring.front().map_or_else(now_ms, |l| l.arrival_ms);
+        const MARGIN_MS: i64 = 5_000;
+        Start::GapFill {
+            from_ms: from_arrival as i64 - MARGIN_MS,
+            to_ms: to_arrival as i64 + MARGIN_MS,
+            then: after(pos.seq),
+        }
+    }
+
+    /// The latest position assigned.
+    pub fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch,
+            seq: lock(&self.state).seq,
+        }
+    }
+
+    /// The label source (for filters evaluated outside the hub, e.g. gap-fill).
+    pub fn labels(&self) -> &dyn DeviceLabels {
+        &*self.labels
     }
 }
 
 /// Keep only the newest queued reading of each series, in stream order.
 fn conflate(items: &mut VecDeque<Arc<LiveReading>>) {
-    let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(items.len());
-    let mut keep = vec![false; items.len()];
-    for (i, l) in items.iter().enumerate().rev() {
-        keep[i] = seen.insert((&l.reading.device, &l.reading.metric));
-    }
+    let keep: Vec<bool> = {
+        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(items.len());
+        let mut keep = vec![false; items.len()];
+        for (i, l) in items.iter().enumerate().rev() {
+            keep[i] = seen.insert((&l.reading.device, &l.reading.metric));
+        }
+        keep
+    };
     let mut i = 0;
     items.retain(|_| {
         i += 1;
@@ -299,6 +631,47 @@ impl Subscription {
             notified.await;
         }
     }
+
+    /// Add a filter named `id` to this subscription; returns the snapshot of what it
+    /// newly selects. Readings already selected by other filters are not duplicated.
+    pub fn add_filter(
+        &self,
+        id: String,
+        filter: Filter,
+    ) -> Result<Vec<Arc<LiveReading>>, LiveError> {
+        self.hub.check_filter(&filter)?;
+        let mut state = lock(&self.hub.state);
+        let snapshot = self.hub.snapshot(&state, &filter);
+        let limit = self.hub.limits.max_subscriptions.min(64);
+        let entry = state
+            .subscribers
+            .get_mut(&self.id)
+            .ok_or(LiveError::TooManySubscriptions { limit })?;
+        entry.filters.retain(|(i, _)| *i != id);
+        if entry.filters.len() >= limit {
+            return Err(LiveError::TooManySubscriptions { limit });
+        }
+        entry.filters.push((id, filter));
+        entry.cache.clear();
+        Ok(snapshot)
+    }
+
+    /// Remove the filter named `id`; false if there was none.
+    pub fn remove_filter(&self, id: &str) -> bool {
+        let mut state = lock(&self.hub.state);
+        let Some(entry) = state.subscribers.get_mut(&self.id) else {
+            return false;
+        };
+        let before = entry.filters.len();
+        entry.filters.retain(|(i, _)| i != id);
+        entry.cache.clear();
+        entry.filters.len() != before
+    }
+
+    /// Readings queued for this subscriber now.
+    pub fn queued(&self) -> usize {
+        lock(&self.sub.queue).items.len()
+    }
 }
 
 impl Drop for Subscription {
@@ -311,17 +684,19 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Value;
 
-    fn hub(client_queue: usize) -> Arc<Hub> {
+    fn hub(client_queue: usize, ring_capacity: usize) -> Arc<Hub> {
         Arc::new(Hub::new(
             7,
             HubLimits {
-                ring_capacity: 100,
+                ring_capacity,
+                ring_bytes: 1 << 30,
                 client_queue,
                 max_subscribers: 2,
                 max_filters: 3,
+                max_subscriptions: 4,
             },
+            Arc::new(NoLabels),
             Arc::new(Metrics::default()),
         ))
     }
@@ -335,20 +710,30 @@ mod tests {
         }
     }
 
+    fn only(devices: &[&str], metrics: &[&str]) -> Filter {
+        Filter {
+            devices: devices.iter().map(|s| s.to_string()).collect(),
+            metrics: metrics.iter().map(|s| s.to_string()).collect(),
+            ..Filter::default()
+        }
+    }
+
     #[tokio::test]
     async fn snapshot_then_stream_with_filter() {
-        let hub = hub(100);
+        let hub = hub(100, 100);
         hub.publish(&[
             r("a", "t", 1),
             r("b", "t", 1),
             r("a", "h", 1),
             r("a", "t", 2),
         ]);
-        let filter = Filter {
-            devices: ["a".to_owned()].into(),
-            metrics: ["t".to_owned()].into(),
+        let (sub, start, at) = hub
+            .subscribe("s".into(), only(&["a"], &["t"]), None)
+            .unwrap();
+        assert_eq!(at, Position { epoch: 7, seq: 4 });
+        let Start::Snapshot(snap) = start else {
+            panic!("expected a snapshot")
         };
-        let (sub, snap) = hub.subscribe(filter).expect("subscribe");
         assert_eq!(snap.len(), 1);
         assert_eq!(snap[0].reading.ts_ms, 2);
         assert_eq!(snap[0].seq, 4);
@@ -361,8 +746,8 @@ mod tests {
 
     #[tokio::test]
     async fn full_queue_conflates_to_latest_per_series() {
-        let hub = hub(4);
-        let (sub, _) = hub.subscribe(Filter::default()).expect("subscribe");
+        let hub = hub(4, 100);
+        let (sub, _, _) = hub.subscribe("s".into(), Filter::default(), None).unwrap();
         for ts in 0..10 {
             hub.publish(&[r("a", "t", ts), r("b", "t", ts)]);
         }
@@ -372,31 +757,98 @@ mod tests {
             .iter()
             .map(|l| (l.reading.device.to_string(), l.reading.ts_ms))
             .collect();
-        // Conflation runs whenever the queue passes 4 items; what survives always
-        // includes the newest reading of each series.
         assert!(got.contains(&("a".into(), 9)) && got.contains(&("b".into(), 9)));
         assert_eq!(d.conflated as usize + got.len(), 20);
         assert!(d.conflated > 0);
     }
 
     #[test]
-    fn limits_are_enforced() {
-        let hub = hub(10);
-        let too_many = Filter {
-            devices: ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect(),
-            metrics: HashSet::new(),
+    fn resume_from_ring_store_or_reset() {
+        let hub = hub(100, 5);
+        for ts in 1..=10 {
+            hub.publish(&[r("a", "t", ts)]);
+        }
+        // The ring holds seq 6..=10. Position 7 replays 8, 9, 10.
+        let pos = |seq| Some(Position { epoch: 7, seq });
+        let (_s1, start, _) = hub
+            .subscribe("s".into(), Filter::default(), pos(7))
+            .unwrap();
+        let Start::Replay(replay) = start else {
+            panic!("expected a replay")
         };
+        assert_eq!(replay.iter().map(|l| l.seq).collect::<Vec<_>>(), [8, 9, 10]);
+        drop(_s1);
+        // Position 5 is right before the ring: still a replay of all of it.
+        let (s2, start, _) = hub
+            .subscribe("s".into(), Filter::default(), pos(5))
+            .unwrap();
+        assert!(matches!(start, Start::Replay(ref v) if v.len() == 5));
+        drop(s2);
+        // Position 2 is older than the ring: gap-fill, then the ring.
+        let (s3, start, _) = hub
+            .subscribe("s".into(), Filter::default(), pos(2))
+            .unwrap();
+        let Start::GapFill {
+            from_ms,
+            to_ms,
+            then,
+        } = start
+        else {
+            panic!("expected a gap-fill")
+        };
+        assert!(from_ms < to_ms);
+        assert_eq!(then.first().map(|l| l.seq), Some(6));
+        drop(s3);
+        // Another epoch: reset with a snapshot.
+        let other = Some(Position { epoch: 6, seq: 9 });
+        let (_s4, start, _) = hub.subscribe("s".into(), Filter::default(), other).unwrap();
+        assert!(matches!(start, Start::Reset { ref snapshot, .. } if snapshot.len() == 1));
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let hub = hub(10, 10);
+        let too_many = only(&["a", "b", "c", "d"], &[]);
         assert!(matches!(
-            hub.subscribe(too_many),
+            hub.subscribe("s".into(), too_many, None),
             Err(LiveError::TooManyFilters { count: 4, limit: 3 })
         ));
-        let _a = hub.subscribe(Filter::default()).expect("1");
-        let b = hub.subscribe(Filter::default()).expect("2");
+        let _a = hub.subscribe("s".into(), Filter::default(), None).unwrap();
+        let b = hub.subscribe("s".into(), Filter::default(), None).unwrap();
         assert!(matches!(
-            hub.subscribe(Filter::default()),
+            hub.subscribe("s".into(), Filter::default(), None),
             Err(LiveError::TooManySubscribers { limit: 2 })
         ));
         drop(b);
-        assert!(hub.subscribe(Filter::default()).is_ok());
+        assert!(hub.subscribe("s".into(), Filter::default(), None).is_ok());
+    }
+
+    #[tokio::test]
+    async fn filters_can_be_added_and_removed() {
+        let hub = hub(100, 100);
+        hub.publish(&[r("a", "t", 1), r("b", "t", 1)]);
+        let (sub, _, _) = hub
+            .subscribe("one".into(), only(&["a"], &[]), None)
+            .unwrap();
+        let snap = sub.add_filter("two".into(), only(&["b"], &[])).unwrap();
+        assert_eq!(snap.len(), 1);
+        hub.publish(&[r("a", "t", 2), r("b", "t", 2), r("c", "t", 2)]);
+        assert_eq!(sub.next(10).await.readings.len(), 2);
+        assert!(sub.remove_filter("two"));
+        assert!(!sub.remove_filter("two"));
+        hub.publish(&[r("b", "t", 3), r("a", "t", 3)]);
+        let d = sub.next(10).await;
+        assert_eq!(d.readings.len(), 1);
+        assert_eq!(&*d.readings[0].reading.device, "a");
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("sensor-*", "sensor-01"));
+        assert!(glob_match("*-01", "sensor-01"));
+        assert!(glob_match("s?nsor*", "sensor"));
+        assert!(!glob_match("sensor-*", "pump-01"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("a?", "a"));
     }
 }

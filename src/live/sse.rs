@@ -1,37 +1,31 @@
 //! `GET /api/v1/live/sse`: the live stream as Server-Sent Events.
 //!
-//! Events: `snapshot` first, then `readings` (its `id` is the position of its last
-//! reading, so an EventSource can resume with `Last-Event-ID`) and `conflated`. Comment
-//! heartbeats keep idle connections open through proxies.
+//! Events: `snapshot` first (its `id` is the position it reflects), then `readings`
+//! (its `id` is the position of its last reading), `conflated`, and on a resume that
+//! cannot be served `reset` + `snapshot`, or `gapfill` from the store. An EventSource
+//! resumes by itself: it sends `Last-Event-ID` when it reconnects; `?since=` does the
+//! same for clients that open a new stream. Comment heartbeats keep idle connections open
+//! through proxies.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 
 use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::Stream;
-use tokio_util::sync::CancellationToken;
 
-use super::{
-    MAX_FRAME_READINGS, Subscription, conflated_json, delivery_json, position, snapshot_json,
-};
+use super::session::LiveSession;
 use crate::api::auth::StreamViewer;
 use crate::api::{ApiError, AppState};
-use crate::observe::{Event, Metrics};
-
-struct StreamState {
-    sub: Subscription,
-    epoch: u64,
-    pending: VecDeque<SseEvent>,
-    shutdown: CancellationToken,
-    metrics: std::sync::Arc<Metrics>,
-}
 
 /// Open an SSE live stream filtered by `device` and `metric` query parameters.
 #[utoipa::path(get, path = "/api/v1/live/sse", tag = "live",
     params(
         ("device" = Option<String>, Query, description = "Device ids, comma-separated or repeated"),
         ("metric" = Option<String>, Query, description = "Metric names, comma-separated or repeated"),
+        ("label" = Option<String>, Query, description = "Device label `key=value`, repeatable"),
+        ("since" = Option<String>, Query, description = "Resume after this position `EPOCH:SEQ` (or send `Last-Event-ID`)"),
+        ("max_rate" = Option<f64>, Query, description = "At most this many readings per second per series"),
         ("access_token" = Option<String>, Query, description = "Stream token (for EventSource), instead of the Authorization header"),
     ),
     responses(
@@ -44,48 +38,29 @@ struct StreamState {
 pub async fn stream(
     State(st): State<AppState>,
     _viewer: StreamViewer,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let filter = super::parse_filter(query.as_deref()).map_err(ApiError::bad_request)?;
-    let (sub, snapshot) = st.hub.subscribe(filter)?;
-    let epoch = st.hub.epoch();
-    let first = SseEvent::default()
-        .event("snapshot")
-        .data(snapshot_json(epoch, &snapshot));
-    let state = StreamState {
-        sub,
-        epoch,
-        pending: VecDeque::from([first]),
-        shutdown: st.shutdown.clone(),
-        metrics: st.metrics.clone(),
-    };
-    let events = futures_util::stream::unfold(state, |mut s| async move {
-        if s.pending.is_empty() {
-            let delivery = tokio::select! {
-                () = s.shutdown.cancelled() => return None,
-                d = s.sub.next(MAX_FRAME_READINGS) => d,
-            };
-            if delivery.conflated > 0 {
-                s.pending.push_back(
-                    SseEvent::default()
-                        .event("conflated")
-                        .data(conflated_json(delivery.conflated)),
-                );
-            }
-            if let Some(last) = delivery.readings.last() {
-                s.metrics.emit(Event::LiveSent {
-                    readings: delivery.readings.len(),
-                });
-                s.pending.push_back(
-                    SseEvent::default()
-                        .event("readings")
-                        .id(position(s.epoch, last.seq))
-                        .data(delivery_json(s.epoch, &delivery.readings)),
-                );
-            }
+    let mut query = super::parse_query(query.as_deref()).map_err(ApiError::bad_request)?;
+    // EventSource sends the id of the last event it saw when it reconnects.
+    if let Some(last) = headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
+        if let Some(pos) = super::Position::parse(last) {
+            query.since = Some(pos);
         }
-        let event = s.pending.pop_front()?;
-        Some((Ok(event), s))
-    });
+    }
+    let session = LiveSession::open(&st, query, "sse").await?;
+    let shutdown = st.shutdown.clone();
+    let events =
+        futures_util::stream::unfold((session, shutdown), |(mut session, shutdown)| async move {
+            let msg = tokio::select! {
+                () = shutdown.cancelled() => return None,
+                m = session.next() => m,
+            };
+            let mut event = SseEvent::default().event(msg.event).data(msg.data);
+            if let Some(id) = msg.id {
+                event = event.id(id);
+            }
+            Some((Ok(event), (session, shutdown)))
+        });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(st.settings.heartbeat)))
 }

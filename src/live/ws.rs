@@ -1,28 +1,52 @@
 //! `GET /api/v1/live`: the live stream over WebSocket. Same messages as SSE, as text
-//! frames; pings every heartbeat interval, and a client that answers nothing for three
-//! intervals is considered dead and dropped.
+//! frames; the client may add and remove named subscriptions on the open connection
+//! (`subscribe` / `unsubscribe`), resumes with `?since=`. Pings every heartbeat interval;
+//! a client that answers nothing for three intervals is considered dead and dropped.
 
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::response::Response;
+use serde::Deserialize;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{MAX_FRAME_READINGS, Subscription, conflated_json, delivery_json, snapshot_json};
+use super::session::{LiveSession, Outgoing};
+use super::{Filter, LiveError};
 use crate::api::auth::StreamViewer;
 use crate::api::{ApiError, AppState};
-use crate::observe::Event;
 
-/// Upgrade to a live WebSocket filtered by `device` and `metric` query parameters.
+/// A message from the client.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum ClientMessage {
+    /// Add (or replace) a named subscription.
+    Subscribe {
+        id: String,
+        #[serde(default)]
+        devices: Vec<String>,
+        #[serde(default)]
+        labels: std::collections::BTreeMap<String, String>,
+        #[serde(default)]
+        metrics: Vec<String>,
+    },
+    /// Remove a named subscription.
+    Unsubscribe { id: String },
+}
+
+/// Upgrade to a live WebSocket filtered like the SSE stream; the query's filter is the
+/// subscription named `default`.
 #[utoipa::path(get, path = "/api/v1/live", tag = "live",
     params(
-        ("device" = Option<String>, Query, description = "Device ids, comma-separated or repeated"),
+        ("device" = Option<String>, Query, description = "Device ids or globs, comma-separated or repeated"),
         ("metric" = Option<String>, Query, description = "Metric names, comma-separated or repeated"),
+        ("label" = Option<String>, Query, description = "Device label `key=value`, repeatable"),
+        ("since" = Option<String>, Query, description = "Resume after this position `EPOCH:SEQ`"),
+        ("max_rate" = Option<f64>, Query, description = "At most this many readings per second per series"),
         ("access_token" = Option<String>, Query, description = "Stream token, instead of the Authorization header"),
     ),
     responses(
-        (status = 101, description = "WebSocket: text frames `snapshot`, `readings`, `conflated`"),
+        (status = 101, description = "WebSocket: text frames `snapshot`, `readings`, `gapfill`, `reset`, `conflated`, `subscribed`, `unsubscribed`, `error`; send `{\"type\":\"subscribe\",\"id\",\"devices\",\"labels\",\"metrics\"}` / `{\"type\":\"unsubscribe\",\"id\"}`"),
         (status = 400, description = "Bad filter", body = crate::api::devices::Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid key or stream token", body = crate::api::devices::Problem, content_type = "application/problem+json"),
         (status = 503, description = "Too many subscribers", body = crate::api::devices::Problem, content_type = "application/problem+json"),
@@ -34,47 +58,99 @@ pub async fn upgrade(
     RawQuery(query): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let filter = super::parse_filter(query.as_deref()).map_err(ApiError::bad_request)?;
+    let query = super::parse_query(query.as_deref()).map_err(ApiError::bad_request)?;
     // Subscribe before upgrading so limit errors are a proper HTTP answer.
-    let (sub, snapshot) = st.hub.subscribe(filter)?;
-    let first = snapshot_json(st.hub.epoch(), &snapshot);
+    let session = LiveSession::open(&st, query, "default").await?;
     Ok(ws
         .max_message_size(64 * 1024)
-        .on_upgrade(move |socket| serve(socket, st, sub, first)))
+        .on_upgrade(move |socket| serve(socket, st, session)))
 }
 
-async fn serve(mut socket: WebSocket, st: AppState, sub: Subscription, first: String) {
-    let epoch = st.hub.epoch();
-    let heartbeat = st.settings.heartbeat;
-    if socket.send(Message::Text(first.into())).await.is_err() {
-        return;
+fn error_json(reason: &str, detail: &str) -> String {
+    serde_json::json!({"type": "error", "reason": reason, "detail": detail}).to_string()
+}
+
+/// Apply one client message; the answer to send back.
+fn handle(session: &LiveSession, text: &str, max_filters: usize) -> Vec<String> {
+    let msg: ClientMessage = match serde_json::from_str(text) {
+        Ok(m) => m,
+        Err(e) => return vec![error_json("bad_message", &e.to_string())],
+    };
+    match msg {
+        ClientMessage::Subscribe {
+            id,
+            devices,
+            labels,
+            metrics,
+        } => {
+            let mut filter = Filter::default();
+            for d in devices {
+                if d.contains(['*', '?']) {
+                    filter.globs.push(d);
+                } else if fluxgate_proto::validate_device_id(&d).is_ok() {
+                    filter.devices.insert(d);
+                } else {
+                    return vec![error_json("bad_message", "invalid device id")];
+                }
+            }
+            filter.labels = labels.into_iter().collect();
+            filter.metrics = metrics.into_iter().collect();
+            if filter.size() > max_filters {
+                return vec![error_json(
+                    "too_many_filters",
+                    &LiveError::TooManyFilters {
+                        count: filter.size(),
+                        limit: max_filters,
+                    }
+                    .to_string(),
+                )];
+            }
+            match session.add_filter(id.clone(), filter) {
+                Ok(snapshot) => vec![
+                    serde_json::json!({"type": "subscribed", "id": id}).to_string(),
+                    snapshot.data,
+                ],
+                Err(e) => vec![error_json("too_many_subscriptions", &e.to_string())],
+            }
+        }
+        ClientMessage::Unsubscribe { id } => {
+            if session.remove_filter(&id) {
+                vec![serde_json::json!({"type": "unsubscribed", "id": id}).to_string()]
+            } else {
+                vec![error_json(
+                    "unknown_subscription",
+                    &format!("no subscription `{id}`"),
+                )]
+            }
+        }
     }
+}
+
+async fn serve(mut socket: WebSocket, st: AppState, mut session: LiveSession) {
+    let heartbeat = st.settings.heartbeat;
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     loop {
-        tokio::select! {
+        let out: Vec<String> = tokio::select! {
             () = st.shutdown.cancelled() => {
                 let _ = socket.send(Message::Close(None)).await;
                 break;
             }
-            delivery = sub.next(MAX_FRAME_READINGS) => {
-                if delivery.conflated > 0
-                    && socket.send(Message::Text(conflated_json(delivery.conflated).into())).await.is_err()
-                {
-                    break;
-                }
-                if !delivery.readings.is_empty() {
-                    st.metrics.emit(Event::LiveSent { readings: delivery.readings.len() });
-                    let text = delivery_json(epoch, &delivery.readings);
-                    if socket.send(Message::Text(text.into())).await.is_err() {
-                        break;
-                    }
-                }
+            msg = session.next() => {
+                let Outgoing { data, .. } = msg;
+                vec![data]
             }
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => last_heard = Instant::now(),
+                Some(Ok(Message::Text(t))) => {
+                    last_heard = Instant::now();
+                    handle(&session, &t, 1_000)
+                }
+                Some(Ok(_)) => {
+                    last_heard = Instant::now();
+                    Vec::new()
+                }
             },
             _ = ping.tick() => {
                 if last_heard.elapsed() > heartbeat * 3 + Duration::from_millis(100) {
@@ -84,6 +160,12 @@ async fn serve(mut socket: WebSocket, st: AppState, sub: Subscription, first: St
                 if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
                     break;
                 }
+                Vec::new()
+            }
+        };
+        for text in out {
+            if socket.send(Message::Text(text.into())).await.is_err() {
+                return;
             }
         }
     }

@@ -282,6 +282,8 @@ struct State {
 
 /// The registry. Shared as `Arc<Registry>`.
 pub struct Registry {
+    /// Increments on every device change (for caches of label matches).
+    version: std::sync::atomic::AtomicU64,
     db: Mutex<Connection>,
     state: RwLock<State>,
     revocations: broadcast::Sender<Arc<str>>,
@@ -403,6 +405,7 @@ impl Registry {
         }
         let (revocations, _) = broadcast::channel(1024);
         Ok(Arc::new(Registry {
+            version: std::sync::atomic::AtomicU64::new(0),
             db: Mutex::new(conn),
             state: RwLock::new(state),
             revocations,
@@ -419,6 +422,8 @@ impl Registry {
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        // Every cache write may change labels or existence: bump the version first.
+        self.version.fetch_add(1, Relaxed);
         self.state
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -541,6 +546,15 @@ impl Registry {
     }
 
     // ---- devices ----------------------------------------------------------------------
+
+    /// Whether `device` exists and carries every `(key, value)` label.
+    pub fn has_labels(&self, device: &str, labels: &[(String, String)]) -> bool {
+        self.read().devices.get(device).is_some_and(|e| {
+            labels
+                .iter()
+                .all(|(k, v)| e.record.fields.labels.get(k) == Some(v))
+        })
+    }
 
     fn view(&self, entry: &DeviceEntry, now: i64) -> DeviceView {
         let p = &entry.presence;
@@ -1020,6 +1034,16 @@ pub fn create_key_offline(
         Arc::new(Metrics::default()),
     )?;
     reg.create_key(name, role)
+}
+
+impl crate::live::hub::DeviceLabels for Registry {
+    fn version(&self) -> u64 {
+        self.version.load(Relaxed)
+    }
+
+    fn has_labels(&self, device: &str, labels: &[(String, String)]) -> bool {
+        Registry::has_labels(self, device, labels)
+    }
 }
 
 #[cfg(test)]

@@ -357,6 +357,19 @@ impl StoreReader {
         self.with_conn(move |c| query::range(c, &q)).await
     }
 
+    /// Readings with `from_ms <= ts < to_ms` of the series `select` accepts (live
+    /// gap-fill); `None` when there are more than `limit`.
+    pub async fn window(
+        &self,
+        select: impl Fn(&str, &str) -> bool + Send + 'static,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Option<Vec<StoredReading>>, StoreError> {
+        self.with_conn(move |c| query::window(c, &select, (from_ms, to_ms), limit))
+            .await
+    }
+
     /// Every stored reading, deduplicated, sorted by (device, metric, ts). Meant for
     /// tests and export tools on small stores: it holds everything in memory.
     pub async fn dump(&self) -> Result<Vec<StoredReading>, StoreError> {

@@ -291,6 +291,39 @@ impl Bucket {
     }
 }
 
+/// Readings with `from <= ts < to` of every series `select(device, metric)` accepts, in
+/// timestamp order; `None` when there are more than `limit`.
+pub(super) fn window(
+    c: &Connection,
+    select: &dyn Fn(&str, &str) -> bool,
+    (from, to): (i64, i64),
+    limit: usize,
+) -> Result<Option<Vec<StoredReading>>, StoreError> {
+    let series: Vec<(i64, String, String)> = c
+        .prepare_cached("SELECT id, device, metric FROM series")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    for (id, device, metric) in series {
+        if !select(&device, &metric) {
+            continue;
+        }
+        for (ts_ms, value) in points(c, id, (from.saturating_sub(CHUNK_SPAN_MS), to), (from, to))? {
+            if out.len() == limit {
+                return Ok(None);
+            }
+            out.push(StoredReading {
+                device: device.clone(),
+                metric: metric.clone(),
+                ts_ms,
+                value,
+            });
+        }
+    }
+    out.sort_by_key(|r| r.ts_ms);
+    Ok(Some(out))
+}
+
 pub(super) fn dump(c: &Connection) -> Result<Vec<StoredReading>, StoreError> {
     let series: Vec<(i64, String, String)> = c
         .prepare("SELECT id, device, metric FROM series ORDER BY device, metric")?

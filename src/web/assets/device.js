@@ -1,0 +1,276 @@
+// The device page: status, latest values, and one live line chart per numeric metric
+// over the last 5, 15 or 60 minutes (history from the readings API merged with the
+// live stream; history is fetched again whenever the stream had to start over).
+
+import { ApiError } from './api.js';
+import { LineChart, formatValue } from './chart.js';
+import { ago, badge, el, labelChips, parseTime } from './dom.js';
+import { LiveStream } from './live.js';
+
+const WINDOWS_MIN = [5, 15, 60];
+const TARGET_POINTS = 300;
+const NICE_STEPS_MS = [1e3, 2e3, 5e3, 10e3, 15e3, 30e3, 60e3];
+const REFRESH_MS = 20_000;
+
+// The chosen window survives navigation between devices (not reloads).
+let windowMin = 15;
+
+/** The bucket width giving a chart about TARGET_POINTS points over the window. */
+export function stepFor(windowMs) {
+  const raw = windowMs / TARGET_POINTS;
+  return NICE_STEPS_MS.find((s) => s >= raw) || NICE_STEPS_MS[NICE_STEPS_MS.length - 1];
+}
+
+/**
+ * @param {import('./api.js').Api} api
+ * @param {HTMLElement} view
+ * @param {string} id
+ * @param {(state: string) => void} onConn
+ */
+export function devicePage(api, view, id, onConn) {
+  const metrics = new Map(); // name -> {ts, value, card, valueEl, tsEl, chart?}
+  let device = null;
+  let live = null;
+  let stopped = false;
+  let lastSeen = NaN;
+  let online = false;
+  const aborter = new AbortController();
+
+  const title = el('h1', { class: 'device-title', text: id });
+  const subtitle = el('p', { class: 'device-sub' });
+  const status = el('span', { class: 'status' });
+  const seen = el('span', { class: 'seen' });
+  const labels = el('div', { class: 'labels' });
+  const error = el('p', { class: 'notice notice-error', hidden: true, attrs: { role: 'alert' } });
+  const info = el('p', { class: 'notice', hidden: true, attrs: { role: 'status' } });
+  const cards = el('div', { class: 'cards', id: 'metric-cards' });
+  const charts = el('div', { class: 'charts', id: 'charts' });
+  const windowButtons = WINDOWS_MIN.map((m) =>
+    el('button', {
+      class: 'seg',
+      type: 'button',
+      text: `${m} min`,
+      data: { window: String(m) },
+      attrs: { 'aria-pressed': String(m === windowMin) },
+      on: { click: () => setWindow(m) },
+    }),
+  );
+  const empty = el('p', { class: 'empty', text: 'No readings yet. Values appear here as soon as the device sends.' });
+  view.replaceChildren(
+    el('a', { class: 'back', href: '#/', text: '← Devices' }),
+    el('div', { class: 'page-head' }, el('div', {}, title, subtitle), el('div', { class: 'device-state' }, status, seen)),
+    labels,
+    error,
+    info,
+    cards,
+    empty,
+    el(
+      'div',
+      { class: 'charts-head' },
+      el('h2', { text: 'Charts' }),
+      el('div', { class: 'segmented', attrs: { role: 'group', 'aria-label': 'Time window' } }, ...windowButtons),
+    ),
+    charts,
+  );
+
+  function showError(text) {
+    error.textContent = text;
+    error.hidden = !text;
+  }
+
+  function renderStatus() {
+    status.replaceChildren(badge(online));
+    seen.textContent = `last seen ${ago(lastSeen)}`;
+  }
+
+  function renderDevice(d) {
+    device = d;
+    title.textContent = d.name || d.id;
+    subtitle.textContent = d.name && d.name !== d.id ? d.id : '';
+    if (!d.enabled) subtitle.textContent += `${subtitle.textContent ? ' · ' : ''}disabled`;
+    const t = parseTime(d.last_seen);
+    if (Number.isFinite(t) && !(lastSeen > t)) lastSeen = t;
+    online = d.online;
+    labels.replaceChildren(labelChips(d.labels));
+    renderStatus();
+    document.title = `${d.name || d.id} · fluxgate`;
+  }
+
+  function metricEntry(name, value) {
+    let m = metrics.get(name);
+    if (m) return m;
+    const valueEl = el('span', { class: 'metric-value' });
+    const tsEl = el('span', { class: 'metric-ts' });
+    const card = el('div', { class: 'metric-card', data: { metric: name } }, el('span', { class: 'metric-name', text: name }), valueEl, tsEl);
+    m = { ts: -Infinity, value: null, card, valueEl, tsEl, chart: null };
+    metrics.set(name, m);
+    // Cards in name order, so values do not jump around as metrics appear.
+    const after = [...cards.children].find((c) => c.dataset.metric > name);
+    cards.insertBefore(card, after || null);
+    empty.hidden = true;
+    if (typeof value === 'number') addChart(name, m);
+    return m;
+  }
+
+  function addChart(name, m) {
+    const chartValue = el('span', { class: 'chart-value' });
+    const box = el('div', { class: 'chart-box' });
+    const section = el(
+      'section',
+      { class: 'chart-card', data: { metric: name } },
+      el('div', { class: 'chart-head' }, el('h3', { text: name }), chartValue),
+      box,
+    );
+    const after = [...charts.children].find((c) => c.dataset.metric > name);
+    charts.insertBefore(section, after || null);
+    const windowMs = windowMin * 60e3;
+    m.chart = new LineChart(box, { windowMs, gapMs: gapFor(windowMs) });
+    m.chart.setLabel(`${name} over the last ${windowMin} minutes`);
+    m.chartValue = chartValue;
+    loadHistory(name);
+  }
+
+  function gapFor(windowMs) {
+    // Break the line only where data is clearly missing, not between sparse buckets.
+    return Math.max(3 * stepFor(windowMs), 30e3);
+  }
+
+  /** Apply one reading: the card shows the newest value; the chart gets every point. */
+  function apply(r, fromLive) {
+    const m = metricEntry(r.metric, r.value);
+    if (r.ts >= m.ts) {
+      m.ts = r.ts;
+      m.value = r.value;
+      m.valueEl.textContent = formatValue(r.value);
+      m.tsEl.textContent = ago(r.ts);
+      if (m.chartValue) m.chartValue.textContent = formatValue(r.value);
+      m.card.classList.remove('flash');
+      // Restart the highlight animation (reading offsetWidth forces a reflow).
+      void m.card.offsetWidth;
+      if (fromLive) m.card.classList.add('flash');
+    }
+    if (m.chart && typeof r.value === 'number') m.chart.add(r.ts, r.value);
+    if (fromLive) {
+      online = true;
+      lastSeen = Date.now();
+    }
+  }
+
+  async function loadHistory(name) {
+    const m = metrics.get(name);
+    if (!m || !m.chart) return;
+    const windowMs = windowMin * 60e3;
+    const step = stepFor(windowMs);
+    const to = Date.now() + 1000;
+    const from = to - windowMs - step;
+    try {
+      const res = await api.readings(id, name, from, to, step, aborter.signal);
+      if (stopped || !m.chart) return;
+      const pts = (res.points || []).filter((p) => typeof p.value === 'number').map((p) => [p.ts, p.value]);
+      // Replace only what the history covers: live points newer than its last bucket
+      // (possibly not yet in the store) stay.
+      if (pts.length) m.chart.replaceRange(from, pts[pts.length - 1][0] + step, pts);
+    } catch (e) {
+      if (e.name !== 'AbortError' && !stopped) showError(`History of ${name}: ${describe(e)}`);
+    }
+  }
+
+  function reloadHistory() {
+    for (const name of metrics.keys()) loadHistory(name);
+  }
+
+  function setWindow(min) {
+    windowMin = min;
+    for (const b of windowButtons) b.setAttribute('aria-pressed', String(Number(b.dataset.window) === min));
+    const windowMs = min * 60e3;
+    for (const [name, m] of metrics) {
+      if (!m.chart) continue;
+      m.chart.windowMs = windowMs;
+      m.chart.gapMs = gapFor(windowMs);
+      m.chart.setLabel(`${name} over the last ${min} minutes`);
+      m.chart.replaceRange(-Infinity, Infinity, []);
+    }
+    reloadHistory();
+  }
+
+  function describe(e) {
+    if (e instanceof ApiError && e.status === 0) return 'the gateway is not reachable';
+    return e.message;
+  }
+
+  function startLive() {
+    let first = true;
+    live = new LiveStream(api, { devices: [id] }, {
+      onSnapshot: (readings, { fresh }) => {
+        for (const r of readings) if (r.device === id) apply(r, false);
+        // A fresh snapshot after the first means the stream started over (gateway
+        // restart or reset): readings in between may be missing, so refetch history.
+        if (fresh && !first) {
+          reloadHistory();
+          refreshDevice();
+        }
+        first = false;
+        renderStatus();
+      },
+      onReadings: (readings) => {
+        for (const r of readings) if (r.device === id) apply(r, true);
+        renderStatus();
+      },
+      onGapfill: (readings) => {
+        for (const r of readings) if (r.device === id) apply(r, false);
+      },
+      onReset: () => {
+        info.textContent = 'The live stream could not resume; history was reloaded.';
+        info.hidden = false;
+      },
+      onState: onConn,
+    }).start();
+  }
+
+  async function refreshDevice() {
+    try {
+      renderDevice(await api.getDevice(id, aborter.signal));
+      showError('');
+    } catch (e) {
+      if (e.name === 'AbortError' || stopped) return;
+      if (e instanceof ApiError && e.status === 404) showError(`There is no device “${id}”.`);
+      else showError(describe(e));
+    }
+  }
+
+  async function load() {
+    await refreshDevice();
+    if (stopped || !device) return;
+    try {
+      const latest = await api.latest(id, aborter.signal);
+      if (stopped) return;
+      for (const [metric, v] of Object.entries((latest && latest.metrics) || {})) apply({ device: id, metric, ts: v.ts, value: v.value }, false);
+    } catch (e) {
+      if (e.name !== 'AbortError' && !stopped) showError(describe(e));
+    }
+    if (!stopped) startLive();
+  }
+
+  const ticker = setInterval(() => {
+    for (const m of metrics.values()) {
+      m.tsEl.textContent = ago(m.ts);
+      if (m.chart) m.chart.draw();
+    }
+    renderStatus();
+  }, 1000);
+  const refresher = setInterval(refreshDevice, REFRESH_MS);
+  renderStatus();
+  load();
+
+  return {
+    stop() {
+      stopped = true;
+      aborter.abort();
+      clearInterval(ticker);
+      clearInterval(refresher);
+      if (live) live.stop();
+      for (const m of metrics.values()) if (m.chart) m.chart.destroy();
+      document.title = 'fluxgate';
+    },
+  };
+}

@@ -24,6 +24,7 @@ mod provision;
 mod run;
 mod signal;
 mod stats;
+mod watch;
 mod ws;
 
 use config::{DEFAULT_HTTP, DEFAULT_MQTT, Encoding, Qos, RunFile, RunSettings, Transport};
@@ -50,6 +51,35 @@ enum Command {
     Run(RunArgs),
     /// Send a fixed number of messages as fast as possible and measure the gateway.
     Bench(BenchArgs),
+    /// Open many live-stream (SSE) subscribers and measure fan-out: readings/s, latency,
+    /// and the gateway's CPU and memory.
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// Number of SSE subscribers.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    subscribers: u64,
+    /// Filter query for every subscriber, e.g. `device=sim-*` or `metric=temp`; `{i}`
+    /// becomes the subscriber's index (`device=sim-{i}`: subscriber i watches device i).
+    #[arg(long, default_value = "")]
+    filter: String,
+    /// How long to measure.
+    #[arg(long, default_value = "30s", value_parser = config::parse_duration)]
+    duration: Duration,
+    /// Gateway HTTP listener.
+    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_HTTP, env = "FLUXGATE_SIM_HTTP")]
+    http: String,
+    /// Operator API key (a viewer key is enough).
+    #[arg(long, env = "FLUXGATE_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// The gateway's process id, to report its CPU use and resident memory.
+    #[arg(long)]
+    gateway_pid: Option<u32>,
+    /// Print only the JSON result line on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Options of `run`. None of them has a clap default, so that values from `--config`
@@ -215,6 +245,44 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             };
             run::run(RunSettings::resolve(cli, file)?, provisioning).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch(args) => {
+            let report = watch::watch(watch::WatchSettings {
+                http: args.http,
+                api_key: args.api_key,
+                subscribers: usize::try_from(args.subscribers)?,
+                filter: args.filter,
+                duration: args.duration,
+                gateway_pid: args.gateway_pid,
+            })
+            .await?;
+            if !args.json {
+                println!("firmware-sim watch results:");
+                println!("  subscribers      {} connected", report.connected);
+                println!(
+                    "  delivered        {} readings in {} frames, {:.0} readings/s",
+                    report.readings,
+                    report.frames,
+                    report.readings as f64 / report.secs
+                );
+                if let Some((p50, p90, p99, max)) = report.latency_ms {
+                    println!(
+                        "  latency          p50 {p50} ms  p90 {p90} ms  p99 {p99} ms  max {max} ms"
+                    );
+                }
+                println!("  conflated        {}", report.conflated);
+                println!("  errors           {}", report.errors);
+                if let (Some(cpu), Some(rss)) = (report.gateway_cpu_percent, report.gateway_rss_mib)
+                {
+                    println!("  gateway          {cpu:.0}% CPU (of one core), {rss:.0} MiB RSS");
+                }
+            }
+            println!("json: {}", report.to_json());
+            Ok(if report.errors == 0 && report.connected > 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_INCOMPLETE)
+            })
         }
         Command::Bench(args) => {
             let settings = bench::BenchSettings {

@@ -11,7 +11,7 @@ log() { printf '\n==> %s\n' "$*"; }
 # MQTT/WebSocket peers are real Rust clients (rumqttc, tokio-tungstenite). System
 # packages that later suites need (victoria-metrics, chromium) are listed here so a fresh
 # machine gets them from this one command.
-apt_packages=()
+apt_packages=(chromium chromium-driver)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   missing=()
   for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

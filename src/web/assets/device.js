@@ -34,6 +34,7 @@ export function devicePage(api, view, id, onConn) {
   let stopped = false;
   let lastSeen = NaN;
   let online = false;
+  let infoTimer = 0;
   const aborter = new AbortController();
 
   const title = el('h1', { class: 'device-title', text: id });
@@ -144,10 +145,6 @@ export function devicePage(api, view, id, onConn) {
       m.valueEl.textContent = formatValue(r.value);
       m.tsEl.textContent = ago(r.ts);
       if (m.chartValue) m.chartValue.textContent = formatValue(r.value);
-      m.card.classList.remove('flash');
-      // Restart the highlight animation (reading offsetWidth forces a reflow).
-      void m.card.offsetWidth;
-      if (fromLive) m.card.classList.add('flash');
     }
     if (m.chart && typeof r.value === 'number') m.chart.add(r.ts, r.value);
     if (fromLive) {
@@ -219,9 +216,14 @@ export function devicePage(api, view, id, onConn) {
       onGapfill: (readings) => {
         for (const r of readings) if (r.device === id) apply(r, false);
       },
-      onReset: () => {
-        info.textContent = 'The live stream could not resume; history was reloaded.';
+      onReset: (reason) => {
+        // Tell the operator why the chart was redrawn, then get out of the way.
+        info.textContent = `The live stream started over: ${reason}. History was reloaded.`;
         info.hidden = false;
+        clearTimeout(infoTimer);
+        infoTimer = setTimeout(() => {
+          info.hidden = true;
+        }, 15_000);
       },
       onState: onConn,
     }).start();
@@ -268,6 +270,7 @@ export function devicePage(api, view, id, onConn) {
       aborter.abort();
       clearInterval(ticker);
       clearInterval(refresher);
+      clearTimeout(infoTimer);
       if (live) live.stop();
       for (const m of metrics.values()) if (m.chart) m.chart.destroy();
       document.title = 'fluxgate';

@@ -135,7 +135,7 @@ export function fleetPage(api, view, query, onConn) {
         name: el('span', { class: 'device-name' }),
         status: el('td', { class: 'status', data: { label: 'Status' } }),
         seen: el('td', { class: 'seen', data: { label: 'Last seen' } }),
-        values: el('td', { class: 'values', data: { label: 'Latest' } }),
+        values: el('span', { class: 'values' }),
         labels: el('td', { class: 'labels', data: { label: 'Labels' } }),
       };
       const tr = el(
@@ -147,7 +147,8 @@ export function fleetPage(api, view, query, onConn) {
         el('td', { class: 'device', data: { label: 'Device' } }, cells.id, cells.name),
         cells.status,
         cells.seen,
-        cells.values,
+        // Chips go in a wrapper: a flex <td> would stop being a table cell.
+        el('td', { class: 'values-cell', data: { label: 'Latest' } }, cells.values),
         cells.labels,
       );
       row = { device: d, values: new Map(), tr, cells, lastSeen: NaN };

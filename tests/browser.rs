@@ -1,0 +1,605 @@
+//! The built-in dashboard in a real browser: Debian's headless Chromium driven through
+//! chromedriver (WebDriver) by `fantoccini`.
+//!
+//! One scenario, end to end: a gateway on an ephemeral port with a temporary data dir, a
+//! provisioned device fed over HTTP ingest by a background task, then the dashboard:
+//! sign in with the bootstrap admin key, find the device in the fleet table (and filter by
+//! label), open its page and watch values change live; then restart the gateway on the
+//! same port and watch the page's connection indicator go to reconnecting and back to
+//! live, with readings sent after the restart on screen. It also checks the phone layout
+//! does not scroll sideways at 375 px and that the key is kept in sessionStorage only.
+//!
+//! Screenshots land in `target/test-output/browser/` (the path is printed). Every wait
+//! is a poll of the DOM with a deadline; the whole test is bounded.
+//!
+//! Chromium and chromedriver come from `scripts/test.sh` (apt). When they are missing the
+//! test fails and says so: a dashboard nobody tested must not look green.
+
+// Test code: a failed unwrap is a failed test with its location.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use fluxgate::{Config, Gateway, RunningGateway};
+use serde_json::{Value as Json, json};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const TEST_LIMIT: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(20);
+const DEVICE: &str = "greenhouse-1";
+
+// ---- processes --------------------------------------------------------------------
+
+/// chromedriver in its own process group (Chromium and its helpers join it), killed
+/// as a group on drop, so a failing or timed-out test leaves no browser behind.
+struct Chromedriver {
+    child: Child,
+    port: u16,
+}
+
+impl Chromedriver {
+    fn start(log: &Path) -> Chromedriver {
+        use std::os::unix::process::CommandExt as _;
+        let port = free_port();
+        let log_file = std::fs::File::create(log).expect("chromedriver log file");
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {CHROMEDRIVER}: {e}"));
+        Chromedriver { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Chromedriver {
+    fn drop(&mut self) {
+        // The group id is chromedriver's pid (process_group(0)); only processes this test
+        // started are in it.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+async fn start_gateway(data_dir: &Path, http: SocketAddr) -> RunningGateway {
+    let mut config = Config {
+        data_dir: data_dir.to_owned(),
+        ..Config::default()
+    };
+    config.http.listen = http;
+    // The dashboard needs HTTP only; no broker keeps the test lean.
+    config.mqtt.enabled = false;
+    // A restart must not wait out long-lived streams for the default grace period.
+    config.http.shutdown_grace = Duration::from_secs(1);
+    config.validate().expect("valid config");
+    Gateway::start(config).await.expect("gateway starts")
+}
+
+fn output_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+        PathBuf::from,
+    );
+    let dir = target.join("test-output").join("browser");
+    std::fs::create_dir_all(&dir).expect("create the screenshot dir");
+    dir
+}
+
+// ---- the browser ------------------------------------------------------------------
+
+async fn open_browser(driver: &Chromedriver, profile: &Path) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".to_owned(),
+        json!({
+            "binary": CHROMIUM,
+            "args": [
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--window-size=1280,900",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+        }),
+    );
+    // chromedriver needs a moment to listen: retry the session until it answers.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        match ClientBuilder::new(connector)
+            .capabilities(caps.clone())
+            .connect(&driver.url())
+            .await
+        {
+            Ok(client) => return client,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("no WebDriver session from {CHROMEDRIVER}: {e}"),
+        }
+    }
+}
+
+/// Evaluate `script` (a function body returning JSON) until `done` accepts its value.
+async fn poll(
+    browser: &Client,
+    what: &str,
+    script: &str,
+    mut done: impl FnMut(&Json) -> bool,
+) -> Json {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let last = match browser.execute(script, vec![]).await {
+            Ok(v) if done(&v) => return v,
+            Ok(v) => v,
+            Err(e) => json!(format!("script error: {e}")),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}; last seen: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The text of the first element matching a CSS selector ("" when absent).
+fn text_of(selector: &str) -> String {
+    format!(
+        "const e = document.querySelector({}); return e ? e.textContent.trim() : '';",
+        json!(selector)
+    )
+}
+
+fn conn_state() -> &'static str {
+    "const e = document.getElementById('conn-status'); return e && !e.hidden ? e.dataset.state : null;"
+}
+
+async fn screenshot(browser: &Client, dir: &Path, name: &str) -> PathBuf {
+    let png = browser.screenshot().await.expect("screenshot");
+    let path = dir.join(name);
+    std::fs::write(&path, png).expect("write screenshot");
+    println!("screenshot: {}", path.display());
+    path
+}
+
+/// No horizontal scrolling: the page is no wider than the viewport.
+async fn assert_fits(browser: &Client, what: &str) {
+    let v = browser
+        .execute(
+            "return [document.documentElement.scrollWidth, window.innerWidth];",
+            vec![],
+        )
+        .await
+        .expect("measure");
+    let (scroll, inner) = (v[0].as_u64().unwrap(), v[1].as_u64().unwrap());
+    assert!(
+        scroll <= inner,
+        "{what}: the page is {scroll}px wide in a {inner}px viewport (horizontal scrolling)"
+    );
+}
+
+// ---- the device -------------------------------------------------------------------
+
+/// Sends `{"temp": …, "humidity": …, "count": n}` every 200 ms with increasing `n`, and
+/// keeps going through the gateway restart (failed posts are simply retried later).
+struct Feeder {
+    sent: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Feeder {
+    fn start(http: reqwest::Client, url: String, token: String) -> Feeder {
+        let sent = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (sent.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut n: u64 = 0;
+            while !st.load(Ordering::Relaxed) {
+                let phase = n as f64 / 8.0;
+                let body = json!({
+                    "temp": 21.0 + 2.0 * phase.sin() + (n % 7) as f64 * 0.05,
+                    "humidity": 55.0 + 5.0 * (phase / 3.0).cos(),
+                    "count": n,
+                });
+                let ok = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if ok {
+                    s.store(n, Ordering::SeqCst);
+                    n += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Feeder { sent, stop, task }
+    }
+
+    /// The last `count` the gateway accepted.
+    fn last(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+    }
+}
+
+// ---- the test ---------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_live_values_and_recovers_after_a_restart() {
+    for tool in [CHROMIUM, CHROMEDRIVER] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} is missing: the dashboard's browser test needs Debian's chromium and \
+             chromium-driver; run scripts/test.sh (it installs them) or \
+             `apt-get install -y chromium chromium-driver`"
+        );
+    }
+    let out = output_dir();
+    println!("screenshots and logs: {}", out.display());
+    tokio::time::timeout(TEST_LIMIT, scenario(&out))
+        .await
+        .unwrap_or_else(|_| panic!("the browser test did not finish within {TEST_LIMIT:?}"));
+}
+
+async fn scenario(out: &Path) {
+    let data = tempfile::tempdir().unwrap();
+    let gateway = start_gateway(data.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let addr = gateway.http_addr;
+    let base = format!("http://{addr}");
+    let key = gateway
+        .bootstrap_admin_key
+        .clone()
+        .expect("a first start prints an admin key");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+
+    // The dashboard's own answers: embedded, typed, and locked down.
+    let page = http.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let js = http
+        .get(format!("{base}/assets/app.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(js.status(), 200);
+    assert!(
+        js.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+
+    // Two devices in two sites; only the first one sends.
+    let mut token = String::new();
+    for (id, name, site) in [
+        (DEVICE, "Greenhouse north", "berlin"),
+        ("cellar-7", "Cellar <b>seven</b>", "hamburg"),
+    ] {
+        let r = http
+            .post(format!("{base}/api/v1/devices"))
+            .bearer_auth(&key)
+            .json(&json!({"id": id, "name": name, "labels": {"site": site, "kind": "climate"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "create {id}");
+        let body: Json = r.json().await.unwrap();
+        if id == DEVICE {
+            token = body["token"].as_str().expect("device token").to_owned();
+        }
+    }
+
+    // Ten minutes of history, so the chart has a past to draw.
+    let now = i64::try_from(fluxgate::model::now_ms()).unwrap();
+    let backfill: Vec<Json> = (1..=120)
+        .rev()
+        .map(|i| {
+            let phase = f64::from(i) / 20.0;
+            json!({"ts": now - i64::from(i) * 5_000,
+                   "values": {"temp": 20.0 + 1.5 * phase.sin(), "humidity": 52.0 + 3.0 * phase.cos()}})
+        })
+        .collect();
+    let telemetry = format!("{base}/api/v1/devices/{DEVICE}/telemetry");
+    let r = http
+        .post(&telemetry)
+        .bearer_auth(&token)
+        .json(&backfill)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "backfill: {}", r.status());
+    let feeder = Feeder::start(http.clone(), telemetry, token);
+
+    let driver = Chromedriver::start(&out.join("chromedriver.log"));
+    let profile = tempfile::tempdir().unwrap();
+    let browser = open_browser(&driver, profile.path()).await;
+    let gateway = browse(&browser, out, &base, &key, gateway, data.path(), &feeder).await;
+
+    // Clean up in order: browser session (quits Chromium), feeder, gateway.
+    browser.close().await.expect("close the browser session");
+    drop(driver);
+    feeder.stop().await;
+    gateway.shutdown().await;
+}
+
+async fn browse(
+    browser: &Client,
+    out: &Path,
+    base: &str,
+    key: &str,
+    gateway: RunningGateway,
+    data_dir: &Path,
+    feeder: &Feeder,
+) -> RunningGateway {
+    // Sign in through the form.
+    browser.goto(&format!("{base}/")).await.expect("open");
+    let input = browser
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#api-key"))
+        .await
+        .expect("the sign-in form");
+    input.send_keys("fgk_not-a-key").await.unwrap();
+    browser
+        .find(Locator::Css("#sign-in button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    poll(
+        browser,
+        "a refusal of a wrong key",
+        &text_of("#sign-in-message"),
+        |v| v.as_str().is_some_and(|s| s.contains("did not accept")),
+    )
+    .await;
+    input.clear().await.unwrap();
+    input.send_keys(key).await.unwrap();
+    browser
+        .find(Locator::Css("#sign-in button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+
+    // The fleet table: the device, online, with a live value; the name is shown as text.
+    let row = format!("tr.device-row[data-device=\"{DEVICE}\"]");
+    poll(
+        browser,
+        "the device's temp in the fleet table",
+        &text_of(&format!("{row} .value[data-metric=temp] .value-num")),
+        |v| v.as_str().is_some_and(|s| s.parse::<f64>().is_ok()),
+    )
+    .await;
+    poll(
+        browser,
+        "the online badge",
+        &text_of(&format!("{row} .badge")),
+        |v| v == "online",
+    )
+    .await;
+    poll(browser, "the fleet page's live stream", conn_state(), |v| {
+        v == "live"
+    })
+    .await;
+    let other = text_of("tr.device-row[data-device=\"cellar-7\"] .device-name");
+    assert_eq!(
+        browser.execute(&other, vec![]).await.unwrap(),
+        "Cellar <b>seven</b>",
+        "device names are text, never markup"
+    );
+    let storage = browser
+        .execute(
+            "return [sessionStorage.length, localStorage.length, location.hash];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        storage,
+        json!([1, 0, "#/"]),
+        "the key lives in sessionStorage only"
+    );
+    // The count advances while we watch: the table is live.
+    let count_sel = format!("{row} .value[data-metric=count] .value-num");
+    let first: u64 = poll(browser, "a count", &text_of(&count_sel), |v| {
+        v.as_str().is_some_and(|s| s.parse::<u64>().is_ok())
+    })
+    .await
+    .as_str()
+    .unwrap()
+    .parse()
+    .unwrap();
+    poll(
+        browser,
+        "the count to advance live",
+        &text_of(&count_sel),
+        |v| {
+            v.as_str()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|n| n > first)
+        },
+    )
+    .await;
+    screenshot(browser, out, "1-fleet.png").await;
+
+    // Label filter.
+    let filter = browser.find(Locator::Css("#label-filter")).await.unwrap();
+    filter.send_keys("site=hamburg").await.unwrap();
+    browser
+        .find(Locator::Css("form.filter button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    poll(
+        browser,
+        "only the hamburg device after filtering",
+        "return [...document.querySelectorAll('tr.device-row')].map(r => r.dataset.device);",
+        |v| v == &json!(["cellar-7"]),
+    )
+    .await;
+
+    // Phone width: the fleet fits without horizontal scrolling.
+    browser.set_window_size(375, 812).await.unwrap();
+    browser.goto(&format!("{base}/#/")).await.unwrap();
+    poll(
+        browser,
+        "the fleet at phone width",
+        &text_of(&format!("{row} .value[data-metric=temp] .value-num")),
+        |v| v.as_str().is_some_and(|s| !s.is_empty()),
+    )
+    .await;
+    let width = browser
+        .execute("return window.innerWidth;", vec![])
+        .await
+        .unwrap();
+    assert!(
+        width.as_u64().unwrap() <= 420,
+        "the window did not shrink: {width}"
+    );
+    assert_fits(browser, "fleet at 375px").await;
+    screenshot(browser, out, "2-fleet-phone.png").await;
+
+    // The device page at phone width, then at laptop width.
+    browser
+        .goto(&format!("{base}/#/device/{DEVICE}"))
+        .await
+        .unwrap();
+    let temp = ".metric-card[data-metric=temp] .metric-value";
+    poll(browser, "the device page's temp", &text_of(temp), |v| {
+        v.as_str().is_some_and(|s| s.parse::<f64>().is_ok())
+    })
+    .await;
+    poll(
+        browser,
+        "a temp chart",
+        "return document.querySelectorAll('.chart-card[data-metric=temp] canvas').length;",
+        |v| v == 1,
+    )
+    .await;
+    assert_fits(browser, "device page at 375px").await;
+    screenshot(browser, out, "3-device-phone.png").await;
+    browser.set_window_size(1280, 900).await.unwrap();
+
+    // Live: the displayed value changes without a reload.
+    poll(browser, "the device page's stream", conn_state(), |v| {
+        v == "live"
+    })
+    .await;
+    let shown = browser.execute(&text_of(temp), vec![]).await.unwrap();
+    poll(browser, "temp to change live", &text_of(temp), |v| {
+        v.as_str().is_some_and(|s| !s.is_empty()) && *v != shown
+    })
+    .await;
+    let counter = ".metric-card[data-metric=count] .metric-value";
+    poll(browser, "the count card", &text_of(counter), |v| {
+        v.as_str().is_some_and(|s| s.parse::<u64>().is_ok())
+    })
+    .await;
+    screenshot(browser, out, "4-device.png").await;
+
+    // Restart the gateway on the same port: the page must notice, then recover by itself.
+    let addr = gateway.http_addr;
+    gateway.shutdown().await;
+    poll(
+        browser,
+        "the indicator to leave `live` after the gateway stopped",
+        conn_state(),
+        |v| v == "reconnecting" || v == "offline",
+    )
+    .await;
+    screenshot(browser, out, "5-device-reconnecting.png").await;
+    let gateway = start_gateway(data_dir, addr).await;
+    assert!(gateway.bootstrap_admin_key.is_none(), "the key survives");
+    let before = feeder.last();
+    poll(browser, "the indicator back to `live`", conn_state(), |v| {
+        v == "live"
+    })
+    .await;
+    poll(
+        browser,
+        "a count sent after the restart on the page",
+        &text_of(counter),
+        |v| {
+            v.as_str()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|n| n > before)
+        },
+    )
+    .await;
+    let changed = browser.execute(&text_of(temp), vec![]).await.unwrap();
+    poll(browser, "temp to keep changing", &text_of(temp), |v| {
+        v.as_str().is_some_and(|s| !s.is_empty()) && *v != changed
+    })
+    .await;
+    screenshot(browser, out, "6-device-recovered.png").await;
+
+    // Sign out clears the key and shows the sign-in form.
+    browser
+        .find(Locator::Css("#sign-out"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    poll(
+        browser,
+        "the sign-in form after signing out",
+        "return [!!document.getElementById('api-key'), sessionStorage.length];",
+        |v| v == &json!([true, 0]),
+    )
+    .await;
+    gateway
+}

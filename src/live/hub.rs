@@ -261,7 +261,47 @@ struct State {
     /// position to a time for gap-filling from the store.
     checkpoints: VecDeque<(u64, u64)>,
     subscribers: HashMap<u64, SubEntry>,
+    /// Subscribers whose filters only list device ids, by device: publishing looks up
+    /// the reading's device instead of asking every subscriber.
+    by_device: HashMap<String, Vec<u64>>,
+    /// Subscribers with any other filter (globs, labels, all devices): asked per reading.
+    scan: Vec<u64>,
     next_id: u64,
+}
+
+impl State {
+    /// Put a subscriber into the publish index according to its filters.
+    fn index(&mut self, id: u64) {
+        self.unindex(id);
+        let Some(entry) = self.subscribers.get(&id) else {
+            return;
+        };
+        let by_ids = !entry.filters.is_empty()
+            && entry
+                .filters
+                .iter()
+                .all(|(_, f)| f.globs.is_empty() && f.labels.is_empty() && !f.devices.is_empty());
+        if by_ids {
+            let devices: HashSet<String> = entry
+                .filters
+                .iter()
+                .flat_map(|(_, f)| f.devices.iter().cloned())
+                .collect();
+            for d in devices {
+                self.by_device.entry(d).or_default().push(id);
+            }
+        } else {
+            self.scan.push(id);
+        }
+    }
+
+    fn unindex(&mut self, id: u64) {
+        self.scan.retain(|s| *s != id);
+        self.by_device.retain(|_, subs| {
+            subs.retain(|s| *s != id);
+            !subs.is_empty()
+        });
+    }
 }
 
 /// Most checkpoints kept (one per second with traffic: a bit over a day).
@@ -385,17 +425,25 @@ impl Hub {
             positioned.push(live);
         }
         let labels = &*self.labels;
-        for entry in state.subscribers.values_mut() {
-            let matched: Vec<Arc<LiveReading>> = positioned
-                .iter()
-                .filter(|l| entry.matches(&l.reading, labels))
-                .cloned()
-                .collect();
-            if matched.is_empty() {
-                continue;
+        // Candidates per reading: the subscribers indexed under its device plus the
+        // ones that must be asked; each candidate then checks metric (and device) itself.
+        let mut matched: HashMap<u64, Vec<Arc<LiveReading>>> = HashMap::new();
+        for l in &positioned {
+            let indexed = state.by_device.get(&*l.reading.device).map(Vec::as_slice);
+            for id in indexed.unwrap_or_default().iter().chain(&state.scan) {
+                if let Some(entry) = state.subscribers.get_mut(id) {
+                    if entry.matches(&l.reading, labels) {
+                        matched.entry(*id).or_default().push(l.clone());
+                    }
+                }
             }
+        }
+        for (id, readings) in matched {
+            let Some(entry) = state.subscribers.get(&id) else {
+                continue;
+            };
             let mut q = lock(&entry.sub.queue);
-            q.items.extend(matched);
+            q.items.extend(readings);
             if q.items.len() > self.limits.client_queue {
                 let before = q.items.len();
                 conflate(&mut q.items);
@@ -480,6 +528,7 @@ impl Hub {
                 cache_version: u64::MAX,
             },
         );
+        state.index(sub_id);
         drop(state);
         self.metrics.add_live_subscribers(1);
         if let Some(source) = match &start {
@@ -653,6 +702,7 @@ impl Subscription {
         }
         entry.filters.push((id, filter));
         entry.cache.clear();
+        state.index(self.id);
         Ok(snapshot)
     }
 
@@ -665,7 +715,9 @@ impl Subscription {
         let before = entry.filters.len();
         entry.filters.retain(|(i, _)| i != id);
         entry.cache.clear();
-        entry.filters.len() != before
+        let removed = entry.filters.len() != before;
+        state.index(self.id);
+        removed
     }
 
     /// Readings queued for this subscriber now.
@@ -676,7 +728,10 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        lock(&self.hub.state).subscribers.remove(&self.id);
+        let mut state = lock(&self.hub.state);
+        state.subscribers.remove(&self.id);
+        state.unindex(self.id);
+        drop(state);
         self.hub.metrics.add_live_subscribers(-1);
     }
 }

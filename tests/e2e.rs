@@ -2,7 +2,8 @@
 //! (MQTT JSON, MQTT postcard, WebSocket JSON and postcard, HTTP JSON), and the test
 //! checks the exact rows in the SQLite file, the live streams (SSE and WebSocket, with
 //! device and metric filters, snapshot first), and the history API (`latest`, raw and
-//! aggregated `readings`).
+//! aggregated `readings`). Every device is provisioned first and authenticates with its
+//! own token; operators (live streams, history) use the admin key.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -71,9 +72,15 @@ async fn collect_ws(ws: &mut Ws, last: &Row) -> Vec<Row> {
 async fn sse_snapshot(sse: &mut Sse) -> (String, Vec<Row>) {
     let ev = sse.next_event().await.unwrap();
     assert_eq!(ev.event, "snapshot");
-    assert_eq!(ev.id, None, "a snapshot has no resume position");
     let msg: serde_json::Value = serde_json::from_str(&ev.data).unwrap();
     assert_eq!(msg["type"], "snapshot");
+    // Its id is the stream position it reflects, so an EventSource resumes from there.
+    let position = msg["position"].as_str().unwrap();
+    assert_eq!(ev.id.as_deref(), Some(position), "{}", ev.data);
+    assert_eq!(
+        position.split_once(':').unwrap().0,
+        msg["epoch"].as_str().unwrap()
+    );
     (
         msg["epoch"].as_str().unwrap().to_owned(),
         sorted(live_rows(&msg)),
@@ -115,6 +122,7 @@ fn frame(ts: i64, values: Vec<(&str, Value)>) -> Vec<u8> {
 async fn every_transport_reaches_store_live_streams_and_history() {
     bounded(60, async {
         let gw = TestGateway::spawn().await;
+        let tokens = gw.provision_many(&[A, B, OTHER]).await;
         // Aligned to 10 s so the aggregation buckets below are known exactly; two
         // minutes back is well inside the accepted timestamp window.
         let base = (now_ms() - 120_000) / 10_000 * 10_000;
@@ -132,9 +140,11 @@ async fn every_transport_reaches_store_live_streams_and_history() {
         assert_eq!(sse_snapshot(&mut sse_temp).await, (epoch.clone(), vec![]));
         assert_eq!(ws_snapshot(&mut live_ws).await, (epoch.clone(), vec![]));
 
-        // MQTT: JSON and postcard for A, JSON for the outsider. MQTT has no
-        // application-level ack, so wait until the store holds them.
-        let mqtt = gw.mqtt_client("e2e-mqtt-client").await;
+        // MQTT: JSON and postcard for A, JSON for the outsider, each device on its own
+        // authenticated connection. MQTT has no application-level ack, so wait until the
+        // store holds them.
+        let mqtt = gw.mqtt_client(A, &tokens[A]).await;
+        let mqtt_other = gw.mqtt_client(OTHER, &tokens[OTHER]).await;
         let payload =
             json!({"ts": base, "values": {"temp": 21.5, "count": 7, "ok": true, "mode": "eco"}});
         mqtt.publish(&topic::telemetry(A), payload.to_string())
@@ -148,18 +158,18 @@ async fn every_transport_reaches_store_live_streams_and_history() {
         )
         .await;
         let payload = json!({"ts": base + 6_000, "values": {"temp": 99.5}});
-        mqtt.publish(&topic::telemetry(OTHER), payload.to_string())
+        mqtt_other
+            .publish(&topic::telemetry(OTHER), payload.to_string())
             .await;
-        mqtt.wait_acks(3, Duration::from_secs(10)).await;
+        mqtt.wait_acks(2, Duration::from_secs(10)).await;
+        mqtt_other.wait_acks(1, Duration::from_secs(10)).await;
         wait_for("MQTT readings stored", Duration::from_secs(10), || {
             gw.store_count() == 7
         })
         .await;
 
         // WebSocket ingest for B: a JSON array (backfill shape) and a postcard frame.
-        let mut ingest = gw
-            .ws_connect(&format!("/api/v1/ingest/ws?device={B}"))
-            .await;
+        let mut ingest = gw.ws_ingest(&tokens[B], &format!("?device={B}")).await;
         let payload = json!([
             {"ts": base + 2_000, "values": {"temp": 19.0}},
             {"ts": base + 3_000, "values": {"temp": 18.5, "ok": false}},
@@ -188,13 +198,17 @@ async fn every_transport_reaches_store_live_streams_and_history() {
         // HTTP for A: a timestamped object, then a flat object stamped with server time.
         let path = format!("/api/v1/devices/{A}/telemetry");
         let body = json!({"ts": base + 5_000, "values": {"temp": 23.0, "humidity": 40}});
-        let answer = gw.post(&path, "application/json", body.to_string()).await;
+        let answer = gw
+            .post(&path, &tokens[A], "application/json", body.to_string())
+            .await;
         assert_eq!(
             answer,
             (200, "application/json".into(), json!({"accepted": 2}))
         );
         let before = now_ms();
-        let answer = gw.post(&path, "application/json", r#"{"rssi":-70}"#).await;
+        let answer = gw
+            .post(&path, &tokens[A], "application/json", r#"{"rssi":-70}"#)
+            .await;
         let after = now_ms();
         assert_eq!(
             answer,
@@ -204,7 +218,9 @@ async fn every_transport_reaches_store_live_streams_and_history() {
         // a subscriber that has seen it has seen everything.
         let sentinel = row(A, "temp", base + 9_000, Value::F64(24.5));
         let body = json!({"ts": base + 9_000, "values": {"temp": 24.5}});
-        let answer = gw.post(&path, "application/json", body.to_string()).await;
+        let answer = gw
+            .post(&path, &tokens[A], "application/json", body.to_string())
+            .await;
         assert_eq!(
             answer,
             (200, "application/json".into(), json!({"accepted": 1}))

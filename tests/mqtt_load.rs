@@ -1,6 +1,7 @@
 //! MQTT under load: 100,000 QoS 1 messages from 10 concurrent clients must all be
 //! PUBACKed and then stored exactly once (complete per-device timestamp sets), with the
 //! ingest counter matching and nothing dropped anywhere (spill, cursor jumps, ...).
+//! Each client is a provisioned device publishing under its own topic with its token.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -21,16 +22,18 @@ const TOTAL: i64 = CLIENTS as i64 * PER_CLIENT;
 async fn hundred_thousand_qos1_messages_are_stored_exactly_once() {
     bounded(120, async {
         let gw = TestGateway::spawn().await;
+        let ids: Vec<String> = (0..CLIENTS).map(|c| format!("load-dev-{c}")).collect();
+        let tokens = gw.provision_many(&ids).await;
         // Timestamps base..base+9_999 per device: unique per device, all in the past
         // and inside the accepted window.
         let base = now_ms() - 60_000;
         let started = Instant::now();
 
         let mut publishers = Vec::new();
-        for c in 0..CLIENTS {
-            let mqtt = Mqtt::connect(gw.mqtt, &format!("load-client-{c}")).await;
+        for id in &ids {
+            let mqtt = Mqtt::connect(gw.mqtt, id, &tokens[id]).await;
+            let topic = topic::telemetry(id);
             publishers.push(tokio::spawn(async move {
-                let topic = topic::telemetry(&format!("load-dev-{c}"));
                 for i in 0..PER_CLIENT {
                     // One metric per message, so rows == messages.
                     let payload = format!(r#"{{"ts":{},"values":{{"v":{i}}}}}"#, base + i);

@@ -1,172 +1,23 @@
 //! The real binary: SIGTERM drains and flushes (every MQTT message the broker PUBACKed
 //! and every WebSocket message the gateway acked is in the store after a clean exit),
-//! the start-up log line names the bound ports, and `fluxgate config check` validates
-//! files and environment overrides, naming the offending key.
+//! the start-up log line (on stderr) names the bound ports, the first start prints the
+//! admin key on stdout, and `fluxgate config check` validates files and environment
+//! overrides, naming the offending key. Devices are provisioned through the REST API
+//! with the printed admin key and authenticate with their tokens.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Mqtt, bounded, now_ms, row, store_rows};
+use common::{Mqtt, Process, bounded, fluxgate, now_ms, row, run, store_rows, ws_open};
 use fluxgate::model::Value;
 use fluxgate_proto::topic;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tempfile::TempDir;
 use tokio_tungstenite::tungstenite::Message;
-
-/// The binary with an environment that only holds what the test sets: no inherited
-/// `FLUXGATE_*` overrides or `RUST_LOG` filter can change its behaviour.
-fn fluxgate() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluxgate"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("FLUXGATE_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null());
-    cmd
-}
-
-/// A running `fluxgate` process on ephemeral ports.
-struct Process {
-    child: Child,
-    http: SocketAddr,
-    mqtt: SocketAddr,
-    /// Everything it has written to stdout so far.
-    stdout: Arc<Mutex<String>>,
-    dir: TempDir,
-}
-
-/// The address after `key=` in a log line.
-fn addr_after(line: &str, key: &str) -> SocketAddr {
-    let start = line
-        .find(key)
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-        + key.len();
-    line[start..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|e| panic!("{key} in `{line}`: {e}"))
-}
-
-impl Process {
-    /// Start the binary with extra environment overrides and wait (bounded) for its
-    /// `listening` line.
-    fn start(env: &[(&str, &str)]) -> Process {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = fluxgate()
-            .envs(env.iter().copied())
-            .env("FLUXGATE_HTTP__LISTEN", "127.0.0.1:0")
-            .env("FLUXGATE_MQTT__LISTEN", "127.0.0.1:0")
-            .env("FLUXGATE_DATA_DIR", dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        // The log goes to stdout. It is read to the end by a thread, so the process can
-        // never block on a full pipe; lines are forwarded until the listening line.
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let pipe = child.stdout.take().unwrap();
-        let all = stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let line = line.unwrap();
-                all.lock().unwrap().push_str(&format!("{line}\n"));
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let line = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains("listening mqtt=") => break line,
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = child.kill();
-                    panic!(
-                        "no listening line ({e}); output:\n{}",
-                        stdout.lock().unwrap()
-                    );
-                }
-            }
-        };
-        let (mqtt, http) = (addr_after(&line, "mqtt="), addr_after(&line, "http="));
-        assert!(mqtt.ip().is_loopback() && mqtt.port() != 0, "{line}");
-        assert!(http.ip().is_loopback() && http.port() != 0, "{line}");
-        Process {
-            child,
-            http,
-            mqtt,
-            stdout,
-            dir,
-        }
-    }
-
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Wait for the process to exit; kill it and fail after `timeout`.
-    async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "fluxgate did not exit within {timeout:?} of SIGTERM; output:\n{}",
-                    self.stdout.lock().unwrap()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn db(&self) -> std::path::PathBuf {
-        self.dir.path().join("telemetry.db")
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        // A failed test must not leave a gateway running.
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// After a clean shutdown, the log says so (stdout is complete once the process exited
-/// and the pipe reached its end, which the reader thread sees shortly after).
-async fn assert_logged_clean_stop(p: &Process) {
-    common::wait_for("the final log line", Duration::from_secs(5), || {
-        p.stdout.lock().unwrap().contains("gateway stopped")
-    })
-    .await;
-    let out = p.stdout.lock().unwrap().clone();
-    assert!(out.contains("shutdown requested"), "{out}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_keeps_every_pubacked_mqtt_message() {
@@ -182,7 +33,8 @@ async fn sigterm_keeps_every_pubacked_mqtt_message() {
             ("FLUXGATE_PIPELINE__QUEUE_CAPACITY", "1"),
         ]);
         let base = now_ms() - 60_000;
-        let mqtt = Mqtt::connect(p.mqtt, "shutdown-mqtt").await;
+        let token = p.admin.provision("shutdown-dev").await;
+        let mqtt = Mqtt::connect(p.mqtt, "shutdown-dev", &token).await;
         let topic = topic::telemetry("shutdown-dev");
         for i in 0..N {
             let payload = format!(r#"{{"ts":{},"values":{{"v":{i}}}}}"#, base + i);
@@ -198,7 +50,7 @@ async fn sigterm_keeps_every_pubacked_mqtt_message() {
         p.sigterm();
         let status = p.wait_exit(Duration::from_secs(30)).await;
         assert!(status.success(), "exit status {status}");
-        assert_logged_clean_stop(&p).await;
+        p.assert_logged_clean_stop().await;
 
         let expected: Vec<_> = (0..N)
             .map(|i| row("shutdown-dev", "v", base + i, Value::I64(i)))
@@ -214,8 +66,9 @@ async fn sigterm_keeps_every_websocket_acked_message() {
         const SENT: i64 = 3_000;
         let mut p = Process::start(&[]);
         let base = now_ms() - 60_000;
+        let token = p.admin.provision("shutdown-ws").await;
         let url = format!("ws://{}/api/v1/ingest/ws?device=shutdown-ws", p.http);
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let ws = ws_open(&url, Some(&token)).await.unwrap();
         let (mut sink, mut stream) = ws.split();
         // Pipelined, without waiting for acks, so that SIGTERM lands while messages are
         // in flight at every stage.
@@ -260,7 +113,7 @@ async fn sigterm_keeps_every_websocket_acked_message() {
         sender.abort();
         let status = p.wait_exit(Duration::from_secs(30)).await;
         assert!(status.success(), "exit status {status}");
-        assert_logged_clean_stop(&p).await;
+        p.assert_logged_clean_stop().await;
 
         // Exactly the acked messages are stored: the gateway stops taking messages at
         // SIGTERM, answers every one it took (before closing the socket, so no ack is
@@ -274,19 +127,6 @@ async fn sigterm_keeps_every_websocket_acked_message() {
         eprintln!("acked {acked}, stored {} of {SENT}", stored.len());
     })
     .await;
-}
-
-fn run(cmd: &mut Command) -> (Option<i32>, String, String) {
-    let out = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
 }
 
 #[test]

@@ -433,7 +433,16 @@ impl Protocol for AclProtocol {
     ) -> Result<Packet, rumqttd::protocol::Error> {
         let packet = self.inner.read_mut(stream, max_size)?;
         match &packet {
-            Packet::Connect(connect, _, will, _, _) => {
+            Packet::Connect(connect, _, will, _, login) => {
+                // rumqttd refuses a CONNECT without credentials before it asks the auth
+                // handler, so that refusal is counted here.
+                if login.is_none() && connect.client_id != PROBE_CLIENT_ID {
+                    self.metrics.emit(Event::AuthRefused {
+                        transport: Transport::Mqtt,
+                        device: &connect.client_id,
+                        reason: AuthFailure::Missing,
+                    });
+                }
                 let id: Arc<str> = Arc::from(connect.client_id.as_str());
                 self.client = Some((id, format!("devices/{}/", connect.client_id)));
                 if let Some(will) = will {

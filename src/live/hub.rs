@@ -257,9 +257,10 @@ struct State {
     latest: HashMap<DeviceId, HashMap<MetricName, Arc<LiveReading>>>,
     ring: VecDeque<Arc<LiveReading>>,
     ring_bytes: usize,
-    /// (seq, arrival second in ms): the first reading of every second, to map an old
-    /// position to a time for gap-filling from the store.
-    checkpoints: VecDeque<(u64, u64)>,
+    /// One per second of arrivals: the first seq of that second and the range of
+    /// reading timestamps seen in it, to turn a span of old positions into the
+    /// timestamp window a gap-fill from the store must cover.
+    checkpoints: VecDeque<Checkpoint>,
     subscribers: HashMap<u64, SubEntry>,
     /// Subscribers whose filters only list device ids, by device: publishing looks up
     /// the reading's device instead of asking every subscriber.
@@ -302,6 +303,14 @@ impl State {
             !subs.is_empty()
         });
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Checkpoint {
+    first_seq: u64,
+    arrival_s: u64,
+    min_ts: i64,
+    max_ts: i64,
 }
 
 /// Most checkpoints kept (one per second with traffic: a bit over a day).
@@ -382,12 +391,23 @@ impl Hub {
         if state
             .checkpoints
             .back()
-            .is_none_or(|(_, t)| arrival_ms / 1000 != t / 1000)
+            .is_none_or(|c| c.arrival_s != arrival_ms / 1000)
         {
             if state.checkpoints.len() == MAX_CHECKPOINTS {
                 state.checkpoints.pop_front();
             }
-            state.checkpoints.push_back((state.seq + 1, arrival_ms));
+            state.checkpoints.push_back(Checkpoint {
+                first_seq: state.seq + 1,
+                arrival_s: arrival_ms / 1000,
+                min_ts: i64::MAX,
+                max_ts: i64::MIN,
+            });
+        }
+        if let Some(c) = state.checkpoints.back_mut() {
+            for r in readings {
+                c.min_ts = c.min_ts.min(r.ts_ms);
+                c.max_ts = c.max_ts.max(r.ts_ms);
+            }
         }
         let mut positioned = Vec::with_capacity(readings.len());
         for r in readings {
@@ -588,22 +608,31 @@ impl Hub {
         if pos.seq + 1 >= ring_first {
             return Start::Replay(after(pos.seq));
         }
-        // The ring starts later than the position: find when that position was
-        // published (the checkpoint at or before it) and gap-fill the time in between
-        // from the store. Devices' clocks may differ from the gateway's a little, hence
-        // the margin; the client removes duplicates by (device, metric, ts).
-        let idx = state
+        // The ring starts later than the position: the readings in between (seq in
+        // (pos, ring_first)) are in the store. The checkpoints covering that span of
+        // positions give the range of their timestamps, which is the window to read
+        // (it may include readings the client already has; clients remove duplicates by
+        // device, metric and ts).
+        let Some(first) = state
             .checkpoints
-            .partition_point(|(seq, _)| *seq <= pos.seq);
-        let Some(&(_, from_arrival)) = idx.checked_sub(1).and_then(|i| state.checkpoints.get(i))
+            .partition_point(|c| c.first_seq <= pos.seq + 1)
+            .checked_sub(1)
         else {
             return reset("that position is older than the gateway remembers");
         };
-        let to_arrival = state.ring.front().map_or_else(now_ms, |l| l.arrival_ms);
-        const MARGIN_MS: i64 = 5_000;
+        let (from_ms, to_ms) = state
+            .checkpoints
+            .range(first..)
+            .take_while(|c| c.first_seq < ring_first)
+            .fold((i64::MAX, i64::MIN), |(lo, hi), c| {
+                (lo.min(c.min_ts), hi.max(c.max_ts))
+            });
+        if from_ms > to_ms {
+            return reset("that position is older than the gateway remembers");
+        }
         Start::GapFill {
-            from_ms: from_arrival as i64 - MARGIN_MS,
-            to_ms: to_arrival as i64 + MARGIN_MS,
+            from_ms,
+            to_ms: to_ms.saturating_add(1),
             then: after(pos.seq),
         }
     }

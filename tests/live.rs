@@ -2,7 +2,7 @@
 //! an unknown epoch; conflation for a client that reads nothing while 200,000 readings
 //! flow; filters (ids, globs, labels, metrics) and snapshot semantics; WebSocket
 //! subscribe/unsubscribe; `max_rate`; limits and authentication.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
 

@@ -301,16 +301,7 @@ async fn json_body<T: DeserializeOwned>(
     limit: usize,
     merge_patch: bool,
 ) -> Result<T, ApiError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let mime = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let (ct, mime) = super::content_type(headers);
     let ok = mime == "application/json" || (merge_patch && mime == "application/merge-patch+json");
     if !ok {
         let expected = if merge_patch {

@@ -134,6 +134,22 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// The request's `Content-Type` as sent (for messages) and its media type, lowercase
+/// and without parameters (for matching).
+pub fn content_type(headers: &axum::http::HeaderMap) -> (&str, String) {
+    let raw = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = raw
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    (raw, mime)
+}
+
 /// An RFC 9457 problem.
 #[derive(Debug, Clone)]
 pub struct ApiError {

@@ -6,7 +6,7 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 
 use super::submit;
 use crate::api::auth::DeviceAuth;
@@ -14,16 +14,7 @@ use crate::api::{ApiError, AppState};
 use crate::model::{DecodeError, Encoding, Transport};
 
 fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let mime = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let (ct, mime) = crate::api::content_type(headers);
     match mime.as_str() {
         "application/json" => Ok(Encoding::Json),
         "application/octet-stream" | "application/x-fluxgate-frame" => Ok(Encoding::Postcard),

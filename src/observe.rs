@@ -62,16 +62,19 @@ pub enum Queue {
     Store,
     /// MQTT messages held by the consumer while the pipeline is busy.
     MqttSpill,
+    /// Readings queued for live subscribers, summed over all of them.
+    Live,
 }
 
 impl Queue {
-    const ALL: [Queue; 3] = [Queue::Pipeline, Queue::Store, Queue::MqttSpill];
+    const ALL: [Queue; 4] = [Queue::Pipeline, Queue::Store, Queue::MqttSpill, Queue::Live];
 
     fn as_str(self) -> &'static str {
         match self {
             Queue::Pipeline => "pipeline",
             Queue::Store => "store",
             Queue::MqttSpill => "mqtt_spill",
+            Queue::Live => "live",
         }
     }
 }
@@ -243,7 +246,7 @@ pub struct Metrics {
     readings: [AtomicU64; 3],
     decode_errors: Vec<[AtomicU64; 3]>,
     dropped: [AtomicU64; 5],
-    queue_depth: [AtomicI64; 3],
+    queue_depth: [AtomicI64; 4],
     batch_rows: Histogram,
     store_write: Histogram,
     store_rows: AtomicU64,
@@ -423,6 +426,11 @@ impl Metrics {
     /// Set the depth gauge of a queue.
     pub fn set_queue_depth(&self, queue: Queue, depth: usize) {
         self.queue_depth[queue as usize].store(depth as i64, Relaxed);
+    }
+
+    /// Change the depth gauge of a queue by `delta` (for queues spread over many owners).
+    pub fn add_queue_depth(&self, queue: Queue, delta: i64) {
+        self.queue_depth[queue as usize].fetch_add(delta, Relaxed);
     }
 
     /// Add to the live subscriber gauge (negative to remove).

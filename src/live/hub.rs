@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::model::{DeviceId, MetricName, Reading, Value, now_ms};
-use crate::observe::{Event, Metrics, ResumeSource};
+use crate::observe::{Event, Metrics, Queue, ResumeSource};
 
 /// A reading with its stream position.
 #[derive(Debug, Clone, PartialEq)]
@@ -463,15 +463,21 @@ impl Hub {
                 continue;
             };
             let mut q = lock(&entry.sub.queue);
+            let added = readings.len() as i64;
             q.items.extend(readings);
+            let mut replaced = 0;
             if q.items.len() > self.limits.client_queue {
                 let before = q.items.len();
                 conflate(&mut q.items);
-                let replaced = (before - q.items.len()) as u64;
+                replaced = (before - q.items.len()) as u64;
                 q.conflated += replaced;
-                self.metrics.emit(Event::Conflated { count: replaced });
             }
             drop(q);
+            self.metrics
+                .add_queue_depth(Queue::Live, added - replaced as i64);
+            if replaced > 0 {
+                self.metrics.emit(Event::Conflated { count: replaced });
+            }
             entry.sub.notify.notify_one();
         }
     }
@@ -696,6 +702,7 @@ impl Subscription {
                     let conflated = std::mem::take(&mut q.conflated);
                     let more = q.items.len() > n;
                     let readings = q.items.drain(..n).collect();
+                    self.hub.metrics.add_queue_depth(Queue::Live, -(n as i64));
                     if more {
                         // Leave a permit so the next call does not wait.
                         self.sub.notify.notify_one();
@@ -761,6 +768,8 @@ impl Drop for Subscription {
         state.subscribers.remove(&self.id);
         state.unindex(self.id);
         drop(state);
+        let left = lock(&self.sub.queue).items.len() as i64;
+        self.hub.metrics.add_queue_depth(Queue::Live, -left);
         self.hub.metrics.add_live_subscribers(-1);
     }
 }

@@ -318,12 +318,10 @@ async fn a_stalled_client_is_conflated_and_catches_up_to_the_latest_values() {
         .await;
         assert!(gw.metric("fluxgate_live_conflated_total").await > 0.0);
         // Its queue stayed bounded: at most the configured 1,000 plus one message of
-        // 100 series (conflation keeps the latest per series).
+        // 100 series (conflation keeps the latest per series). It may also be empty by
+        // now: loopback socket buffers take megabytes before the server's writes block.
         let queued = gw.metric("fluxgate_queue_depth{queue=\"live\"}").await;
-        assert!(
-            queued > 0.0 && queued <= 1_100.0,
-            "live queue depth {queued}"
-        );
+        assert!(queued <= 1_100.0, "live queue depth {queued}");
 
         // Now the client reads: every reading is either delivered or counted as conflated,
         // and it ends on the latest value of every series.

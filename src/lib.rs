@@ -11,6 +11,7 @@
 //! - [`ingest`]: MQTT, WebSocket and HTTP ingest -> envelopes.
 //! - [`pipeline`]: decode and batch.
 //! - [`store`]: the embedded SQLite store.
+//! - [`sink`]: the InfluxDB sink and its crash-safe buffer.
 //! - [`live`]: the live hub and its WS/SSE streams.
 //! - [`api`]: the axum router and problem+json errors.
 //! - [`observe`]: events, metrics and their log lines.
@@ -23,6 +24,7 @@ pub mod live;
 pub mod model;
 pub mod observe;
 pub mod pipeline;
+pub mod sink;
 pub mod store;
 
 pub use app::{Gateway, RunningGateway};

@@ -258,11 +258,12 @@ impl InfluxConfig {
         // with '#' is a comment.
         if self.measurement.is_empty()
             || self.measurement.starts_with('#')
+            || self.measurement.ends_with('\\')
             || self.measurement.chars().any(char::is_control)
         {
             return Err(invalid(
                 &format!("{K}.measurement"),
-                "must be non-empty, not start with '#', and have no control characters",
+                "must be non-empty, not start with '#' or end with '\\', and have no control characters",
             ));
         }
         if let Some(bad) = self

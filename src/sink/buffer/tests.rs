@@ -122,7 +122,7 @@ proptest! {
                         expect_damage = 1;
                         // Torn before it was acknowledged: it is gone (its append
                         // would not have returned). If acknowledged, it was gone anyway.
-                        if unacked.back() == Some(&rec) && unacked.len() > 0 {
+                        if unacked.back() == Some(&rec) {
                             unacked.pop_back();
                         }
                     }
@@ -161,8 +161,9 @@ fn acked_segments_are_deleted_and_replay_resumes_after_the_cursor() {
     b.append(&batch(&rec)).expect("append");
     assert!(b.stats().segments > 3, "{:?}", b.stats());
     let mut out = Vec::new();
-    assert_eq!(b.read(600, usize::MAX, &mut out).expect("read") > 0, true);
-    let first = lines(&out).len();
+    let first = b.read(600, usize::MAX, &mut out).expect("read");
+    assert_eq!(first, lines(&out).len());
+    assert!(first > 0);
     b.ack_oldest().expect("ack");
     let segments_after_ack = b.stats().segments;
     drop(b);

@@ -751,3 +751,35 @@ async fn a_torn_segment_tail_is_reported_and_the_rest_kept() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_works_without_the_embedded_store() {
+    bounded(60, async {
+        let vm = Vm::start().await;
+        let url = vm.url();
+        let gw = TestGateway::spawn_with(|c| {
+            enable_sink(c, &url);
+            c.store.enabled = false;
+        })
+        .await;
+        let base = now_ms() - 60_000;
+        let mut expected = BTreeSet::new();
+        for i in 0..20i64 {
+            let body = json!({"ts": base + i, "values": {"v": i}}).to_string();
+            let (status, _, reply) = gw
+                .post(
+                    "/api/v1/devices/nostore/telemetry",
+                    "application/json",
+                    body,
+                )
+                .await;
+            assert_eq!((status, reply), (200, json!({"accepted": 1})));
+            expected.insert(sample("v", "nostore", base + i, i as f64));
+        }
+        vm.wait_for_exactly(&expected, Duration::from_secs(30))
+            .await;
+        assert!(!gw.db_path().exists(), "the store was created");
+        gw.shutdown().await;
+    })
+    .await;
+}

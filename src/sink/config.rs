@@ -340,3 +340,85 @@ impl InfluxConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        Config::parse(
+            text,
+            Path::new("t.toml"),
+            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn invalid_settings_name_their_key() {
+        let cases = [
+            (
+                "[sinks.influxdb]\nurl = \"ftp://x\"\n",
+                "sinks.influxdb.url",
+            ),
+            (
+                "[sinks.influxdb]\ntoken = \"a\"\ntoken_file = \"/t\"\n",
+                "sinks.influxdb.token_file",
+            ),
+            (
+                "[sinks.influxdb]\nmeasurement = \"#x\"\n",
+                "sinks.influxdb.measurement",
+            ),
+            (
+                "[sinks.influxdb]\ntag_labels = [\"a b\"]\n",
+                "sinks.influxdb.tag_labels",
+            ),
+            (
+                "[sinks.influxdb]\nprecision = \"s\"\n",
+                "sinks.influxdb.precision",
+            ),
+            (
+                "[sinks.influxdb.batch]\nmax_lines = 0\n",
+                "sinks.influxdb.batch.max_lines",
+            ),
+            (
+                "[sinks.influxdb.retry]\nmultiplier = 0.5\n",
+                "sinks.influxdb.retry.multiplier",
+            ),
+            (
+                "[sinks.influxdb.buffer]\ndir = \"../x\"\n",
+                "sinks.influxdb.buffer.dir",
+            ),
+            (
+                "[sinks.influxdb.buffer]\nwhen_full = \"newest\"\n",
+                "sinks.influxdb.buffer.when_full",
+            ),
+            (
+                "[sinks.influxdb.buffer]\nmax_bytes = 5000\n",
+                "sinks.influxdb.buffer.max_bytes",
+            ),
+            ("[sinks.influxdb]\nbukket = \"x\"\n", "sinks.influxdb"),
+        ];
+        for (text, key) in cases {
+            let e = parse(text, &[]).expect_err(text);
+            assert!(e.starts_with(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn token_comes_from_the_environment_and_is_never_printed() {
+        let c = parse(
+            "",
+            &[
+                ("FLUXGATE_SINKS__INFLUXDB__TOKEN", "s3cr3t"),
+                ("FLUXGATE_SINKS__INFLUXDB__ENABLED", "true"),
+            ],
+        )
+        .expect("env");
+        assert!(c.sinks.influxdb.enabled);
+        assert_eq!(c.sinks.influxdb.token.0, "s3cr3t");
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+}

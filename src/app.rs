@@ -125,10 +125,11 @@ impl Gateway {
             }
             let (thread_done_tx, thread_done_rx) = oneshot::channel();
             let spooler = built.spooler;
+            let spool_shutdown = shutdown.clone();
             std::thread::Builder::new()
                 .name("influxdb-spool".to_owned())
                 .spawn(move || {
-                    spooler.run(rx, jobs_tx, done_rx, stop_writers);
+                    spooler.run(rx, jobs_tx, done_rx, stop_writers, spool_shutdown);
                     let _ = thread_done_tx.send(());
                 })
                 .context("starting the InfluxDB spool thread")?;

@@ -73,13 +73,20 @@ enum Wake {
 impl Spooler {
     /// Run on a dedicated thread until the input closes and the buffer is drained (or
     /// `drain` has passed, or the database is failing). Cancels `stop_writers` on exit.
+    ///
+    /// `shutdown` matters only under `when_full = "block"`: a full buffer stops taking
+    /// input, so the pipeline cannot close it; `drain` after shutdown, batches that do
+    /// not fit are dropped (counted as `shutting_down`, their senders told to retry) so
+    /// the gateway can stop.
     pub fn run(
         mut self,
         input: flume::Receiver<DurableBatch>,
         jobs: flume::Sender<Job>,
         done: flume::Receiver<Done>,
         stop_writers: CancellationToken,
+        shutdown: CancellationToken,
     ) {
+        let mut shutdown_seen: Option<Instant> = None;
         let mut inflight: VecDeque<(u64, bool)> = VecDeque::new();
         let mut next_id = 0u64;
         let mut records = Records::default();
@@ -91,6 +98,18 @@ impl Spooler {
         loop {
             if let Some((acks, readings)) = blocked.take() {
                 blocked = self.append(&mut records, acks, readings);
+            }
+            if shutdown.is_cancelled() {
+                let seen = *shutdown_seen.get_or_insert_with(Instant::now);
+                if seen.elapsed() >= self.drain {
+                    if let Some((_acks, readings)) = blocked.take() {
+                        // Dropping the parts tells waiting senders to retry.
+                        self.metrics.emit(Event::Dropped {
+                            reason: DropReason::ShuttingDown,
+                            count: readings as u64,
+                        });
+                    }
+                }
             }
             self.dispatch(&jobs, &mut inflight, &mut next_id, &mut due, !input_open);
             self.publish_stats();

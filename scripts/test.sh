@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 log() { printf '\n==> %s\n' "$*"; }
 
 # --- what the tests need -------------------------------------------------------------
-# The spine's tests need nothing outside cargo: SQLite is bundled (rusqlite), and the
-# MQTT/WebSocket peers are real Rust clients (rumqttc, tokio-tungstenite). System
-# packages that later suites need (victoria-metrics, chromium) are listed here so a fresh
-# machine gets them from this one command.
-apt_packages=(chromium chromium-driver)
+# SQLite is bundled (rusqlite), and the MQTT/WebSocket peers are real Rust clients
+# (rumqttc, tokio-tungstenite). System packages the suites need are listed here so a
+# fresh machine gets them from this one command:
+# - victoria-metrics: a real InfluxDB v2 write API for tests/influx.rs (each test starts
+#   its own instance on a free loopback port).
+# - chromium, chromium-driver: the dashboard's end-to-end test in a real headless browser.
+apt_packages=(victoria-metrics chromium chromium-driver)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   missing=()
   for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

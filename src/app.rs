@@ -7,13 +7,15 @@
 //!                v
 //!            pipeline ── publish (never waits) ──> live hub -> subscriber queues (conflate)
 //!                │
-//!                v send_async; full -> backpressure (block)
-//!          store writer thread (SQLite)
+//!                v send_async to each durable destination; full -> backpressure (block)
+//!          store writer thread (SQLite)  +  influxdb spool thread (buffer; when_full
+//!                                            policy) -> jobs (<= max_in_flight) -> writer tasks
 //! ```
 //!
 //! Shutdown runs front to back: cancel -> ingest stops accepting and drains -> the
 //! pipeline sees its input close, flushes the batcher -> the store writer commits the
-//! last batch and exits.
+//! last batch and exits; the spool thread delivers what it can within
+//! `sinks.influxdb.shutdown_drain`, stops the writer tasks and exits.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,9 +31,10 @@ use crate::config::Config;
 use crate::ingest::mqtt::MqttIngest;
 use crate::live::{Hub, HubLimits};
 use crate::model::now_ms;
-use crate::observe::Metrics;
-use crate::pipeline::{Pipeline, StoreBatch};
+use crate::observe::{DropReason, Metrics, Queue};
+use crate::pipeline::{Destination, DurableBatch, Pipeline};
 use crate::registry::Registry;
+use crate::sink;
 use crate::store;
 
 /// Entry point for starting a gateway.
@@ -51,7 +54,8 @@ pub struct RunningGateway {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-    writer_done: Option<oneshot::Receiver<()>>,
+    /// One per dedicated thread (store writer, sink spool): fires when it has finished.
+    threads_done: Vec<oneshot::Receiver<()>>,
 }
 
 impl Gateway {
@@ -61,6 +65,8 @@ impl Gateway {
         let metrics = Arc::new(Metrics::default());
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
+        let mut threads_done = Vec::new();
+        let mut destinations = Vec::new();
 
         let dir = config.data_dir.clone();
         let (online_timeout, m) = (config.devices.online_timeout, metrics.clone());
@@ -80,7 +86,7 @@ impl Gateway {
         tasks.push(tokio::spawn(registry.clone().run(shutdown.clone())));
 
         // Store writer: a dedicated thread; its queue's full-policy is backpressure.
-        let (store_tx, store_reader, writer_done) = if config.store.enabled {
+        let store_reader = if config.store.enabled {
             let dir = config.data_dir.clone();
             let (writer, reader) = tokio::task::spawn_blocking(move || store::open_store(&dir))
                 .await
@@ -91,7 +97,7 @@ impl Gateway {
                         config.data_dir.display()
                     )
                 })?;
-            let (tx, rx) = flume::bounded::<StoreBatch>(config.batch.queue_capacity);
+            let (tx, rx) = flume::bounded::<DurableBatch>(config.batch.queue_capacity);
             let (done_tx, done_rx) = oneshot::channel();
             let m = metrics.clone();
             let (retention, interval) = (config.store.retention, config.store.retention_interval);
@@ -102,10 +108,60 @@ impl Gateway {
                     let _ = done_tx.send(());
                 })
                 .context("starting the store writer thread")?;
-            (Some(tx), Some(reader), Some(done_rx))
+            threads_done.push(done_rx);
+            destinations.push(Destination {
+                tx,
+                queue: Queue::Store,
+                gone: DropReason::StoreFailed,
+            });
+            Some(reader)
         } else {
-            (None, None, None)
+            None
         };
+
+        // InfluxDB sink: a spool thread owning the buffer (its input's full-policy is
+        // backpressure; the buffer's own is `when_full`), and `max_in_flight` writer
+        // tasks fed by a job queue that never fills (the spool thread hands out at most
+        // `max_in_flight` jobs).
+        let mut sinks = Vec::new();
+        if config.sinks.influxdb.enabled {
+            let (cfg, dir, m) = (
+                config.sinks.influxdb.clone(),
+                config.data_dir.clone(),
+                metrics.clone(),
+            );
+            let built = tokio::task::spawn_blocking(move || sink::open_influx(&cfg, &dir, m))
+                .await
+                .context("opening the InfluxDB sink")??;
+            let (tx, rx) = flume::bounded::<DurableBatch>(config.batch.queue_capacity);
+            let (jobs_tx, jobs_rx) = flume::bounded(built.max_in_flight);
+            let (done_tx, done_rx) = flume::unbounded();
+            let stop_writers = CancellationToken::new();
+            for _ in 0..built.max_in_flight {
+                tasks.push(tokio::spawn(built.writer.clone().run(
+                    jobs_rx.clone(),
+                    done_tx.clone(),
+                    stop_writers.clone(),
+                )));
+            }
+            let (thread_done_tx, thread_done_rx) = oneshot::channel();
+            let spooler = built.spooler;
+            let spool_shutdown = shutdown.clone();
+            std::thread::Builder::new()
+                .name("influxdb-spool".to_owned())
+                .spawn(move || {
+                    spooler.run(rx, jobs_tx, done_rx, stop_writers, spool_shutdown);
+                    let _ = thread_done_tx.send(());
+                })
+                .context("starting the InfluxDB spool thread")?;
+            threads_done.push(thread_done_rx);
+            destinations.push(Destination {
+                tx,
+                queue: Queue::Sink,
+                gone: DropReason::SinkBufferFailed,
+            });
+            sinks.push(built.health);
+        }
 
         let hub = Arc::new(Hub::new(
             now_ms(),
@@ -132,7 +188,7 @@ impl Gateway {
         };
         tasks.push(tokio::spawn(pipeline.run(
             pipe_rx,
-            store_tx,
+            destinations,
             shutdown.clone(),
             config.http.shutdown_grace,
         )));
@@ -168,6 +224,7 @@ impl Gateway {
             store: store_reader,
             ingest: pipe_tx,
             metrics: metrics.clone(),
+            sinks,
             settings: Arc::new(ApiSettings {
                 limits: config.limits.to_proto(),
                 max_frame_bytes: config.limits.max_frame_bytes,
@@ -207,7 +264,7 @@ impl Gateway {
             metrics,
             shutdown,
             tasks,
-            writer_done,
+            threads_done,
         })
     }
 }
@@ -236,7 +293,7 @@ impl RunningGateway {
                 tracing::error!(error = %e, "a gateway task failed");
             }
         }
-        if let Some(done) = self.writer_done {
+        for done in self.threads_done {
             let _ = done.await;
         }
         tracing::info!("gateway stopped");

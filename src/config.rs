@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::sink::config::SinksConfig;
+
 /// The environment variable prefix for overrides: `FLUXGATE_HTTP__LISTEN=127.0.0.1:9000`.
 pub const ENV_PREFIX: &str = "FLUXGATE_";
 
@@ -51,7 +53,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: &str, detail: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, detail: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
         detail: detail.into(),
@@ -82,6 +84,8 @@ pub struct Config {
     pub live: LiveConfig,
     /// The device registry.
     pub devices: DevicesConfig,
+    /// External time-series databases (`[sinks.influxdb]`).
+    pub sinks: SinksConfig,
 }
 
 impl Default for Config {
@@ -97,6 +101,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             live: LiveConfig::default(),
             devices: DevicesConfig::default(),
+            sinks: SinksConfig::default(),
         }
     }
 }
@@ -292,7 +297,8 @@ pub struct BatchConfig {
     /// acknowledgement (WS and HTTP ingest): the group-commit delay of acks.
     #[serde(with = "humantime_serde")]
     pub ack_max_age: Duration,
-    /// Batches that may wait for the store writer; when full the pipeline waits.
+    /// Batches that may wait for each durable destination (the store writer, the
+    /// InfluxDB sink's buffer); when one is full the pipeline waits.
     pub queue_capacity: usize,
 }
 
@@ -483,7 +489,7 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
-        Ok(())
+        self.sinks.validate()
     }
 }
 

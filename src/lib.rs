@@ -12,6 +12,7 @@
 //! - [`pipeline`]: decode and batch.
 //! - [`store`]: the embedded SQLite store.
 //! - [`registry`]: devices, tokens and operator API keys.
+//! - [`sink`]: the InfluxDB sink and its crash-safe buffer.
 //! - [`live`]: the live hub and its WS/SSE streams.
 //! - [`api`]: the axum router and problem+json errors.
 //! - [`observe`]: events, metrics and their log lines.
@@ -26,6 +27,7 @@ pub mod model;
 pub mod observe;
 pub mod pipeline;
 pub mod registry;
+pub mod sink;
 pub mod store;
 pub mod web;
 

@@ -30,15 +30,23 @@ pub enum DropReason {
     /// rumqttd skipped messages that rolled out of its segments before the consumer
     /// read them.
     MqttCursorJump,
+    /// The InfluxDB sink's buffer was full (`when_full = "drop_oldest"`): its oldest
+    /// unwritten lines were deleted. Counted in lines (points).
+    SinkBufferFull,
+    /// The InfluxDB sink's buffer failed to take a batch (disk error) or had stopped;
+    /// counted in readings.
+    SinkBufferFailed,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 5] = [
+    const ALL: [DropReason; 7] = [
         DropReason::MqttSpillFull,
         DropReason::StoreFailed,
         DropReason::UnknownTopic,
         DropReason::ShuttingDown,
         DropReason::MqttCursorJump,
+        DropReason::SinkBufferFull,
+        DropReason::SinkBufferFailed,
     ];
 
     fn as_str(self) -> &'static str {
@@ -48,6 +56,8 @@ impl DropReason {
             DropReason::UnknownTopic => "unknown_topic",
             DropReason::ShuttingDown => "shutting_down",
             DropReason::MqttCursorJump => "mqtt_cursor_jump",
+            DropReason::SinkBufferFull => "sink_buffer_full",
+            DropReason::SinkBufferFailed => "sink_buffer_failed",
         }
     }
 }
@@ -64,10 +74,18 @@ pub enum Queue {
     MqttSpill,
     /// Readings queued for live subscribers, summed over all of them.
     Live,
+    /// Batcher -> InfluxDB sink buffer batches.
+    Sink,
 }
 
 impl Queue {
-    const ALL: [Queue; 4] = [Queue::Pipeline, Queue::Store, Queue::MqttSpill, Queue::Live];
+    const ALL: [Queue; 5] = [
+        Queue::Pipeline,
+        Queue::Store,
+        Queue::MqttSpill,
+        Queue::Live,
+        Queue::Sink,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
@@ -75,6 +93,7 @@ impl Queue {
             Queue::Store => "store",
             Queue::MqttSpill => "mqtt_spill",
             Queue::Live => "live",
+            Queue::Sink => "sink",
         }
     }
 }
@@ -187,6 +206,54 @@ pub enum Event<'a> {
         /// Its transport.
         transport: Transport,
     },
+    /// The InfluxDB sink wrote a request.
+    SinkWritten {
+        /// Lines (points) in it.
+        lines: usize,
+        /// Body bytes sent (compressed when gzip is on).
+        bytes: usize,
+        /// From the first attempt to the server's answer.
+        elapsed: Duration,
+        /// Attempts that had failed before this one.
+        retries: u32,
+    },
+    /// A write failed and will be retried.
+    SinkRetry {
+        /// The HTTP status, when the server answered.
+        status: Option<u16>,
+        /// What failed.
+        error: &'a str,
+        /// Wait before the next attempt.
+        delay: Duration,
+    },
+    /// The server rejected a request as bad data (4xx): it went to the dead-letter file.
+    SinkDeadLettered {
+        /// Lines (points) in it.
+        lines: usize,
+        /// The HTTP status.
+        status: u16,
+        /// The server's reason.
+        reason: &'a str,
+        /// Set when even the dead-letter file could not be written.
+        file_error: Option<&'a str>,
+    },
+    /// The sink buffer skipped damaged data when it was opened (torn write, corruption).
+    SinkBufferCorrupt {
+        /// Damaged regions skipped.
+        regions: u64,
+        /// Bytes skipped.
+        bytes: u64,
+        /// Where.
+        detail: &'a str,
+    },
+    /// The sink buffer failed to take a batch (disk error): its readings are dropped
+    /// and waiting senders are told to retry.
+    SinkBufferFailed {
+        /// Readings in the batch.
+        readings: usize,
+        /// What failed.
+        error: &'a str,
+    },
 }
 
 /// A histogram with fixed upper bounds.
@@ -245,8 +312,8 @@ pub struct Metrics {
     messages: [AtomicU64; 3],
     readings: [AtomicU64; 3],
     decode_errors: Vec<[AtomicU64; 3]>,
-    dropped: [AtomicU64; 5],
-    queue_depth: [AtomicI64; 4],
+    dropped: [AtomicU64; DropReason::ALL.len()],
+    queue_depth: [AtomicI64; Queue::ALL.len()],
     batch_rows: Histogram,
     store_write: Histogram,
     store_rows: AtomicU64,
@@ -260,8 +327,40 @@ pub struct Metrics {
     acl_violations: [AtomicU64; 2],
     kicked: AtomicU64,
     devices_online: AtomicI64,
-    live_resumes: [AtomicU64; 3],
+    live_resumes: [AtomicU64; ResumeSource::ALL.len()],
+    sink: SinkMetrics,
     log_budget: LogBudget,
+}
+
+/// The InfluxDB sink's counters and gauges.
+struct SinkMetrics {
+    points: AtomicU64,
+    batches: AtomicU64,
+    bytes: AtomicU64,
+    retries: AtomicU64,
+    dead_lettered: AtomicU64,
+    corrupt: AtomicU64,
+    write: Histogram,
+    buffer_bytes: AtomicI64,
+    buffer_segments: AtomicI64,
+    buffer_lines: AtomicI64,
+}
+
+impl Default for SinkMetrics {
+    fn default() -> Self {
+        Self {
+            points: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            write: Histogram::new(SECONDS_BOUNDS, 1e6),
+            buffer_bytes: AtomicI64::new(0),
+            buffer_segments: AtomicI64::new(0),
+            buffer_lines: AtomicI64::new(0),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -289,6 +388,7 @@ impl Default for Metrics {
             kicked: AtomicU64::new(0),
             devices_online: AtomicI64::new(0),
             live_resumes: Default::default(),
+            sink: SinkMetrics::default(),
             log_budget: LogBudget::default(),
         }
     }
@@ -415,12 +515,102 @@ impl Metrics {
                     "closed connection of a disabled, deleted or re-keyed device"
                 );
             }
+            Event::SinkWritten {
+                lines,
+                bytes,
+                elapsed,
+                retries,
+            } => {
+                let s = &self.sink;
+                s.points.fetch_add(lines as u64, Relaxed);
+                s.batches.fetch_add(1, Relaxed);
+                s.bytes.fetch_add(bytes as u64, Relaxed);
+                s.write.observe(elapsed.as_secs_f64());
+                if retries > 0 {
+                    tracing::info!(
+                        lines,
+                        retries,
+                        ?elapsed,
+                        "influxdb write succeeded after retries"
+                    );
+                } else {
+                    tracing::trace!(lines, bytes, ?elapsed, "influxdb write");
+                }
+            }
+            Event::SinkRetry {
+                status,
+                error,
+                delay,
+            } => {
+                self.sink.retries.fetch_add(1, Relaxed);
+                // An outage retries for as long as it lasts: a few lines per second.
+                if let Some(suppressed) = self.log_budget.take() {
+                    tracing::warn!(
+                        ?status,
+                        ?delay,
+                        suppressed,
+                        "influxdb write failed, will retry: {error}"
+                    );
+                }
+            }
+            Event::SinkDeadLettered {
+                lines,
+                status,
+                reason,
+                file_error,
+            } => {
+                self.sink.dead_lettered.fetch_add(lines as u64, Relaxed);
+                match file_error {
+                    None => tracing::error!(
+                        lines,
+                        status,
+                        reason,
+                        "influxdb rejected a batch; written to the dead-letter file"
+                    ),
+                    Some(e) => tracing::error!(
+                        lines,
+                        status,
+                        reason,
+                        file_error = e,
+                        "influxdb rejected a batch and the dead-letter file failed; batch lost"
+                    ),
+                }
+            }
+            Event::SinkBufferCorrupt {
+                regions,
+                bytes,
+                detail,
+            } => {
+                self.sink.corrupt.fetch_add(regions, Relaxed);
+                tracing::warn!(
+                    regions,
+                    bytes,
+                    "influxdb buffer: skipped damaged data: {detail}"
+                );
+            }
+            Event::SinkBufferFailed { readings, error } => {
+                self.dropped[DropReason::SinkBufferFailed as usize]
+                    .fetch_add(readings as u64, Relaxed);
+                tracing::error!(
+                    readings,
+                    error,
+                    "influxdb buffer append failed; batch dropped"
+                );
+            }
         }
     }
 
     /// Set the online-devices gauge.
     pub fn set_devices_online(&self, n: usize) {
         self.devices_online.store(n as i64, Relaxed);
+    }
+
+    /// Set the InfluxDB sink buffer gauges.
+    pub fn set_sink_buffer(&self, bytes: u64, segments: usize, lines: u64) {
+        let s = &self.sink;
+        s.buffer_bytes.store(bytes as i64, Relaxed);
+        s.buffer_segments.store(segments as i64, Relaxed);
+        s.buffer_lines.store(lines as i64, Relaxed);
     }
 
     /// Set the depth gauge of a queue.
@@ -547,7 +737,13 @@ impl Metrics {
             let v = self.acl_violations[i].load(Relaxed);
             let _ = writeln!(out, "{name}{{action=\"{action}\"}} {v}");
         }
-        let scalars: [(&str, &str, &str, i64); 10] = [
+        self.sink.write.render(
+            &mut out,
+            "fluxgate_influxdb_write_seconds",
+            "Time from the first attempt of an InfluxDB write request to its success.",
+        );
+        let s = &self.sink;
+        let scalars: [(&str, &str, &str, i64); 19] = [
             (
                 "fluxgate_devices_online",
                 "gauge",
@@ -559,6 +755,60 @@ impl Metrics {
                 "counter",
                 "Connections closed because their device was disabled, deleted or re-keyed.",
                 self.kicked.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_influxdb_points_written_total",
+                "counter",
+                "Lines (points) the InfluxDB server accepted.",
+                s.points.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_influxdb_batches_written_total",
+                "counter",
+                "Write requests the InfluxDB server accepted.",
+                s.batches.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_influxdb_bytes_written_total",
+                "counter",
+                "Request body bytes accepted (compressed when gzip is on).",
+                s.bytes.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_influxdb_retries_total",
+                "counter",
+                "Failed InfluxDB write attempts that were retried.",
+                s.retries.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_influxdb_dead_lettered_points_total",
+                "counter",
+                "Lines (points) the server rejected as bad data, written to the dead-letter file.",
+                s.dead_lettered.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_influxdb_buffer_corrupt_total",
+                "counter",
+                "Damaged regions (torn writes, corruption) skipped when opening the buffer.",
+                s.corrupt.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_influxdb_buffer_bytes",
+                "gauge",
+                "Bytes of unwritten lines in the InfluxDB buffer.",
+                s.buffer_bytes.load(Relaxed),
+            ),
+            (
+                "fluxgate_influxdb_buffer_segments",
+                "gauge",
+                "Segment files of the InfluxDB disk buffer.",
+                s.buffer_segments.load(Relaxed),
+            ),
+            (
+                "fluxgate_influxdb_buffer_points",
+                "gauge",
+                "Unwritten lines (points) in the InfluxDB buffer.",
+                s.buffer_lines.load(Relaxed),
             ),
             (
                 "fluxgate_store_rows_written_total",

@@ -1,5 +1,5 @@
 //! The HTTP surface: one axum router for the REST API, live streams, WebSocket and HTTP
-//! ingest, `/healthz` and `/metrics`.
+//! ingest, `/healthz`, `/readyz` and `/metrics`.
 //!
 //! Every error leaves as RFC 9457 `application/problem+json` through [`ApiError`]; the
 //! detail says what the client did wrong and never carries internal error text.
@@ -25,6 +25,7 @@ use crate::live::{self, Hub, LiveError};
 use crate::model::{DecodeError, Envelope, Rejection};
 use crate::observe::Metrics;
 use crate::registry::Registry;
+use crate::sink::SinkHealth;
 use crate::store::StoreReader;
 
 /// Settings the handlers need.
@@ -59,6 +60,8 @@ pub struct AppState {
     pub ingest: mpsc::Sender<Envelope>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Readiness of the enabled external sinks, for `/readyz`.
+    pub sinks: Vec<Arc<SinkHealth>>,
     /// Settings.
     pub settings: Arc<ApiSettings>,
     /// Cancelled when the gateway shuts down; long-lived streams end on it.
@@ -69,6 +72,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/openapi.json", get(openapi::openapi_json))
         .route("/api/v1/devices", post(devices::create).get(devices::list))
@@ -107,6 +111,36 @@ pub fn router(state: AppState) -> Router {
 
 async fn healthz() -> &'static str {
     "ok\n"
+}
+
+/// 200 `{"status":"ready"}`, or 503 naming every failing sink:
+/// `{"status":"unavailable","failing":[{"sink":"influxdb","reason":"..."}]}`.
+async fn readyz(axum::extract::State(st): axum::extract::State<AppState>) -> Response {
+    let failing: Vec<serde_json::Value> = st
+        .sinks
+        .iter()
+        .filter_map(|s| {
+            s.problem()
+                .map(|reason| serde_json::json!({"sink": s.name(), "reason": reason}))
+        })
+        .collect();
+    let (status, body) = if failing.is_empty() {
+        (StatusCode::OK, serde_json::json!({"status": "ready"}))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "unavailable", "failing": failing}),
+        )
+    };
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn metrics(axum::extract::State(st): axum::extract::State<AppState>) -> Response {

@@ -1,10 +1,16 @@
 //! The pipeline: decode every envelope, publish its readings to the live hub (never
-//! waiting), and batch them for the durable store.
+//! waiting), and batch them for the durable destinations (the embedded store, the
+//! InfluxDB sink's buffer).
 //!
 //! It runs until its input closes, which is how shutdown reaches it in order: ingest
 //! stops and drops its senders, the pipeline drains what is queued, flushes the batcher
-//! and drops its store sender, and the store writer commits the rest and exits.
+//! and drops its destination senders, and every destination finishes and exits.
+//!
+//! [`Pipeline::dispatch`] is the one place that decides how a message's acknowledgement
+//! depends on the destinations: one [`AckPart`] per destination, answered when all
+//! confirmed.
 
+pub mod ack;
 mod batcher;
 pub mod decode;
 
@@ -15,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use ack::AckPart;
 pub use batcher::{Batch, Batcher};
 use decode::{Interner, decode};
 use fluxgate_proto::Limits;
@@ -22,11 +29,29 @@ use fluxgate_proto::Limits;
 use crate::config::BatchConfig;
 use crate::live::Hub;
 use crate::model::{AckSender, Envelope, Reading, Rejection};
-use crate::observe::{Event, Metrics, Queue};
+use crate::observe::{DropReason, Event, Metrics, Queue};
 use crate::registry::Registry;
 
-/// What the store writer receives.
-pub type StoreBatch = Batch<Reading, (AckSender, usize)>;
+/// What every durable destination receives: the batch's readings (shared, not copied,
+/// between destinations) and this destination's parts of the waiting acknowledgements.
+#[derive(Debug)]
+pub struct DurableBatch {
+    /// The readings in arrival order.
+    pub readings: Arc<Vec<Reading>>,
+    /// Confirm each after the readings are durable here (or fail it).
+    pub acks: Vec<AckPart>,
+}
+
+/// A durable destination as the pipeline sees it: a bounded queue (full-policy: the
+/// pipeline waits) and what to count when the destination has stopped.
+pub struct Destination {
+    /// Its queue.
+    pub tx: flume::Sender<DurableBatch>,
+    /// The gauge of its queue depth.
+    pub queue: Queue,
+    /// The drop reason when its queue is closed.
+    pub gone: DropReason,
+}
 
 /// The pipeline component.
 pub struct Pipeline {
@@ -43,7 +68,7 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Run until `input` closes. With `store == None` there is no durable destination and
+    /// Run until `input` closes. With no destination there is nothing durable and
     /// messages are acknowledged as soon as they are decoded.
     ///
     /// Ingest handlers that still hold a sender `grace` after `shutdown` are cut off: the
@@ -51,7 +76,7 @@ impl Pipeline {
     pub async fn run(
         self,
         mut input: mpsc::Receiver<Envelope>,
-        store: Option<flume::Sender<StoreBatch>>,
+        destinations: Vec<Destination>,
         shutdown: CancellationToken,
         grace: Duration,
     ) {
@@ -82,7 +107,7 @@ impl Pipeline {
                     let now = Instant::now().into_std();
                     for envelope in envelopes.drain(..) {
                         readings.clear();
-                        self.handle(envelope, &mut interner, &mut readings, store.is_some(), |r, ack| {
+                        self.handle(envelope, &mut interner, &mut readings, !destinations.is_empty(), |r, ack| {
                             batcher.push(r, ack, now, &mut due);
                         });
                     }
@@ -96,11 +121,11 @@ impl Pipeline {
                 }
             }
             for batch in due.drain(..) {
-                self.send(&store, batch).await;
+                self.dispatch(&destinations, batch).await;
             }
         }
         if let Some(batch) = batcher.flush() {
-            self.send(&store, batch).await;
+            self.dispatch(&destinations, batch).await;
         }
         tracing::debug!("pipeline drained and stopped");
     }
@@ -142,22 +167,44 @@ impl Pipeline {
         }
     }
 
-    async fn send(&self, store: &Option<flume::Sender<StoreBatch>>, batch: StoreBatch) {
-        let Some(store) = store else {
+    /// Hand a batch to every destination; each waiting sender is answered once all of
+    /// them confirmed (see [`ack`]).
+    async fn dispatch(
+        &self,
+        destinations: &[Destination],
+        batch: Batch<Reading, (AckSender, usize)>,
+    ) {
+        let n = destinations.len();
+        if n == 0 {
             return;
-        };
-        // Full-policy: block. A slow disk backpressures the pipeline, which backpressures
-        // WS/HTTP ingest and makes MQTT spill; the live hub was already served.
-        if let Err(flume::SendError(batch)) = store.send_async(batch).await {
-            self.metrics.emit(Event::StoreWriteFailed {
-                rows: batch.items.len(),
-                error: "store writer stopped",
-            });
-            for (ack, _) in batch.acks {
-                let _ = ack.send(Err(Rejection::Unavailable));
+        }
+        let mut parts: Vec<Vec<AckPart>> = (0..n)
+            .map(|_| Vec::with_capacity(batch.acks.len()))
+            .collect();
+        for (sender, readings) in batch.acks {
+            for (i, part) in AckPart::split(sender, readings, n).into_iter().enumerate() {
+                parts[i].push(part);
             }
         }
-        self.metrics.set_queue_depth(Queue::Store, store.len());
+        let readings = Arc::new(batch.items);
+        for (dest, acks) in destinations.iter().zip(parts) {
+            let batch = DurableBatch {
+                readings: readings.clone(),
+                acks,
+            };
+            // Full-policy: block. A slow destination backpressures the pipeline, which
+            // backpressures WS/HTTP ingest and makes MQTT spill; the live hub was
+            // already served. (The InfluxDB sink's buffer takes batches at disk speed,
+            // whatever the database does.)
+            if let Err(flume::SendError(batch)) = dest.tx.send_async(batch).await {
+                // Dropping the parts fails the acks: the senders are told to retry.
+                self.metrics.emit(Event::Dropped {
+                    reason: dest.gone,
+                    count: batch.readings.len() as u64,
+                });
+            }
+            self.metrics.set_queue_depth(dest.queue, dest.tx.len());
+        }
     }
 }
 

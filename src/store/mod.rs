@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, params};
 
-use crate::model::{DeviceId, Reading, Rejection, Value};
+use crate::model::{DeviceId, Reading, Value};
 use crate::observe::{Event, Metrics, Queue};
-use crate::pipeline::StoreBatch as Batch;
+use crate::pipeline::DurableBatch as Batch;
 
 pub use query::{Agg, LatestValue, RangeQuery, SeriesPoint, StoredReading};
 
@@ -202,8 +202,8 @@ impl StoreWriter {
 
     fn write_and_ack(&mut self, batch: Batch, metrics: &Metrics) {
         let started = Instant::now();
-        let rows = batch.items.len();
-        let outcome = self.write(&batch.items);
+        let rows = batch.readings.len();
+        let outcome = self.write(&batch.readings);
         match &outcome {
             Ok(()) => metrics.emit(Event::BatchWritten {
                 rows,
@@ -214,12 +214,8 @@ impl StoreWriter {
                 error: &e.to_string(),
             }),
         }
-        for (ack, count) in batch.acks {
-            // A sender that stopped waiting (client gone) is not an error.
-            let _ = ack.send(match outcome {
-                Ok(()) => Ok(count),
-                Err(_) => Err(Rejection::Unavailable),
-            });
+        for ack in batch.acks {
+            ack.complete(outcome.is_ok());
         }
     }
 

@@ -1,0 +1,875 @@
+//! The InfluxDB sink against a real server: VictoriaMetrics (Debian's `victoria-metrics`,
+//! installed by scripts/test.sh) serves the InfluxDB v2 write API at `/api/v2/write` and
+//! reads at `/api/v1/export`. Every test starts its own instance on a free loopback port
+//! with a temporary storage directory. VictoriaMetrics accepts every line (even
+//! malformed ones), so the dead-letter test uses a tiny local stub that answers 400.
+//!
+//! VictoriaMetrics stores numbers only (a bool reads back as 0/1, a string as 0), so
+//! string values are checked at the line protocol level, through the stub.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Mqtt, TestGateway, bounded, now_ms, wait_for};
+use fluxgate::Config;
+use fluxgate_proto::topic;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+// ---------------------------------------------------------------------------------------
+// VictoriaMetrics
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A VictoriaMetrics process of the test's own; killed on drop.
+struct Vm {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    http: reqwest::Client,
+}
+
+impl Vm {
+    async fn start() -> Vm {
+        let mut vm = Vm {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        vm.restart().await;
+        vm
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Start (again) on the same port and storage, and wait until it answers.
+    async fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let child = Command::new("victoria-metrics")
+            .arg(format!("-httpListenAddr=127.0.0.1:{}", self.port))
+            .arg(format!("-storageDataPath={}", self.dir.path().display()))
+            // Its default retention (1 month) would reject old device timestamps.
+            .arg("-retentionPeriod=100y")
+            .arg("-loggerLevel=ERROR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("victoria-metrics is not installed: run scripts/test.sh");
+        self.child = Some(child);
+        let health = format!("{}/health", self.url());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(&health).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "victoria-metrics did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stop gracefully (SIGTERM): a SIGKILL would lose what it holds in memory, which
+    /// is not the outage being tested.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every stored sample of measurement `telemetry` as (field, device, ts, value), as a
+    /// set (a retried request may have been stored twice; InfluxDB itself would
+    /// overwrite, so sets are the contract).
+    async fn export(&self) -> BTreeSet<(String, String, i64, String)> {
+        // Make recently written samples visible to the export.
+        let _ = self
+            .http
+            .get(format!("{}/internal/force_flush", self.url()))
+            .send()
+            .await;
+        let text = self
+            .http
+            .post(format!("{}/api/v1/export", self.url()))
+            .form(&[("match[]", "{__name__=~\"telemetry_.*\"}")])
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let mut out = BTreeSet::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let name = v["metric"]["__name__"].as_str().unwrap();
+            let field = name.strip_prefix("telemetry_").unwrap().to_owned();
+            let device = v["metric"]["device"].as_str().unwrap().to_owned();
+            let values = v["values"].as_array().unwrap();
+            let stamps = v["timestamps"].as_array().unwrap();
+            for (val, ts) in values.iter().zip(stamps) {
+                out.insert(sample(
+                    &field,
+                    &device,
+                    ts.as_i64().unwrap(),
+                    val.as_f64().unwrap(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Poll the export until it equals `expected`; fail with the difference.
+    async fn wait_for_exactly(
+        &self,
+        expected: &BTreeSet<(String, String, i64, String)>,
+        timeout: Duration,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.export().await;
+            if &got == expected {
+                return;
+            }
+            if Instant::now() > deadline {
+                let missing: Vec<_> = expected.difference(&got).take(5).collect();
+                let extra: Vec<_> = got.difference(expected).take(5).collect();
+                panic!(
+                    "export has {} samples, expected {}; missing e.g. {missing:?}; unexpected e.g. {extra:?}",
+                    got.len(),
+                    expected.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+type Sample = (String, String, i64, String);
+
+/// Values compare as the shortest text of their f64: that is all VictoriaMetrics keeps.
+fn sample(field: &str, device: &str, ts: i64, value: f64) -> Sample {
+    (field.to_owned(), device.to_owned(), ts, format!("{value}"))
+}
+
+/// Sink settings for fast tests: short batch age and retry delays.
+fn enable_sink(c: &mut Config, url: &str) {
+    let s = &mut c.sinks.influxdb;
+    s.enabled = true;
+    s.url = url.to_owned();
+    s.token.0 = "test-token".to_owned();
+    s.batch.max_age = Duration::from_millis(50);
+    s.batch.jitter = Duration::from_millis(10);
+    s.retry.initial = Duration::from_millis(50);
+    s.retry.max = Duration::from_millis(500);
+}
+
+// ---------------------------------------------------------------------------------------
+// In-process gateway tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_of_50000_readings_over_mqtt() {
+    bounded(180, async {
+        let vm = Vm::start().await;
+        let url = vm.url();
+        let gw = TestGateway::spawn_with(|c| enable_sink(c, &url)).await;
+        // 12,500 messages of 4 readings (float, integer, bool, string) from 5 devices.
+        const DEVICES: usize = 5;
+        const PER_DEVICE: i64 = 2_500;
+        let base = now_ms() - 3_600_000;
+        let mut expected = BTreeSet::new();
+        for d in 0..DEVICES {
+            let device = format!("rt-{d}");
+            let token = gw.provision(&device).await;
+            let mqtt = Mqtt::connect(gw.mqtt, &device, &token).await;
+            let topic = topic::telemetry(&device);
+            for i in 0..PER_DEVICE {
+                let ts = base + i;
+                let temp = i as f64 / 8.0 - 100.0;
+                let count = i * 1_000_003 - 7;
+                let ok = i % 3 == 0;
+                let payload = json!({"ts": ts, "values": {
+                    "temp": temp, "count": count, "ok": ok, "mode": format!("m {i}, \"x\"")
+                }});
+                mqtt.publish(&topic, payload.to_string()).await;
+                expected.insert(sample("temp", &device, ts, temp));
+                expected.insert(sample("count", &device, ts, count as f64));
+                expected.insert(sample("ok", &device, ts, f64::from(u8::from(ok))));
+                // VictoriaMetrics stores a string field as 0.
+                expected.insert(sample("mode", &device, ts, 0.0));
+            }
+            mqtt.wait_acks(PER_DEVICE as u64, Duration::from_secs(60))
+                .await;
+        }
+        assert_eq!(expected.len(), 50_000);
+        vm.wait_for_exactly(&expected, Duration::from_secs(90))
+            .await;
+        gw.wait_metric(
+            "fluxgate_influxdb_points_written_total",
+            (DEVICES as i64 * PER_DEVICE) as f64,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(
+            gw.metric("fluxgate_influxdb_dead_lettered_points_total")
+                .await,
+            0.0
+        );
+        // The embedded store got them too.
+        assert_eq!(gw.store_count(), 50_000);
+        gw.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_loses_and_duplicates_nothing() {
+    bounded(180, async {
+        let mut vm = Vm::start().await;
+        let url = vm.url();
+        let gw = TestGateway::spawn_with(|c| enable_sink(c, &url)).await;
+        // One connection per device: a device may only publish under its own topics.
+        const DEVICES: i64 = 7;
+        let mut clients = Vec::new();
+        for d in 0..DEVICES {
+            let device = format!("out-{d}");
+            let token = gw.provision(&device).await;
+            clients.push(Mqtt::connect(gw.mqtt, &device, &token).await);
+        }
+        let mut sent = vec![0u64; DEVICES as usize];
+        let base = now_ms() - 600_000;
+        let mut expected = BTreeSet::new();
+        let publish = |from: i64, to: i64, expected: &mut BTreeSet<Sample>| {
+            let mut payloads = Vec::new();
+            for i in from..to {
+                let device = format!("out-{}", i % DEVICES);
+                payloads.push((
+                    (i % DEVICES) as usize,
+                    topic::telemetry(&device),
+                    json!({"ts": base + i, "values": {"v": i}}),
+                ));
+                expected.insert(sample("v", &device, base + i, i as f64));
+            }
+            payloads
+        };
+        // Before the outage.
+        for (c, t, p) in publish(0, 2_000, &mut expected) {
+            clients[c].publish(&t, p.to_string()).await;
+            sent[c] += 1;
+        }
+        for (c, n) in sent.iter().enumerate() {
+            clients[c].wait_acks(*n, Duration::from_secs(30)).await;
+        }
+        let (status, _, body) = gw.get_json("/readyz").await;
+        assert_eq!((status, &body), (200, &json!({"status": "ready"})));
+
+        vm.stop();
+        // During the outage: keep publishing until the sink has retried a few times.
+        let mut i = 2_000;
+        let outage_started = Instant::now();
+        while gw.metric("fluxgate_influxdb_retries_total").await < 3.0 || i < 6_000 {
+            for (c, t, p) in publish(i, i + 200, &mut expected) {
+                clients[c].publish(&t, p.to_string()).await;
+                sent[c] += 1;
+            }
+            i += 200;
+            assert!(
+                outage_started.elapsed() < Duration::from_secs(60),
+                "no retries"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (c, n) in sent.iter().enumerate() {
+            clients[c].wait_acks(*n, Duration::from_secs(30)).await;
+        }
+        let (status, _, body) = gw.get_json("/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["failing"][0]["sink"], "influxdb", "{body}");
+        assert!(gw.metric("fluxgate_influxdb_buffer_points").await > 0.0);
+        // The embedded store was not stalled by the outage.
+        let readings = i;
+        wait_for(
+            "the store to have every reading",
+            Duration::from_secs(30),
+            || gw.store_count() == readings,
+        )
+        .await;
+
+        vm.restart().await;
+        for (c, t, p) in publish(i, i + 1_000, &mut expected) {
+            clients[c].publish(&t, p.to_string()).await;
+            sent[c] += 1;
+        }
+        for (c, n) in sent.iter().enumerate() {
+            clients[c].wait_acks(*n, Duration::from_secs(30)).await;
+        }
+        vm.wait_for_exactly(&expected, Duration::from_secs(90))
+            .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, _, _) = gw.get_json("/readyz").await;
+            if status == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz stayed 503 after recovery"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            gw.metric("fluxgate_dropped_total{reason=\"sink_buffer_full\"}")
+                .await,
+            0.0
+        );
+        gw.shutdown().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// A stub server for the answers VictoriaMetrics never gives.
+
+/// Answers 400 to a request whose (gunzipped) body contains `poison`, 204 otherwise,
+/// and keeps the bodies of accepted requests.
+struct Stub {
+    addr: SocketAddr,
+    accepted: Arc<Mutex<Vec<String>>>,
+}
+
+async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some((head, buf[head_end..head_end + len].to_vec()))
+}
+
+impl Stub {
+    async fn start() -> Stub {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let acc = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let acc = acc.clone();
+                tokio::spawn(async move {
+                    while let Some((head, body)) = read_request(&mut sock).await {
+                        let text = if head.to_ascii_lowercase().contains("content-encoding: gzip") {
+                            let mut s = String::new();
+                            flate2::read::GzDecoder::new(&body[..])
+                                .read_to_string(&mut s)
+                                .unwrap();
+                            s
+                        } else {
+                            String::from_utf8(body).unwrap()
+                        };
+                        assert!(head.starts_with("POST /api/v2/write?"), "{head}");
+                        assert!(
+                            head.to_ascii_lowercase()
+                                .contains("authorization: token test-token"),
+                            "{head}"
+                        );
+                        let response = if text.contains("poison") {
+                            let reason = r#"{"code":"invalid","message":"unable to parse 'poison': bad field"}"#;
+                            format!(
+                                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reason}",
+                                reason.len()
+                            )
+                        } else {
+                            acc.lock().unwrap().push(text);
+                            "HTTP/1.1 204 No Content\r\n\r\n".to_owned()
+                        };
+                        if sock.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Stub { addr, accepted }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_batch_is_dead_lettered_and_later_batches_go_through() {
+    bounded(60, async {
+        let stub = Stub::start().await;
+        let url = format!("http://{}", stub.addr);
+        let gw = TestGateway::spawn_with(|c| enable_sink(c, &url)).await;
+        let base = now_ms() - 60_000;
+        let dl1 = gw.provision("dl-1").await;
+        let dl2 = gw.provision("dl-2").await;
+        let post = |values: serde_json::Value, ts: i64| {
+            let body = json!({"ts": ts, "values": values}).to_string();
+            (body, ts)
+        };
+        let (body, _) = post(json!({"poison": 1}), base);
+        let (status, _, _) = gw
+            .post(
+                "/api/v1/devices/dl-1/telemetry",
+                &dl1,
+                "application/json",
+                body,
+            )
+            .await;
+        assert_eq!(status, 200);
+        gw.wait_metric(
+            "fluxgate_influxdb_dead_lettered_points_total",
+            1.0,
+            Duration::from_secs(20),
+        )
+        .await;
+        let dead =
+            std::fs::read_to_string(gw_data_dir(&gw).join("influxdb-dead-letter.lp")).unwrap();
+        assert!(dead.starts_with("# "), "{dead}");
+        assert!(dead.contains("status=400"), "{dead}");
+        assert!(
+            dead.contains("unable to parse 'poison': bad field"),
+            "{dead}"
+        );
+        assert!(
+            dead.contains(&format!("telemetry,device=dl-1 poison=1i {base}\n")),
+            "{dead}"
+        );
+
+        // Later batches go through, with their strings intact at the line protocol level.
+        let strings = [
+            "plain",
+            "with space, comma=equals",
+            "quote \" and back\\slash",
+            "é\nnewline",
+        ];
+        for (i, s) in strings.iter().enumerate() {
+            let (body, _) = post(json!({"s": s, "n": i}), base + 1 + i as i64);
+            let (status, _, _) = gw
+                .post(
+                    "/api/v1/devices/dl-2/telemetry",
+                    &dl2,
+                    "application/json",
+                    body,
+                )
+                .await;
+            assert_eq!(status, 200);
+        }
+        gw.wait_metric(
+            "fluxgate_influxdb_points_written_total",
+            strings.len() as f64,
+            Duration::from_secs(20),
+        )
+        .await;
+        let bodies = stub.accepted.lock().unwrap().join("");
+        let mut got = Vec::new();
+        for line in influxdb_line_protocol::parse_lines(&bodies) {
+            let line = line.unwrap();
+            for (k, v) in &line.field_set {
+                if k.as_str() == "s" {
+                    match v {
+                        influxdb_line_protocol::FieldValue::String(s) => got.push(s.to_string()),
+                        other => panic!("{other:?}"),
+                    }
+                }
+            }
+        }
+        assert_eq!(got, strings);
+        assert_eq!(
+            gw.metric("fluxgate_influxdb_dead_lettered_points_total")
+                .await,
+            1.0
+        );
+        let (status, _, _) = gw.get_json("/readyz").await;
+        assert_eq!(status, 200);
+        gw.shutdown().await;
+    })
+    .await;
+}
+
+fn gw_data_dir(gw: &TestGateway) -> PathBuf {
+    gw.db_path().parent().unwrap().to_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// The real binary: restarts and crashes
+
+/// A `fluxgate` process on ephemeral ports with a data directory that outlives it.
+struct Process {
+    child: Child,
+    http: SocketAddr,
+    /// The admin key: printed on stdout at the first start, reused after restarts.
+    admin_key: String,
+    /// Its log (stderr) so far.
+    log: Arc<Mutex<String>>,
+}
+
+/// Read `pipe` on a thread into `all`, forwarding lines to the returned receiver.
+fn drain(
+    pipe: impl std::io::Read + Send + 'static,
+    all: Arc<Mutex<String>>,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { return };
+            all.lock().unwrap().push_str(&format!("{line}\n"));
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+impl Process {
+    /// Start on `data_dir`; `admin_key` is the key of an earlier start on the same
+    /// directory (a first start prints a new one).
+    fn start(data_dir: &Path, influx_url: &str, admin_key: Option<&str>) -> Process {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluxgate"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("FLUXGATE_") {
+                cmd.env_remove(key);
+            }
+        }
+        let mut child = cmd
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .env("FLUXGATE_HTTP__LISTEN", "127.0.0.1:0")
+            .env("FLUXGATE_MQTT__LISTEN", "127.0.0.1:0")
+            .env("FLUXGATE_DATA_DIR", data_dir)
+            .env("FLUXGATE_SINKS__INFLUXDB__ENABLED", "true")
+            .env("FLUXGATE_SINKS__INFLUXDB__URL", influx_url)
+            .env("FLUXGATE_SINKS__INFLUXDB__TOKEN", "test-token")
+            .env("FLUXGATE_SINKS__INFLUXDB__BATCH__MAX_AGE", "50ms")
+            .env("FLUXGATE_SINKS__INFLUXDB__RETRY__INITIAL", "50ms")
+            .env("FLUXGATE_SINKS__INFLUXDB__RETRY__MAX", "500ms")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let out = Arc::new(Mutex::new(String::new()));
+        let err_lines = drain(child.stderr.take().unwrap(), log.clone());
+        let out_lines = drain(child.stdout.take().unwrap(), out.clone());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The log names the bound ports.
+        let line = loop {
+            match err_lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.contains("listening mqtt=") => break line,
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("no listening line ({e}):\n{}", log.lock().unwrap());
+                }
+            }
+        };
+        let start = line.find("http=").unwrap() + 5;
+        let http = line[start..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let admin_key = match admin_key {
+            Some(k) => k.to_owned(),
+            None => loop {
+                match out_lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(line) if line.starts_with("    fgk_") => break line.trim().to_owned(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = child.kill();
+                        panic!("no admin key on stdout ({e}):\n{}", out.lock().unwrap());
+                    }
+                }
+            },
+        };
+        Process {
+            child,
+            http,
+            admin_key,
+            log,
+        }
+    }
+
+    /// A token for `device`: provisions it, or re-keys it when it already exists.
+    async fn device_token(&self, device: &str) -> String {
+        let client = reqwest::Client::new();
+        let auth = common::bearer(&self.admin_key);
+        let r = client
+            .post(format!("http://{}/api/v1/devices", self.http))
+            .header("authorization", &auth)
+            .json(&json!({"id": device}))
+            .send()
+            .await
+            .unwrap();
+        let r = if r.status().as_u16() == 409 {
+            client
+                .post(format!(
+                    "http://{}/api/v1/devices/{device}/token",
+                    self.http
+                ))
+                .header("authorization", &auth)
+                .send()
+                .await
+                .unwrap()
+        } else {
+            r
+        };
+        assert!(r.status().is_success(), "{}", r.status());
+        let body: serde_json::Value = r.json().await.unwrap();
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Send `n` WebSocket messages (one reading each) and wait for every ack.
+    async fn send_acked(&self, device: &str, from: i64, n: i64, base: i64) -> BTreeSet<Sample> {
+        let token = self.device_token(device).await;
+        let url = format!("ws://{}/api/v1/ingest/ws", self.http);
+        let mut ws = common::ws_open(&url, Some(&token)).await.unwrap();
+        let mut expected = BTreeSet::new();
+        for i in from..from + n {
+            let text = json!({"ts": base + i, "values": {"v": i}}).to_string();
+            ws.send(Message::text(text)).await.unwrap();
+            expected.insert(sample("v", device, base + i, i as f64));
+        }
+        let mut acked = 0;
+        while acked < n {
+            match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    assert_eq!(v["type"], "ack", "{v}");
+                    acked += 1;
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("WebSocket ended after {acked} acks: {other:?}"),
+            }
+        }
+        let _ = ws.close(None).await;
+        expected
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fluxgate did not exit:\n{}",
+                self.log.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        common::scrape(&text, series)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Restart during an outage, gracefully (SIGTERM) and by crash (SIGKILL right after the
+/// acks): everything acked is replayed from the disk buffer after the restart.
+async fn restart_during_outage(signal: &str) {
+    let mut vm = Vm::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let base = now_ms() - 600_000;
+    let mut p = Process::start(data.path(), &vm.url(), None);
+    let key = p.admin_key.clone();
+    let mut expected = p.send_acked("rs-1", 0, 300, base).await;
+    vm.wait_for_exactly(&expected, Duration::from_secs(30))
+        .await;
+
+    vm.stop();
+    expected.extend(p.send_acked("rs-1", 300, 500, base).await);
+    p.signal(signal);
+    let status = p.wait_exit(Duration::from_secs(30)).await;
+    if signal == "-TERM" {
+        assert!(status.success(), "{status}");
+    }
+    drop(p);
+
+    vm.restart().await;
+    let p = Process::start(data.path(), &vm.url(), Some(&key));
+    expected.extend(p.send_acked("rs-2", 0, 100, base).await);
+    vm.wait_for_exactly(&expected, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        p.metric("fluxgate_influxdb_buffer_corrupt_total").await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_restart_during_outage_replays_the_buffer() {
+    bounded(180, restart_during_outage("-TERM")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_outage_loses_nothing_acked() {
+    bounded(180, restart_during_outage("-KILL")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_segment_tail_is_reported_and_the_rest_kept() {
+    bounded(180, async {
+        let mut vm = Vm::start().await;
+        let url = vm.url();
+        vm.stop();
+        let data = tempfile::tempdir().unwrap();
+        let base = now_ms() - 600_000;
+        let mut p = Process::start(data.path(), &url, None);
+        let key = p.admin_key.clone();
+        let mut expected = p.send_acked("torn", 0, 200, base).await;
+        p.signal("-KILL");
+        p.wait_exit(Duration::from_secs(30)).await;
+        drop(p);
+
+        // Cut the last record (the reading with i = 199) in half, as a crash during
+        // its write would.
+        let dir = data.path().join("influxdb-buffer");
+        let mut segs: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+            .collect();
+        segs.sort();
+        let last = segs.last().unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(last).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.set_len(len - 10).unwrap();
+        drop(f);
+        expected.remove(&sample("v", "torn", base + 199, 199.0));
+
+        vm.restart().await;
+        let p = Process::start(data.path(), &url, Some(&key));
+        vm.wait_for_exactly(&expected, Duration::from_secs(60))
+            .await;
+        assert_eq!(
+            p.metric("fluxgate_influxdb_buffer_corrupt_total").await,
+            1.0
+        );
+        let log = p.log.lock().unwrap().clone();
+        assert!(log.contains("skipped damaged data"), "{log}");
+        assert!(log.contains("torn tail"), "{log}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_works_without_the_embedded_store() {
+    bounded(60, async {
+        let vm = Vm::start().await;
+        let url = vm.url();
+        let gw = TestGateway::spawn_with(|c| {
+            enable_sink(c, &url);
+            c.store.enabled = false;
+        })
+        .await;
+        let base = now_ms() - 60_000;
+        let token = gw.provision("nostore").await;
+        let mut expected = BTreeSet::new();
+        for i in 0..20i64 {
+            let body = json!({"ts": base + i, "values": {"v": i}}).to_string();
+            let (status, _, reply) = gw
+                .post(
+                    "/api/v1/devices/nostore/telemetry",
+                    &token,
+                    "application/json",
+                    body,
+                )
+                .await;
+            assert_eq!((status, reply), (200, json!({"accepted": 1})));
+            expected.insert(sample("v", "nostore", base + i, i as f64));
+        }
+        vm.wait_for_exactly(&expected, Duration::from_secs(30))
+            .await;
+        assert!(!gw.db_path().exists(), "the store was created");
+        gw.shutdown().await;
+    })
+    .await;
+}

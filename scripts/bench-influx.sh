@@ -19,8 +19,12 @@ gw=$!
 for _ in $(seq 100); do grep -q 'listening mqtt=' "$log" && break; sleep 0.1; done
 mqtt=$(grep -o 'mqtt=[0-9.:]*' "$log" | head -1 | cut -d= -f2)
 http=$(grep -o 'http=[0-9.:]*' "$log" | head -1 | cut -d= -f2)
+# The first start prints the admin key (on stdout, which goes to the same file here);
+# firmware-sim uses it to provision its devices, keeping their tokens in the data dir.
+export FLUXGATE_API_KEY=$(grep -o 'fgk_[A-Za-z0-9_-]*' "$log" | head -1)
+tokens="$data/sim-tokens.json"
 start=$(date +%s.%N)
-./target/release/firmware-sim bench --transport mqtt --encoding json --qos 0 --devices 10 --messages 1000000 --mqtt "$mqtt" --http "$http"
+./target/release/firmware-sim bench --transport mqtt --encoding json --qos 0 --devices 10 --messages 1000000 --mqtt "$mqtt" --http "$http" --tokens-file "$tokens"
 for _ in $(seq 1200); do
   n=$(curl -s "http://$http/metrics" | awk '/^fluxgate_influxdb_points_written_total /{print $2}')
   [ "${n:-0}" -ge 1000000 ] && break; sleep 0.1

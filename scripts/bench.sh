@@ -19,12 +19,16 @@ gw=$!
 for _ in $(seq 100); do grep -q 'listening mqtt=' "$log" && break; sleep 0.1; done
 mqtt=$(grep -o 'mqtt=[0-9.:]*' "$log" | head -1 | cut -d= -f2)
 http=$(grep -o 'http=[0-9.:]*' "$log" | head -1 | cut -d= -f2)
+# The first start prints the admin key (on stdout, which goes to the same file here);
+# firmware-sim uses it to provision its devices, keeping their tokens in the data dir.
+export FLUXGATE_API_KEY=$(grep -o 'fgk_[A-Za-z0-9_-]*' "$log" | head -1)
+tokens="$data/sim-tokens.json"
 echo "gateway: mqtt=$mqtt http=$http"
 
 for qos in 0 1; do
   ./target/release/firmware-sim bench --transport mqtt --encoding json --qos "$qos" \
-    --devices "$devices" --messages "$messages" --mqtt "$mqtt" --http "$http"
+    --devices "$devices" --messages "$messages" --mqtt "$mqtt" --http "$http" --tokens-file "$tokens"
 done
 ./target/release/firmware-sim bench --transport ws --encoding json \
-  --devices "$devices" --messages "$((messages / 5))" --mqtt "$mqtt" --http "$http"
+  --devices "$devices" --messages "$((messages / 5))" --mqtt "$mqtt" --http "$http" --tokens-file "$tokens"
 echo "store rows written: $(curl -s "http://$http/metrics" | grep '^fluxgate_store_rows_written_total' | cut -d' ' -f2)"

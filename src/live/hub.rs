@@ -12,6 +12,7 @@
 //! (another epoch, or older than the hub remembers), it gets a reset and a snapshot.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -24,6 +25,9 @@ use crate::observe::{Event, Metrics, Queue, ResumeSource};
 pub struct LiveReading {
     /// Sequence number within this gateway run's epoch (starts at 1).
     pub seq: u64,
+    /// A hash of (device, metric), computed once at publish so that conflating queues
+    /// key by a number instead of hashing both strings for every subscriber.
+    pub series: u64,
     /// When the hub received it, ms since the Unix epoch.
     pub arrival_ms: u64,
     /// The reading.
@@ -201,10 +205,107 @@ pub struct HubLimits {
     pub max_subscriptions: usize,
 }
 
+/// A subscriber's queue. Up to its capacity it is a FIFO; past it, it switches to
+/// conflated mode: one slot per series (keyed by the series hash), so each further
+/// reading costs one map insert, however long the client stays stalled, instead of
+/// re-conflating the whole queue on every publish.
 #[derive(Default)]
 struct ClientQueue {
     items: VecDeque<Arc<LiveReading>>,
+    latest: HashMap<u64, Arc<LiveReading>, BuildHasherDefault<SeriesHasher>>,
     conflated: u64,
+}
+
+impl ClientQueue {
+    fn len(&self) -> usize {
+        self.items.len() + self.latest.len()
+    }
+
+    /// Queue one reading; returns how many queued readings it replaced (0 or 1, or more
+    /// when this push switched the queue to conflated mode).
+    fn push(&mut self, l: Arc<LiveReading>, capacity: usize) -> u64 {
+        if self.latest.is_empty() && self.items.len() < capacity {
+            self.items.push_back(l);
+            return 0;
+        }
+        let mut replaced = 0;
+        if self.latest.is_empty() {
+            for old in self.items.drain(..) {
+                replaced += u64::from(Self::insert(&mut self.latest, old));
+            }
+        }
+        replaced += u64::from(Self::insert(&mut self.latest, l));
+        self.conflated += replaced;
+        replaced
+    }
+
+    /// Keep the newer of two readings of a series; true when one was replaced. Two
+    /// different series with the same 64-bit hash are both kept (the second under a key
+    /// derived from its sequence number), so a collision never loses a series.
+    fn insert(
+        latest: &mut HashMap<u64, Arc<LiveReading>, BuildHasherDefault<SeriesHasher>>,
+        l: Arc<LiveReading>,
+    ) -> bool {
+        match latest.get_mut(&l.series) {
+            Some(slot)
+                if slot.reading.device == l.reading.device
+                    && slot.reading.metric == l.reading.metric =>
+            {
+                *slot = l;
+                true
+            }
+            Some(_) => {
+                // A hash collision between two different series: keep both, under a
+                // key that cannot collide with a series hash's slot in practice.
+                latest.insert(l.seq ^ 0x9e37_79b9_7f4a_7c15, l);
+                false
+            }
+            None => {
+                latest.insert(l.series, l);
+                false
+            }
+        }
+    }
+
+    /// Take up to `max` readings in stream order.
+    fn take(&mut self, max: usize) -> Vec<Arc<LiveReading>> {
+        if !self.latest.is_empty() {
+            let mut rest: Vec<_> = self.latest.drain().map(|(_, l)| l).collect();
+            rest.sort_by_key(|l| l.seq);
+            self.items.extend(rest);
+        }
+        let n = self.items.len().min(max);
+        self.items.drain(..n).collect()
+    }
+}
+
+/// The series hash is already a hash: use it as is.
+#[derive(Default)]
+struct SeriesHasher(u64);
+
+impl std::hash::Hasher for SeriesHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+fn series_hash(device: &str, metric: &str) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    // A fixed-key hasher: the value only has to be stable within this process.
+    let mut h =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    device.hash(&mut h);
+    metric.hash(&mut h);
+    h.finish()
 }
 
 struct Subscriber {
@@ -414,6 +515,7 @@ impl Hub {
             state.seq += 1;
             let live = Arc::new(LiveReading {
                 seq: state.seq,
+                series: series_hash(&r.device, &r.metric),
                 arrival_ms,
                 reading: r.clone(),
             });
@@ -464,13 +566,9 @@ impl Hub {
             };
             let mut q = lock(&entry.sub.queue);
             let added = readings.len() as i64;
-            q.items.extend(readings);
             let mut replaced = 0;
-            if q.items.len() > self.limits.client_queue {
-                let before = q.items.len();
-                conflate(&mut q.items);
-                replaced = (before - q.items.len()) as u64;
-                q.conflated += replaced;
+            for l in readings {
+                replaced += q.push(l, self.limits.client_queue);
             }
             drop(q);
             self.metrics
@@ -657,23 +755,6 @@ impl Hub {
     }
 }
 
-/// Keep only the newest queued reading of each series, in stream order.
-fn conflate(items: &mut VecDeque<Arc<LiveReading>>) {
-    let keep: Vec<bool> = {
-        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(items.len());
-        let mut keep = vec![false; items.len()];
-        for (i, l) in items.iter().enumerate().rev() {
-            keep[i] = seen.insert((&l.reading.device, &l.reading.metric));
-        }
-        keep
-    };
-    let mut i = 0;
-    items.retain(|_| {
-        i += 1;
-        keep[i - 1]
-    });
-}
-
 /// What a subscriber takes from its queue at once.
 #[derive(Debug, Default)]
 pub struct Delivery {
@@ -697,11 +778,11 @@ impl Subscription {
             let notified = self.sub.notify.notified();
             {
                 let mut q = lock(&self.sub.queue);
-                if !q.items.is_empty() {
-                    let n = q.items.len().min(max);
+                if q.len() > 0 {
                     let conflated = std::mem::take(&mut q.conflated);
-                    let more = q.items.len() > n;
-                    let readings = q.items.drain(..n).collect();
+                    let readings: Vec<_> = q.take(max);
+                    let n = readings.len();
+                    let more = q.len() > 0;
                     self.hub.metrics.add_queue_depth(Queue::Live, -(n as i64));
                     if more {
                         // Leave a permit so the next call does not wait.
@@ -758,7 +839,7 @@ impl Subscription {
 
     /// Readings queued for this subscriber now.
     pub fn queued(&self) -> usize {
-        lock(&self.sub.queue).items.len()
+        lock(&self.sub.queue).len()
     }
 }
 
@@ -768,7 +849,7 @@ impl Drop for Subscription {
         state.subscribers.remove(&self.id);
         state.unindex(self.id);
         drop(state);
-        let left = lock(&self.sub.queue).items.len() as i64;
+        let left = lock(&self.sub.queue).len() as i64;
         self.hub.metrics.add_queue_depth(Queue::Live, -left);
         self.hub.metrics.add_live_subscribers(-1);
     }

@@ -258,6 +258,7 @@ mod tests {
     fn messages_are_json() {
         let live = Arc::new(LiveReading {
             seq: 3,
+            series: 0,
             arrival_ms: 0,
             reading: Reading {
                 device: "d".into(),

@@ -273,6 +273,7 @@ mod tests {
     fn live(seq: u64, device: &str) -> Arc<LiveReading> {
         Arc::new(LiveReading {
             seq,
+            series: 0,
             arrival_ms: 0,
             reading: Reading {
                 device: device.into(),

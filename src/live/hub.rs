@@ -316,6 +316,8 @@ struct Subscriber {
 struct SubEntry {
     sub: Arc<Subscriber>,
     filters: Vec<(String, Filter)>,
+    /// Some filter selects everything (no selector at all): no lookups needed.
+    all: bool,
     /// Per device: bit i set when filter i selects it. Valid for `cache_version`.
     cache: HashMap<DeviceId, u64>,
     cache_version: u64,
@@ -323,6 +325,9 @@ struct SubEntry {
 
 impl SubEntry {
     fn matches(&mut self, r: &Reading, labels: &dyn DeviceLabels) -> bool {
+        if self.all {
+            return true;
+        }
         let version = labels.version();
         if version != self.cache_version {
             self.cache.clear();
@@ -375,9 +380,11 @@ impl State {
     /// Put a subscriber into the publish index according to its filters.
     fn index(&mut self, id: u64) {
         self.unindex(id);
-        let Some(entry) = self.subscribers.get(&id) else {
+        let Some(entry) = self.subscribers.get_mut(&id) else {
             return;
         };
+        entry.all = entry.filters.iter().any(|(_, f)| f.size() == 0);
+        let entry = &*entry;
         let by_ids = !entry.filters.is_empty()
             && entry
                 .filters
@@ -547,13 +554,20 @@ impl Hub {
             positioned.push(live);
         }
         let labels = &*self.labels;
-        // Candidates per reading: the subscribers indexed under its device plus the
-        // ones that must be asked; each candidate then checks metric (and device) itself.
+        let State {
+            subscribers,
+            by_device,
+            scan,
+            ..
+        } = state;
+        // Subscribers indexed by device id: look up each reading's device.
         let mut matched: HashMap<u64, Vec<Arc<LiveReading>>> = HashMap::new();
         for l in &positioned {
-            let indexed = state.by_device.get(&*l.reading.device).map(Vec::as_slice);
-            for id in indexed.unwrap_or_default().iter().chain(&state.scan) {
-                if let Some(entry) = state.subscribers.get_mut(id) {
+            for id in by_device
+                .get(&*l.reading.device)
+                .map_or(&[][..], Vec::as_slice)
+            {
+                if let Some(entry) = subscribers.get_mut(id) {
                     if entry.matches(&l.reading, labels) {
                         matched.entry(*id).or_default().push(l.clone());
                     }
@@ -561,23 +575,44 @@ impl Hub {
             }
         }
         for (id, readings) in matched {
-            let Some(entry) = state.subscribers.get(&id) else {
+            if let Some(entry) = subscribers.get(&id) {
+                self.enqueue(entry, readings);
+            }
+        }
+        // Subscribers with globs, labels or no device filter: ask each one about every
+        // reading, filling its queue under one lock.
+        for id in scan.iter() {
+            let Some(entry) = subscribers.get_mut(id) else {
                 continue;
             };
-            let mut q = lock(&entry.sub.queue);
-            let added = readings.len() as i64;
-            let mut replaced = 0;
-            for l in readings {
-                replaced += q.push(l, self.limits.client_queue);
-            }
-            drop(q);
-            self.metrics
-                .add_queue_depth(Queue::Live, added - replaced as i64);
-            if replaced > 0 {
-                self.metrics.emit(Event::Conflated { count: replaced });
-            }
-            entry.sub.notify.notify_one();
+            let readings: Vec<Arc<LiveReading>> = positioned
+                .iter()
+                .filter(|l| entry.matches(&l.reading, labels))
+                .cloned()
+                .collect();
+            self.enqueue(entry, readings);
         }
+    }
+
+    /// Append readings to one subscriber's queue (conflating past its capacity), update
+    /// the gauges and wake it.
+    fn enqueue(&self, entry: &SubEntry, readings: Vec<Arc<LiveReading>>) {
+        if readings.is_empty() {
+            return;
+        }
+        let added = readings.len() as i64;
+        let mut replaced = 0;
+        let mut q = lock(&entry.sub.queue);
+        for l in readings {
+            replaced += q.push(l, self.limits.client_queue);
+        }
+        drop(q);
+        self.metrics
+            .add_queue_depth(Queue::Live, added - replaced as i64);
+        if replaced > 0 {
+            self.metrics.emit(Event::Conflated { count: replaced });
+        }
+        entry.sub.notify.notify_one();
     }
 
     fn check_filter(&self, filter: &Filter) -> Result<(), LiveError> {
@@ -647,6 +682,7 @@ impl Hub {
             sub_id,
             SubEntry {
                 sub: sub.clone(),
+                all: filter.size() == 0,
                 filters: vec![(id, filter)],
                 cache: HashMap::new(),
                 cache_version: u64::MAX,

@@ -132,7 +132,10 @@ fn init_tracing(config: &Config) {
         filter_fn(|meta| !(meta.is_span() && meta.target().starts_with("rumqttd")));
     // Logs go to stderr; stdout carries only what a user or script asked for (the
     // one-time admin key), so secrets never end up in a log stream.
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        // Colours only for a terminal, so log files and journald get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let registry = tracing_subscriber::registry();
     match config.log.format {
         LogFormat::Text => registry

@@ -130,9 +130,13 @@ impl Gateway {
                 config.data_dir.clone(),
                 metrics.clone(),
             );
-            let built = tokio::task::spawn_blocking(move || sink::open_influx(&cfg, &dir, m))
-                .await
-                .context("opening the InfluxDB sink")??;
+            let reg = registry.clone();
+            let labels: sink::line::LabelLookup =
+                Arc::new(move |device: &str| reg.labels_of(device));
+            let built =
+                tokio::task::spawn_blocking(move || sink::open_influx(&cfg, &dir, m, labels))
+                    .await
+                    .context("opening the InfluxDB sink")??;
             let (tx, rx) = flume::bounded::<DurableBatch>(config.batch.queue_capacity);
             let (jobs_tx, jobs_rx) = flume::bounded(built.max_in_flight);
             let (done_tx, done_rx) = flume::unbounded();

@@ -460,10 +460,24 @@ async fn a_rejected_batch_is_dead_lettered_and_later_batches_go_through() {
     bounded(60, async {
         let stub = Stub::start().await;
         let url = format!("http://{}", stub.addr);
-        let gw = TestGateway::spawn_with(|c| enable_sink(c, &url)).await;
+        let gw = TestGateway::spawn_with(|c| {
+            enable_sink(c, &url);
+            // Device labels named here become tags.
+            c.sinks.influxdb.tag_labels = vec!["site".to_owned()];
+        })
+        .await;
         let base = now_ms() - 60_000;
         let dl1 = gw.provision("dl-1").await;
-        let dl2 = gw.provision("dl-2").await;
+        let created = gw
+            .admin
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/devices",
+                Some(json!({"id": "dl-2", "labels": {"site": "ber lin", "owner": "x"}})),
+            )
+            .await;
+        assert_eq!(created.status, 201);
+        let dl2 = created.body["token"].as_str().unwrap().to_owned();
         let post = |values: serde_json::Value, ts: i64| {
             let body = json!({"ts": ts, "values": values}).to_string();
             (body, ts)
@@ -526,6 +540,21 @@ async fn a_rejected_batch_is_dead_lettered_and_later_batches_go_through() {
         let mut got = Vec::new();
         for line in influxdb_line_protocol::parse_lines(&bodies) {
             let line = line.unwrap();
+            // dl-2's `site` label is a tag; its other label is not.
+            let tags: Vec<(String, String)> = line
+                .series
+                .tag_set
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            assert_eq!(
+                tags,
+                [
+                    ("device".to_owned(), "dl-2".to_owned()),
+                    ("site".to_owned(), "ber lin".to_owned())
+                ]
+            );
             for (k, v) in &line.field_set {
                 if k.as_str() == "s" {
                     match v {

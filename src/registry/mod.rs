@@ -547,6 +547,18 @@ impl Registry {
 
     // ---- devices ----------------------------------------------------------------------
 
+    /// A device's labels (empty for an unknown device).
+    pub fn labels_of(&self, device: &str) -> Vec<(String, String)> {
+        self.read().devices.get(device).map_or_else(Vec::new, |e| {
+            e.record
+                .fields
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+    }
+
     /// Whether `device` exists and carries every `(key, value)` label.
     pub fn has_labels(&self, device: &str, labels: &[(String, String)]) -> bool {
         self.read().devices.get(device).is_some_and(|e| {

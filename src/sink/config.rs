@@ -84,8 +84,8 @@ pub struct InfluxConfig {
     pub token_file: Option<PathBuf>,
     /// Measurement of every point.
     pub measurement: String,
-    /// Device labels written as tags (besides `device`, which is always written). Takes
-    /// effect once devices have labels (device registry).
+    /// Device labels (from the registry) written as tags after `device` (which is always
+    /// written), sorted by key; devices without a label get no such tag.
     pub tag_labels: Vec<String>,
     /// Timestamp precision: `ms` or `ns`.
     pub precision: Precision,

@@ -10,6 +10,8 @@
 //! ids and metric names are validated names and the measurement is validated in the
 //! config.
 
+use std::sync::Arc;
+
 use crate::model::{Reading, Value};
 use crate::sink::buffer::Records;
 use crate::sink::config::Precision;
@@ -19,12 +21,27 @@ use crate::sink::config::Precision;
 /// and keeps every record far below the buffer's record limit.
 const MAX_FIELDS_PER_LINE: usize = 100;
 
+/// Looks up a device's labels (the registry, in the gateway).
+pub type LabelLookup = Arc<dyn Fn(&str) -> Vec<(String, String)> + Send + Sync>;
+
 /// Encodes readings as line protocol records.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LineEncoder {
     /// The escaped measurement followed by `,device=`.
     prefix: Vec<u8>,
     precision: Precision,
+    /// Device labels that become tags (sorted), and where to look them up.
+    tags: Vec<String>,
+    labels: Option<LabelLookup>,
+}
+
+impl std::fmt::Debug for LineEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LineEncoder")
+            .field("precision", &self.precision)
+            .field("tags", &self.tags)
+            .finish()
+    }
 }
 
 impl LineEncoder {
@@ -33,7 +50,45 @@ impl LineEncoder {
         let mut prefix = Vec::with_capacity(measurement.len() + 8);
         escape(&mut prefix, measurement, b", ");
         prefix.extend_from_slice(b",device=");
-        Self { prefix, precision }
+        Self {
+            prefix,
+            precision,
+            tags: Vec::new(),
+            labels: None,
+        }
+    }
+
+    /// Also tag every line with these device labels (when the device has them), looked
+    /// up with `labels`. Tags follow `device`, sorted by key.
+    pub fn with_label_tags(mut self, tags: &[String], labels: LabelLookup) -> Self {
+        let mut tags = tags.to_vec();
+        tags.sort();
+        tags.dedup();
+        self.tags = tags;
+        self.labels = Some(labels);
+        self
+    }
+
+    fn push_label_tags(&self, line: &mut Vec<u8>, device: &str) {
+        let Some(lookup) = &self.labels else { return };
+        if self.tags.is_empty() {
+            return;
+        }
+        let labels = lookup(device);
+        for key in &self.tags {
+            let value = labels
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str());
+            // Parsers reject a tag value ending in a backslash even when escaped; such a
+            // label is left out rather than making the whole line unparsable.
+            if let Some(v) = value.filter(|v| !v.is_empty() && !v.ends_with('\\')) {
+                line.push(b',');
+                escape(line, key, b",= ");
+                line.push(b'=');
+                escape(line, v, b",= ");
+            }
+        }
     }
 
     /// Append one record (line, without its newline) per group of `readings` to `out`.
@@ -48,6 +103,7 @@ impl LineEncoder {
             let line = out.begin();
             line.extend_from_slice(&self.prefix);
             escape(line, &first.device, b",= ");
+            self.push_label_tags(line, &first.device);
             let mut fields = 0;
             while i < readings.len() {
                 let r = &readings[i];
@@ -180,6 +236,33 @@ mod tests {
         assert_eq!(
             encode(&ns, &[reading("d", "x", 7, Value::I64(1))]),
             vec![r"m\ e\,a,device=d x=1i 7000000"]
+        );
+    }
+
+    #[test]
+    fn configured_device_labels_become_sorted_tags() {
+        let lookup: LabelLookup = Arc::new(|device: &str| match device {
+            "d1" => vec![
+                ("site".into(), "ber lin".into()),
+                ("floor".into(), "2".into()),
+                ("owner".into(), "not a tag".into()),
+            ],
+            _ => Vec::new(),
+        });
+        let enc = LineEncoder::new("telemetry", Precision::Ms)
+            .with_label_tags(&["site".into(), "floor".into(), "missing".into()], lookup);
+        assert_eq!(
+            encode(
+                &enc,
+                &[
+                    reading("d1", "t", 1, Value::I64(1)),
+                    reading("d2", "t", 1, Value::I64(2)),
+                ]
+            ),
+            vec![
+                r"telemetry,device=d1,floor=2,site=ber\ lin t=1i 1",
+                "telemetry,device=d2 t=2i 1",
+            ]
         );
     }
 

@@ -124,6 +124,7 @@ pub fn open_influx(
     config: &InfluxConfig,
     data_dir: &Path,
     metrics: Arc<Metrics>,
+    labels: line::LabelLookup,
 ) -> Result<InfluxSink, SinkError> {
     let token = match &config.token_file {
         Some(path) => std::fs::read_to_string(path)
@@ -168,7 +169,8 @@ pub fn open_influx(
     let spooler = spool::Spooler {
         buffer: buf,
         memory: b.mode == BufferMode::Memory,
-        encoder: line::LineEncoder::new(&config.measurement, config.precision),
+        encoder: line::LineEncoder::new(&config.measurement, config.precision)
+            .with_label_tags(&config.tag_labels, labels),
         batch: config.batch.clone(),
         max_in_flight: config.max_in_flight,
         drain: config.shutdown_drain,

@@ -12,7 +12,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read as _};
+use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -594,22 +594,6 @@ struct Process {
     log: Arc<Mutex<String>>,
 }
 
-/// Read `pipe` on a thread into `all`, forwarding lines to the returned receiver.
-fn drain(
-    pipe: impl std::io::Read + Send + 'static,
-    all: Arc<Mutex<String>>,
-) -> std::sync::mpsc::Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { return };
-            all.lock().unwrap().push_str(&format!("{line}\n"));
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
 impl Process {
     /// Start on `data_dir`; `admin_key` is the key of an earlier start on the same
     /// directory (a first start prints a new one).
@@ -639,8 +623,8 @@ impl Process {
             .unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let out = Arc::new(Mutex::new(String::new()));
-        let err_lines = drain(child.stderr.take().unwrap(), log.clone());
-        let out_lines = drain(child.stdout.take().unwrap(), out.clone());
+        let err_lines = common::drain(child.stderr.take().unwrap(), log.clone());
+        let out_lines = common::drain(child.stdout.take().unwrap(), out.clone());
         let deadline = Instant::now() + Duration::from_secs(20);
         // The log names the bound ports.
         let line = loop {

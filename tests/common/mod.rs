@@ -1118,7 +1118,7 @@ fn addr_after(line: &str, key: &str) -> SocketAddr {
 
 /// Read `pipe` to its end on a thread (so the process never blocks on a full pipe),
 /// appending to `all` and forwarding each line to `tx`.
-fn drain(
+pub fn drain(
     pipe: impl std::io::Read + Send + 'static,
     all: Arc<Mutex<String>>,
 ) -> mpsc::Receiver<String> {

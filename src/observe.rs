@@ -628,11 +628,6 @@ impl Metrics {
         self.live_subscribers.fetch_add(delta, Relaxed);
     }
 
-    /// Messages ingested over a transport so far.
-    pub fn messages_ingested(&self, transport: Transport) -> u64 {
-        self.messages[transport_index(transport)].load(Relaxed)
-    }
-
     /// Render the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);

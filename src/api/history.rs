@@ -37,7 +37,7 @@ impl Serialize for Latest {
                 for v in self.0 {
                     m.serialize_entry(
                         &v.metric,
-                        &serde_json::json!({"ts": v.ts_ms, "value": ValueJson(&v.value)}),
+                        &serde_json::json!({"ts": v.ts_ms, "value": JsonValue(&v.value)}),
                     )?;
                 }
                 m.end()
@@ -47,15 +47,6 @@ impl Serialize for Latest {
         m.serialize_entry("device", &self.device)?;
         m.serialize_entry("metrics", &Metrics(&self.values))?;
         m.end()
-    }
-}
-
-/// `serde_json::json!` needs an owned serializable value; this adapts [`JsonValue`].
-struct ValueJson<'a>(&'a crate::model::Value);
-
-impl Serialize for ValueJson<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        JsonValue(self.0).serialize(s)
     }
 }
 
@@ -103,7 +94,7 @@ impl Serialize for Readings {
                 s.collect_seq(
                     self.0
                         .iter()
-                        .map(|p| serde_json::json!({"ts": p.ts_ms, "value": ValueJson(&p.value)})),
+                        .map(|p| serde_json::json!({"ts": p.ts_ms, "value": JsonValue(&p.value)})),
                 )
             }
         }

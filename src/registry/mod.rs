@@ -528,10 +528,11 @@ impl Registry {
         }
     }
 
-    /// Record traffic from a device.
+    /// Record traffic from a device. Called for every message, so it only takes the
+    /// read lock and stores atomics (no `Arc` clone, no allocation).
     pub fn touch(&self, device: &str, transport: Transport) {
-        if let Some(p) = self.presence(device) {
-            self.seen(&p, transport);
+        if let Some(e) = self.read().devices.get(device) {
+            self.seen(&e.presence, transport);
         }
     }
 

@@ -22,8 +22,10 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::bench_ctx::BenchCtx;
 use crate::config::{Encoding, Qos, Transport, validate_host_port};
-use crate::device::{fleet, validate_fleet};
+use crate::device::fleet;
+use crate::ids::validate_fleet;
 use crate::metrics::scrape_counter;
 use crate::provision::{Provisioning, provision};
 use crate::stats::{Counters, LatencySummary, report_progress};
@@ -84,37 +86,6 @@ impl BenchSettings {
         validate_host_port(&self.http)?;
         validate_fleet(&self.prefix, self.devices)
     }
-}
-
-/// State shared by the benchmark driver and every device task.
-#[derive(Debug)]
-pub struct BenchCtx {
-    /// Fleet-wide counters (sent, acked, errors, connected).
-    pub counters: Arc<Counters>,
-    /// Messages handed to a connection (MQTT client queue or WebSocket sink).
-    pub queued: AtomicU64,
-    /// WebSocket replies (acks and errors) received.
-    pub replies: AtomicU64,
-    /// Devices that have finished sending (successfully or not).
-    pub finished: AtomicUsize,
-    /// Payload encoding.
-    pub encoding: Encoding,
-    /// MQTT QoS.
-    pub qos: Qos,
-    /// Signal period in milliseconds.
-    pub period_ms: u64,
-    /// MQTT `HOST:PORT`.
-    pub mqtt_addr: String,
-    /// HTTP `HOST:PORT`.
-    pub http_addr: String,
-    /// Unacknowledged WebSocket messages allowed per connection.
-    pub max_inflight: usize,
-    /// No message is sent after this instant.
-    pub deadline: Instant,
-    /// Becomes true when all devices should start sending.
-    pub go: watch::Receiver<bool>,
-    /// Becomes true when devices should disconnect.
-    pub shutdown: watch::Receiver<bool>,
 }
 
 /// Splits `total` messages over `devices` devices as evenly as possible.

@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::ids::validate_fleet;
+
 /// Default MQTT listener of the gateway.
 pub const DEFAULT_MQTT: &str = "127.0.0.1:1883";
 /// Default HTTP/WebSocket listener of the gateway.
@@ -243,7 +245,7 @@ impl RunSettings {
         }
         validate_host_port(&self.mqtt).context("--mqtt")?;
         validate_host_port(&self.http).context("--http")?;
-        crate::device::validate_fleet(&self.prefix, self.devices)
+        validate_fleet(&self.prefix, self.devices)
     }
 }
 

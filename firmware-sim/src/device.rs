@@ -8,12 +8,16 @@
 use anyhow::anyhow;
 use fluxgate_proto::{Frame, Point, Value};
 
+use crate::clock::TsClock;
 use crate::config::Encoding;
-use crate::signal::{DeviceSignal, Reading, TsClock};
+use crate::ids::device_id;
+use crate::signal::{DeviceSignal, Reading};
 
+// The transports and `provision` are named in plain text below, not linked: they sit
+// above this module in the layering, and even a doc link would point upwards.
 /// Credentials a device presents to the gateway: MQTT sends username = device id and
-/// password = token (see [`crate::mqtt`]); WebSocket sends `Authorization: Bearer
-/// <token>`. [`crate::provision`] fills them in.
+/// password = token; WebSocket sends `Authorization: Bearer <token>`. The `provision`
+/// module fills them in.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// MQTT username; by the gateway's convention, the device id.
@@ -41,23 +45,6 @@ pub struct Device {
     pub id: String,
     /// Credentials, if the gateway requires them.
     pub credentials: Option<Credentials>,
-}
-
-/// The id of device `index` with `prefix`.
-pub fn device_id(prefix: &str, index: u64) -> String {
-    format!("{prefix}-{index:05}")
-}
-
-/// Checks that every id of a fleet of `devices` devices is valid, by checking the first
-/// and the last one: all ids share the prefix and the last one is the longest.
-pub fn validate_fleet(prefix: &str, devices: usize) -> anyhow::Result<()> {
-    let last = devices.saturating_sub(1) as u64;
-    for index in [0, last] {
-        let id = device_id(prefix, index);
-        fluxgate_proto::validate_device_id(&id)
-            .map_err(|e| anyhow!("device id {id:?} (prefix {prefix:?}) is invalid: {e:?}"))?;
-    }
-    Ok(())
 }
 
 /// Builds the fleet of `devices` devices named with `prefix`.
@@ -161,16 +148,6 @@ mod tests {
         assert_eq!(f.len(), 3);
         assert_eq!(f[2].id, "lab-00002");
         assert_eq!(f[2].index, 2);
-    }
-
-    #[test]
-    fn fleet_validation_uses_proto_rules() {
-        assert!(validate_fleet("sim", 1_000).is_ok());
-        assert!(validate_fleet("with space", 1).is_err());
-        assert!(validate_fleet("slash/inside", 1).is_err());
-        // 58 + "-" + 5 digits = 64 characters is the longest valid id.
-        assert!(validate_fleet(&"a".repeat(58), 10).is_ok());
-        assert!(validate_fleet(&"a".repeat(59), 10).is_err());
     }
 
     #[test]

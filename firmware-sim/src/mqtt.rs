@@ -19,12 +19,13 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoi
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
-use crate::bench::BenchCtx;
+use crate::bench_ctx::BenchCtx;
+use crate::clock::now_ms;
 use crate::config::{Encoding, Qos, RunSettings, validate_host_port};
 use crate::device::{Device, MessageSource};
-use crate::run::stopped;
-use crate::signal::now_ms;
 use crate::stats::{ConnectedGuard, Counters, micros};
+use crate::stop::stopped;
+use crate::ticker::device_ticker;
 
 /// Keep-alive interval; short enough to notice a dead gateway within a minute.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -191,7 +192,7 @@ async fn run_publisher(
     let mut source = MessageSource::new(&device, period_ms, settings.encoding);
     let topic = topic_for(&device.id, settings.encoding);
     let qos = settings.qos.to_rumqttc();
-    let mut ticker = crate::run::device_ticker(settings.rate);
+    let mut ticker = device_ticker(settings.rate);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}

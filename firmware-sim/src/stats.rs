@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::clock::now_ms;
+use crate::stop::stopped;
+
 /// Fleet-wide counters shared by all device tasks.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -62,7 +65,7 @@ impl Counters {
     /// errors cost no formatting.
     pub fn error(&self, message: impl FnOnce() -> String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        let now = crate::signal::now_ms();
+        let now = now_ms();
         let last = self.last_error_log_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 1_000
             && self
@@ -149,7 +152,7 @@ pub async fn report_progress(
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            () = crate::run::stopped(&mut stop) => return,
+            () = stopped(&mut stop) => return,
         }
         let now = Instant::now();
         let snap = counters.snapshot();

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::signal::now_ms;
+use crate::clock::now_ms;
 
 /// Latencies are counted per whole millisecond up to this; larger ones land in the last
 /// bucket.

@@ -20,12 +20,13 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::backoff::Backoff;
-use crate::bench::BenchCtx;
+use crate::bench_ctx::BenchCtx;
+use crate::clock::now_ms;
 use crate::config::RunSettings;
 use crate::device::{Device, MessageSource, Payload};
-use crate::run::stopped;
-use crate::signal::now_ms;
 use crate::stats::{ConnectedGuard, Counters, micros};
+use crate::stop::stopped;
+use crate::ticker::device_ticker;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -180,7 +181,7 @@ pub async fn run_device(
     let url = ingest_url(&settings.http, &device.id);
     let period_ms = u64::try_from(settings.period.as_millis()).unwrap_or(u64::MAX);
     let mut source = MessageSource::new(&device, period_ms, settings.encoding);
-    let mut ticker = crate::run::device_ticker(settings.rate);
+    let mut ticker = device_ticker(settings.rate);
     let mut backoff = Backoff::default();
     let mut guard = ConnectedGuard::new(counters.clone());
 

@@ -1,0 +1,47 @@
+//! The state a `bench` run shares between its driver and its device tasks.
+//!
+//! The benchmark driver in `bench` spawns one task per device through the MQTT or the
+//! WebSocket transport, and all of them read their settings from, and report progress
+//! into, one [`BenchCtx`]. The type lives in its own module, below both the driver and
+//! the transports, because the transports need it but must not import the driver that
+//! spawns them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::config::{Encoding, Qos};
+use crate::stats::Counters;
+
+/// State shared by the benchmark driver and every device task.
+#[derive(Debug)]
+pub struct BenchCtx {
+    /// Fleet-wide counters (sent, acked, errors, connected).
+    pub counters: Arc<Counters>,
+    /// Messages handed to a connection (MQTT client queue or WebSocket sink).
+    pub queued: AtomicU64,
+    /// WebSocket replies (acks and errors) received.
+    pub replies: AtomicU64,
+    /// Devices that have finished sending (successfully or not).
+    pub finished: AtomicUsize,
+    /// Payload encoding.
+    pub encoding: Encoding,
+    /// MQTT QoS.
+    pub qos: Qos,
+    /// Signal period in milliseconds.
+    pub period_ms: u64,
+    /// MQTT `HOST:PORT`.
+    pub mqtt_addr: String,
+    /// HTTP `HOST:PORT`.
+    pub http_addr: String,
+    /// Unacknowledged WebSocket messages allowed per connection.
+    pub max_inflight: usize,
+    /// No message is sent after this instant.
+    pub deadline: Instant,
+    /// Becomes true when all devices should start sending.
+    pub go: watch::Receiver<bool>,
+    /// Becomes true when devices should disconnect.
+    pub shutdown: watch::Receiver<bool>,
+}

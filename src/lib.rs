@@ -2,7 +2,8 @@
 //!
 //! Devices send telemetry over MQTT (an embedded rumqttd broker), WebSocket or HTTP; the
 //! gateway decodes it, fans it out live to dashboards (WebSocket and SSE) and batches it
-//! into an embedded SQLite store.
+//! into an embedded SQLite store and/or an InfluxDB sink (v2 write API, through a
+//! crash-safe disk buffer).
 //!
 //! Layout (see ARCHITECTURE.md for the data flow and invariants):
 //! - [`app`]: the only wiring: channels, tasks, shutdown; [`Gateway::start`].
@@ -17,6 +18,7 @@
 //! - [`api`]: the axum router and problem+json errors.
 //! - [`observe`]: events, metrics and their log lines.
 //! - [`web`]: the embedded web dashboard.
+//! - [`sync`]: poison-tolerant lock helpers.
 
 pub mod api;
 pub mod app;
@@ -29,6 +31,7 @@ pub mod pipeline;
 pub mod registry;
 pub mod sink;
 pub mod store;
+pub mod sync;
 pub mod web;
 
 pub use app::{Gateway, RunningGateway};

@@ -12,7 +12,7 @@ use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
 use tracing_subscriber::prelude::*;
 
 /// fluxgate: IoT telemetry gateway (MQTT broker + WebSocket/HTTP ingest + SQLite store +
-/// live streams).
+/// InfluxDB sink + live streams).
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {

@@ -6,18 +6,21 @@
 //!                                       <--Done----------------------/  (retry | dead-letter)
 //! ```
 //!
-//! * [`config`]: `[sinks.influxdb]` structs and validation.
+//! Its settings (`[sinks.influxdb]`) live with all other settings in
+//! [`crate::config`], which is below this module.
+//!
 //! * [`line`]: line protocol encoding (pure).
 //! * [`buffer`]: the disk and memory buffers (synchronous, single owner).
 //! * [`spool`]: the thread that owns the buffer.
-//! * [`influx`]: the HTTP writer (the only user of reqwest).
+//! * [`influx`]: the HTTP writer, the only user of reqwest's HTTP client (the config
+//!   validation in [`crate::config`] also uses reqwest, but only `reqwest::Url`, to check
+//!   `sinks.influxdb.url`).
 //!
 //! The sink is independent of the embedded store: a database outage fills the buffer,
 //! never the pipeline (unless `when_full = "block"` is chosen), so the store and the
 //! live path keep going.
 
 pub mod buffer;
-pub mod config;
 pub mod influx;
 pub mod line;
 pub mod spool;
@@ -27,8 +30,8 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::config::{BufferMode, InfluxConfig};
 use crate::observe::{Event, Metrics};
-use config::{BufferMode, InfluxConfig};
 
 /// The dead-letter file inside `data_dir`.
 pub const DEAD_LETTER_FILE: &str = "influxdb-dead-letter.lp";

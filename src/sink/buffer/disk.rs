@@ -9,7 +9,8 @@
 //!   it was acknowledged (written to the database). Replaced atomically (write to
 //!   `cursor.tmp`, fsync, rename) on every acknowledgement.
 //!
-//! Appends are made durable with one `fdatasync` per batch (group commit). A segment is
+//! Appends are made durable with one `fdatasync` per batch (group commit), and a new
+//! segment's name with an fsync of `dir` (an append fails if either fails). A segment is
 //! deleted once the cursor has passed its end. On open every segment is scanned: a torn
 //! tail (a crash during an append) is truncated, a damaged region in the middle is
 //! skipped by searching for the next record whose CRC matches (the segment is rewritten
@@ -21,7 +22,7 @@ use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::{Appended, Buffer, BufferError, Limits, MAX_RECORD, RECORD_OVERHEAD, Records, Stats};
-use crate::sink::config::WhenFull;
+use crate::config::WhenFull;
 
 const CURSOR: &str = "cursor";
 const CURSOR_TMP: &str = "cursor.tmp";
@@ -343,10 +344,12 @@ impl DiskBuffer {
             .append(true)
             .open(&path)
             .map_err(io("create", &path))?;
-        // The new name must survive a power loss too, or the records in it would.
-        if let Ok(d) = File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
+        // The new name must survive a power loss too, or the records in it would not:
+        // fsync the directory, and fail the append if that fails (the segment is not
+        // used; an empty file left behind is harmless when the buffer is opened).
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync", &self.dir))?;
         self.segments.push_back(Segment {
             id,
             len: 0,

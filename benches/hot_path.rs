@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use fluxgate::live::hub::NoLabels;
 use fluxgate::live::{Filter, Hub, HubLimits};
+use fluxgate::model::NoLabels;
 use fluxgate::model::{Reading, Value};
 use fluxgate::observe::Metrics;
 use fluxgate_proto::{Frame, Limits, Point, decode_frame, decode_json, encode_frame};

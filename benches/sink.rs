@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use fluxgate::config::{Precision, WhenFull};
 use fluxgate::model::{Reading, Value};
 use fluxgate::sink::buffer::{Buffer, DiskBuffer, Limits, Records};
-use fluxgate::sink::config::{Precision, WhenFull};
 use fluxgate::sink::line::LineEncoder;
 
 /// `messages` device messages of 4 float metrics (one line each), 100 devices.

@@ -30,9 +30,10 @@ use crate::api::{self, ApiSettings, AppState};
 use crate::config::Config;
 use crate::ingest::mqtt::MqttIngest;
 use crate::live::{Hub, HubLimits};
+use crate::model::DurableBatch;
 use crate::model::now_ms;
-use crate::observe::{DropReason, Metrics, Queue};
-use crate::pipeline::{Destination, DurableBatch, Pipeline};
+use crate::observe::{Metrics, Queue, ReadingDropReason};
+use crate::pipeline::{Destination, Pipeline};
 use crate::registry::Registry;
 use crate::sink;
 use crate::store;
@@ -112,7 +113,7 @@ impl Gateway {
             destinations.push(Destination {
                 tx,
                 queue: Queue::Store,
-                gone: DropReason::StoreFailed,
+                gone: ReadingDropReason::StoreFailed,
             });
             Some(reader)
         } else {
@@ -139,7 +140,11 @@ impl Gateway {
                     .context("opening the InfluxDB sink")??;
             let (tx, rx) = flume::bounded::<DurableBatch>(config.batch.queue_capacity);
             let (jobs_tx, jobs_rx) = flume::bounded(built.max_in_flight);
-            let (done_tx, done_rx) = flume::unbounded();
+            // Writers -> spool: one `Done` per job. The spool hands out at most
+            // `max_in_flight` jobs before it hears back, so this queue can never hold more
+            // than that: bounded at that size, a writer's send never waits (full-policy:
+            // cannot be full by construction).
+            let (done_tx, done_rx) = flume::bounded(built.max_in_flight);
             let stop_writers = CancellationToken::new();
             for _ in 0..built.max_in_flight {
                 tasks.push(tokio::spawn(built.writer.clone().run(
@@ -162,7 +167,7 @@ impl Gateway {
             destinations.push(Destination {
                 tx,
                 queue: Queue::Sink,
-                gone: DropReason::SinkBufferFailed,
+                gone: ReadingDropReason::SinkBufferFailed,
             });
             sinks.push(built.health);
         }

@@ -375,7 +375,7 @@ async fn mqtt_counts_each_bad_payload_and_keeps_the_client() {
         // The status topic is not subscribed by the consumer at all: nothing reached it
         // as an unknown topic either.
         assert_eq!(
-            gw.metric(r#"fluxgate_dropped_total{reason="unknown_topic"}"#)
+            gw.metric(r#"fluxgate_dropped_messages_total{reason="unknown_topic"}"#)
                 .await,
             0.0
         );

@@ -354,7 +354,7 @@ async fn database_outage_loses_and_duplicates_nothing() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(
-            gw.metric("fluxgate_dropped_total{reason=\"sink_buffer_full\"}")
+            gw.metric("fluxgate_dropped_points_total{reason=\"sink_buffer_full\"}")
                 .await,
             0.0
         );

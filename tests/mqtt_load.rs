@@ -85,14 +85,18 @@ async fn hundred_thousand_qos1_messages_are_stored_exactly_once() {
             gw.metric("fluxgate_store_rows_written_total").await,
             TOTAL as f64
         );
-        for reason in [
-            "mqtt_spill_full",
-            "store_failed",
-            "unknown_topic",
-            "shutting_down",
-            "mqtt_cursor_jump",
+        // Nothing dropped, in any unit: `shutting_down` exists for messages, readings
+        // and points alike.
+        for (unit, reason) in [
+            ("messages", "mqtt_spill_full"),
+            ("readings", "store_failed"),
+            ("messages", "unknown_topic"),
+            ("messages", "shutting_down"),
+            ("readings", "shutting_down"),
+            ("points", "shutting_down"),
+            ("messages", "mqtt_cursor_jump"),
         ] {
-            let series = format!(r#"fluxgate_dropped_total{{reason="{reason}"}}"#);
+            let series = format!(r#"fluxgate_dropped_{unit}_total{{reason="{reason}"}}"#);
             assert_eq!(gw.metric(&series).await, 0.0, "{series}");
         }
         // Nobody got disconnected on the way.

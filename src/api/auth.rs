@@ -13,11 +13,13 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 
-use super::{ApiError, AppState};
+use super::error::ApiError;
+use super::state::AppState;
+use crate::model::AuthFailure;
 use crate::model::Transport;
 use crate::observe::Event;
 use crate::registry::secret::{self, Hash};
-use crate::registry::{ApiKey, AuthFailure, Role};
+use crate::registry::{ApiKey, Role};
 
 fn bearer(parts: &Parts) -> Option<&str> {
     bearer_of(&parts.headers)

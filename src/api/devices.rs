@@ -1,12 +1,10 @@
-//! Device provisioning: `/api/v1/devices` CRUD, bulk creation, token rotation, and the
-//! operator key routes (`/api/v1/keys`, `/api/v1/stream-tokens`).
+//! Device provisioning: `/api/v1/devices` CRUD, bulk creation and token rotation.
 //!
 //! Bodies are read and parsed here (not with axum's `Json`) so that every failure is a
 //! problem+json naming the field: 415 for a wrong content type, 413 past the size limit,
 //! 400 for malformed JSON or wrong types, 422 for values the registry refuses.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -14,15 +12,17 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Admin, Viewer};
-use super::{ApiError, AppState};
-use crate::registry::{
-    ApiKey, DeviceFields, DeviceView, ListFilter, Registry, RegistryError, Role,
+use super::error::ApiError;
+use super::extract::{DevicePath, IfMatch, device_id, if_match, json_body, rfc3339};
+use super::problem::{
+    AdminErrors, DeviceNotFound, EtagMismatch, JsonBodyErrors, Problem, Unauthorized,
 };
+use super::state::AppState;
+use crate::registry::{DeviceFields, DeviceView, ListFilter, RegistryError};
 
 /// Largest body of a single-device request.
 const MAX_BODY: usize = 64 * 1024;
@@ -32,20 +32,6 @@ const MAX_BULK_BODY: usize = 8 * 1024 * 1024;
 pub const MAX_BULK: usize = 10_000;
 /// Most devices in one page.
 const MAX_PAGE: usize = 1_000;
-
-/// An RFC 9457 problem (`application/problem+json`).
-#[derive(Serialize, ToSchema)]
-pub struct Problem {
-    /// `urn:fluxgate:problem:{reason}`.
-    #[serde(rename = "type")]
-    kind: String,
-    /// The HTTP status text.
-    title: String,
-    /// The HTTP status.
-    status: u16,
-    /// What was wrong, naming the field where there is one.
-    detail: String,
-}
 
 /// A device to create.
 #[derive(Deserialize, ToSchema)]
@@ -116,11 +102,6 @@ pub struct DeviceOut {
     transport: Option<String>,
     /// The ETag of this version (also sent as the `ETag` header).
     etag: String,
-}
-
-fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 impl From<&DeviceView> for DeviceOut {
@@ -213,146 +194,6 @@ pub struct TokenRotated {
     token: String,
 }
 
-/// An API key to create.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct KeyCreate {
-    /// Human name.
-    name: String,
-    /// `admin` or `viewer`.
-    #[schema(value_type = String)]
-    role: Role,
-}
-
-/// An API key (without its secret).
-#[derive(Serialize, ToSchema)]
-pub struct KeyOut {
-    /// Public id.
-    id: String,
-    /// Name.
-    name: String,
-    /// `admin` or `viewer`.
-    #[schema(value_type = String)]
-    role: Role,
-    /// RFC 3339.
-    created_at: String,
-}
-
-impl From<&ApiKey> for KeyOut {
-    fn from(k: &ApiKey) -> Self {
-        KeyOut {
-            id: k.id.clone(),
-            name: k.name.clone(),
-            role: k.role,
-            created_at: rfc3339(k.created_ms),
-        }
-    }
-}
-
-/// A created API key with its secret (shown only here).
-#[derive(Serialize, ToSchema)]
-pub struct KeyCreated {
-    /// The key.
-    key: KeyOut,
-    /// The secret: `Authorization: Bearer <secret>`.
-    secret: String,
-}
-
-/// A stream token.
-#[derive(Serialize, ToSchema)]
-pub struct StreamToken {
-    /// Pass as `?access_token=` to `/api/v1/live` or `/api/v1/live/sse`.
-    token: String,
-    /// RFC 3339.
-    expires_at: String,
-}
-
-impl From<RegistryError> for ApiError {
-    fn from(e: RegistryError) -> Self {
-        match &e {
-            RegistryError::NotFound(_) => ApiError::not_found(e.to_string()),
-            RegistryError::AlreadyExists(_) => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
-            }
-            RegistryError::LastAdmin => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
-            }
-            RegistryError::VersionMismatch { .. } => ApiError::new(
-                StatusCode::PRECONDITION_FAILED,
-                "precondition_failed",
-                e.to_string(),
-            ),
-            RegistryError::Invalid { .. } => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_value",
-                e.to_string(),
-            ),
-            RegistryError::Db(_) | RegistryError::CreateDir { .. } | RegistryError::Random(_) => {
-                ApiError::internal(&e)
-            }
-        }
-    }
-}
-
-/// Read and parse a JSON body with errors that name the field.
-async fn json_body<T: DeserializeOwned>(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-    merge_patch: bool,
-) -> Result<T, ApiError> {
-    let (ct, mime) = super::content_type(headers);
-    let ok = mime == "application/json" || (merge_patch && mime == "application/merge-patch+json");
-    if !ok {
-        let expected = if merge_patch {
-            "application/merge-patch+json or application/json"
-        } else {
-            "application/json"
-        };
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!("Content-Type must be {expected}, got `{ct}`"),
-        ));
-    }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the body exceeds {limit} bytes"),
-        )
-    })?;
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." {
-            ApiError::bad_request(format!("invalid JSON body: {inner}"))
-        } else {
-            ApiError::bad_request(format!("`{path}`: {inner}"))
-        }
-    })
-}
-
-/// Run a registry call on the blocking pool (it holds a SQLite connection).
-async fn blocking<T: Send + 'static>(
-    st: &AppState,
-    f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let reg = st.registry.clone();
-    tokio::task::spawn_blocking(move || f(&reg))
-        .await
-        .map_err(|e| ApiError::internal(&e))?
-        .map_err(ApiError::from)
-}
-
-fn if_match(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(header::IF_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-}
-
 fn with_etag(status: StatusCode, view: &DeviceView, body: impl Serialize) -> Response {
     let mut r = (status, axum::Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&view.record.etag()) {
@@ -361,22 +202,14 @@ fn with_etag(status: StatusCode, view: &DeviceView, body: impl Serialize) -> Res
     r
 }
 
-fn device_id(id: &str) -> Result<(), ApiError> {
-    fluxgate_proto::validate_device_id(id)
-        .map_err(|e| ApiError::bad_request(format!("invalid device id: {e}")))
-}
-
 /// Create a device.
 #[utoipa::path(post, path = "/api/v1/devices", tag = "devices", request_body = DeviceCreate,
     responses(
         (status = 201, description = "Created. `Location` and `ETag` headers; the token is shown only here.", body = DeviceCreated),
-        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
+        JsonBodyErrors,
+        AdminErrors,
         (status = 409, description = "The id exists", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 pub async fn create(
@@ -387,7 +220,9 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let req: DeviceCreate = json_body(&headers, body, MAX_BODY, false).await?;
     let item = req.into_parts();
-    let mut results = blocking(&st, move |r| r.create_devices(vec![item])).await?;
+    let mut results = st
+        .registry_blocking(move |r| r.create_devices(vec![item]))
+        .await?;
     let (view, token) = results
         .pop()
         .ok_or_else(|| ApiError::internal(&"registry returned no result"))?
@@ -411,8 +246,7 @@ pub async fn create(
     responses(
         (status = 200, description = "Per-item results (201, 409 or 422 each)", body = BulkResult),
         (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
+        AdminErrors,
         (status = 413, description = "More than 10,000 devices or body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
     ),
@@ -440,7 +274,9 @@ pub async fn bulk(
         .map(DeviceCreate::into_parts)
         .collect();
     let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
-    let results = blocking(&st, move |r| r.create_devices(items)).await?;
+    let results = st
+        .registry_blocking(move |r| r.create_devices(items))
+        .await?;
     let mut created = 0;
     let results: Vec<BulkItem> = ids
         .into_iter()
@@ -489,7 +325,7 @@ impl From<RegistryErrorRef<'_>> for ApiError {
     responses(
         (status = 200, description = "A page of devices in id order", body = DevicePage),
         (status = 400, description = "Bad query parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
+        Unauthorized,
     ),
     security(("api_key" = [])))]
 pub async fn list(
@@ -557,11 +393,11 @@ pub async fn list(
 
 /// One device.
 #[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices",
-    params(("id" = String, Path, description = "Device id")),
+    params(DevicePath),
     responses(
         (status = 200, description = "The device; `ETag` header", body = DeviceOut),
-        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        Unauthorized,
+        DeviceNotFound,
     ),
     security(("api_key" = [])))]
 pub async fn get_one(
@@ -579,16 +415,13 @@ pub async fn get_one(
 
 /// Replace a device's mutable fields.
 #[utoipa::path(put, path = "/api/v1/devices/{id}", tag = "devices", request_body = DeviceReplace,
-    params(("id" = String, Path, description = "Device id"), ("If-Match" = Option<String>, Header, description = "ETag the change is based on")),
+    params(DevicePath, IfMatch),
     responses(
         (status = 200, description = "The changed device", body = DeviceOut),
-        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "If-Match does not match", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+        JsonBodyErrors,
+        AdminErrors,
+        DeviceNotFound,
+        EtagMismatch,
     ),
     security(("api_key" = [])))]
 pub async fn replace(
@@ -606,7 +439,9 @@ pub async fn replace(
         enabled: req.enabled,
     };
     let m = if_match(&headers);
-    let view = blocking(&st, move |r| r.update(&id, |_| Ok(fields), m.as_deref())).await?;
+    let view = st
+        .registry_blocking(move |r| r.update(&id, |_| Ok(fields), m.as_deref()))
+        .await?;
     Ok(with_etag(StatusCode::OK, &view, DeviceOut::from(&view)))
 }
 
@@ -654,16 +489,13 @@ fn merge_patch(
 
 /// Change some fields with a JSON merge patch.
 #[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices", request_body(content = serde_json::Value, content_type = "application/merge-patch+json", description = "RFC 7396 merge patch of {name, labels, enabled}"),
-    params(("id" = String, Path, description = "Device id"), ("If-Match" = Option<String>, Header, description = "ETag the change is based on")),
+    params(DevicePath, IfMatch),
     responses(
         (status = 200, description = "The changed device", body = DeviceOut),
-        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "If-Match does not match", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+        JsonBodyErrors,
+        AdminErrors,
+        DeviceNotFound,
+        EtagMismatch,
     ),
     security(("api_key" = [])))]
 pub async fn patch(
@@ -684,22 +516,20 @@ pub async fn patch(
     };
     merge_patch(&empty, patch.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let m = if_match(&headers);
-    let view = blocking(&st, move |r| {
-        r.update(&id, |cur| merge_patch(cur, patch), m.as_deref())
-    })
-    .await?;
+    let view = st
+        .registry_blocking(move |r| r.update(&id, |cur| merge_patch(cur, patch), m.as_deref()))
+        .await?;
     Ok(with_etag(StatusCode::OK, &view, DeviceOut::from(&view)))
 }
 
 /// Delete a device (its stored telemetry stays). Closes its connections.
 #[utoipa::path(delete, path = "/api/v1/devices/{id}", tag = "devices",
-    params(("id" = String, Path, description = "Device id"), ("If-Match" = Option<String>, Header, description = "ETag the change is based on")),
+    params(DevicePath, IfMatch),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "If-Match does not match", body = Problem, content_type = "application/problem+json"),
+        AdminErrors,
+        DeviceNotFound,
+        EtagMismatch,
     ),
     security(("api_key" = [])))]
 pub async fn delete(
@@ -710,19 +540,19 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     device_id(&id)?;
     let m = if_match(&headers);
-    blocking(&st, move |r| r.delete(&id, m.as_deref())).await?;
+    st.registry_blocking(move |r| r.delete(&id, m.as_deref()))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Issue a new token; the old one stops working and open connections close.
 #[utoipa::path(post, path = "/api/v1/devices/{id}/token", tag = "devices",
-    params(("id" = String, Path, description = "Device id"), ("If-Match" = Option<String>, Header, description = "ETag the change is based on")),
+    params(DevicePath, IfMatch),
     responses(
         (status = 200, description = "The new token (shown only here)", body = TokenRotated),
-        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "If-Match does not match", body = Problem, content_type = "application/problem+json"),
+        AdminErrors,
+        DeviceNotFound,
+        EtagMismatch,
     ),
     security(("api_key" = [])))]
 pub async fn rotate(
@@ -733,7 +563,9 @@ pub async fn rotate(
 ) -> Result<Response, ApiError> {
     device_id(&id)?;
     let m = if_match(&headers);
-    let (view, token) = blocking(&st, move |r| r.rotate_token(&id, m.as_deref())).await?;
+    let (view, token) = st
+        .registry_blocking(move |r| r.rotate_token(&id, m.as_deref()))
+        .await?;
     Ok(with_etag(
         StatusCode::OK,
         &view,
@@ -742,94 +574,6 @@ pub async fn rotate(
             token,
         },
     ))
-}
-
-/// Create an operator API key.
-#[utoipa::path(post, path = "/api/v1/keys", tag = "keys", request_body = KeyCreate,
-    responses(
-        (status = 201, description = "Created; the secret is shown only here", body = KeyCreated),
-        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
-    ),
-    security(("api_key" = [])))]
-pub async fn create_key(
-    State(st): State<AppState>,
-    _admin: Admin,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let req: KeyCreate = json_body(&headers, body, MAX_BODY, false).await?;
-    let (key, secret) = blocking(&st, move |r| r.create_key(&req.name, req.role)).await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(KeyCreated {
-            key: KeyOut::from(&key),
-            secret,
-        }),
-    )
-        .into_response())
-}
-
-/// List operator API keys (without secrets).
-#[utoipa::path(get, path = "/api/v1/keys", tag = "keys",
-    responses(
-        (status = 200, description = "All keys", body = Vec<KeyOut>),
-        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
-    ),
-    security(("api_key" = [])))]
-pub async fn list_keys(
-    State(st): State<AppState>,
-    _admin: Admin,
-) -> Result<axum::Json<Vec<KeyOut>>, ApiError> {
-    let keys = blocking(&st, |r| r.list_keys()).await?;
-    Ok(axum::Json(keys.iter().map(KeyOut::from).collect()))
-}
-
-/// Revoke an operator API key.
-#[utoipa::path(delete, path = "/api/v1/keys/{id}", tag = "keys",
-    params(("id" = String, Path, description = "Key id")),
-    responses(
-        (status = 204, description = "Revoked"),
-        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Viewer key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such key", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The last admin key", body = Problem, content_type = "application/problem+json"),
-    ),
-    security(("api_key" = [])))]
-pub async fn revoke_key(
-    State(st): State<AppState>,
-    _admin: Admin,
-    Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    blocking(&st, move |r| r.revoke_key(&id)).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-/// A short-lived, viewer-scoped token for opening live streams from a browser.
-#[utoipa::path(post, path = "/api/v1/stream-tokens", tag = "keys",
-    responses(
-        (status = 201, description = "A token for `?access_token=`", body = StreamToken),
-        (status = 401, description = "No or invalid API key", body = Problem, content_type = "application/problem+json"),
-    ),
-    security(("api_key" = [])))]
-pub async fn stream_token(
-    State(st): State<AppState>,
-    _viewer: Viewer,
-) -> Result<Response, ApiError> {
-    let ttl = st.settings.stream_token_ttl;
-    let (token, expires) = blocking(&st, move |r| r.issue_stream_token(ttl)).await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(StreamToken {
-            token,
-            expires_at: rfc3339(expires),
-        }),
-    )
-        .into_response())
 }
 
 #[cfg(test)]

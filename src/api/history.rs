@@ -7,19 +7,17 @@ use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 
 use super::auth::Viewer;
-use super::{ApiError, AppState};
-use crate::live::JsonValue;
+use super::error::ApiError;
+use super::extract::{DevicePath, device_id};
+use super::problem::{Problem, Unauthorized};
+use super::state::AppState;
+use crate::model::JsonValue;
 use crate::store::{Agg, LatestValue, RangeQuery, SeriesPoint, StoreReader};
 
 fn store(st: &AppState) -> Result<&StoreReader, ApiError> {
     st.store
         .as_ref()
         .ok_or_else(|| ApiError::unavailable("the embedded store is disabled (store.enabled)"))
-}
-
-fn device_id(id: &str) -> Result<(), ApiError> {
-    fluxgate_proto::validate_device_id(id)
-        .map_err(|e| ApiError::bad_request(format!("invalid device id: {e}")))
 }
 
 /// The `latest` answer.
@@ -52,11 +50,11 @@ impl Serialize for Latest {
 
 /// The latest value of every metric of a device.
 #[utoipa::path(get, path = "/api/v1/devices/{id}/latest", tag = "telemetry",
-    params(("id" = String, Path, description = "Device id")),
+    params(DevicePath),
     responses(
         (status = 200, description = "`{\"device\": id, \"metrics\": {name: {\"ts\": ms, \"value\": v}}}`", body = serde_json::Value),
-        (status = 401, description = "No or invalid API key", body = super::devices::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Nothing stored for this device", body = super::devices::Problem, content_type = "application/problem+json"),
+        Unauthorized,
+        (status = 404, description = "Nothing stored for this device", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 pub async fn latest(
@@ -140,8 +138,8 @@ fn parse_time(field: &str, raw: &str) -> Result<i64, ApiError> {
     ),
     responses(
         (status = 200, description = "`{\"device\", \"metric\", \"step_ms\"?, \"agg\"?, \"points\": [{\"ts\", \"value\"}]}`", body = serde_json::Value),
-        (status = 400, description = "Bad query parameter", body = super::devices::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No or invalid API key", body = super::devices::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Bad query parameter", body = Problem, content_type = "application/problem+json"),
+        Unauthorized,
     ),
     security(("api_key" = [])))]
 pub async fn readings(

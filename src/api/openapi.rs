@@ -7,7 +7,8 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{devices, history};
+use super::problem::Unauthorized;
+use super::{devices, history, keys};
 use crate::ingest;
 use crate::live;
 
@@ -54,10 +55,10 @@ impl Modify for Security {
         devices::patch,
         devices::delete,
         devices::rotate,
-        devices::create_key,
-        devices::list_keys,
-        devices::revoke_key,
-        devices::stream_token,
+        keys::create_key,
+        keys::list_keys,
+        keys::revoke_key,
+        keys::stream_token,
         history::latest,
         history::readings,
         ingest::http::telemetry,
@@ -80,7 +81,7 @@ pub struct ApiDoc;
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "devices",
     responses(
         (status = 200, description = "This document (OpenAPI 3.1)", body = serde_json::Value),
-        (status = 401, description = "No or invalid API key", body = devices::Problem, content_type = "application/problem+json"),
+        Unauthorized,
     ),
     security(("api_key" = [])))]
 pub async fn openapi_json(_viewer: super::auth::Viewer) -> impl IntoResponse {

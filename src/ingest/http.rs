@@ -10,11 +10,12 @@ use axum::http::{HeaderMap, StatusCode};
 
 use super::submit;
 use crate::api::auth::DeviceAuth;
-use crate::api::{ApiError, AppState};
+use crate::api::error::ApiError;
+use crate::api::state::AppState;
 use crate::model::{DecodeError, Encoding, Transport};
 
 fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
-    let (ct, mime) = crate::api::content_type(headers);
+    let (ct, mime) = crate::api::extract::content_type(headers);
     match mime.as_str() {
         "application/json" => Ok(Encoding::Json),
         "application/octet-stream" | "application/x-fluxgate-frame" => Ok(Encoding::Postcard),
@@ -34,13 +35,13 @@ fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
     request_body(content = String, description = "JSON (application/json) or a postcard frame (application/octet-stream)"),
     responses(
         (status = 200, description = "`{\"accepted\": N}` once durable", body = serde_json::Value),
-        (status = 400, description = "Malformed payload", body = crate::api::devices::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No, unknown or wrong device token, or a disabled device", body = crate::api::devices::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token belongs to another device", body = crate::api::devices::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Payload too large", body = crate::api::devices::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Unsupported content type", body = crate::api::devices::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid values", body = crate::api::devices::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Storage unavailable or shutting down; retry", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed payload", body = crate::api::problem::Problem, content_type = "application/problem+json"),
+        crate::api::problem::DeviceTokenRefused,
+        (status = 403, description = "The token belongs to another device", body = crate::api::problem::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Payload too large", body = crate::api::problem::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported content type", body = crate::api::problem::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = crate::api::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage unavailable or shutting down; retry", body = crate::api::problem::Problem, content_type = "application/problem+json"),
     ),
     security(("device_token" = [])))]
 pub async fn telemetry(

@@ -37,9 +37,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
+use crate::model::AuthFailure;
 use crate::model::{Encoding, Envelope, Transport, now_ms};
-use crate::observe::{DropReason, Event, Metrics, Queue};
-use crate::registry::{AuthFailure, Registry};
+use crate::observe::{Event, MessageDropReason, Metrics, Queue};
+use crate::registry::Registry;
 
 /// The client id of the gateway's own consumer link. The colon is outside the device id
 /// alphabet, so no device can take it.
@@ -562,8 +563,8 @@ impl Consumer {
                 _ => None,
             });
         let Some((device, encoding, filter)) = parsed else {
-            self.metrics.emit(Event::Dropped {
-                reason: DropReason::UnknownTopic,
+            self.metrics.emit(Event::MessagesDropped {
+                reason: MessageDropReason::UnknownTopic,
                 count: 1,
             });
             return;
@@ -571,8 +572,8 @@ impl Consumer {
         if let Some(offset) = offset {
             if let Some(last) = self.cursors[filter] {
                 if offset > last + 1 {
-                    self.metrics.emit(Event::Dropped {
-                        reason: DropReason::MqttCursorJump,
+                    self.metrics.emit(Event::MessagesDropped {
+                        reason: MessageDropReason::MqttCursorJump,
                         count: offset - last - 1,
                     });
                 }
@@ -591,10 +592,12 @@ impl Consumer {
             match self.output.try_send(envelope) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(e)) => self.push_spill(e),
-                Err(mpsc::error::TrySendError::Closed(_)) => self.metrics.emit(Event::Dropped {
-                    reason: DropReason::ShuttingDown,
-                    count: 1,
-                }),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.metrics.emit(Event::MessagesDropped {
+                        reason: MessageDropReason::ShuttingDown,
+                        count: 1,
+                    })
+                }
             }
         } else {
             self.push_spill(envelope);
@@ -604,8 +607,8 @@ impl Consumer {
     fn push_spill(&mut self, envelope: Envelope) {
         let size = envelope.payload.len() + envelope.device.len() + 64;
         if self.spill_bytes + size > self.max_spill_bytes {
-            self.metrics.emit(Event::Dropped {
-                reason: DropReason::MqttSpillFull,
+            self.metrics.emit(Event::MessagesDropped {
+                reason: MessageDropReason::MqttSpillFull,
                 count: 1,
             });
             return;
@@ -642,8 +645,8 @@ impl Consumer {
                     let lost = self.spill.len() as u64 + 1;
                     self.spill.clear();
                     self.spill_bytes = 0;
-                    self.metrics.emit(Event::Dropped {
-                        reason: DropReason::ShuttingDown,
+                    self.metrics.emit(Event::MessagesDropped {
+                        reason: MessageDropReason::ShuttingDown,
                         count: lost,
                     });
                 }

@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::submit;
 use crate::api::auth::DeviceAuth;
-use crate::api::{ApiError, AppState};
+use crate::api::error::ApiError;
+use crate::api::state::AppState;
 use crate::model::{AckResult, DeviceId, Encoding, Rejection, Transport};
 use crate::observe::Event;
 
@@ -24,8 +25,8 @@ use crate::observe::Event;
     params(("device" = Option<String>, Query, description = "Optional; must be the token's device when given")),
     responses(
         (status = 101, description = "WebSocket: send JSON (text) or postcard (binary) messages; each gets an ack or error frame"),
-        (status = 401, description = "No, unknown or wrong device token, or a disabled device", body = crate::api::devices::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`device` names another device", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        crate::api::problem::DeviceTokenRefused,
+        (status = 403, description = "`device` names another device", body = crate::api::problem::Problem, content_type = "application/problem+json"),
     ),
     security(("device_token" = [])))]
 pub async fn upgrade(

@@ -1,4 +1,5 @@
-//! The live hub: positions, the last-value cache, the resume ring and subscriber queues.
+//! The live hub: sequence numbers, the last-value cache, the resume ring and the
+//! registry of subscribers (their queues are in `queue`, their filters in `filter`).
 //!
 //! `publish` is called by the pipeline and never waits on a subscriber: it takes one
 //! short lock, appends to bounded in-memory structures and wakes subscribers. A
@@ -12,181 +13,17 @@
 //! (another epoch, or older than the hub remembers), it gets a reset and a snapshot.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::BuildHasherDefault;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::model::{DeviceId, MetricName, Reading, Value, now_ms};
+use super::error::LiveError;
+use super::filter::Filter;
+use super::position::{LiveReading, Position};
+use super::queue::{ClientQueue, series_hash};
+use crate::model::{DeviceId, DeviceLabels, MetricName, Reading, now_ms};
 use crate::observe::{Event, Metrics, Queue, ResumeSource};
-
-/// A reading with its stream position.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LiveReading {
-    /// Sequence number within this gateway run's epoch (starts at 1).
-    pub seq: u64,
-    /// A hash of (device, metric), computed once at publish so that conflating queues
-    /// key by a number instead of hashing both strings for every subscriber.
-    pub series: u64,
-    /// When the hub received it, ms since the Unix epoch.
-    pub arrival_ms: u64,
-    /// The reading.
-    pub reading: Reading,
-}
-
-impl LiveReading {
-    /// Approximate memory held by this entry, for the ring's byte bound.
-    fn size(&self) -> usize {
-        let r = &self.reading;
-        96 + r.device.len()
-            + r.metric.len()
-            + match &r.value {
-                Value::Str(s) => s.len(),
-                _ => 0,
-            }
-    }
-}
-
-/// A stream position: `{epoch}:{seq}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    /// The gateway run.
-    pub epoch: u64,
-    /// The sequence number within it.
-    pub seq: u64,
-}
-
-impl Position {
-    /// Parse `{epoch}:{seq}`.
-    pub fn parse(s: &str) -> Option<Position> {
-        let (e, q) = s.trim().split_once(':')?;
-        Some(Position {
-            epoch: e.parse().ok()?,
-            seq: q.parse().ok()?,
-        })
-    }
-}
-
-impl std::fmt::Display for Position {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.epoch, self.seq)
-    }
-}
-
-/// Which readings a subscription wants. A device is selected when no device selector is
-/// given, or when it is listed in `devices`, matches one of `globs`, or carries every
-/// label in `labels`. A metric is selected when `metrics` is empty or lists it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
-    /// Device ids.
-    pub devices: HashSet<String>,
-    /// Device id patterns with `*` (any run) and `?` (one character).
-    pub globs: Vec<String>,
-    /// Device labels that must all match (`site=berlin`).
-    pub labels: Vec<(String, String)>,
-    /// Metric names.
-    pub metrics: HashSet<String>,
-}
-
-impl Filter {
-    /// How many selectors this filter holds (for the per-subscription limit).
-    pub fn size(&self) -> usize {
-        self.devices.len() + self.globs.len() + self.labels.len() + self.metrics.len()
-    }
-
-    fn selects_device(&self, device: &str, labels: &dyn DeviceLabels) -> bool {
-        if self.devices.is_empty() && self.globs.is_empty() && self.labels.is_empty() {
-            return true;
-        }
-        self.devices.contains(device)
-            || self.globs.iter().any(|g| glob_match(g, device))
-            || (!self.labels.is_empty() && labels.has_labels(device, &self.labels))
-    }
-
-    /// Whether this filter selects the series `(device, metric)`.
-    pub fn selects(&self, device: &str, metric: &str, labels: &dyn DeviceLabels) -> bool {
-        self.selects_metric(metric) && self.selects_device(device, labels)
-    }
-
-    fn selects_metric(&self, metric: &str) -> bool {
-        self.metrics.is_empty() || self.metrics.contains(metric)
-    }
-
-    /// Whether a reading passes this filter (labels looked up in `labels`).
-    pub fn matches(&self, r: &Reading, labels: &dyn DeviceLabels) -> bool {
-        self.selects_metric(&r.metric) && self.selects_device(&r.device, labels)
-    }
-}
-
-/// `*` matches any run of characters, `?` exactly one; everything else itself.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ti;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
-}
-
-/// Where the hub looks up device labels (the registry). `version` changes whenever any
-/// device's labels may have changed, which invalidates the hub's per-subscriber caches.
-pub trait DeviceLabels: Send + Sync {
-    /// Increments on every registry change.
-    fn version(&self) -> u64;
-    /// Whether `device` carries every `(key, value)`.
-    fn has_labels(&self, device: &str, labels: &[(String, String)]) -> bool;
-}
-
-/// No labels anywhere (tests, or a hub without a registry).
-pub struct NoLabels;
-
-impl DeviceLabels for NoLabels {
-    fn version(&self) -> u64 {
-        0
-    }
-    fn has_labels(&self, _: &str, _: &[(String, String)]) -> bool {
-        false
-    }
-}
-
-/// Errors of subscribing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LiveError {
-    /// The gateway has as many subscribers as it allows.
-    #[error("too many live subscribers (limit {limit})")]
-    TooManySubscribers {
-        /// The configured limit.
-        limit: usize,
-    },
-    /// The filter names more selectors than allowed.
-    #[error("too many filters in one subscription ({count}, limit {limit})")]
-    TooManyFilters {
-        /// Filters requested.
-        count: usize,
-        /// The configured limit.
-        limit: usize,
-    },
-    /// The connection has as many subscriptions as it allows.
-    #[error("too many subscriptions on this connection (limit {limit})")]
-    TooManySubscriptions {
-        /// The configured limit.
-        limit: usize,
-    },
-}
+use crate::sync::lock;
 
 /// Hub limits.
 #[derive(Debug, Clone, Copy)]
@@ -203,109 +40,6 @@ pub struct HubLimits {
     pub max_filters: usize,
     /// Subscriptions per connection.
     pub max_subscriptions: usize,
-}
-
-/// A subscriber's queue. Up to its capacity it is a FIFO; past it, it switches to
-/// conflated mode: one slot per series (keyed by the series hash), so each further
-/// reading costs one map insert, however long the client stays stalled, instead of
-/// re-conflating the whole queue on every publish.
-#[derive(Default)]
-struct ClientQueue {
-    items: VecDeque<Arc<LiveReading>>,
-    latest: HashMap<u64, Arc<LiveReading>, BuildHasherDefault<SeriesHasher>>,
-    conflated: u64,
-}
-
-impl ClientQueue {
-    fn len(&self) -> usize {
-        self.items.len() + self.latest.len()
-    }
-
-    /// Queue one reading; returns how many queued readings it replaced (0 or 1, or more
-    /// when this push switched the queue to conflated mode).
-    fn push(&mut self, l: Arc<LiveReading>, capacity: usize) -> u64 {
-        if self.latest.is_empty() && self.items.len() < capacity {
-            self.items.push_back(l);
-            return 0;
-        }
-        let mut replaced = 0;
-        if self.latest.is_empty() {
-            for old in self.items.drain(..) {
-                replaced += u64::from(Self::insert(&mut self.latest, old));
-            }
-        }
-        replaced += u64::from(Self::insert(&mut self.latest, l));
-        self.conflated += replaced;
-        replaced
-    }
-
-    /// Keep the newer of two readings of a series; true when one was replaced. Two
-    /// different series with the same 64-bit hash are both kept (the second under a key
-    /// derived from its sequence number), so a collision never loses a series.
-    fn insert(
-        latest: &mut HashMap<u64, Arc<LiveReading>, BuildHasherDefault<SeriesHasher>>,
-        l: Arc<LiveReading>,
-    ) -> bool {
-        match latest.get_mut(&l.series) {
-            Some(slot)
-                if slot.reading.device == l.reading.device
-                    && slot.reading.metric == l.reading.metric =>
-            {
-                *slot = l;
-                true
-            }
-            Some(_) => {
-                // A hash collision between two different series: keep both, under a
-                // key that cannot collide with a series hash's slot in practice.
-                latest.insert(l.seq ^ 0x9e37_79b9_7f4a_7c15, l);
-                false
-            }
-            None => {
-                latest.insert(l.series, l);
-                false
-            }
-        }
-    }
-
-    /// Take up to `max` readings in stream order.
-    fn take(&mut self, max: usize) -> Vec<Arc<LiveReading>> {
-        if !self.latest.is_empty() {
-            let mut rest: Vec<_> = self.latest.drain().map(|(_, l)| l).collect();
-            rest.sort_by_key(|l| l.seq);
-            self.items.extend(rest);
-        }
-        let n = self.items.len().min(max);
-        self.items.drain(..n).collect()
-    }
-}
-
-/// The series hash is already a hash: use it as is.
-#[derive(Default)]
-struct SeriesHasher(u64);
-
-impl std::hash::Hasher for SeriesHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-fn series_hash(device: &str, metric: &str) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    // A fixed-key hasher: the value only has to be stable within this process.
-    let mut h =
-        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-            .build_hasher();
-    device.hash(&mut h);
-    metric.hash(&mut h);
-    h.finish()
 }
 
 struct Subscriber {
@@ -457,12 +191,6 @@ pub struct Hub {
     state: Mutex<State>,
     labels: Arc<dyn DeviceLabels>,
     metrics: Arc<Metrics>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a hub lock cannot leave the plain data inside inconsistent
-    // in a way that matters more than stopping the live view, so recover the guard.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Hub {
@@ -848,7 +576,7 @@ impl Subscription {
         let entry = state
             .subscribers
             .get_mut(&self.id)
-            .ok_or(LiveError::TooManySubscriptions { limit })?;
+            .ok_or(LiveError::Closed)?;
         entry.filters.retain(|(i, _)| *i != id);
         if entry.filters.len() >= limit {
             return Err(LiveError::TooManySubscriptions { limit });
@@ -894,6 +622,7 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{NoLabels, Value};
 
     fn hub(client_queue: usize, ring_capacity: usize) -> Arc<Hub> {
         Arc::new(Hub::new(
@@ -1050,15 +779,5 @@ mod tests {
         let d = sub.next(10).await;
         assert_eq!(d.readings.len(), 1);
         assert_eq!(&*d.readings[0].reading.device, "a");
-    }
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("sensor-*", "sensor-01"));
-        assert!(glob_match("*-01", "sensor-01"));
-        assert!(glob_match("s?nsor*", "sensor"));
-        assert!(!glob_match("sensor-*", "pump-01"));
-        assert!(glob_match("*", ""));
-        assert!(!glob_match("a?", "a"));
     }
 }

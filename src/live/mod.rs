@@ -13,7 +13,11 @@
 //!
 //! A reading is `{"pos":"{epoch}:{seq}","device":…,"metric":…,"ts":ms,"value":…}`.
 
+mod error;
+mod filter;
 pub mod hub;
+mod position;
+mod queue;
 pub mod session;
 pub mod sse;
 pub mod ws;
@@ -22,26 +26,16 @@ use std::sync::Arc;
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
-pub use hub::{Filter, Hub, HubLimits, LiveError, LiveReading, Position, Subscription};
+pub use error::LiveError;
+pub use filter::Filter;
+pub use hub::{Hub, HubLimits, Subscription};
+pub use position::{LiveReading, Position};
+pub use session::SessionDeps;
 
-use crate::model::Value;
+use crate::model::JsonValue;
 
 /// Most readings in one frame.
 pub const MAX_FRAME_READINGS: usize = 1_000;
-
-/// Serializes a [`Value`] as the plain JSON value.
-pub struct JsonValue<'a>(pub &'a Value);
-
-impl Serialize for JsonValue<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            Value::F64(v) => s.serialize_f64(*v),
-            Value::I64(v) => s.serialize_i64(*v),
-            Value::Bool(v) => s.serialize_bool(*v),
-            Value::Str(v) => s.serialize_str(v),
-        }
-    }
-}
 
 struct JsonReading<'a> {
     epoch: u64,
@@ -52,18 +46,17 @@ impl Serialize for JsonReading<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let r = &self.live.reading;
         let mut m = s.serialize_map(Some(5))?;
-        m.serialize_entry("pos", &position(self.epoch, self.live.seq))?;
+        let pos = Position {
+            epoch: self.epoch,
+            seq: self.live.seq,
+        };
+        m.serialize_entry("pos", &pos.to_string())?;
         m.serialize_entry("device", &*r.device)?;
         m.serialize_entry("metric", &*r.metric)?;
         m.serialize_entry("ts", &r.ts_ms)?;
         m.serialize_entry("value", &JsonValue(&r.value))?;
         m.end()
     }
-}
-
-/// The position string of a reading: `{epoch}:{seq}`.
-pub fn position(epoch: u64, seq: u64) -> String {
-    format!("{epoch}:{seq}")
 }
 
 fn readings_json(
@@ -233,7 +226,7 @@ fn truncate(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Reading;
+    use crate::model::{Reading, Value};
 
     #[test]
     fn query_parsing() {

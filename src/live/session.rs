@@ -9,14 +9,15 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::hub::{Filter, Start};
+use super::filter::Filter;
+use super::hub::Start;
 use super::{
-    Hub, LiveQuery, LiveReading, MAX_FRAME_READINGS, Position, Subscription, conflated_json,
-    delivery_json, gapfill_json, position, reset_json, snapshot_json,
+    Hub, LiveError, LiveQuery, LiveReading, MAX_FRAME_READINGS, Position, Subscription,
+    conflated_json, delivery_json, gapfill_json, reset_json, snapshot_json,
 };
-use crate::api::{ApiError, AppState};
 use crate::model::{DeviceId, MetricName};
 use crate::observe::{Event, Metrics, ResumeSource};
+use crate::store::StoreReader;
 
 /// One message for the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +97,19 @@ impl Throttle {
     }
 }
 
+/// What a session takes from the gateway. The transport handler builds it; the session
+/// knows nothing of HTTP.
+pub struct SessionDeps {
+    /// The live hub.
+    pub hub: Arc<Hub>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The embedded store's reader for gap-fill, when the store is enabled.
+    pub store: Option<StoreReader>,
+    /// Most readings one gap-fill replays from the store.
+    pub max_gap_fill: usize,
+}
+
 /// A client's live stream.
 pub struct LiveSession {
     sub: Subscription,
@@ -107,8 +121,12 @@ pub struct LiveSession {
 
 impl LiveSession {
     /// Subscribe and prepare the first messages (snapshot, replay, gap-fill or reset).
-    pub async fn open(st: &AppState, query: LiveQuery, id: &str) -> Result<LiveSession, ApiError> {
-        let hub = st.hub.clone();
+    pub async fn open(
+        deps: SessionDeps,
+        query: LiveQuery,
+        id: &str,
+    ) -> Result<LiveSession, LiveError> {
+        let hub = deps.hub.clone();
         let filter = query.filter.clone();
         let (sub, start, at) = hub.subscribe(id.to_owned(), query.filter, query.since)?;
         let mut session = LiveSession {
@@ -116,7 +134,7 @@ impl LiveSession {
             hub,
             throttle: query.max_rate.map(Throttle::new),
             pending: VecDeque::new(),
-            metrics: st.metrics.clone(),
+            metrics: deps.metrics.clone(),
         };
         match start {
             Start::Snapshot(s) => session.push_snapshot(at, &s),
@@ -129,7 +147,7 @@ impl LiveSession {
                 from_ms,
                 to_ms,
                 then,
-            } => match session.gap_fill(st, &filter, from_ms, to_ms).await {
+            } => match session.gap_fill(&deps, &filter, from_ms, to_ms).await {
                 Some(msg) => {
                     session.pending.push_back(msg);
                     session.push_readings(then);
@@ -150,18 +168,15 @@ impl LiveSession {
 
     async fn gap_fill(
         &self,
-        st: &AppState,
+        deps: &SessionDeps,
         filter: &Filter,
         from: i64,
         to: i64,
     ) -> Option<Outgoing> {
-        let store = st.store.as_ref()?;
+        let store = deps.store.as_ref()?;
         let (hub, filter) = (self.hub.clone(), filter.clone());
         let select = move |device: &str, metric: &str| filter.selects(device, metric, hub.labels());
-        match store
-            .window(select, from, to, st.settings.max_gap_fill)
-            .await
-        {
+        match store.window(select, from, to, deps.max_gap_fill).await {
             Ok(Some(rows)) => Some(Outgoing {
                 event: "gapfill",
                 id: None,
@@ -200,7 +215,13 @@ impl LiveSession {
             });
             self.pending.push_back(Outgoing {
                 event: "readings",
-                id: Some(position(epoch, last.seq)),
+                id: Some(
+                    Position {
+                        epoch,
+                        seq: last.seq,
+                    }
+                    .to_string(),
+                ),
                 data: delivery_json(epoch, chunk),
             });
         }
@@ -242,7 +263,7 @@ impl LiveSession {
     }
 
     /// Add a named filter (WebSocket `subscribe`); returns its snapshot message.
-    pub fn add_filter(&self, id: String, filter: Filter) -> Result<Outgoing, super::LiveError> {
+    pub fn add_filter(&self, id: String, filter: Filter) -> Result<Outgoing, LiveError> {
         let snapshot = self.sub.add_filter(id, filter)?;
         let at = self.hub.position();
         Ok(Outgoing {

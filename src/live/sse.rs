@@ -16,7 +16,8 @@ use futures_util::Stream;
 
 use super::session::LiveSession;
 use crate::api::auth::StreamViewer;
-use crate::api::{ApiError, AppState};
+use crate::api::error::ApiError;
+use crate::api::state::AppState;
 
 /// Open an SSE live stream filtered by `device` and `metric` query parameters.
 #[utoipa::path(get, path = "/api/v1/live/sse", tag = "live",
@@ -30,9 +31,7 @@ use crate::api::{ApiError, AppState};
     ),
     responses(
         (status = 200, description = "text/event-stream: `snapshot`, then `readings` (id = position) and `conflated` events", content_type = "text/event-stream", body = String),
-        (status = 400, description = "Bad filter", body = crate::api::devices::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key or stream token", body = crate::api::devices::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Too many subscribers", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        crate::api::problem::LiveStreamErrors,
     ),
     security(("api_key" = [])))]
 pub async fn stream(
@@ -48,7 +47,7 @@ pub async fn stream(
             query.since = Some(pos);
         }
     }
-    let session = LiveSession::open(&st, query, "sse").await?;
+    let session = LiveSession::open(st.live_session_deps(), query, "sse").await?;
     let shutdown = st.shutdown.clone();
     let events =
         futures_util::stream::unfold((session, shutdown), |(mut session, shutdown)| async move {

@@ -14,7 +14,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::session::{LiveSession, Outgoing};
 use super::{Filter, LiveError};
 use crate::api::auth::StreamViewer;
-use crate::api::{ApiError, AppState};
+use crate::api::error::ApiError;
+use crate::api::state::AppState;
 
 /// A message from the client.
 #[derive(Deserialize)]
@@ -47,9 +48,7 @@ enum ClientMessage {
     ),
     responses(
         (status = 101, description = "WebSocket: text frames `snapshot`, `readings`, `gapfill`, `reset`, `conflated`, `subscribed`, `unsubscribed`, `error`; send `{\"type\":\"subscribe\",\"id\",\"devices\",\"labels\",\"metrics\"}` / `{\"type\":\"unsubscribe\",\"id\"}`"),
-        (status = 400, description = "Bad filter", body = crate::api::devices::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid key or stream token", body = crate::api::devices::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Too many subscribers", body = crate::api::devices::Problem, content_type = "application/problem+json"),
+        crate::api::problem::LiveStreamErrors,
     ),
     security(("api_key" = [])))]
 pub async fn upgrade(
@@ -60,7 +59,7 @@ pub async fn upgrade(
 ) -> Result<Response, ApiError> {
     let query = super::parse_query(query.as_deref()).map_err(ApiError::bad_request)?;
     // Subscribe before upgrading so limit errors are a proper HTTP answer.
-    let session = LiveSession::open(&st, query, "default").await?;
+    let session = LiveSession::open(st.live_session_deps(), query, "default").await?;
     Ok(ws
         .max_message_size(64 * 1024)
         .on_upgrade(move |socket| serve(socket, st, session)))
@@ -110,7 +109,7 @@ fn handle(session: &LiveSession, text: &str, max_filters: usize) -> Vec<String> 
                     serde_json::json!({"type": "subscribed", "id": id}).to_string(),
                     snapshot.data,
                 ],
-                Err(e) => vec![error_json("too_many_subscriptions", &e.to_string())],
+                Err(e) => vec![error_json(e.reason(), &e.to_string())],
             }
         }
         ClientMessage::Unsubscribe { id } => {

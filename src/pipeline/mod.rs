@@ -10,7 +10,6 @@
 //! depends on the destinations: one [`AckPart`] per destination, answered when all
 //! confirmed.
 
-pub mod ack;
 mod batcher;
 pub mod decode;
 
@@ -21,26 +20,15 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use ack::AckPart;
 pub use batcher::{Batch, Batcher};
 use decode::{Interner, decode};
 use fluxgate_proto::Limits;
 
 use crate::config::BatchConfig;
 use crate::live::Hub;
-use crate::model::{AckSender, Envelope, Reading, Rejection};
-use crate::observe::{DropReason, Event, Metrics, Queue};
+use crate::model::{AckPart, AckSender, DurableBatch, Envelope, Reading, Rejection};
+use crate::observe::{Event, Metrics, Queue, ReadingDropReason};
 use crate::registry::Registry;
-
-/// What every durable destination receives: the batch's readings (shared, not copied,
-/// between destinations) and this destination's parts of the waiting acknowledgements.
-#[derive(Debug)]
-pub struct DurableBatch {
-    /// The readings in arrival order.
-    pub readings: Arc<Vec<Reading>>,
-    /// Confirm each after the readings are durable here (or fail it).
-    pub acks: Vec<AckPart>,
-}
 
 /// A durable destination as the pipeline sees it: a bounded queue (full-policy: the
 /// pipeline waits) and what to count when the destination has stopped.
@@ -49,8 +37,8 @@ pub struct Destination {
     pub tx: flume::Sender<DurableBatch>,
     /// The gauge of its queue depth.
     pub queue: Queue,
-    /// The drop reason when its queue is closed.
-    pub gone: DropReason,
+    /// The drop reason when its queue is closed (the batch's readings are lost).
+    pub gone: ReadingDropReason,
 }
 
 /// The pipeline component.
@@ -198,7 +186,7 @@ impl Pipeline {
             // whatever the database does.)
             if let Err(flume::SendError(batch)) = dest.tx.send_async(batch).await {
                 // Dropping the parts fails the acks: the senders are told to retry.
-                self.metrics.emit(Event::Dropped {
+                self.metrics.emit(Event::ReadingsDropped {
                     reason: dest.gone,
                     count: batch.readings.len() as u64,
                 });

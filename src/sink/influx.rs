@@ -25,8 +25,8 @@ use bytes::Bytes;
 use reqwest::header::{self, HeaderValue};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{InfluxConfig, Precision, RetryConfig};
 use crate::observe::{Event, Metrics};
-use crate::sink::config::{InfluxConfig, Precision, RetryConfig};
 use crate::sink::spool::{Done, Job};
 use crate::sink::{SinkError, SinkHealth};
 

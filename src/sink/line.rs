@@ -12,9 +12,9 @@
 
 use std::sync::Arc;
 
+use crate::config::Precision;
 use crate::model::{Reading, Value};
 use crate::sink::buffer::Records;
-use crate::sink::config::Precision;
 
 /// A line is closed after this many fields (further readings of the same device and
 /// time start another line, which InfluxDB merges): bounds the duplicate-field check

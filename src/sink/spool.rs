@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::observe::{DropReason, Event, Metrics};
-use crate::pipeline::{AckPart, DurableBatch};
+use crate::config::InfluxBatchConfig;
+use crate::model::{AckPart, DurableBatch};
+use crate::observe::{Event, Metrics, PointDropReason, ReadingDropReason};
 use crate::sink::SinkHealth;
 use crate::sink::buffer::{Buffer, BufferError, Records};
-use crate::sink::config::InfluxBatchConfig;
 use crate::sink::line::LineEncoder;
 
 /// One write request for a writer task.
@@ -104,8 +104,8 @@ impl Spooler {
                 if seen.elapsed() >= self.drain {
                     if let Some((_acks, readings)) = blocked.take() {
                         // Dropping the parts tells waiting senders to retry.
-                        self.metrics.emit(Event::Dropped {
-                            reason: DropReason::ShuttingDown,
+                        self.metrics.emit(Event::ReadingsDropped {
+                            reason: ReadingDropReason::ShuttingDown,
                             count: readings as u64,
                         });
                     }
@@ -166,8 +166,8 @@ impl Spooler {
         let left = self.buffer.stats().unacked_records;
         if left > 0 {
             if self.memory {
-                self.metrics.emit(Event::Dropped {
-                    reason: DropReason::ShuttingDown,
+                self.metrics.emit(Event::PointsDropped {
+                    reason: PointDropReason::ShuttingDown,
                     count: left,
                 });
             } else {
@@ -197,8 +197,8 @@ impl Spooler {
             Ok(appended) => {
                 acks.into_iter().for_each(AckPart::confirm);
                 if appended.dropped > 0 {
-                    self.metrics.emit(Event::Dropped {
-                        reason: DropReason::SinkBufferFull,
+                    self.metrics.emit(Event::PointsDropped {
+                        reason: PointDropReason::SinkBufferFull,
                         count: appended.dropped,
                     });
                 }

@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, params};
 
+use crate::model::DurableBatch as Batch;
 use crate::model::{DeviceId, Reading, Value};
 use crate::observe::{Event, Metrics, Queue};
-use crate::pipeline::DurableBatch as Batch;
 
 pub use query::{Agg, LatestValue, RangeQuery, SeriesPoint, StoredReading};
 

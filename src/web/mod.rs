@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use sha2::{Digest, Sha256};
 
-use crate::api::ApiError;
+use crate::api::error::ApiError;
 
 /// The policy for every dashboard answer. `connect-src 'self'` covers `fetch` and
 /// `EventSource` to this gateway; `frame-ancestors 'none'` stops click-jacking of a page

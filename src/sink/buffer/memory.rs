@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 
 use super::{Appended, Buffer, BufferError, Limits, RECORD_OVERHEAD, Records, Stats};
-use crate::sink::config::WhenFull;
+use crate::config::WhenFull;
 
 /// Records in a deque; sequence numbers track the read and acknowledged positions.
 #[derive(Debug)]

@@ -20,7 +20,7 @@ mod memory;
 pub use disk::{DiskBuffer, Recovery};
 pub use memory::MemoryBuffer;
 
-use crate::sink::config::WhenFull;
+use crate::config::WhenFull;
 
 /// Framing bytes per record on disk (length + CRC). Memory mode counts them too, so that
 /// `max_bytes` means the same in both modes.
@@ -178,16 +178,16 @@ impl Records {
 
 /// Open the buffer the config asks for.
 pub fn open(
-    mode: crate::sink::config::BufferMode,
+    mode: crate::config::BufferMode,
     dir: &std::path::Path,
     limits: Limits,
 ) -> Result<(Box<dyn Buffer>, Recovery), BufferError> {
     match mode {
-        crate::sink::config::BufferMode::Disk => {
+        crate::config::BufferMode::Disk => {
             let (b, recovery) = DiskBuffer::open(dir, limits)?;
             Ok((Box::new(b), recovery))
         }
-        crate::sink::config::BufferMode::Memory => {
+        crate::config::BufferMode::Memory => {
             Ok((Box::new(MemoryBuffer::new(limits)), Recovery::default()))
         }
     }

@@ -11,7 +11,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use crate::sink::config::SinksConfig;
+mod sinks;
+
+pub use sinks::{
+    BufferConfig, BufferMode, InfluxBatchConfig, InfluxConfig, Precision, RetryConfig, Secret,
+    SinksConfig, WhenFull,
+};
 
 /// The environment variable prefix for overrides: `FLUXGATE_HTTP__LISTEN=127.0.0.1:9000`.
 pub const ENV_PREFIX: &str = "FLUXGATE_";
@@ -616,7 +621,7 @@ mod tests {
 
     #[test]
     fn shipped_config_parses_and_equals_defaults() {
-        let text = include_str!("../config/fluxgate.toml");
+        let text = include_str!("../../config/fluxgate.toml");
         let c = parse(text, &[]).expect("shipped config");
         let d = Config::default();
         assert_eq!(format!("{c:?}"), format!("{d:?}"));

@@ -1,4 +1,5 @@
-//! Acknowledgements shared by several durable destinations.
+//! Acknowledgements shared by several durable destinations, and the batch that carries
+//! them from the pipeline to each destination.
 //!
 //! A WS/HTTP message is acknowledged only when every enabled durable destination (the
 //! embedded store's commit, the InfluxDB sink's buffer append) has confirmed it. The
@@ -13,7 +14,17 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::model::{AckSender, Rejection};
+use super::{AckSender, Reading, Rejection};
+
+/// What every durable destination receives: the batch's readings (shared, not copied,
+/// between destinations) and this destination's parts of the waiting acknowledgements.
+#[derive(Debug)]
+pub struct DurableBatch {
+    /// The readings in arrival order.
+    pub readings: Arc<Vec<Reading>>,
+    /// Confirm each after the readings are durable here (or fail it).
+    pub acks: Vec<AckPart>,
+}
 
 struct Shared {
     remaining: AtomicUsize,

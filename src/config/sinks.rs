@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, invalid};
+use super::{ConfigError, invalid};
 
 /// External time-series databases the pipeline writes to (beside the embedded store).
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -1,7 +1,23 @@
-//! Domain types shared by ingest, pipeline, store and live fan-out.
+//! Domain and contract types shared by ingest, pipeline, store, sink, live fan-out and
+//! the API: the lowest layer, importing nothing else from the crate.
 //!
 //! Strings that repeat on every reading (device id, metric name) are `Arc<str>` so a
 //! reading can be handed to the live hub and the batcher without copying them.
+//!
+//! Contract types live here rather than in the module that produces them, so that both
+//! sides of a contract depend downward: the pipeline hands [`DurableBatch`]es to the
+//! store and the sink, the registry answers [`DeviceLabels`] for the live hub, and
+//! observe counts [`AuthFailure`]s that the registry returns.
+
+mod ack;
+mod auth;
+mod json;
+mod labels;
+
+pub use ack::{AckPart, DurableBatch};
+pub use auth::AuthFailure;
+pub use json::JsonValue;
+pub use labels::{DeviceLabels, NoLabels};
 
 use std::sync::Arc;
 

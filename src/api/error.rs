@@ -1,0 +1,177 @@
+//! [`ApiError`]: every error of the HTTP surface, answered as RFC 9457
+//! `application/problem+json`. The detail says what the client did wrong and never
+//! carries internal error text; internal failures are logged here and answered with a
+//! generic detail.
+//!
+//! The mappings from the errors of the layers below (decode, ingest rejection, registry,
+//! live subscription) live here, so handlers only write `?`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::live::LiveError;
+use crate::model::{DecodeError, Rejection};
+use crate::registry::RegistryError;
+
+/// An RFC 9457 problem.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    slug: &'static str,
+    detail: String,
+    headers: Vec<(header::HeaderName, &'static str)>,
+}
+
+impl ApiError {
+    /// A problem with a status, a stable slug (its `type` is `urn:fluxgate:problem:{slug}`)
+    /// and a human detail.
+    pub fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            slug,
+            detail: detail.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// The same problem with an extra response header.
+    pub fn with_header(mut self, name: header::HeaderName, value: &'static str) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// 400 with a detail naming what was wrong.
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+    }
+
+    /// 404.
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
+    }
+
+    /// 503 for a disabled or failing component, with `Retry-After`.
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+            .with_header(header::RETRY_AFTER, "1")
+    }
+
+    /// An internal failure: logged here, reported without internals.
+    pub fn internal(error: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %error, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the gateway log",
+        )
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<&DecodeError> for ApiError {
+    fn from(e: &DecodeError) -> Self {
+        let status = match e {
+            DecodeError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            DecodeError::Empty
+            | DecodeError::InvalidJson { .. }
+            | DecodeError::UnexpectedShape { .. }
+            | DecodeError::InvalidFrame { .. }
+            | DecodeError::UnsupportedVersion { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::new(status, e.reason(), e.to_string())
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> Self {
+        match &r {
+            Rejection::Decode(e) => e.into(),
+            Rejection::Unavailable => ApiError::unavailable(r.to_string()),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match &e {
+            RegistryError::NotFound(_) => ApiError::not_found(e.to_string()),
+            RegistryError::AlreadyExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            RegistryError::LastAdmin => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            RegistryError::VersionMismatch { .. } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                e.to_string(),
+            ),
+            RegistryError::Invalid { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_value",
+                e.to_string(),
+            ),
+            RegistryError::Db(_) | RegistryError::CreateDir { .. } | RegistryError::Random(_) => {
+                ApiError::internal(&e)
+            }
+        }
+    }
+}
+
+impl From<LiveError> for ApiError {
+    fn from(e: LiveError) -> Self {
+        match e {
+            LiveError::TooManySubscribers { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.reason(), e.to_string())
+                    .with_header(header::RETRY_AFTER, "5")
+            }
+            LiveError::TooManyFilters { .. } | LiveError::TooManySubscriptions { .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, e.reason(), e.to_string())
+            }
+            LiveError::Closed => ApiError::new(StatusCode::GONE, e.reason(), e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "type": format!("urn:fluxgate:problem:{}", self.slug),
+            "title": self.status.canonical_reason().unwrap_or("error"),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let mut response = (self.status, body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        for (name, value) in self.headers {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        response
+    }
+}
+
+/// The router's fallback: an unknown path.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// The router's fallback for a known path with the wrong method.
+///
+/// Without it, axum answers by an empty 405, the one error that would not be
+/// problem+json. axum still adds the `Allow` header.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}

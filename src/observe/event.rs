@@ -1,0 +1,163 @@
+//! [`Event`]: everything countable that happens in the gateway, as the components
+//! report it.
+//!
+//! Components describe what happened and leave counting and logging to
+//! [`Metrics::emit`](super::Metrics::emit), so a counter and its log line can never
+//! disagree. Drops come in three variants, one per counted unit, each with its own reason
+//! type (see `drop_reason`), so the unit is fixed where the drop is reported.
+
+use std::time::Duration;
+
+use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
+use super::labels::ResumeSource;
+use crate::model::{AuthFailure, Transport};
+
+/// Something that happened and is counted (and maybe logged).
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A message decoded into `readings` readings.
+    Ingested {
+        /// Its transport.
+        transport: Transport,
+        /// Readings it held.
+        readings: usize,
+    },
+    /// A message failed to decode.
+    DecodeFailed {
+        /// Its transport.
+        transport: Transport,
+        /// The device it came from.
+        device: &'a str,
+        /// The error.
+        error: &'a fluxgate_proto::DecodeError,
+    },
+    /// The store committed a batch.
+    BatchWritten {
+        /// Readings in the batch.
+        rows: usize,
+        /// Time spent writing and committing.
+        elapsed: Duration,
+    },
+    /// The store failed to commit a batch. Its readings count as dropped readings
+    /// (`store_failed`).
+    StoreWriteFailed {
+        /// Readings lost from this batch (devices with acks were told to retry).
+        rows: usize,
+        /// What failed.
+        error: &'a str,
+    },
+    /// Whole device messages were dropped before they were decoded.
+    MessagesDropped {
+        /// Why.
+        reason: MessageDropReason,
+        /// How many messages.
+        count: u64,
+    },
+    /// Decoded readings were dropped on their way to a durable destination.
+    ReadingsDropped {
+        /// Why.
+        reason: ReadingDropReason,
+        /// How many readings.
+        count: u64,
+    },
+    /// InfluxDB line-protocol points (lines) were dropped from the sink's buffer.
+    PointsDropped {
+        /// Why.
+        reason: PointDropReason,
+        /// How many points.
+        count: u64,
+    },
+    /// The retention sweep deleted old chunks.
+    RetentionSwept {
+        /// Chunks deleted.
+        chunks: usize,
+    },
+    /// A live subscriber's queue was full and pending readings were conflated.
+    Conflated {
+        /// Readings replaced by a later reading of the same series.
+        count: u64,
+    },
+    /// Frames and readings sent to live subscribers.
+    LiveSent {
+        /// Readings in the frame.
+        readings: usize,
+    },
+    /// A device's credentials were refused.
+    AuthRefused {
+        /// Its transport.
+        transport: Transport,
+        /// The device id it claimed (never the secret), if any.
+        device: &'a str,
+        /// Why.
+        reason: AuthFailure,
+    },
+    /// An MQTT client used a topic outside its own namespace; its connection is closed.
+    AclViolation {
+        /// The device.
+        device: &'a str,
+        /// `publish` or `subscribe`.
+        action: &'static str,
+        /// The topic or filter it tried.
+        topic: &'a str,
+    },
+    /// A live subscriber resumed from a position.
+    Resumed {
+        /// Where it was served from.
+        source: ResumeSource,
+    },
+    /// A device's connections were closed because it was disabled, deleted or re-keyed.
+    DeviceKicked {
+        /// The device.
+        device: &'a str,
+        /// Its transport.
+        transport: Transport,
+    },
+    /// The InfluxDB sink wrote a request.
+    SinkWritten {
+        /// Lines (points) in it.
+        lines: usize,
+        /// Body bytes sent (compressed when gzip is on).
+        bytes: usize,
+        /// From the first attempt to the server's answer.
+        elapsed: Duration,
+        /// Attempts that had failed before this one.
+        retries: u32,
+    },
+    /// A write failed and will be retried.
+    SinkRetry {
+        /// The HTTP status, when the server answered.
+        status: Option<u16>,
+        /// What failed.
+        error: &'a str,
+        /// Wait before the next attempt.
+        delay: Duration,
+    },
+    /// The server rejected a request as bad data (4xx): it went to the dead-letter file.
+    SinkDeadLettered {
+        /// Lines (points) in it.
+        lines: usize,
+        /// The HTTP status.
+        status: u16,
+        /// The server's reason.
+        reason: &'a str,
+        /// Set when even the dead-letter file could not be written.
+        file_error: Option<&'a str>,
+    },
+    /// The sink buffer skipped damaged data when it was opened (torn write, corruption).
+    SinkBufferCorrupt {
+        /// Damaged regions skipped.
+        regions: u64,
+        /// Bytes skipped.
+        bytes: u64,
+        /// Where.
+        detail: &'a str,
+    },
+    /// The sink buffer failed to take a batch (disk error): its readings are dropped
+    /// (counted as `sink_buffer_failed` readings) and waiting senders are told to retry.
+    SinkBufferFailed {
+        /// Readings in the batch.
+        readings: usize,
+        /// What failed.
+        error: &'a str,
+    },
+}

@@ -1,0 +1,399 @@
+//! [`Metrics`]: the registry of atomics, and [`Metrics::emit`], which turns an
+//! [`Event`] into its counters and its log line.
+//!
+//! The registry is a fixed set of atomics allocated at start: recording an event is a
+//! few relaxed additions, never a lock or an allocation, because it happens on the hot
+//! path of every message. Its text exposition is in `prometheus`.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use fluxgate_proto::DECODE_ERROR_REASONS;
+
+use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
+use super::event::Event;
+use super::histogram::{Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
+use super::labels::{Queue, ResumeSource, transport_index};
+use super::log_budget::{LogBudgets, LogClass};
+use crate::model::{AuthFailure, Transport};
+
+/// The gateway's metrics registry. Shared as `Arc<Metrics>`.
+///
+/// Per-transport arrays are indexed by `transport_index`, per-reason arrays by the
+/// reason's discriminant.
+pub struct Metrics {
+    /// Messages decoded, by transport.
+    pub(super) messages: [AtomicU64; Transport::ALL.len()],
+    /// Readings decoded, by transport.
+    pub(super) readings: [AtomicU64; Transport::ALL.len()],
+    /// Messages rejected by the decoder, by decode reason, then transport.
+    pub(super) decode_errors: Vec<[AtomicU64; Transport::ALL.len()]>,
+    /// Messages dropped, by reason.
+    pub(super) dropped_messages: [AtomicU64; MessageDropReason::ALL.len()],
+    /// Readings dropped, by reason.
+    pub(super) dropped_readings: [AtomicU64; ReadingDropReason::ALL.len()],
+    /// InfluxDB points dropped, by reason.
+    pub(super) dropped_points: [AtomicU64; PointDropReason::ALL.len()],
+    /// Items waiting in each bounded queue.
+    pub(super) queue_depth: [AtomicI64; Queue::ALL.len()],
+    /// Readings per store batch.
+    pub(super) batch_rows: Histogram,
+    /// Seconds per store commit.
+    pub(super) store_write: Histogram,
+    /// Readings committed to the store.
+    pub(super) store_rows: AtomicU64,
+    /// Failed store commits.
+    pub(super) store_errors: AtomicU64,
+    /// Chunks deleted by retention.
+    pub(super) retention_deleted: AtomicU64,
+    /// Connected live subscribers.
+    pub(super) live_subscribers: AtomicI64,
+    /// Frames sent to live subscribers.
+    pub(super) live_frames: AtomicU64,
+    /// Readings sent to live subscribers.
+    pub(super) live_readings: AtomicU64,
+    /// Readings conflated for slow live subscribers.
+    pub(super) live_conflated: AtomicU64,
+    /// Refused credentials, by reason, then transport.
+    pub(super) auth_refused: [[AtomicU64; Transport::ALL.len()]; AuthFailure::ALL.len()],
+    /// MQTT connections closed for a foreign topic: `publish`, then `subscribe`.
+    pub(super) acl_violations: [AtomicU64; 2],
+    /// Connections closed because their device was disabled, deleted or re-keyed.
+    pub(super) kicked: AtomicU64,
+    /// Devices connected or recently seen.
+    pub(super) devices_online: AtomicI64,
+    /// Live resumes, by where they were served from.
+    pub(super) live_resumes: [AtomicU64; ResumeSource::ALL.len()],
+    /// The InfluxDB sink's counters and gauges.
+    pub(super) sink: SinkMetrics,
+    /// Rate limits of the log lines that outside input can cause.
+    log_budgets: LogBudgets,
+}
+
+/// The InfluxDB sink's counters and gauges.
+pub(super) struct SinkMetrics {
+    /// Points the server accepted.
+    pub(super) points: AtomicU64,
+    /// Write requests the server accepted.
+    pub(super) batches: AtomicU64,
+    /// Request body bytes the server accepted.
+    pub(super) bytes: AtomicU64,
+    /// Failed attempts that were retried.
+    pub(super) retries: AtomicU64,
+    /// Points written to the dead-letter file.
+    pub(super) dead_lettered: AtomicU64,
+    /// Damaged buffer regions skipped at open.
+    pub(super) corrupt: AtomicU64,
+    /// Seconds from a request's first attempt to its success.
+    pub(super) write: Histogram,
+    /// Bytes of unwritten lines in the buffer.
+    pub(super) buffer_bytes: AtomicI64,
+    /// Segment files of the disk buffer.
+    pub(super) buffer_segments: AtomicI64,
+    /// Unwritten lines (points) in the buffer.
+    pub(super) buffer_lines: AtomicI64,
+}
+
+impl Default for SinkMetrics {
+    fn default() -> Self {
+        Self {
+            points: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            write: Histogram::new(SECONDS_BOUNDS, 1e6),
+            buffer_bytes: AtomicI64::new(0),
+            buffer_segments: AtomicI64::new(0),
+            buffer_lines: AtomicI64::new(0),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            messages: Default::default(),
+            readings: Default::default(),
+            decode_errors: DECODE_ERROR_REASONS
+                .iter()
+                .map(|_| Default::default())
+                .collect(),
+            dropped_messages: Default::default(),
+            dropped_readings: Default::default(),
+            dropped_points: Default::default(),
+            queue_depth: Default::default(),
+            batch_rows: Histogram::new(ROWS_BOUNDS, 1.0),
+            store_write: Histogram::new(SECONDS_BOUNDS, 1e6),
+            store_rows: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
+            retention_deleted: AtomicU64::new(0),
+            live_subscribers: AtomicI64::new(0),
+            live_frames: AtomicU64::new(0),
+            live_readings: AtomicU64::new(0),
+            live_conflated: AtomicU64::new(0),
+            auth_refused: Default::default(),
+            acl_violations: Default::default(),
+            kicked: AtomicU64::new(0),
+            devices_online: AtomicI64::new(0),
+            live_resumes: Default::default(),
+            sink: SinkMetrics::default(),
+            log_budgets: LogBudgets::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Record an event: count it, and log it where a line is worth it.
+    pub fn emit(&self, event: Event<'_>) {
+        match event {
+            Event::Ingested {
+                transport,
+                readings,
+            } => {
+                let i = transport_index(transport);
+                self.messages[i].fetch_add(1, Relaxed);
+                self.readings[i].fetch_add(readings as u64, Relaxed);
+            }
+            Event::DecodeFailed {
+                transport,
+                device,
+                error,
+            } => {
+                let reason = error.reason();
+                if let Some(r) = DECODE_ERROR_REASONS.iter().position(|x| *x == reason) {
+                    self.decode_errors[r][transport_index(transport)].fetch_add(1, Relaxed);
+                }
+                // Bad input from the network must not turn into a log flood: a few lines
+                // per second, then a count of what was suppressed.
+                if let Some(suppressed) = self.log_budgets.take(LogClass::DecodeFailed) {
+                    tracing::warn!(
+                        transport = transport.as_str(),
+                        device,
+                        reason,
+                        suppressed,
+                        "rejected message: {error}"
+                    );
+                }
+            }
+            Event::BatchWritten { rows, elapsed } => {
+                self.batch_rows.observe(rows as f64);
+                self.store_write.observe(elapsed.as_secs_f64());
+                self.store_rows.fetch_add(rows as u64, Relaxed);
+                tracing::trace!(rows, ?elapsed, "batch committed");
+            }
+            Event::StoreWriteFailed { rows, error } => {
+                self.store_errors.fetch_add(1, Relaxed);
+                self.dropped_readings[ReadingDropReason::StoreFailed as usize]
+                    .fetch_add(rows as u64, Relaxed);
+                tracing::error!(rows, error, "store write failed; batch dropped");
+            }
+            Event::MessagesDropped { reason, count } => {
+                self.dropped_messages[reason as usize].fetch_add(count, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::MessagesDropped) {
+                    tracing::warn!(
+                        reason = reason.as_str(),
+                        count,
+                        suppressed,
+                        "dropped messages"
+                    );
+                }
+            }
+            Event::ReadingsDropped { reason, count } => {
+                self.dropped_readings[reason as usize].fetch_add(count, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::ReadingsDropped) {
+                    tracing::warn!(
+                        reason = reason.as_str(),
+                        count,
+                        suppressed,
+                        "dropped readings"
+                    );
+                }
+            }
+            Event::PointsDropped { reason, count } => {
+                self.dropped_points[reason as usize].fetch_add(count, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::PointsDropped) {
+                    tracing::warn!(
+                        reason = reason.as_str(),
+                        count,
+                        suppressed,
+                        "dropped influxdb points"
+                    );
+                }
+            }
+            Event::RetentionSwept { chunks } => {
+                self.retention_deleted.fetch_add(chunks as u64, Relaxed);
+                if chunks > 0 {
+                    tracing::info!(chunks, "retention sweep deleted old chunks");
+                }
+            }
+            Event::Conflated { count } => {
+                self.live_conflated.fetch_add(count, Relaxed);
+                tracing::debug!(count, "slow live subscriber: readings conflated");
+            }
+            Event::LiveSent { readings } => {
+                self.live_frames.fetch_add(1, Relaxed);
+                self.live_readings.fetch_add(readings as u64, Relaxed);
+            }
+            Event::AuthRefused {
+                transport,
+                device,
+                reason,
+            } => {
+                let r = AuthFailure::ALL
+                    .iter()
+                    .position(|x| *x == reason)
+                    .unwrap_or_default();
+                self.auth_refused[r][transport_index(transport)].fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::AuthRefused) {
+                    tracing::warn!(
+                        transport = transport.as_str(),
+                        device,
+                        reason = reason.as_str(),
+                        suppressed,
+                        "device credentials refused"
+                    );
+                }
+            }
+            Event::AclViolation {
+                device,
+                action,
+                topic,
+            } => {
+                let i = usize::from(action == "subscribe");
+                self.acl_violations[i].fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::AclViolation) {
+                    tracing::warn!(
+                        device,
+                        action,
+                        topic,
+                        suppressed,
+                        "MQTT topic outside the device's namespace; connection closed"
+                    );
+                }
+            }
+            Event::Resumed { source } => {
+                self.live_resumes[source as usize].fetch_add(1, Relaxed);
+                tracing::debug!(source = source.as_str(), "live subscriber resumed");
+            }
+            Event::DeviceKicked { device, transport } => {
+                self.kicked.fetch_add(1, Relaxed);
+                tracing::info!(
+                    device,
+                    transport = transport.as_str(),
+                    "closed connection of a disabled, deleted or re-keyed device"
+                );
+            }
+            Event::SinkWritten {
+                lines,
+                bytes,
+                elapsed,
+                retries,
+            } => {
+                let s = &self.sink;
+                s.points.fetch_add(lines as u64, Relaxed);
+                s.batches.fetch_add(1, Relaxed);
+                s.bytes.fetch_add(bytes as u64, Relaxed);
+                s.write.observe(elapsed.as_secs_f64());
+                if retries > 0 {
+                    tracing::info!(
+                        lines,
+                        retries,
+                        ?elapsed,
+                        "influxdb write succeeded after retries"
+                    );
+                } else {
+                    tracing::trace!(lines, bytes, ?elapsed, "influxdb write");
+                }
+            }
+            Event::SinkRetry {
+                status,
+                error,
+                delay,
+            } => {
+                self.sink.retries.fetch_add(1, Relaxed);
+                // An outage retries for as long as it lasts: a few lines per second.
+                if let Some(suppressed) = self.log_budgets.take(LogClass::SinkRetry) {
+                    tracing::warn!(
+                        ?status,
+                        ?delay,
+                        suppressed,
+                        "influxdb write failed, will retry: {error}"
+                    );
+                }
+            }
+            Event::SinkDeadLettered {
+                lines,
+                status,
+                reason,
+                file_error,
+            } => {
+                self.sink.dead_lettered.fetch_add(lines as u64, Relaxed);
+                match file_error {
+                    None => tracing::error!(
+                        lines,
+                        status,
+                        reason,
+                        "influxdb rejected a batch; written to the dead-letter file"
+                    ),
+                    Some(e) => tracing::error!(
+                        lines,
+                        status,
+                        reason,
+                        file_error = e,
+                        "influxdb rejected a batch and the dead-letter file failed; batch lost"
+                    ),
+                }
+            }
+            Event::SinkBufferCorrupt {
+                regions,
+                bytes,
+                detail,
+            } => {
+                self.sink.corrupt.fetch_add(regions, Relaxed);
+                tracing::warn!(
+                    regions,
+                    bytes,
+                    "influxdb buffer: skipped damaged data: {detail}"
+                );
+            }
+            Event::SinkBufferFailed { readings, error } => {
+                self.dropped_readings[ReadingDropReason::SinkBufferFailed as usize]
+                    .fetch_add(readings as u64, Relaxed);
+                tracing::error!(
+                    readings,
+                    error,
+                    "influxdb buffer append failed; batch dropped"
+                );
+            }
+        }
+    }
+
+    /// Set the online-devices gauge.
+    pub fn set_devices_online(&self, n: usize) {
+        self.devices_online.store(n as i64, Relaxed);
+    }
+
+    /// Set the InfluxDB sink buffer gauges.
+    pub fn set_sink_buffer(&self, bytes: u64, segments: usize, lines: u64) {
+        let s = &self.sink;
+        s.buffer_bytes.store(bytes as i64, Relaxed);
+        s.buffer_segments.store(segments as i64, Relaxed);
+        s.buffer_lines.store(lines as i64, Relaxed);
+    }
+
+    /// Set the depth gauge of a queue.
+    pub fn set_queue_depth(&self, queue: Queue, depth: usize) {
+        self.queue_depth[queue as usize].store(depth as i64, Relaxed);
+    }
+
+    /// Change the depth gauge of a queue by `delta` (for queues spread over many owners).
+    pub fn add_queue_depth(&self, queue: Queue, delta: i64) {
+        self.queue_depth[queue as usize].fetch_add(delta, Relaxed);
+    }
+
+    /// Add to the live subscriber gauge (negative to remove).
+    pub fn add_live_subscribers(&self, delta: i64) {
+        self.live_subscribers.fetch_add(delta, Relaxed);
+    }
+}

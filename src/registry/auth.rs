@@ -1,0 +1,57 @@
+//! The hot-path credential checks, answered from the cache alone: device tokens (WS,
+//! HTTP), MQTT CONNECT credentials, and the re-check after a revocation.
+
+use std::sync::Arc;
+
+use super::Registry;
+use super::secret::{self, Hash};
+use crate::model::AuthFailure;
+
+impl Registry {
+    /// The device a bearer token belongs to, if it is valid and the device enabled.
+    pub fn authenticate_token(&self, token: &str) -> Result<Arc<str>, AuthFailure> {
+        let hash = secret::hash(token);
+        let state = self.read();
+        let id = state.tokens.get(&hash).ok_or(AuthFailure::BadToken)?;
+        let entry = state.devices.get(id).ok_or(AuthFailure::Unknown)?;
+        if !entry.record.fields.enabled {
+            return Err(AuthFailure::Disabled);
+        }
+        Ok(id.clone())
+    }
+
+    /// MQTT CONNECT: client id = username = device id, password = token.
+    pub fn authenticate_mqtt(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<(), AuthFailure> {
+        if client_id != username {
+            return Err(AuthFailure::IdentityMismatch);
+        }
+        let state = self.read();
+        let entry = state.devices.get(client_id).ok_or(AuthFailure::Unknown)?;
+        if !secret::hashes_equal(&entry.record.token_hash, &secret::hash(password)) {
+            return Err(AuthFailure::BadToken);
+        }
+        if !entry.record.fields.enabled {
+            return Err(AuthFailure::Disabled);
+        }
+        Ok(())
+    }
+
+    /// Whether `device` may still use its connection authenticated with `token_hash`
+    /// (after a revocation event).
+    pub fn still_valid(&self, device: &str, token_hash: &Hash) -> bool {
+        let state = self.read();
+        state.devices.get(device).is_some_and(|e| {
+            e.record.fields.enabled && secret::hashes_equal(&e.record.token_hash, token_hash)
+        })
+    }
+
+    /// The token hash currently registered for a device.
+    pub fn token_hash_of(&self, device: &str) -> Option<Hash> {
+        self.read().devices.get(device).map(|e| e.record.token_hash)
+    }
+}

@@ -1,0 +1,55 @@
+//! The registry's error type: one enum for every registry operation, mapped to
+//! problem+json by the API layer.
+
+use std::path::PathBuf;
+
+use super::secret::RandomError;
+
+/// Errors of registry operations.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No such device or key.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A device with this id exists.
+    #[error("device `{0}` already exists")]
+    AlreadyExists(String),
+    /// `If-Match` did not match the current version.
+    #[error("the device changed (current ETag {current})")]
+    VersionMismatch {
+        /// The current ETag.
+        current: String,
+    },
+    /// A field has an invalid value.
+    #[error("`{field}`: {detail}")]
+    Invalid {
+        /// The field.
+        field: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Revoking this key would leave no admin key.
+    #[error("cannot revoke the last admin key")]
+    LastAdmin,
+    /// SQLite failed.
+    #[error("registry database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// The data directory could not be created.
+    #[error("cannot create {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// No randomness for a secret.
+    #[error(transparent)]
+    Random(#[from] RandomError),
+}
+
+pub(super) fn invalid(field: &str, detail: impl Into<String>) -> RegistryError {
+    RegistryError::Invalid {
+        field: field.to_owned(),
+        detail: detail.into(),
+    }
+}

@@ -31,7 +31,7 @@ for _ in $(seq 1200); do
 done
 end=$(date +%s.%N)
 echo "influx points written: $n in $(echo "$end - $start" | bc) s => $(echo "$n * 4 / ($end - $start)" | bc) readings/s, $(echo "$n / ($end - $start)" | bc) msgs/s"
-curl -s "http://$http/metrics" | grep -E '^fluxgate_(influxdb_(batches|bytes|retries|dead)|dropped_[a-z]+_total|store_rows_written)' 
+curl -s "http://$http/metrics" | grep -E '^fluxgate_(influxdb_(batches|bytes|retries|dead)|dropped_[a-z]+_total|store_readings_written)' 
 curl -s http://127.0.0.1:$port/internal/force_flush >/dev/null
 sleep 1
 echo "VM series points: $(curl -s http://127.0.0.1:$port/api/v1/export -d 'match[]=telemetry_temp' | python3 -c 'import sys,json; print(sum(len(json.loads(l)["values"]) for l in sys.stdin if l.strip()))')"

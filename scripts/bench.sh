@@ -31,4 +31,4 @@ for qos in 0 1; do
 done
 ./target/release/firmware-sim bench --transport ws --encoding json \
   --devices "$devices" --messages "$((messages / 5))" --mqtt "$mqtt" --http "$http" --tokens-file "$tokens"
-echo "store rows written: $(curl -s "http://$http/metrics" | grep '^fluxgate_store_rows_written_total' | cut -d' ' -f2)"
+echo "store readings written: $(curl -s "http://$http/metrics" | grep '^fluxgate_store_readings_written_total' | cut -d' ' -f2)"

@@ -311,7 +311,7 @@ async fn a_stalled_client_is_conflated_and_catches_up_to_the_latest_values() {
         )
         .await;
         gw.wait_metric(
-            "fluxgate_store_rows_written_total",
+            "fluxgate_store_readings_written_total",
             total,
             Duration::from_secs(60),
         )

@@ -82,7 +82,7 @@ async fn hundred_thousand_qos1_messages_are_stored_exactly_once() {
             TOTAL as f64
         );
         assert_eq!(
-            gw.metric("fluxgate_store_rows_written_total").await,
+            gw.metric("fluxgate_store_readings_written_total").await,
             TOTAL as f64
         );
         // Nothing dropped, in any unit: `shutting_down` exists for messages, readings

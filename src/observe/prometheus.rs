@@ -84,7 +84,7 @@ impl Metrics {
         }
         self.batch_rows.render(
             &mut out,
-            "fluxgate_batch_rows",
+            "fluxgate_batch_readings",
             "Readings per batch written to the store.",
         );
         self.store_write.render(
@@ -204,7 +204,7 @@ impl Metrics {
                 s.buffer_lines.load(Relaxed),
             ),
             (
-                "fluxgate_store_rows_written_total",
+                "fluxgate_store_readings_written_total",
                 "counter",
                 "Readings committed to the embedded store.",
                 self.store_rows.load(Relaxed) as i64,
@@ -312,9 +312,9 @@ mod tests {
         assert!(text.contains("fluxgate_ingest_messages_total{transport=\"ws\"} 1\n"));
         assert!(text.contains("fluxgate_ingest_readings_total{transport=\"ws\"} 4\n"));
         assert!(text.contains("fluxgate_dropped_messages_total{reason=\"mqtt_spill_full\"} 3\n"));
-        assert!(text.contains("fluxgate_batch_rows_bucket{le=\"10\"} 1\n"));
+        assert!(text.contains("fluxgate_batch_readings_bucket{le=\"10\"} 1\n"));
         assert!(text.contains("fluxgate_store_write_seconds_bucket{le=\"0.005\"} 1\n"));
-        assert!(text.contains("fluxgate_store_rows_written_total 7\n"));
+        assert!(text.contains("fluxgate_store_readings_written_total 7\n"));
     }
 
     /// Each drop lands in the counter of its own unit, and only there: the same reason

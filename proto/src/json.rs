@@ -615,7 +615,9 @@ impl Serialize for JsonValues<'_> {
     }
 }
 
-struct JsonValue<'a>(&'a Value);
+/// Serializes a [`Value`] as the plain JSON value (number, bool or string), the way the
+/// JSON shapes carry it. The gateway renders values in its own JSON answers with it too.
+pub struct JsonValue<'a>(pub &'a Value);
 
 impl Serialize for JsonValue<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

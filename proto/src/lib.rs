@@ -36,7 +36,7 @@ pub mod topic;
 
 pub use error::{DECODE_ERROR_REASONS, DecodeError, EncodeError};
 pub use frame::{FRAME_VERSION, decode_frame, encode_frame};
-pub use json::{decode_json, encode_json};
+pub use json::{JsonValue, decode_json, encode_json};
 pub use limits::Limits;
 pub use names::{MAX_NAME_LEN, NameError, validate_device_id, validate_metric_name};
 

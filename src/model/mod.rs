@@ -7,16 +7,15 @@
 //! Contract types live here rather than in the module that produces them, so that both
 //! sides of a contract depend downward: the pipeline hands [`DurableBatch`]es to the
 //! store and the sink, the registry answers [`DeviceLabels`] for the live hub, and
-//! observe counts [`AuthFailure`]s that the registry returns.
+//! observe counts [`AuthFailure`]s that the registry returns. Values render as JSON with
+//! the wire format's own [`JsonValue`].
 
 mod ack;
 mod auth;
-mod json;
 mod labels;
 
 pub use ack::{AckPart, DurableBatch};
 pub use auth::AuthFailure;
-pub use json::JsonValue;
 pub use labels::{DeviceLabels, NoLabels};
 
 use std::sync::Arc;
@@ -24,7 +23,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-pub use fluxgate_proto::{DecodeError, Value};
+pub use fluxgate_proto::{DecodeError, JsonValue, Value};
 
 /// A validated device id (`[A-Za-z0-9_.-]{1,64}`).
 pub type DeviceId = Arc<str>;

@@ -8,6 +8,10 @@ use super::*;
 use crate::model::AuthFailure;
 use crate::observe::Metrics;
 
+fn open(dir: &std::path::Path) -> Arc<Registry> {
+    Registry::open(dir, Duration::from_secs(60), Arc::new(Metrics::default())).unwrap()
+}
+
 fn fields(name: &str) -> DeviceFields {
     DeviceFields {
         name: name.to_owned(),
@@ -19,12 +23,7 @@ fn fields(name: &str) -> DeviceFields {
 #[test]
 fn devices_tokens_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = Registry::open(
-        dir.path(),
-        Duration::from_secs(60),
-        Arc::new(Metrics::default()),
-    )
-    .unwrap();
+    let reg = open(dir.path());
     let out = reg
         .create_devices(vec![
             ("d1".into(), fields("one")),
@@ -74,12 +73,7 @@ fn devices_tokens_and_reopen() {
     drop(reg);
 
     // Everything survives a reopen.
-    let reg = Registry::open(
-        dir.path(),
-        Duration::from_secs(60),
-        Arc::new(Metrics::default()),
-    )
-    .unwrap();
+    let reg = open(dir.path());
     let d = reg.get("d1").unwrap();
     assert_eq!(d.record.version, 3);
     assert!(!d.record.fields.enabled);
@@ -92,12 +86,7 @@ fn devices_tokens_and_reopen() {
 #[test]
 fn keys_bootstrap_once_and_last_admin_stays() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = Registry::open(
-        dir.path(),
-        Duration::from_secs(60),
-        Arc::new(Metrics::default()),
-    )
-    .unwrap();
+    let reg = open(dir.path());
     let admin = reg.bootstrap_admin_key().unwrap().unwrap();
     assert!(reg.bootstrap_admin_key().unwrap().is_none());
     assert_eq!(reg.authenticate_key(&admin).unwrap().role, Role::Admin);
@@ -118,12 +107,7 @@ fn keys_bootstrap_once_and_last_admin_stays() {
 #[test]
 fn listing_pages_and_filters() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = Registry::open(
-        dir.path(),
-        Duration::from_secs(60),
-        Arc::new(Metrics::default()),
-    )
-    .unwrap();
+    let reg = open(dir.path());
     let items = (0..25)
         .map(|i| {
             let mut f = fields(&format!("n{i}"));

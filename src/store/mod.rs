@@ -372,3 +372,78 @@ impl StoreReader {
         self.with_conn(query::dump).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(metric: &str, ts_ms: i64, value: i64) -> Reading {
+        Reading {
+            device: Arc::from("d1"),
+            metric: Arc::from(metric),
+            ts_ms,
+            value: Value::I64(value),
+        }
+    }
+
+    /// Make every chunk insert fail while `fail_inject.on` is 1: a real SQLite error in the
+    /// middle of the writer's transaction, after its new series rows were inserted.
+    fn install_failure_trigger(conn: &Connection) {
+        conn.execute_batch(
+            "CREATE TABLE fail_inject (on_ INTEGER NOT NULL);
+             INSERT INTO fail_inject VALUES (0);
+             CREATE TRIGGER fail_chunks BEFORE INSERT ON chunks
+               WHEN (SELECT on_ FROM fail_inject) = 1
+               BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+        )
+        .unwrap();
+    }
+
+    fn set_failing(conn: &Connection, on: bool) {
+        conn.execute("UPDATE fail_inject SET on_ = ?1", params![i64::from(on)])
+            .unwrap();
+    }
+
+    fn rows(all: &[StoredReading]) -> Vec<(&str, i64, Value)> {
+        all.iter()
+            .map(|r| (r.metric.as_str(), r.ts_ms, r.value.clone()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn failed_transaction_never_files_readings_under_another_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, r) = open_store(dir.path()).unwrap();
+        install_failure_trigger(&w.conn);
+        w.write(&[reading("a", 1_000, 1)]).unwrap();
+
+        // New series `b` and `c` are inserted, then the transaction fails and rolls back.
+        set_failing(&w.conn, true);
+        assert!(w.write(&[reading("b", 2_000, 2), reading("c", 2_000, 3)]).is_err());
+        set_failing(&w.conn, false);
+
+        // A brand-new series gets the next free id (the one `b` had); `b` and `c` come
+        // again. Each reading must come back under its own series.
+        w.write(&[reading("d", 3_000, 4)]).unwrap();
+        w.write(&[reading("b", 3_000, 5), reading("c", 3_000, 6)]).unwrap();
+        w.write(&[reading("e", 4_000, 7)]).unwrap();
+
+        let all = r.dump().await.unwrap();
+        assert_eq!(
+            rows(&all),
+            vec![
+                ("a", 1_000, Value::I64(1)),
+                ("b", 3_000, Value::I64(5)),
+                ("c", 3_000, Value::I64(6)),
+                ("d", 3_000, Value::I64(4)),
+                ("e", 4_000, Value::I64(7)),
+            ]
+        );
+        // The series table names every series once, each with its own id.
+        let series: i64 = w
+            .conn
+            .query_row("SELECT count(*) FROM series", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(series, 5);
+    }
+}

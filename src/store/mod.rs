@@ -559,6 +559,11 @@ impl StoreReader {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use rusqlite::functions::FunctionFlags;
+
     use super::*;
 
     fn reading(metric: &str, ts_ms: i64, value: i64) -> Reading {
@@ -592,6 +597,187 @@ mod tests {
         all.iter()
             .map(|r| (r.metric.as_str(), r.ts_ms, r.value.clone()))
             .collect()
+    }
+
+    /// Make the next `failures` chunk inserts fail: a trigger asks a Rust counter, which
+    /// the failed transaction's rollback cannot reset.
+    fn fail_next_chunk_inserts(conn: &Connection, failures: u32) -> Arc<AtomicU32> {
+        let left = Arc::new(AtomicU32::new(failures));
+        let l = left.clone();
+        conn.create_scalar_function("inject_failure", 0, FunctionFlags::SQLITE_UTF8, move |_| {
+            Ok(l.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok())
+        })
+        .unwrap();
+        conn.execute_batch(
+            "CREATE TEMP TRIGGER transient BEFORE INSERT ON main.chunks WHEN inject_failure()
+               BEGIN SELECT RAISE(ABORT, 'injected transient failure'); END;",
+        )
+        .unwrap();
+        left
+    }
+
+    fn opts(write_attempts: u32) -> WriterOptions {
+        WriterOptions {
+            retention: Duration::from_secs(86_400),
+            retention_interval: Duration::from_secs(60),
+            write_attempts,
+            write_retry_backoff: Duration::from_millis(1),
+        }
+    }
+
+    fn batch(readings: Vec<Reading>, acks: Vec<AckPart>) -> Batch {
+        Batch {
+            readings: Arc::new(readings),
+            acks,
+        }
+    }
+
+    fn counter(metrics: &Metrics, series: &str) -> String {
+        let text = metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{series} not in\n{text}"))
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn failed_mqtt_batch_is_retried_then_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, r) = open_store(dir.path(), QueryLimits::default()).unwrap();
+        let metrics = Metrics::default();
+        let left = fail_next_chunk_inserts(&w.conn, 2);
+        // An MQTT batch (no senders) over two new series: two transient failures, then
+        // the third attempt commits.
+        w.write_and_ack(
+            batch(vec![reading("a", 1_000, 1), reading("b", 1_000, 2)], vec![]),
+            &metrics,
+            &opts(3),
+        );
+        assert_eq!(left.load(Relaxed), 0);
+        assert_eq!(
+            rows(&r.dump().await.unwrap()),
+            vec![("a", 1_000, Value::I64(1)), ("b", 1_000, Value::I64(2))]
+        );
+        assert_eq!(counter(&metrics, "fluxgate_store_write_retries_total"), "2");
+        assert_eq!(counter(&metrics, "fluxgate_store_errors_total"), "0");
+        assert_eq!(
+            counter(&metrics, "fluxgate_store_readings_written_total"),
+            "2"
+        );
+        assert_eq!(
+            counter(
+                &metrics,
+                "fluxgate_dropped_readings_total{reason=\"store_failed\"}"
+            ),
+            "0"
+        );
+
+        // A failure that outlasts the attempts drops the batch, counted per reading.
+        left.store(10, Relaxed);
+        w.write_and_ack(
+            batch(vec![reading("a", 2_000, 3), reading("c", 2_000, 4)], vec![]),
+            &metrics,
+            &opts(3),
+        );
+        assert_eq!(left.load(Relaxed), 7, "exactly three attempts");
+        assert_eq!(counter(&metrics, "fluxgate_store_write_retries_total"), "4");
+        assert_eq!(counter(&metrics, "fluxgate_store_errors_total"), "1");
+        assert_eq!(
+            counter(
+                &metrics,
+                "fluxgate_dropped_readings_total{reason=\"store_failed\"}"
+            ),
+            "2"
+        );
+        assert_eq!(
+            r.dump().await.unwrap().len(),
+            2,
+            "nothing of the dropped batch"
+        );
+    }
+
+    #[tokio::test]
+    async fn waiting_sender_is_answered_unavailable_at_the_first_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, r) = open_store(dir.path(), QueryLimits::default()).unwrap();
+        let metrics = Metrics::default();
+        let left = fail_next_chunk_inserts(&w.conn, 1);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let acks = AckPart::split(tx, 1, 1);
+        w.write_and_ack(
+            batch(vec![reading("a", 1_000, 1)], acks),
+            &metrics,
+            &opts(2),
+        );
+        assert_eq!(left.load(Relaxed), 0);
+        // The sender was told to resend (a resend is idempotent); the retry stored the
+        // reading anyway.
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Err(crate::model::Rejection::Unavailable)
+        );
+        assert_eq!(r.dump().await.unwrap().len(), 1);
+        assert_eq!(counter(&metrics, "fluxgate_store_write_retries_total"), "1");
+    }
+
+    fn synchronous(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn batches_with_waiting_senders_commit_with_synchronous_full() {
+        const NORMAL: i64 = 1;
+        const FULL: i64 = 2;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _r) = open_store(dir.path(), QueryLimits::default()).unwrap();
+        let metrics = Metrics::default();
+        assert_eq!(synchronous(&w.conn), NORMAL);
+        // The mode is switched before the transaction and left until the next batch needs
+        // the other one, so what the connection reports after a batch is what its commit
+        // ran with.
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let acks = AckPart::split(tx, 1, 1);
+        w.write_and_ack(
+            batch(vec![reading("a", 1_000, 1)], acks),
+            &metrics,
+            &opts(1),
+        );
+        assert_eq!(rx.try_recv().unwrap(), Ok(1));
+        assert_eq!(synchronous(&w.conn), FULL);
+        w.write_and_ack(
+            batch(vec![reading("a", 2_000, 2)], vec![]),
+            &metrics,
+            &opts(1),
+        );
+        assert_eq!(synchronous(&w.conn), NORMAL);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let acks = AckPart::split(tx, 1, 1);
+        w.write_and_ack(
+            batch(vec![reading("a", 3_000, 3)], acks),
+            &metrics,
+            &opts(1),
+        );
+        assert_eq!(rx.try_recv().unwrap(), Ok(1));
+        assert_eq!(synchronous(&w.conn), FULL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queries_beyond_the_slots_are_refused_after_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = QueryLimits {
+            max_concurrent: 1,
+            wait: Duration::from_millis(500),
+            ..QueryLimits::default()
+        };
+        let (mut w, r) = open_store(dir.path(), limits).unwrap();
+        w.write(&[reading("a", 1_000, 1)]).unwrap();
+        // Hold the only slot, as a long query would.
+        let slot = r.inner.slots.clone().acquire_owned().await.unwrap();
+        assert!(matches!(r.latest("d1".into()).await, Err(StoreError::Busy)));
+        drop(slot);
+        assert_eq!(r.latest("d1".into()).await.unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -188,12 +188,19 @@ fn scan(
     want: usize,
     budget: usize,
 ) -> Result<Scan, StoreError> {
+    // `end_ts` skips, without decoding, the chunks of the span before `from` that end
+    // before it; the index range is still `(series_id, start_ts)`.
     let mut stmt = c.prepare_cached(
         "SELECT start_ts, seq, data FROM chunks
-          WHERE series_id = ?1 AND start_ts >= ?2 AND start_ts < ?3
+          WHERE series_id = ?1 AND start_ts >= ?2 AND start_ts < ?3 AND end_ts >= ?4
           ORDER BY start_ts, seq",
     )?;
-    let mut rows = stmt.query(params![series, from.saturating_sub(CHUNK_SPAN_MS), to])?;
+    let mut rows = stmt.query(params![
+        series,
+        from.saturating_sub(CHUNK_SPAN_MS),
+        to,
+        from
+    ])?;
     let mut pts: Vec<(i64, i64, Value)> = Vec::new();
     let mut decoded = 0usize;
     // Counting complete units needs the points merged; doing that only when the point
@@ -483,6 +490,7 @@ mod tests {
 
     use super::*;
     use crate::model::Reading;
+    use crate::store::StoreError;
     use crate::store::{QueryLimits, open_store};
 
     fn reading(metric: &str, ts_ms: i64, value: Value) -> Reading {
@@ -617,5 +625,170 @@ mod tests {
         assert_eq!(mid.len(), 2);
         let latest = r.latest("d1".into()).await.expect("latest");
         assert_eq!(latest[0].value, Value::I64(4));
+    }
+
+    /// 100 batches of 100 points each (a chunk per batch, 1 s apart), then a batch that
+    /// rewrites every third point of the first half with a later value, so chunks overlap
+    /// and paging must apply last-write-wins across pages.
+    fn dense_series(w: &mut crate::store::StoreWriter) -> Vec<(i64, Value)> {
+        let mut expected = Vec::new();
+        for b in 0..100i64 {
+            let batch: Vec<Reading> = (0..100i64)
+                .map(|i| reading("v", (b * 100 + i) * 1_000, Value::I64(b * 100 + i)))
+                .collect();
+            w.write(&batch).expect("write");
+        }
+        for i in 0..10_000i64 {
+            expected.push((i * 1_000, Value::I64(i)));
+        }
+        let rewrite: Vec<Reading> = (0..5_000i64)
+            .step_by(3)
+            .map(|i| reading("v", i * 1_000, Value::F64(-(i as f64))))
+            .collect();
+        w.write(&rewrite).expect("rewrite");
+        for i in (0..5_000usize).step_by(3) {
+            expected[i].1 = Value::F64(-(i as f64));
+        }
+        expected
+    }
+
+    /// Page through `[0, to)` with `limit` and `budget`; every page has at most `limit`
+    /// points and all but the last say where to continue.
+    fn page_all(
+        c: &Connection,
+        limit: usize,
+        budget: usize,
+        step: Option<(i64, Agg)>,
+    ) -> (Vec<(i64, Value)>, usize) {
+        let mut from = 0;
+        let (mut got, mut pages) = (Vec::new(), 0);
+        loop {
+            let q = RangeQuery {
+                device: "d1".into(),
+                metric: "v".into(),
+                from_ms: from,
+                to_ms: 10_000_000,
+                step,
+                limit,
+            };
+            let page = range(c, &q, budget).expect("range");
+            assert!(page.points.len() <= limit);
+            pages += 1;
+            got.extend(page.points.into_iter().map(|p| (p.ts_ms, p.value)));
+            match page.next_from {
+                Some(next) => {
+                    assert!(next > from, "no progress from {from}");
+                    from = next;
+                }
+                None => return (got, pages),
+            }
+        }
+    }
+
+    #[test]
+    fn range_stops_at_limit_and_pages_through_everything_exactly_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, _r) = open_store(dir.path(), QueryLimits::default()).expect("open");
+        let expected = dense_series(&mut w);
+        let c = crate::store::open(&dir.path().join(crate::store::FILE_NAME), true).expect("c");
+
+        // The scan stops once `limit` points are final: on a series of 100 chunks of 100
+        // points, 250 points need three chunks, never the whole range.
+        for b in 0..100i64 {
+            let batch: Vec<Reading> = (0..100i64)
+                .map(|i| reading("plain", (b * 100 + i) * 1_000, Value::I64(i)))
+                .collect();
+            w.write(&batch).expect("write");
+        }
+        let plain = series_id(&c, "d1", "plain").expect("id").expect("series");
+        let s = scan(&c, plain, (0, 10_000_000), &|ts| ts, 250, usize::MAX).expect("scan");
+        assert_eq!(
+            (s.decoded, s.complete_until, s.points.len()),
+            (300, 300_000, 300)
+        );
+        // Starting mid-range, the chunks that end before `from` are not decoded.
+        let s = scan(&c, plain, (5_000_000, 10_000_000), &|ts| ts, 50, usize::MAX).expect("s");
+        assert_eq!((s.decoded, s.complete_until), (100, 5_100_000));
+
+        // Limited by `limit`: exactly `limit` points, truncated, `next_from` just past.
+        let first = range(
+            &c,
+            &RangeQuery {
+                device: "d1".into(),
+                metric: "v".into(),
+                from_ms: 0,
+                to_ms: 10_000_000,
+                step: None,
+                limit: 250,
+            },
+            usize::MAX,
+        )
+        .expect("range");
+        assert_eq!(first.points.len(), 250);
+        assert_eq!(first.points[3].value, Value::F64(-3.0));
+        assert_eq!(first.next_from, Some(250_000));
+        let (all, pages) = page_all(&c, 250, usize::MAX, None);
+        assert_eq!(pages, 40);
+        assert_eq!(all, expected);
+
+        // Limited by the decode budget (smaller than `limit`, larger than the 1,201 points
+        // of the rewrite's chunk that overlaps the first hour's pages): shorter pages,
+        // same points.
+        let (all, pages) = page_all(&c, 100_000, 1_500, None);
+        assert_eq!(all, expected);
+        assert!(pages > 10, "{pages} pages");
+
+        // Aggregated: pages of buckets equal the unpaged answer.
+        let step = Some((7_000, Agg::Max));
+        let (whole, pages) = page_all(&c, 100_000, usize::MAX, step);
+        assert_eq!(pages, 1);
+        assert_eq!(whole.len(), 10_000usize.div_ceil(7));
+        assert_eq!(page_all(&c, 100, usize::MAX, step).0, whole);
+        assert_eq!(page_all(&c, 100_000, 1_500, step).0, whole);
+
+        // A budget smaller than one step's points cannot answer at all.
+        let err = range(
+            &c,
+            &RangeQuery {
+                device: "d1".into(),
+                metric: "v".into(),
+                from_ms: 0,
+                to_ms: 10_000_000,
+                step: Some((5_000_000, Agg::Avg)),
+                limit: 10,
+            },
+            1_000,
+        );
+        assert!(matches!(err, Err(StoreError::DecodeBudget { max: 1_000 })));
+    }
+
+    #[test]
+    fn gap_fill_window_stops_once_it_is_too_large() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, _r) = open_store(dir.path(), QueryLimits::default()).expect("open");
+        let expected = dense_series(&mut w);
+        let c = crate::store::open(&dir.path().join(crate::store::FILE_NAME), true).expect("c");
+        let all = |_: &str, _: &str| true;
+        // Everything fits: every reading, once.
+        let rows = window(&c, &all, (0, 10_000_000), 10_000, usize::MAX)
+            .expect("window")
+            .expect("fits");
+        let got: Vec<_> = rows.into_iter().map(|r| (r.ts_ms, r.value)).collect();
+        assert_eq!(got, expected);
+        // One more than the limit, or a budget too small: too large, without an error.
+        assert_eq!(
+            window(&c, &all, (0, 10_000_000), 9_999, usize::MAX).expect("w"),
+            None
+        );
+        assert_eq!(
+            window(&c, &all, (0, 10_000_000), 10_000, 5_000).expect("w"),
+            None
+        );
+        // A window inside the range is served from the chunks around it.
+        let rows = window(&c, &all, (500_000, 600_000), 100, 5_000)
+            .expect("window")
+            .expect("fits");
+        assert_eq!(rows.len(), 100);
+        assert_eq!(rows[0].ts_ms, 500_000);
     }
 }

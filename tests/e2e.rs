@@ -410,7 +410,10 @@ async fn history_pages_through_a_range_beyond_the_caps_exactly_once() {
             let answer = gw
                 .telemetry("pager", Some(&token), &json!(body).to_string())
                 .await;
-            assert_eq!((answer.status, &answer.body), (200, &json!({"accepted": 1_000})));
+            assert_eq!(
+                (answer.status, &answer.body),
+                (200, &json!({"accepted": 1_000}))
+            );
         }
         let to = base + total * 1_000;
         let mut from = base;

@@ -732,6 +732,9 @@ mod tests {
         const FULL: i64 = 2;
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _r) = open_store(dir.path(), QueryLimits::default()).unwrap();
+        // Opening created both files whose names the checked directory fsync covers.
+        assert!(dir.path().join("telemetry.db").is_file());
+        assert!(dir.path().join("telemetry.db-wal").is_file());
         let metrics = Metrics::default();
         assert_eq!(synchronous(&w.conn), NORMAL);
         // The mode is switched before the transaction and left until the next batch needs

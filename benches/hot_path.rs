@@ -122,7 +122,8 @@ fn store_write(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(10));
     for (devices, per_device) in [(10usize, 500usize), (1_000, 5)] {
         let dir = tempfile::tempdir().unwrap();
-        let (mut writer, _reader) = fluxgate::store::open_store(dir.path()).unwrap();
+        let (mut writer, _reader) =
+            fluxgate::store::open_store(dir.path(), Default::default()).unwrap();
         let mut t0 = 0i64;
         let name = format!("write_batch_20000_points_{}_series", devices * 4);
         g.bench_function(name, |b| {

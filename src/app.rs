@@ -89,23 +89,34 @@ impl Gateway {
         // Store writer: a dedicated thread; its queue's full-policy is backpressure.
         let store_reader = if config.store.enabled {
             let dir = config.data_dir.clone();
-            let (writer, reader) = tokio::task::spawn_blocking(move || store::open_store(&dir))
-                .await
-                .context("opening the store")?
-                .with_context(|| {
-                    format!(
-                        "cannot open the embedded store in {}",
-                        config.data_dir.display()
-                    )
-                })?;
+            let limits = store::QueryLimits {
+                max_decode_points: config.store.max_decode_points,
+                max_concurrent: config.store.max_concurrent_queries,
+                wait: config.store.query_wait,
+            };
+            let (writer, reader) =
+                tokio::task::spawn_blocking(move || store::open_store(&dir, limits))
+                    .await
+                    .context("opening the store")?
+                    .with_context(|| {
+                        format!(
+                            "cannot open the embedded store in {}",
+                            config.data_dir.display()
+                        )
+                    })?;
             let (tx, rx) = flume::bounded::<DurableBatch>(config.batch.queue_capacity);
             let (done_tx, done_rx) = oneshot::channel();
             let m = metrics.clone();
-            let (retention, interval) = (config.store.retention, config.store.retention_interval);
+            let opts = store::WriterOptions {
+                retention: config.store.retention,
+                retention_interval: config.store.retention_interval,
+                write_attempts: config.store.write_attempts,
+                write_retry_backoff: config.store.write_retry_backoff,
+            };
             std::thread::Builder::new()
                 .name("store-writer".to_owned())
                 .spawn(move || {
-                    writer.run(rx, m, retention, interval);
+                    writer.run(rx, m, opts);
                     let _ = done_tx.send(());
                 })
                 .context("starting the store writer thread")?;

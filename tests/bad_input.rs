@@ -525,7 +525,7 @@ async fn bad_query_parameters_and_unknown_routes_are_problems() {
         assert_eq!(status, 200);
         assert_eq!(
             body,
-            json!({"device": "q-dev", "metric": "temp", "points": []})
+            json!({"device": "q-dev", "metric": "temp", "points": [], "truncated": false})
         );
 
         let (status, content_type, body) = gw.get_json("/api/v1/live/sse?device=bad%20id").await;

@@ -316,7 +316,7 @@ async fn every_transport_reaches_store_live_streams_and_history() {
         ]);
         assert_eq!(
             readings(format!("{A}/readings?metric=temp&from={base}&to={to}")).await,
-            json!({"device": A, "metric": "temp", "points": temp_points})
+            json!({"device": A, "metric": "temp", "points": temp_points, "truncated": false})
         );
         // `to` is exclusive.
         let body = readings(format!(
@@ -330,6 +330,11 @@ async fn every_transport_reaches_store_live_streams_and_history() {
         ))
         .await;
         assert_eq!(body["points"], json!(temp_points.as_array().unwrap()[..2]));
+        // Cut by the limit: the answer says so and where the rest starts.
+        assert_eq!(
+            (&body["truncated"], &body["next_from"]),
+            (&json!(true), &json!(base + 5_000))
+        );
         // RFC 3339 works for `from`; `to` defaults to now.
         let body = readings(format!(
             "{A}/readings?metric=temp&from=1970-01-01T00:00:00Z"
@@ -346,7 +351,7 @@ async fn every_transport_reaches_store_live_streams_and_history() {
             json!({"device": A, "metric": "temp", "step_ms": 5000, "agg": "max", "points": [
                 {"ts": base, "value": 22.25},
                 {"ts": base + 5_000, "value": 24.5},
-            ]})
+            ], "truncated": false})
         );
         let agg = |metric: &str, device: &str, agg: &str| {
             readings(format!(
@@ -376,6 +381,70 @@ async fn every_transport_reaches_store_live_streams_and_history() {
         );
 
         gw.shutdown().await;
+    })
+    .await;
+}
+
+/// A range with far more points than one answer may hold or one query may decode: every
+/// page has exactly `limit` points (the last the rest), says it was truncated and where
+/// to continue, and following `next_from` returns every point exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_through_a_range_beyond_the_caps_exactly_once() {
+    bounded(60, async {
+        let gw = TestGateway::spawn_with(|c| {
+            c.store.max_query_points = 1_000;
+            c.store.max_decode_points = 1_500;
+        })
+        .await;
+        let token = gw.provision("pager").await;
+        let base = now_ms() - 2 * 3_600_000;
+        let total = 5_000i64;
+        // Five messages of 1,000 timestamped readings, one second apart.
+        for m in 0..5i64 {
+            let body: Vec<_> = (0..1_000i64)
+                .map(|i| {
+                    let n = m * 1_000 + i;
+                    json!({"ts": base + n * 1_000, "values": {"v": n}})
+                })
+                .collect();
+            let answer = gw
+                .telemetry("pager", Some(&token), &json!(body).to_string())
+                .await;
+            assert_eq!(
+                (answer.status, &answer.body),
+                (200, &json!({"accepted": 1_000}))
+            );
+        }
+        let to = base + total * 1_000;
+        let mut from = base;
+        let mut seen: Vec<i64> = Vec::new();
+        let mut pages = 0;
+        loop {
+            let (status, _, body) = gw
+                .get_json(&format!(
+                    "/api/v1/devices/pager/readings?metric=v&from={from}&to={to}&limit=700"
+                ))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            pages += 1;
+            let points = body["points"].as_array().unwrap();
+            for p in points {
+                let n = p["value"].as_i64().unwrap();
+                assert_eq!(p["ts"].as_i64().unwrap(), base + n * 1_000, "{p}");
+                seen.push(n);
+            }
+            if body["truncated"] == json!(false) {
+                assert!(body.get("next_from").is_none(), "{body}");
+                assert_eq!(points.len(), 100, "the rest: 5,000 = 7 x 700 + 100");
+                break;
+            }
+            assert_eq!(points.len(), 700, "page {pages}");
+            let next = body["next_from"].as_i64().unwrap();
+            assert_eq!(next, points[699]["ts"].as_i64().unwrap() + 1_000);
+            from = next;
+        }
+        assert_eq!(pages, 8);
+        assert_eq!(seen, (0..total).collect::<Vec<_>>());
     })
     .await;
 }

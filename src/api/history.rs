@@ -3,6 +3,7 @@
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
+use axum::http::{StatusCode, header};
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 
@@ -12,12 +13,38 @@ use super::extract::{DevicePath, device_id};
 use super::problem::{Problem, Unauthorized};
 use super::state::AppState;
 use crate::model::JsonValue;
-use crate::store::{Agg, LatestValue, RangeQuery, SeriesPoint, StoreReader};
+use crate::observe::Event;
+use crate::store::{Agg, LatestValue, RangeQuery, SeriesPoint, StoreError, StoreReader};
 
 fn store(st: &AppState) -> Result<&StoreReader, ApiError> {
     st.store
         .as_ref()
         .ok_or_else(|| ApiError::unavailable("the embedded store is disabled (store.enabled)"))
+}
+
+/// Answer a failed store query: busy slots are a 503 the client may retry (and are
+/// counted), a spent decode budget is the query's fault, anything else is internal.
+fn query_failed(st: &AppState, e: StoreError) -> ApiError {
+    match e {
+        StoreError::Busy => {
+            st.metrics.emit(Event::StoreQueryRejected);
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_busy",
+                "too many history queries are running; retry shortly",
+            )
+            .with_header(header::RETRY_AFTER, "1")
+        }
+        StoreError::DecodeBudget { max } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_points",
+            format!(
+                "one step of this query holds more than {max} stored points \
+                 (store.max_decode_points); use a smaller `step`"
+            ),
+        ),
+        e => ApiError::internal(&e),
+    }
 }
 
 /// The `latest` answer.
@@ -55,6 +82,7 @@ impl Serialize for Latest {
         (status = 200, description = "`{\"device\": id, \"metrics\": {name: {\"ts\": ms, \"value\": v}}}`", body = serde_json::Value),
         Unauthorized,
         (status = 404, description = "Nothing stored for this device", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Too many store queries at once (`store_busy`, with `Retry-After`) or the store is disabled", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 pub async fn latest(
@@ -66,7 +94,7 @@ pub async fn latest(
     let values = store(&st)?
         .latest(id.clone())
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| query_failed(&st, e))?;
     if values.is_empty() {
         return Err(ApiError::not_found(format!(
             "no readings stored for device `{id}`"
@@ -82,6 +110,7 @@ pub struct Readings {
     step_ms: Option<i64>,
     agg: Option<&'static str>,
     points: Vec<SeriesPoint>,
+    next_from: Option<i64>,
 }
 
 impl Serialize for Readings {
@@ -104,6 +133,10 @@ impl Serialize for Readings {
             m.serialize_entry("agg", agg)?;
         }
         m.serialize_entry("points", &Points(&self.points))?;
+        m.serialize_entry("truncated", &self.next_from.is_some())?;
+        if let Some(next) = self.next_from {
+            m.serialize_entry("next_from", &next)?;
+        }
         m.end()
     }
 }
@@ -126,6 +159,11 @@ fn parse_time(field: &str, raw: &str) -> Result<i64, ApiError> {
 }
 
 /// Points of one metric: `?metric=temp&from=…&to=…[&step=1m&agg=avg][&limit=N]`.
+///
+/// An answer is `truncated` when the range holds more than `limit` points (or buckets),
+/// or more than `store.max_decode_points` stored points had to be read; `next_from` then
+/// says where the rest starts: repeat the query with `from=next_from` (same `to`) until
+/// `truncated` is false to get every point exactly once.
 #[utoipa::path(get, path = "/api/v1/devices/{id}/readings", tag = "telemetry",
     params(
         ("id" = String, Path, description = "Device id"),
@@ -134,12 +172,14 @@ fn parse_time(field: &str, raw: &str) -> Result<i64, ApiError> {
         ("to" = Option<String>, Query, description = "Exclusive end: ms or RFC 3339; default now"),
         ("step" = Option<String>, Query, description = "Bucket width, e.g. `1m`"),
         ("agg" = Option<String>, Query, description = "min, max, avg (default with step) or last"),
-        ("limit" = Option<usize>, Query, description = "Most points"),
+        ("limit" = Option<usize>, Query, description = "Most points (default and maximum `store.max_query_points`)"),
     ),
     responses(
-        (status = 200, description = "`{\"device\", \"metric\", \"step_ms\"?, \"agg\"?, \"points\": [{\"ts\", \"value\"}]}`", body = serde_json::Value),
+        (status = 200, description = "`{\"device\", \"metric\", \"step_ms\"?, \"agg\"?, \"points\": [{\"ts\", \"value\"}], \"truncated\": bool, \"next_from\"?: ms}`: when `truncated`, the same query with `from=next_from` returns the rest", body = serde_json::Value),
         (status = 400, description = "Bad query parameter", body = Problem, content_type = "application/problem+json"),
         Unauthorized,
+        (status = 422, description = "One step holds more points than one query may decode (`too_many_points`)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Too many store queries at once (`store_busy`, with `Retry-After`) or the store is disabled", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
 pub async fn readings(
@@ -206,7 +246,7 @@ pub async fn readings(
         return Err(ApiError::bad_request("`agg` needs `step`"));
     }
     let step = step.map(|s| (s, agg.unwrap_or(Agg::Avg)));
-    let points = store(&st)?
+    let page = store(&st)?
         .range(RangeQuery {
             device: id.clone(),
             metric: metric.clone(),
@@ -216,7 +256,7 @@ pub async fn readings(
             limit,
         })
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| query_failed(&st, e))?;
     Ok(Json(Readings {
         device: id,
         metric,
@@ -227,6 +267,7 @@ pub async fn readings(
             Agg::Avg => "avg",
             Agg::Last => "last",
         }),
-        points,
+        points: page.points,
+        next_from: page.next_from,
     }))
 }

@@ -330,8 +330,24 @@ pub struct StoreConfig {
     /// How often the retention sweep runs.
     #[serde(with = "humantime_serde")]
     pub retention_interval: Duration,
-    /// Most points one `readings` query returns.
+    /// Most points one `readings` query returns (its largest `limit`).
     pub max_query_points: usize,
+    /// Most stored points one history or gap-fill query decodes; a `readings` answer
+    /// that reaches it is truncated and says where to continue (`next_from`).
+    pub max_decode_points: usize,
+    /// Most history and gap-fill queries running at once.
+    pub max_concurrent_queries: usize,
+    /// How long a query waits for a free slot before it is refused (503, `Retry-After`).
+    #[serde(with = "humantime_serde")]
+    pub query_wait: Duration,
+    /// Attempts per batch (the first included) before a failing batch's readings are
+    /// dropped (`store_failed`). WS/HTTP senders are answered `unavailable` at the first
+    /// failure; the retries are for MQTT readings, which nobody waits for.
+    pub write_attempts: u32,
+    /// Wait before the first retry of a failed batch; it doubles per retry, up to eight
+    /// times this. The store queue backs up meanwhile.
+    #[serde(with = "humantime_serde")]
+    pub write_retry_backoff: Duration,
 }
 
 impl Default for StoreConfig {
@@ -341,6 +357,11 @@ impl Default for StoreConfig {
             retention: Duration::from_secs(7 * 86_400),
             retention_interval: Duration::from_secs(60),
             max_query_points: 100_000,
+            max_decode_points: 1_000_000,
+            max_concurrent_queries: 4,
+            query_wait: Duration::from_secs(1),
+            write_attempts: 3,
+            write_retry_backoff: Duration::from_millis(200),
         }
     }
 }
@@ -437,6 +458,11 @@ impl Config {
             ("batch.max_rows", self.batch.max_rows),
             ("batch.queue_capacity", self.batch.queue_capacity),
             ("store.max_query_points", self.store.max_query_points),
+            ("store.max_decode_points", self.store.max_decode_points),
+            (
+                "store.max_concurrent_queries",
+                self.store.max_concurrent_queries,
+            ),
             ("live.ring_capacity", self.live.ring_capacity),
             ("live.client_queue", self.live.client_queue),
             ("live.max_subscribers", self.live.max_subscribers),
@@ -484,6 +510,21 @@ impl Config {
         }
         if self.store.retention < Duration::from_secs(60) {
             return Err(invalid("store.retention", "must be at least 1m"));
+        }
+        if !(1..=10).contains(&self.store.write_attempts) {
+            return Err(invalid("store.write_attempts", "must be 1..=10"));
+        }
+        if self.store.write_retry_backoff > Duration::from_secs(10) {
+            return Err(invalid("store.write_retry_backoff", "must be at most 10s"));
+        }
+        if self.store.query_wait > Duration::from_secs(60) {
+            return Err(invalid("store.query_wait", "must be at most 1m"));
+        }
+        if self.store.max_concurrent_queries > 1024 {
+            return Err(invalid(
+                "store.max_concurrent_queries",
+                "must be at most 1024",
+            ));
         }
         if self.store.retention_interval.is_zero() {
             return Err(invalid(

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::model::{DeviceId, MetricName};
 use crate::observe::{Event, Metrics, ResumeSource};
-use crate::store::StoreReader;
+use crate::store::{StoreError, StoreReader};
 
 /// One message for the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +183,10 @@ impl LiveSession {
                 data: gapfill_json(&rows),
             }),
             Ok(None) => None,
+            Err(StoreError::Busy) => {
+                self.metrics.emit(Event::StoreQueryRejected);
+                None
+            }
             Err(e) => {
                 tracing::error!(error = %e, "live gap-fill from the store failed");
                 None

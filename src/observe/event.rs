@@ -46,6 +46,16 @@ pub enum Event<'a> {
         /// What failed.
         error: &'a str,
     },
+    /// A store batch failed and will be written again after a backoff.
+    StoreWriteRetried {
+        /// The attempt that failed (1 for the first).
+        attempt: u32,
+        /// What failed.
+        error: &'a str,
+    },
+    /// A history or gap-fill query was refused because every store query slot stayed
+    /// taken for the whole wait (`store.max_concurrent_queries`, `store.query_wait`).
+    StoreQueryRejected,
     /// Whole device messages were dropped before they were decoded.
     MessagesDropped {
         /// Why.

@@ -30,11 +30,14 @@ pub(super) enum LogClass {
     /// An InfluxDB write failed and will be retried (an outage retries for as long as it
     /// lasts).
     SinkRetry,
+    /// A store query was refused because every query slot was busy (a client can cause
+    /// it by flooding history requests).
+    StoreQueryRejected,
 }
 
 impl LogClass {
     /// How many classes there are; the discriminant indexes [`LogBudgets`].
-    const COUNT: usize = 7;
+    const COUNT: usize = 8;
 }
 
 /// One budget per [`LogClass`].
@@ -99,6 +102,7 @@ mod tests {
         LogClass::ReadingsDropped,
         LogClass::PointsDropped,
         LogClass::SinkRetry,
+        LogClass::StoreQueryRejected,
     ];
 
     /// Uses up the budget of `class` in `second` and checks that the next line is

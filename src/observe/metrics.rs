@@ -43,6 +43,10 @@ pub struct Metrics {
     pub(super) store_rows: AtomicU64,
     /// Failed store commits.
     pub(super) store_errors: AtomicU64,
+    /// Failed store batch attempts that were retried.
+    pub(super) store_retries: AtomicU64,
+    /// Store queries refused for want of a free slot.
+    pub(super) store_queries_rejected: AtomicU64,
     /// Chunks deleted by retention.
     pub(super) retention_deleted: AtomicU64,
     /// Connected live subscribers.
@@ -127,6 +131,8 @@ impl Default for Metrics {
             store_write: Histogram::new(SECONDS_BOUNDS, 1e6),
             store_rows: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
+            store_retries: AtomicU64::new(0),
+            store_queries_rejected: AtomicU64::new(0),
             retention_deleted: AtomicU64::new(0),
             live_subscribers: AtomicI64::new(0),
             live_frames: AtomicU64::new(0),
@@ -187,6 +193,16 @@ impl Metrics {
                 self.dropped_readings[ReadingDropReason::StoreFailed as usize]
                     .fetch_add(rows as u64, Relaxed);
                 tracing::error!(rows, error, "store write failed; batch dropped");
+            }
+            Event::StoreWriteRetried { attempt, error } => {
+                self.store_retries.fetch_add(1, Relaxed);
+                tracing::warn!(attempt, error, "store write failed; retrying the batch");
+            }
+            Event::StoreQueryRejected => {
+                self.store_queries_rejected.fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::StoreQueryRejected) {
+                    tracing::warn!(suppressed, "store query refused: every query slot is busy");
+                }
             }
             Event::MessagesDropped { reason, count } => {
                 self.dropped_messages[reason as usize].fetch_add(count, Relaxed);

@@ -136,7 +136,7 @@ impl Metrics {
             "Time from the first attempt of an InfluxDB write request to its success.",
         );
         let s = &self.sink;
-        let scalars: [(&str, &str, &str, i64); 19] = [
+        let scalars: [(&str, &str, &str, i64); 21] = [
             (
                 "fluxgate_devices_online",
                 "gauge",
@@ -214,6 +214,18 @@ impl Metrics {
                 "counter",
                 "Failed store commits.",
                 self.store_errors.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_store_write_retries_total",
+                "counter",
+                "Failed store batch attempts that were retried.",
+                self.store_retries.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_store_queries_rejected_total",
+                "counter",
+                "History and gap-fill queries refused because every store query slot was busy.",
+                self.store_queries_rejected.load(Relaxed) as i64,
             ),
             (
                 "fluxgate_store_retention_chunks_deleted_total",

@@ -16,6 +16,17 @@
 //! Idempotency on (device, metric, ts) is kept by the read path: `seq` orders chunks by
 //! write, and of several points with the same timestamp the one written last wins. A
 //! device that retries a message therefore never produces a duplicate reading.
+//!
+//! Durability: a batch that carries waiting WS/HTTP senders commits with
+//! `synchronous=FULL`, which in WAL mode fsyncs the WAL at every commit, so an
+//! acknowledgement always follows a commit that survives a power loss. MQTT-only batches
+//! commit with `NORMAL` (the WAL is written before commit returns, so they survive a
+//! process crash, but an OS crash or power loss can lose the last ones until the next
+//! checkpoint); nobody waits for them, and skipping the fsync keeps MQTT ingest cheap.
+//! A failed batch is retried a bounded number of times before its readings are dropped
+//! and counted; series ids enter the writer's cache only after their transaction
+//! committed, so a rolled-back transaction can never leave an id that SQLite hands out
+//! again to another series.
 
 pub mod chunk;
 mod query;
@@ -28,10 +39,10 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OpenFlags, params};
 
 use crate::model::DurableBatch as Batch;
-use crate::model::{DeviceId, Reading, Value};
+use crate::model::{AckPart, DeviceId, Reading, Value};
 use crate::observe::{Event, Metrics, Queue};
 
-pub use query::{Agg, LatestValue, RangeQuery, SeriesPoint, StoredReading};
+pub use query::{Agg, LatestValue, RangePage, RangeQuery, SeriesPoint, StoredReading};
 
 /// The file name of the store inside `data_dir`.
 pub const FILE_NAME: &str = "telemetry.db";
@@ -56,6 +67,58 @@ pub enum StoreError {
     /// A blocking query task failed to complete (panicked or was cancelled).
     #[error("query task failed")]
     Join,
+    /// Every query slot stayed taken for the whole wait (`store.max_concurrent_queries`).
+    #[error("too many concurrent store queries")]
+    Busy,
+    /// The decode budget (`store.max_decode_points`) ran out before a single complete
+    /// answer unit (point or step bucket) was found.
+    #[error("more than {max} points would have to be decoded for one answer unit")]
+    DecodeBudget {
+        /// The budget.
+        max: usize,
+    },
+    /// The directory holding a newly created store file could not be synced.
+    #[error("cannot sync directory {path}: {source}")]
+    SyncDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// How the writer retries failed batches and sweeps old chunks.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterOptions {
+    /// Readings older than this are deleted.
+    pub retention: Duration,
+    /// How often the retention sweep runs.
+    pub retention_interval: Duration,
+    /// Attempts per batch (at least 1) before its readings are dropped (`store_failed`).
+    pub write_attempts: u32,
+    /// Wait before the first retry; it doubles per retry, up to eight times this.
+    pub write_retry_backoff: Duration,
+}
+
+/// Bounds on what read queries may cost.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryLimits {
+    /// Most points one query decodes (checked between chunks).
+    pub max_decode_points: usize,
+    /// Most queries running at once.
+    pub max_concurrent: usize,
+    /// How long a query waits for a free slot before it is refused ([`StoreError::Busy`]).
+    pub wait: Duration,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        Self {
+            max_decode_points: 1_000_000,
+            max_concurrent: 4,
+            wait: Duration::from_secs(1),
+        }
+    }
 }
 
 /// The widest time range one chunk covers. Queries for `[from, to)` only look at chunks
@@ -104,18 +167,45 @@ fn open(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// Open (creating if needed) the store in `data_dir` and return its writer and reader.
-pub fn open_store(data_dir: &Path) -> Result<(StoreWriter, StoreReader), StoreError> {
+/// fsync a directory so that the names of files just created in it survive a power loss.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StoreError::SyncDir {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// Open (creating if needed) the store in `data_dir` and return its writer and a reader
+/// bounded by `limits`.
+pub fn open_store(
+    data_dir: &Path,
+    limits: QueryLimits,
+) -> Result<(StoreWriter, StoreReader), StoreError> {
+    let dir_existed = data_dir.is_dir();
     std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
         path: data_dir.to_owned(),
         source,
     })?;
     let path = data_dir.join(FILE_NAME);
     let conn = open(&path, false)?;
+    // SQLite syncs the directory when it creates a WAL file but ignores a failure of that
+    // sync, and never syncs it for the database file itself. Sync it here, checked, so the
+    // new names are durable before the first acknowledgement can rely on them (and the
+    // parent too when the data directory itself is new).
+    sync_dir(data_dir)?;
+    if !dir_existed {
+        if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
     let seq: i64 = conn.query_row("SELECT coalesce(max(seq), 0) FROM chunks", [], |r| r.get(0))?;
     let mut writer = StoreWriter {
         conn,
         series: HashMap::new(),
+        fresh: HashMap::new(),
+        full_sync: false,
         seq,
         rows: Vec::new(),
         blob: Vec::new(),
@@ -125,6 +215,8 @@ pub fn open_store(data_dir: &Path) -> Result<(StoreWriter, StoreReader), StoreEr
         inner: Arc::new(ReaderInner {
             path,
             pool: Mutex::new(Vec::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent.max(1))),
+            limits,
         }),
     };
     Ok((writer, reader))
@@ -136,10 +228,19 @@ pub fn dump_file(path: &Path) -> Result<Vec<StoredReading>, StoreError> {
     query::dump(&open(path, true)?)
 }
 
+/// Series ids by device, then metric.
+type SeriesIds = HashMap<DeviceId, HashMap<Arc<str>, i64>>;
+
 /// The single writer. Owns its connection and a cache of series ids.
 pub struct StoreWriter {
     conn: Connection,
-    series: HashMap<DeviceId, HashMap<Arc<str>, i64>>,
+    /// Ids of series whose rows are committed.
+    series: SeriesIds,
+    /// Ids of series inserted by the transaction in progress; they join `series` only
+    /// when it commits.
+    fresh: SeriesIds,
+    /// Whether the connection is in `synchronous=FULL` (else `NORMAL`).
+    full_sync: bool,
     /// The `seq` of the last batch written; each batch gets the next one.
     seq: i64,
     /// Reused per batch: (series id, ts, index into the batch).
@@ -174,16 +275,20 @@ impl StoreWriter {
         mut self,
         input: flume::Receiver<Batch>,
         metrics: Arc<Metrics>,
-        retention: Duration,
-        retention_interval: Duration,
+        opts: WriterOptions,
     ) {
+        let WriterOptions {
+            retention,
+            retention_interval,
+            ..
+        } = opts;
         let mut next_sweep = Instant::now() + retention_interval;
         loop {
             let timeout = next_sweep.saturating_duration_since(Instant::now());
             match input.recv_timeout(timeout) {
                 Ok(batch) => {
                     metrics.set_queue_depth(Queue::Store, input.len());
-                    self.write_and_ack(batch, &metrics);
+                    self.write_and_ack(batch, &metrics, &opts);
                 }
                 Err(flume::RecvTimeoutError::Timeout) => {}
                 Err(flume::RecvTimeoutError::Disconnected) => break,
@@ -200,43 +305,107 @@ impl StoreWriter {
         tracing::debug!("store writer drained and stopped");
     }
 
-    fn write_and_ack(&mut self, batch: Batch, metrics: &Metrics) {
-        let started = Instant::now();
+    /// Write a batch, retrying a failure up to `write_attempts` times in all, and answer
+    /// its acknowledgements. The writer thread sleeps between attempts, so the store
+    /// queue backs up meanwhile (its full-policy is backpressure) and the wait is bounded.
+    fn write_and_ack(&mut self, batch: Batch, metrics: &Metrics, opts: &WriterOptions) {
         let rows = batch.readings.len();
-        let outcome = self.write(&batch.readings);
-        match &outcome {
-            Ok(()) => metrics.emit(Event::BatchWritten {
-                rows,
-                elapsed: started.elapsed(),
-            }),
-            Err(e) => metrics.emit(Event::StoreWriteFailed {
-                rows,
-                error: &e.to_string(),
-            }),
-        }
-        for ack in batch.acks {
-            ack.complete(outcome.is_ok());
+        let mut acks = batch.acks;
+        let mut attempt = 1;
+        loop {
+            let started = Instant::now();
+            // Waiting senders are answered only after a commit that survives a power loss.
+            let outcome = self
+                .set_full_sync(!acks.is_empty())
+                .and_then(|()| self.write(&batch.readings));
+            match outcome {
+                Ok(()) => {
+                    metrics.emit(Event::BatchWritten {
+                        rows,
+                        elapsed: started.elapsed(),
+                    });
+                    acks.drain(..).for_each(AckPart::confirm);
+                    return;
+                }
+                Err(e) => {
+                    // Senders are told at once rather than after the retries: a device
+                    // resends faster than we back off, and a resend is idempotent even
+                    // if a retry below stores the batch after all.
+                    acks.drain(..).for_each(AckPart::fail);
+                    let error = e.to_string();
+                    if attempt >= opts.write_attempts {
+                        metrics.emit(Event::StoreWriteFailed {
+                            rows,
+                            error: &error,
+                        });
+                        return;
+                    }
+                    metrics.emit(Event::StoreWriteRetried {
+                        attempt,
+                        error: &error,
+                    });
+                    std::thread::sleep(retry_delay(opts.write_retry_backoff, attempt));
+                    attempt += 1;
+                }
+            }
         }
     }
 
+    /// Switch the connection between `synchronous=FULL` and `NORMAL` when needed. The
+    /// setting applies to the next commit; in WAL mode FULL fsyncs the WAL at every
+    /// commit, NORMAL only at checkpoints.
+    fn set_full_sync(&mut self, full: bool) -> Result<(), StoreError> {
+        if self.full_sync != full {
+            let mode = if full { "FULL" } else { "NORMAL" };
+            self.conn.pragma_update(None, "synchronous", mode)?;
+            self.full_sync = full;
+        }
+        Ok(())
+    }
+
     /// Write readings in one transaction: one chunk per series (more only when a series'
-    /// points span more than [`CHUNK_SPAN_MS`]).
+    /// points span more than [`CHUNK_SPAN_MS`]). Series created by the transaction are
+    /// cached only once it has committed; on any failure it rolls back and the cache is
+    /// as before.
     pub fn write(&mut self, readings: &[Reading]) -> Result<(), StoreError> {
+        self.fresh.clear();
+        let result = self.write_tx(readings);
+        let fresh = std::mem::take(&mut self.fresh);
+        if result.is_ok() {
+            for (device, metrics) in fresh {
+                self.series.entry(device).or_default().extend(metrics);
+            }
+        }
+        result
+    }
+
+    fn write_tx(&mut self, readings: &[Reading]) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         self.seq += 1;
         let seq = self.seq;
         let mut rows = std::mem::take(&mut self.rows);
         rows.clear();
         {
+            // `OR IGNORE` and the lookup after it keep the writer working even if the
+            // cache misses a committed series (a commit reported as failed that did
+            // reach the WAL): the existing id is used instead of failing every batch.
             let mut insert_series =
-                tx.prepare_cached("INSERT INTO series (device, metric) VALUES (?1, ?2)")?;
+                tx.prepare_cached("INSERT OR IGNORE INTO series (device, metric) VALUES (?1, ?2)")?;
+            let mut find_series =
+                tx.prepare_cached("SELECT id FROM series WHERE device = ?1 AND metric = ?2")?;
             for (i, r) in readings.iter().enumerate() {
-                let id = match self.series.get(&*r.device).and_then(|m| m.get(&*r.metric)) {
-                    Some(id) => *id,
+                let cached =
+                    |ids: &SeriesIds| ids.get(&*r.device).and_then(|m| m.get(&*r.metric)).copied();
+                let id = match cached(&self.series).or_else(|| cached(&self.fresh)) {
+                    Some(id) => id,
                     None => {
-                        insert_series.execute(params![&*r.device, &*r.metric])?;
-                        let id = tx.last_insert_rowid();
-                        self.series
+                        let id = if insert_series.execute(params![&*r.device, &*r.metric])? == 1 {
+                            tx.last_insert_rowid()
+                        } else {
+                            find_series
+                                .query_row(params![&*r.device, &*r.metric], |row| row.get(0))?
+                        };
+                        self.fresh
                             .entry(r.device.clone())
                             .or_default()
                             .insert(r.metric.clone(), id);
@@ -279,14 +448,8 @@ impl StoreWriter {
             }
         }
         self.rows = rows;
-        let result = tx.commit();
-        if result.is_err() {
-            // The transaction rolled back, so series rows inserted in it are gone too;
-            // forget the cache so ids are looked up again rather than dangling.
-            self.series.clear();
-            let _ = self.load_series();
-        }
-        Ok(result?)
+        // A failed commit rolls back (the transaction's drop), like any error above.
+        Ok(tx.commit()?)
     }
 
     fn sweep(&mut self, cutoff_ms: i64) -> Result<usize, StoreError> {
@@ -307,9 +470,18 @@ impl StoreWriter {
     }
 }
 
+/// The wait before retry number `attempt` (1 for the first): `backoff`, doubling per
+/// retry, at most eight times `backoff`.
+fn retry_delay(backoff: Duration, attempt: u32) -> Duration {
+    backoff.saturating_mul(1 << attempt.saturating_sub(1).min(3))
+}
+
 struct ReaderInner {
     path: PathBuf,
     pool: Mutex<Vec<Connection>>,
+    /// One permit per query allowed to run at once.
+    slots: Arc<tokio::sync::Semaphore>,
+    limits: QueryLimits,
 }
 
 /// Read access for the REST API; cheap to clone.
@@ -319,13 +491,21 @@ pub struct StoreReader {
 }
 
 impl StoreReader {
-    /// Run `f` with a pooled read-only connection on the blocking thread pool.
+    /// Run `f` with a pooled read-only connection on the blocking thread pool, once one
+    /// of the `max_concurrent` query slots is free; [`StoreError::Busy`] if none frees up
+    /// within the wait. The slot is held by the blocking task itself, so a client that
+    /// goes away cannot free it while its query still runs.
     async fn with_conn<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
+        let slot = tokio::time::timeout(inner.limits.wait, inner.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| StoreError::Busy)?
+            .map_err(|_| StoreError::Busy)?;
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let pooled = inner.pool.lock().ok().and_then(|mut p| p.pop());
             let conn = match pooled {
                 Some(c) => c,
@@ -348,13 +528,16 @@ impl StoreReader {
         self.with_conn(move |c| query::latest(c, &device)).await
     }
 
-    /// Points of one series in a time range, raw or aggregated per step.
-    pub async fn range(&self, q: RangeQuery) -> Result<Vec<SeriesPoint>, StoreError> {
-        self.with_conn(move |c| query::range(c, &q)).await
+    /// Points of one series in a time range, raw or aggregated per step: at most
+    /// `q.limit` of them, and where to continue when there are more.
+    pub async fn range(&self, q: RangeQuery) -> Result<RangePage, StoreError> {
+        let budget = self.inner.limits.max_decode_points;
+        self.with_conn(move |c| query::range(c, &q, budget)).await
     }
 
     /// Readings with `from_ms <= ts < to_ms` of the series `select` accepts (live
-    /// gap-fill); `None` when there are more than `limit`.
+    /// gap-fill); `None` when there are more than `limit`, or more than
+    /// `max_decode_points` would have to be decoded to know.
     pub async fn window(
         &self,
         select: impl Fn(&str, &str) -> bool + Send + 'static,
@@ -362,7 +545,8 @@ impl StoreReader {
         to_ms: i64,
         limit: usize,
     ) -> Result<Option<Vec<StoredReading>>, StoreError> {
-        self.with_conn(move |c| query::window(c, &select, (from_ms, to_ms), limit))
+        let budget = self.inner.limits.max_decode_points;
+        self.with_conn(move |c| query::window(c, &select, (from_ms, to_ms), limit, budget))
             .await
     }
 
@@ -370,5 +554,273 @@ impl StoreReader {
     /// tests and export tools on small stores: it holds everything in memory.
     pub async fn dump(&self) -> Result<Vec<StoredReading>, StoreError> {
         self.with_conn(query::dump).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use rusqlite::functions::FunctionFlags;
+
+    use super::*;
+
+    fn reading(metric: &str, ts_ms: i64, value: i64) -> Reading {
+        Reading {
+            device: Arc::from("d1"),
+            metric: Arc::from(metric),
+            ts_ms,
+            value: Value::I64(value),
+        }
+    }
+
+    /// Make every chunk insert fail while `fail_inject.on` is 1: a real SQLite error in the
+    /// middle of the writer's transaction, after its new series rows were inserted.
+    fn install_failure_trigger(conn: &Connection) {
+        conn.execute_batch(
+            "CREATE TABLE fail_inject (on_ INTEGER NOT NULL);
+             INSERT INTO fail_inject VALUES (0);
+             CREATE TRIGGER fail_chunks BEFORE INSERT ON chunks
+               WHEN (SELECT on_ FROM fail_inject) = 1
+               BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+        )
+        .unwrap();
+    }
+
+    fn set_failing(conn: &Connection, on: bool) {
+        conn.execute("UPDATE fail_inject SET on_ = ?1", params![i64::from(on)])
+            .unwrap();
+    }
+
+    fn rows(all: &[StoredReading]) -> Vec<(&str, i64, Value)> {
+        all.iter()
+            .map(|r| (r.metric.as_str(), r.ts_ms, r.value.clone()))
+            .collect()
+    }
+
+    /// Make the next `failures` chunk inserts fail: a trigger asks a Rust counter, which
+    /// the failed transaction's rollback cannot reset.
+    fn fail_next_chunk_inserts(conn: &Connection, failures: u32) -> Arc<AtomicU32> {
+        let left = Arc::new(AtomicU32::new(failures));
+        let l = left.clone();
+        conn.create_scalar_function("inject_failure", 0, FunctionFlags::SQLITE_UTF8, move |_| {
+            Ok(l.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok())
+        })
+        .unwrap();
+        conn.execute_batch(
+            "CREATE TEMP TRIGGER transient BEFORE INSERT ON main.chunks WHEN inject_failure()
+               BEGIN SELECT RAISE(ABORT, 'injected transient failure'); END;",
+        )
+        .unwrap();
+        left
+    }
+
+    fn opts(write_attempts: u32) -> WriterOptions {
+        WriterOptions {
+            retention: Duration::from_secs(86_400),
+            retention_interval: Duration::from_secs(60),
+            write_attempts,
+            write_retry_backoff: Duration::from_millis(1),
+        }
+    }
+
+    fn batch(readings: Vec<Reading>, acks: Vec<AckPart>) -> Batch {
+        Batch {
+            readings: Arc::new(readings),
+            acks,
+        }
+    }
+
+    fn counter(metrics: &Metrics, series: &str) -> String {
+        let text = metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{series} not in\n{text}"))
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn failed_mqtt_batch_is_retried_then_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, r) = open_store(dir.path(), QueryLimits::default()).unwrap();
+        let metrics = Metrics::default();
+        let left = fail_next_chunk_inserts(&w.conn, 2);
+        // An MQTT batch (no senders) over two new series: two transient failures, then
+        // the third attempt commits.
+        w.write_and_ack(
+            batch(vec![reading("a", 1_000, 1), reading("b", 1_000, 2)], vec![]),
+            &metrics,
+            &opts(3),
+        );
+        assert_eq!(left.load(Relaxed), 0);
+        assert_eq!(
+            rows(&r.dump().await.unwrap()),
+            vec![("a", 1_000, Value::I64(1)), ("b", 1_000, Value::I64(2))]
+        );
+        assert_eq!(counter(&metrics, "fluxgate_store_write_retries_total"), "2");
+        assert_eq!(counter(&metrics, "fluxgate_store_errors_total"), "0");
+        assert_eq!(
+            counter(&metrics, "fluxgate_store_readings_written_total"),
+            "2"
+        );
+        assert_eq!(
+            counter(
+                &metrics,
+                "fluxgate_dropped_readings_total{reason=\"store_failed\"}"
+            ),
+            "0"
+        );
+
+        // A failure that outlasts the attempts drops the batch, counted per reading.
+        left.store(10, Relaxed);
+        w.write_and_ack(
+            batch(vec![reading("a", 2_000, 3), reading("c", 2_000, 4)], vec![]),
+            &metrics,
+            &opts(3),
+        );
+        assert_eq!(left.load(Relaxed), 7, "exactly three attempts");
+        assert_eq!(counter(&metrics, "fluxgate_store_write_retries_total"), "4");
+        assert_eq!(counter(&metrics, "fluxgate_store_errors_total"), "1");
+        assert_eq!(
+            counter(
+                &metrics,
+                "fluxgate_dropped_readings_total{reason=\"store_failed\"}"
+            ),
+            "2"
+        );
+        assert_eq!(
+            r.dump().await.unwrap().len(),
+            2,
+            "nothing of the dropped batch"
+        );
+    }
+
+    #[tokio::test]
+    async fn waiting_sender_is_answered_unavailable_at_the_first_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, r) = open_store(dir.path(), QueryLimits::default()).unwrap();
+        let metrics = Metrics::default();
+        let left = fail_next_chunk_inserts(&w.conn, 1);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let acks = AckPart::split(tx, 1, 1);
+        w.write_and_ack(
+            batch(vec![reading("a", 1_000, 1)], acks),
+            &metrics,
+            &opts(2),
+        );
+        assert_eq!(left.load(Relaxed), 0);
+        // The sender was told to resend (a resend is idempotent); the retry stored the
+        // reading anyway.
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Err(crate::model::Rejection::Unavailable)
+        );
+        assert_eq!(r.dump().await.unwrap().len(), 1);
+        assert_eq!(counter(&metrics, "fluxgate_store_write_retries_total"), "1");
+    }
+
+    fn synchronous(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn batches_with_waiting_senders_commit_with_synchronous_full() {
+        const NORMAL: i64 = 1;
+        const FULL: i64 = 2;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _r) = open_store(dir.path(), QueryLimits::default()).unwrap();
+        // Opening created both files whose names the checked directory fsync covers.
+        assert!(dir.path().join("telemetry.db").is_file());
+        assert!(dir.path().join("telemetry.db-wal").is_file());
+        let metrics = Metrics::default();
+        assert_eq!(synchronous(&w.conn), NORMAL);
+        // The mode is switched before the transaction and left until the next batch needs
+        // the other one, so what the connection reports after a batch is what its commit
+        // ran with.
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let acks = AckPart::split(tx, 1, 1);
+        w.write_and_ack(
+            batch(vec![reading("a", 1_000, 1)], acks),
+            &metrics,
+            &opts(1),
+        );
+        assert_eq!(rx.try_recv().unwrap(), Ok(1));
+        assert_eq!(synchronous(&w.conn), FULL);
+        w.write_and_ack(
+            batch(vec![reading("a", 2_000, 2)], vec![]),
+            &metrics,
+            &opts(1),
+        );
+        assert_eq!(synchronous(&w.conn), NORMAL);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let acks = AckPart::split(tx, 1, 1);
+        w.write_and_ack(
+            batch(vec![reading("a", 3_000, 3)], acks),
+            &metrics,
+            &opts(1),
+        );
+        assert_eq!(rx.try_recv().unwrap(), Ok(1));
+        assert_eq!(synchronous(&w.conn), FULL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queries_beyond_the_slots_are_refused_after_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = QueryLimits {
+            max_concurrent: 1,
+            wait: Duration::from_millis(500),
+            ..QueryLimits::default()
+        };
+        let (mut w, r) = open_store(dir.path(), limits).unwrap();
+        w.write(&[reading("a", 1_000, 1)]).unwrap();
+        // Hold the only slot, as a long query would.
+        let slot = r.inner.slots.clone().acquire_owned().await.unwrap();
+        assert!(matches!(r.latest("d1".into()).await, Err(StoreError::Busy)));
+        drop(slot);
+        assert_eq!(r.latest("d1".into()).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn failed_transaction_never_files_readings_under_another_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, r) = open_store(dir.path(), QueryLimits::default()).unwrap();
+        install_failure_trigger(&w.conn);
+        w.write(&[reading("a", 1_000, 1)]).unwrap();
+
+        // New series `b` and `c` are inserted, then the transaction fails and rolls back.
+        set_failing(&w.conn, true);
+        assert!(
+            w.write(&[reading("b", 2_000, 2), reading("c", 2_000, 3)])
+                .is_err()
+        );
+        set_failing(&w.conn, false);
+
+        // A brand-new series gets the next free id (the one `b` had); `b` and `c` come
+        // again. Each reading must come back under its own series.
+        w.write(&[reading("d", 3_000, 4)]).unwrap();
+        w.write(&[reading("b", 3_000, 5), reading("c", 3_000, 6)])
+            .unwrap();
+        w.write(&[reading("e", 4_000, 7)]).unwrap();
+
+        let all = r.dump().await.unwrap();
+        assert_eq!(
+            rows(&all),
+            vec![
+                ("a", 1_000, Value::I64(1)),
+                ("b", 3_000, Value::I64(5)),
+                ("c", 3_000, Value::I64(6)),
+                ("d", 3_000, Value::I64(4)),
+                ("e", 4_000, Value::I64(7)),
+            ]
+        );
+        // The series table names every series once, each with its own id.
+        let series: i64 = w
+            .conn
+            .query_row("SELECT count(*) FROM series", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(series, 5);
     }
 }

@@ -2,6 +2,12 @@
 //! aggregation, and a full dump. Chunks are read by index range, decoded, and merged:
 //! sorted by (timestamp, write sequence) so that for a repeated timestamp the reading
 //! written last wins, which is what makes retried messages idempotent.
+//!
+//! Range and gap-fill reads are bounded ([`scan`]): chunks come in `start_ts` order and a
+//! chunk's first point is at its `start_ts`, so every point before the next chunk's start
+//! is final. The scan stops as soon as enough final points are collected, or when the
+//! decode budget is spent, and reports up to where its answer is complete so the caller
+//! can say where to continue.
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -95,6 +101,16 @@ pub struct RangeQuery {
     pub limit: usize,
 }
 
+/// One page of a range answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RangePage {
+    /// At most `limit` points (or buckets), in timestamp order.
+    pub points: Vec<SeriesPoint>,
+    /// Set when the range holds more: the same query with `from = next_from` returns the
+    /// rest (bucket-aligned when aggregated), no point twice and none missed.
+    pub next_from: Option<i64>,
+}
+
 fn series_id(c: &Connection, device: &str, metric: &str) -> Result<Option<i64>, StoreError> {
     Ok(
         c.prepare_cached("SELECT id FROM series WHERE device = ?1 AND metric = ?2")?
@@ -104,7 +120,8 @@ fn series_id(c: &Connection, device: &str, metric: &str) -> Result<Option<i64>, 
 }
 
 /// Decode the chunks of one series that start in `[from_start, to_start)` and return the
-/// points with `from <= ts < to`, deduplicated, in timestamp order.
+/// points with `from <= ts < to`, deduplicated, in timestamp order. Unbounded: for
+/// `latest` (one chunk span per series) and `dump` (tests and tools).
 fn points(
     c: &Connection,
     series: i64,
@@ -126,15 +143,110 @@ fn points(
             }
         })?;
     }
-    out.sort_by_key(|(ts, seq, _)| (*ts, *seq));
-    let mut merged: Vec<(i64, Value)> = Vec::with_capacity(out.len());
-    for (ts, _, v) in out {
-        match merged.last_mut() {
-            Some(last) if last.0 == ts => last.1 = v,
-            _ => merged.push((ts, v)),
+    merge(&mut out);
+    Ok(out.into_iter().map(|(ts, _, v)| (ts, v)).collect())
+}
+
+/// Sort points by (timestamp, write sequence) and keep, per timestamp, the one written
+/// last.
+fn merge(points: &mut Vec<(i64, i64, Value)>) {
+    points.sort_by_key(|(ts, seq, _)| (*ts, *seq));
+    points.dedup_by(|later, earlier| {
+        if later.0 == earlier.0 {
+            std::mem::swap(later, earlier);
+            true
+        } else {
+            false
         }
+    });
+}
+
+/// What a bounded [`scan`] of one series found.
+struct Scan {
+    /// Deduplicated points with `from <= ts < complete_until`, in timestamp order: every
+    /// point of the series in that interval.
+    points: Vec<(i64, Value)>,
+    /// Where the complete part ends: the scan's `to` when it read the range to its end.
+    complete_until: i64,
+    /// Points decoded, duplicates included.
+    decoded: usize,
+}
+
+/// Read the points of one series with `from <= ts < to` in chunk order, stopping early.
+/// `key` maps a timestamp to its answer unit (itself for raw points, its bucket start
+/// when aggregating; it must be monotone, and `key(ts) <= ts`). Before each chunk the
+/// scan may stop: when at least `want` distinct units are complete (all their points lie
+/// before the chunk's start, so no later chunk can add to them), or when `budget` points
+/// have been decoded and at least one unit is complete. A spent budget with no complete
+/// unit is [`StoreError::DecodeBudget`]. The budget is checked between chunks, so a scan
+/// decodes at most one chunk (one batch's points of this series) beyond it.
+fn scan(
+    c: &Connection,
+    series: i64,
+    (from, to): (i64, i64),
+    key: &dyn Fn(i64) -> i64,
+    want: usize,
+    budget: usize,
+) -> Result<Scan, StoreError> {
+    // `end_ts` skips, without decoding, the chunks of the span before `from` that end
+    // before it; the index range is still `(series_id, start_ts)`.
+    let mut stmt = c.prepare_cached(
+        "SELECT start_ts, seq, data FROM chunks
+          WHERE series_id = ?1 AND start_ts >= ?2 AND start_ts < ?3 AND end_ts >= ?4
+          ORDER BY start_ts, seq",
+    )?;
+    let mut rows = stmt.query(params![
+        series,
+        from.saturating_sub(CHUNK_SPAN_MS),
+        to,
+        from
+    ])?;
+    let mut pts: Vec<(i64, i64, Value)> = Vec::new();
+    let mut decoded = 0usize;
+    // Counting complete units needs the points merged; doing that only when the point
+    // count has doubled since the last count keeps the scan O(n log n) however the
+    // chunks are cut, at the price of decoding at most twice what was needed.
+    let mut next_check = want.max(1);
+    let mut complete_until = to;
+    while let Some(row) = rows.next()? {
+        let (start, seq): (i64, i64) = (row.get(0)?, row.get(1)?);
+        let over_budget = decoded >= budget;
+        if over_budget || pts.len() >= next_check {
+            merge(&mut pts);
+            let boundary = key(start);
+            let mut units = 0usize;
+            let mut last_unit = None;
+            for &(ts, _, _) in pts.iter().take_while(|p| p.0 < boundary) {
+                let unit = key(ts);
+                if last_unit != Some(unit) {
+                    units += 1;
+                    last_unit = Some(unit);
+                }
+            }
+            if units >= want || (over_budget && units > 0) {
+                complete_until = boundary;
+                break;
+            }
+            if over_budget {
+                return Err(StoreError::DecodeBudget { max: budget });
+            }
+            next_check = pts.len().saturating_mul(2).max(want);
+        }
+        let data = row.get_ref(2)?.as_blob().map_err(rusqlite::Error::from)?;
+        chunk::decode(start, data, |ts, v| {
+            decoded += 1;
+            if (from..to).contains(&ts) {
+                pts.push((ts, seq, v));
+            }
+        })?;
     }
-    Ok(merged)
+    merge(&mut pts);
+    pts.retain(|p| p.0 < complete_until);
+    Ok(Scan {
+        points: pts.into_iter().map(|(ts, _, v)| (ts, v)).collect(),
+        complete_until,
+        decoded,
+    })
 }
 
 pub(super) fn latest(c: &Connection, device: &str) -> Result<Vec<LatestValue>, StoreError> {
@@ -167,42 +279,57 @@ pub(super) fn latest(c: &Connection, device: &str) -> Result<Vec<LatestValue>, S
     Ok(out)
 }
 
-pub(super) fn range(c: &Connection, q: &RangeQuery) -> Result<Vec<SeriesPoint>, StoreError> {
+pub(super) fn range(
+    c: &Connection,
+    q: &RangeQuery,
+    budget: usize,
+) -> Result<RangePage, StoreError> {
     let Some(id) = series_id(c, &q.device, &q.metric)? else {
-        return Ok(Vec::new());
+        return Ok(RangePage {
+            points: Vec::new(),
+            next_from: None,
+        });
     };
-    let pts = points(
-        c,
-        id,
-        (q.from_ms.saturating_sub(CHUNK_SPAN_MS), q.to_ms),
-        (q.from_ms, q.to_ms),
-    )?;
-    let Some((step, agg)) = q.step else {
-        return Ok(pts
+    let limit = q.limit.max(1);
+    // Buckets are aligned to multiples of `step` since the epoch so consecutive queries
+    // (a chart scrolling forward, or paging with `next_from`) get identical boundaries.
+    let key = |ts: i64| match q.step {
+        Some((step, _)) => ts - ts.rem_euclid(step),
+        None => ts,
+    };
+    let scan = scan(c, id, (q.from_ms, q.to_ms), &key, limit, budget)?;
+    let mut out: Vec<SeriesPoint> = match q.step {
+        None => scan
+            .points
             .into_iter()
-            .take(q.limit)
             .map(|(ts_ms, value)| SeriesPoint { ts_ms, value })
-            .collect());
-    };
-    let mut out = Vec::new();
-    let mut acc: Option<Bucket> = None;
-    for (ts, value) in pts {
-        // Buckets are aligned to multiples of `step` since the epoch so consecutive
-        // queries (a chart scrolling forward) get identical boundaries.
-        let start = ts - ts.rem_euclid(step);
-        if acc.as_ref().is_some_and(|b| b.start != start) {
-            out.extend(acc.take().and_then(|b| b.finish(agg)));
-            if out.len() >= q.limit {
-                break;
+            .collect(),
+        Some((_, agg)) => {
+            let mut out = Vec::new();
+            let mut acc: Option<Bucket> = None;
+            for (ts, value) in scan.points {
+                let start = key(ts);
+                if acc.as_ref().is_some_and(|b| b.start != start) {
+                    out.extend(acc.take().and_then(|b| b.finish(agg)));
+                }
+                acc.get_or_insert_with(|| Bucket::new(start)).add(value);
             }
+            out.extend(acc.and_then(|b| b.finish(agg)));
+            out
         }
-        acc.get_or_insert_with(|| Bucket::new(start)).add(value);
-    }
-    if out.len() < q.limit {
-        out.extend(acc.and_then(|b| b.finish(agg)));
-    }
-    out.truncate(q.limit);
-    Ok(out)
+    };
+    // The first unit not returned is where the next page starts; without one, the end
+    // of what the scan read completely (if it stopped before `to`).
+    let next_from = if out.len() > limit {
+        Some(out[limit].ts_ms)
+    } else {
+        (scan.complete_until < q.to_ms).then_some(scan.complete_until)
+    };
+    out.truncate(limit);
+    Ok(RangePage {
+        points: out,
+        next_from,
+    })
 }
 
 /// Running aggregates of one bucket.
@@ -292,26 +419,40 @@ impl Bucket {
 }
 
 /// Readings with `from <= ts < to` of every series `select(device, metric)` accepts, in
-/// timestamp order; `None` when there are more than `limit`.
+/// timestamp order; `None` when there are more than `limit`, or when more than `budget`
+/// points (over all series) would have to be decoded to know.
 pub(super) fn window(
     c: &Connection,
     select: &dyn Fn(&str, &str) -> bool,
     (from, to): (i64, i64),
     limit: usize,
+    budget: usize,
 ) -> Result<Option<Vec<StoredReading>>, StoreError> {
     let series: Vec<(i64, String, String)> = c
         .prepare_cached("SELECT id, device, metric FROM series")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
     let mut out = Vec::new();
+    let mut decoded = 0usize;
     for (id, device, metric) in series {
         if !select(&device, &metric) {
             continue;
         }
-        for (ts_ms, value) in points(c, id, (from.saturating_sub(CHUNK_SPAN_MS), to), (from, to))? {
-            if out.len() == limit {
-                return Ok(None);
-            }
+        let Some(left) = budget.checked_sub(decoded).filter(|b| *b > 0) else {
+            return Ok(None);
+        };
+        // One more than still fits: finding it is enough to know the gap is too large.
+        let want = limit.saturating_sub(out.len()).saturating_add(1);
+        let scan = match scan(c, id, (from, to), &|ts| ts, want, left) {
+            Ok(scan) => scan,
+            Err(StoreError::DecodeBudget { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if scan.complete_until < to || out.len() + scan.points.len() > limit {
+            return Ok(None);
+        }
+        decoded += scan.decoded;
+        for (ts_ms, value) in scan.points {
             out.push(StoredReading {
                 device: device.clone(),
                 metric: metric.clone(),
@@ -349,7 +490,8 @@ mod tests {
 
     use super::*;
     use crate::model::Reading;
-    use crate::store::open_store;
+    use crate::store::StoreError;
+    use crate::store::{QueryLimits, open_store};
 
     fn reading(metric: &str, ts_ms: i64, value: Value) -> Reading {
         Reading {
@@ -363,7 +505,7 @@ mod tests {
     #[tokio::test]
     async fn write_is_idempotent_and_queries_aggregate() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut w, r) = open_store(dir.path()).expect("open");
+        let (mut w, r) = open_store(dir.path(), QueryLimits::default()).expect("open");
         let mut batch = Vec::new();
         for i in 0..10 {
             batch.push(reading("temp", 1_000 + i * 100, Value::F64(i as f64)));
@@ -385,7 +527,8 @@ mod tests {
                 limit: 1000,
             })
             .await
-            .expect("range");
+            .expect("range")
+            .points;
         assert_eq!(raw.len(), 10);
         assert_eq!(raw[3].value, Value::F64(3.0));
 
@@ -397,7 +540,7 @@ mod tests {
             step: Some((500, agg)),
             limit: 1000,
         };
-        let avg = r.range(q("temp", Agg::Avg)).await.expect("avg");
+        let avg = r.range(q("temp", Agg::Avg)).await.expect("avg").points;
         assert_eq!(
             avg,
             vec![
@@ -411,11 +554,11 @@ mod tests {
                 }
             ]
         );
-        let max = r.range(q("count", Agg::Max)).await.expect("max");
+        let max = r.range(q("count", Agg::Max)).await.expect("max").points;
         assert_eq!(max[1].value, Value::I64(9));
-        let min = r.range(q("temp", Agg::Min)).await.expect("min");
+        let min = r.range(q("temp", Agg::Min)).await.expect("min").points;
         assert_eq!(min[1].value, Value::F64(5.0));
-        let last = r.range(q("count", Agg::Last)).await.expect("last");
+        let last = r.range(q("count", Agg::Last)).await.expect("last").points;
         assert_eq!(last[0].value, Value::I64(4));
         let limited = r
             .range(RangeQuery {
@@ -423,7 +566,8 @@ mod tests {
                 ..q("count", Agg::Last)
             })
             .await
-            .expect("limit");
+            .expect("limit")
+            .points;
         assert_eq!(limited.len(), 1);
 
         let latest = r.latest("d1".into()).await.expect("latest");
@@ -438,7 +582,7 @@ mod tests {
     #[tokio::test]
     async fn later_writes_win_and_chunks_split_by_span() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut w, r) = open_store(dir.path()).expect("open");
+        let (mut w, r) = open_store(dir.path(), QueryLimits::default()).expect("open");
         let hour = CHUNK_SPAN_MS;
         // One batch spanning three hours becomes several chunks; a later batch
         // overwrites one timestamp and backfills an older one.
@@ -476,9 +620,175 @@ mod tests {
                 limit: 10,
             })
             .await
-            .expect("range");
+            .expect("range")
+            .points;
         assert_eq!(mid.len(), 2);
         let latest = r.latest("d1".into()).await.expect("latest");
         assert_eq!(latest[0].value, Value::I64(4));
+    }
+
+    /// 100 batches of 100 points each (a chunk per batch, 1 s apart), then a batch that
+    /// rewrites every third point of the first half with a later value, so chunks overlap
+    /// and paging must apply last-write-wins across pages.
+    fn dense_series(w: &mut crate::store::StoreWriter) -> Vec<(i64, Value)> {
+        let mut expected = Vec::new();
+        for b in 0..100i64 {
+            let batch: Vec<Reading> = (0..100i64)
+                .map(|i| reading("v", (b * 100 + i) * 1_000, Value::I64(b * 100 + i)))
+                .collect();
+            w.write(&batch).expect("write");
+        }
+        for i in 0..10_000i64 {
+            expected.push((i * 1_000, Value::I64(i)));
+        }
+        let rewrite: Vec<Reading> = (0..5_000i64)
+            .step_by(3)
+            .map(|i| reading("v", i * 1_000, Value::F64(-(i as f64))))
+            .collect();
+        w.write(&rewrite).expect("rewrite");
+        for i in (0..5_000usize).step_by(3) {
+            expected[i].1 = Value::F64(-(i as f64));
+        }
+        expected
+    }
+
+    /// Page through `[0, to)` with `limit` and `budget`; every page has at most `limit`
+    /// points and all but the last say where to continue.
+    fn page_all(
+        c: &Connection,
+        limit: usize,
+        budget: usize,
+        step: Option<(i64, Agg)>,
+    ) -> (Vec<(i64, Value)>, usize) {
+        let mut from = 0;
+        let (mut got, mut pages) = (Vec::new(), 0);
+        loop {
+            let q = RangeQuery {
+                device: "d1".into(),
+                metric: "v".into(),
+                from_ms: from,
+                to_ms: 10_000_000,
+                step,
+                limit,
+            };
+            let page = range(c, &q, budget).expect("range");
+            assert!(page.points.len() <= limit);
+            pages += 1;
+            got.extend(page.points.into_iter().map(|p| (p.ts_ms, p.value)));
+            match page.next_from {
+                Some(next) => {
+                    assert!(next > from, "no progress from {from}");
+                    from = next;
+                }
+                None => return (got, pages),
+            }
+        }
+    }
+
+    #[test]
+    fn range_stops_at_limit_and_pages_through_everything_exactly_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, _r) = open_store(dir.path(), QueryLimits::default()).expect("open");
+        let expected = dense_series(&mut w);
+        let c = crate::store::open(&dir.path().join(crate::store::FILE_NAME), true).expect("c");
+
+        // The scan stops once `limit` points are final: on a series of 100 chunks of 100
+        // points, 250 points need three chunks, never the whole range.
+        for b in 0..100i64 {
+            let batch: Vec<Reading> = (0..100i64)
+                .map(|i| reading("plain", (b * 100 + i) * 1_000, Value::I64(i)))
+                .collect();
+            w.write(&batch).expect("write");
+        }
+        let plain = series_id(&c, "d1", "plain").expect("id").expect("series");
+        let s = scan(&c, plain, (0, 10_000_000), &|ts| ts, 250, usize::MAX).expect("scan");
+        assert_eq!(
+            (s.decoded, s.complete_until, s.points.len()),
+            (300, 300_000, 300)
+        );
+        // Starting mid-range, the chunks that end before `from` are not decoded.
+        let s = scan(&c, plain, (5_000_000, 10_000_000), &|ts| ts, 50, usize::MAX).expect("s");
+        assert_eq!((s.decoded, s.complete_until), (100, 5_100_000));
+
+        // Limited by `limit`: exactly `limit` points, truncated, `next_from` just past.
+        let first = range(
+            &c,
+            &RangeQuery {
+                device: "d1".into(),
+                metric: "v".into(),
+                from_ms: 0,
+                to_ms: 10_000_000,
+                step: None,
+                limit: 250,
+            },
+            usize::MAX,
+        )
+        .expect("range");
+        assert_eq!(first.points.len(), 250);
+        assert_eq!(first.points[3].value, Value::F64(-3.0));
+        assert_eq!(first.next_from, Some(250_000));
+        let (all, pages) = page_all(&c, 250, usize::MAX, None);
+        assert_eq!(pages, 40);
+        assert_eq!(all, expected);
+
+        // Limited by the decode budget (smaller than `limit`, larger than the 1,201 points
+        // of the rewrite's chunk that overlaps the first hour's pages): shorter pages,
+        // same points.
+        let (all, pages) = page_all(&c, 100_000, 1_500, None);
+        assert_eq!(all, expected);
+        assert!(pages > 10, "{pages} pages");
+
+        // Aggregated: pages of buckets equal the unpaged answer.
+        let step = Some((7_000, Agg::Max));
+        let (whole, pages) = page_all(&c, 100_000, usize::MAX, step);
+        assert_eq!(pages, 1);
+        assert_eq!(whole.len(), 10_000usize.div_ceil(7));
+        assert_eq!(page_all(&c, 100, usize::MAX, step).0, whole);
+        assert_eq!(page_all(&c, 100_000, 1_500, step).0, whole);
+
+        // A budget smaller than one step's points cannot answer at all.
+        let err = range(
+            &c,
+            &RangeQuery {
+                device: "d1".into(),
+                metric: "v".into(),
+                from_ms: 0,
+                to_ms: 10_000_000,
+                step: Some((5_000_000, Agg::Avg)),
+                limit: 10,
+            },
+            1_000,
+        );
+        assert!(matches!(err, Err(StoreError::DecodeBudget { max: 1_000 })));
+    }
+
+    #[test]
+    fn gap_fill_window_stops_once_it_is_too_large() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, _r) = open_store(dir.path(), QueryLimits::default()).expect("open");
+        let expected = dense_series(&mut w);
+        let c = crate::store::open(&dir.path().join(crate::store::FILE_NAME), true).expect("c");
+        let all = |_: &str, _: &str| true;
+        // Everything fits: every reading, once.
+        let rows = window(&c, &all, (0, 10_000_000), 10_000, usize::MAX)
+            .expect("window")
+            .expect("fits");
+        let got: Vec<_> = rows.into_iter().map(|r| (r.ts_ms, r.value)).collect();
+        assert_eq!(got, expected);
+        // One more than the limit, or a budget too small: too large, without an error.
+        assert_eq!(
+            window(&c, &all, (0, 10_000_000), 9_999, usize::MAX).expect("w"),
+            None
+        );
+        assert_eq!(
+            window(&c, &all, (0, 10_000_000), 10_000, 5_000).expect("w"),
+            None
+        );
+        // A window inside the range is served from the chunks around it.
+        let rows = window(&c, &all, (500_000, 600_000), 100, 5_000)
+            .expect("window")
+            .expect("fits");
+        assert_eq!(rows.len(), 100);
+        assert_eq!(rows[0].ts_ms, 500_000);
     }
 }

@@ -11,11 +11,13 @@
 
 mod ack;
 mod auth;
+mod budget;
 mod json;
 mod labels;
 
 pub use ack::{AckPart, DurableBatch};
 pub use auth::AuthFailure;
+pub use budget::{BudgetPermit, QueueBudget};
 pub use json::JsonValue;
 pub use labels::{DeviceLabels, NoLabels};
 
@@ -121,6 +123,10 @@ pub struct Envelope {
     pub received_at_ms: u64,
     /// Set when the sender waits for durability (WS and HTTP); `None` for MQTT.
     pub ack: Option<AckSender>,
+    /// The bytes this message holds of the queue's [`QueueBudget`], returned when the
+    /// envelope is dropped after decoding. `None` only while an MQTT message waits in the
+    /// consumer's spill, which has a budget of its own (`mqtt.spill_bytes`).
+    pub budget: Option<BudgetPermit>,
 }
 
 /// Milliseconds since the Unix epoch, now.

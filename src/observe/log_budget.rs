@@ -30,11 +30,13 @@ pub(super) enum LogClass {
     /// An InfluxDB write failed and will be retried (an outage retries for as long as it
     /// lasts).
     SinkRetry,
+    /// The HTTP server refused a connection over `http.max_connections`.
+    HttpRefused,
 }
 
 impl LogClass {
     /// How many classes there are; the discriminant indexes [`LogBudgets`].
-    const COUNT: usize = 7;
+    const COUNT: usize = 8;
 }
 
 /// One budget per [`LogClass`].
@@ -99,6 +101,7 @@ mod tests {
         LogClass::ReadingsDropped,
         LogClass::PointsDropped,
         LogClass::SinkRetry,
+        LogClass::HttpRefused,
     ];
 
     /// Uses up the budget of `class` in `second` and checks that the next line is

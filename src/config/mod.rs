@@ -709,6 +709,56 @@ mod tests {
     }
 
     #[test]
+    fn durations_that_overflow_are_refused_naming_the_key() {
+        // Far beyond i64 milliseconds and any `Instant` + duration.
+        let huge = "18446744073709551615s";
+        for (section, key) in [
+            ("store", "retention"),
+            ("store", "retention_interval"),
+            ("http", "header_read_timeout"),
+            ("http", "write_timeout"),
+            ("http", "ws_idle_timeout"),
+            ("limits", "max_past"),
+            ("live", "heartbeat"),
+            ("batch", "max_age"),
+            ("devices", "online_timeout"),
+            ("sinks.influxdb", "shutdown_drain"),
+            ("sinks.influxdb.retry", "max"),
+        ] {
+            let text = format!("[{section}]\n{key} = \"{huge}\"\n");
+            let e = parse(&text, &[]).expect_err(key);
+            assert!(e.to_string().starts_with(&format!("{section}.{key}:")), "{e}");
+        }
+        // Large but representable: still refused beyond 100 years.
+        let e = parse("[store]\nretention = \"1000years\"\n", &[]).expect_err("1000y");
+        assert!(e.to_string().starts_with("store.retention:"), "{e}");
+        let e = parse("", &[("FLUXGATE_STORE__RETENTION", "200years")]).expect_err("env");
+        assert!(e.to_string().starts_with("store.retention:"), "{e}");
+        let c = parse("[store]\nretention = \"99years\"\n", &[]).expect("99 years");
+        assert_eq!(c.store.retention, Duration::from_secs(99 * 31_557_600));
+    }
+
+    #[test]
+    fn http_limits_and_queue_bytes_are_checked() {
+        for key in [
+            "header_read_timeout",
+            "body_read_timeout",
+            "keep_alive_timeout",
+            "write_timeout",
+            "ws_idle_timeout",
+        ] {
+            let e = parse(&format!("[http]\n{key} = \"0s\"\n"), &[]).expect_err(key);
+            assert!(e.to_string().starts_with(&format!("http.{key}:")), "{e}");
+        }
+        let e = parse("[http]\nmax_connections = 0\n", &[]).expect_err("zero");
+        assert!(e.to_string().starts_with("http.max_connections:"), "{e}");
+        // One message of the transport cap must fit in the queue's byte budget.
+        let e = parse("[pipeline]\nqueue_bytes = 2097152\n", &[]).expect_err("too small");
+        assert!(e.to_string().starts_with("pipeline.queue_bytes:"), "{e}");
+        parse("[pipeline]\nqueue_bytes = 2098176\n", &[]).expect("exactly enough");
+    }
+
+    #[test]
     fn env_overrides_win() {
         let c = parse(
             "[http]\nlisten = \"0.0.0.0:1\"\n",

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestGateway, bounded, bearer, now_ms, wait_for, ws_closed_with};
+use common::{TestGateway, bearer, bounded, now_ms, wait_for, ws_closed_with};
 use futures_util::SinkExt;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -74,9 +74,11 @@ async fn slow_header_clients_are_cut_and_do_not_block_others() {
             }
         });
 
-        wait_for("the slow connections to be open", Duration::from_secs(20), || {
-            gw.local_metric("fluxgate_http_connections") >= SLOW as f64
-        })
+        wait_for(
+            "the slow connections to be open",
+            Duration::from_secs(20),
+            || gw.local_metric("fluxgate_http_connections") >= SLOW as f64,
+        )
         .await;
         // A normal request is answered while they are all open.
         let r = gw
@@ -103,11 +105,16 @@ async fn slow_header_clients_are_cut_and_do_not_block_others() {
         assert_eq!(gw.local_metric(&closed("header_timeout")), SLOW as f64);
         drop(readers);
         // Both ends of every slow connection are gone again.
-        wait_for("descriptors to return to the baseline", Duration::from_secs(20), || {
-            open_fds() <= baseline + 8
-        })
+        wait_for(
+            "descriptors to return to the baseline",
+            Duration::from_secs(20),
+            || open_fds() <= baseline + 8,
+        )
         .await;
-        assert_eq!(gw.local_metric("fluxgate_http_connections_refused_total"), 0.0);
+        assert_eq!(
+            gw.local_metric("fluxgate_http_connections_refused_total"),
+            0.0
+        );
         gw.shutdown().await;
     })
     .await;
@@ -228,9 +235,8 @@ async fn ws_ingest_closes_silent_devices_and_keeps_active_ones() {
         let tokens = gw.provision_many(&["silent", "active"]).await;
         let mut silent = gw.ws_ingest(&tokens["silent"], "").await;
         let mut active = gw.ws_ingest(&tokens["active"], "").await;
-        let silent_closed = tokio::spawn(async move {
-            ws_closed_with(&mut silent, Duration::from_secs(20)).await
-        });
+        let silent_closed =
+            tokio::spawn(async move { ws_closed_with(&mut silent, Duration::from_secs(20)).await });
         // The active device sends every 100 ms (each waits for its ack) until the silent
         // one has been closed.
         let base = now_ms() - 60_000;
@@ -245,7 +251,10 @@ async fn ws_ingest_closes_silent_devices_and_keeps_active_ones() {
         }
         // 1001 Going Away, counted once: the active device is still connected.
         assert_eq!(silent_closed.await.unwrap(), Some(1001));
-        assert!(sent >= 5, "the silent device was closed after {sent} messages");
+        assert!(
+            sent >= 5,
+            "the silent device was closed after {sent} messages"
+        );
         assert_eq!(gw.local_metric(&closed("ws_idle_timeout")), 1.0);
         assert_eq!(gw.store_count(), sent);
         // Now the active device falls silent too.
@@ -282,9 +291,11 @@ async fn ws_ingest_refuses_an_oversized_message_before_queueing_it() {
             1.0
         );
         let ts = now_ms() - 1_000;
-        ws.send(Message::text(json!({"ts": ts, "values": {"v": 1}}).to_string()))
-            .await
-            .unwrap();
+        ws.send(Message::text(
+            json!({"ts": ts, "values": {"v": 1}}).to_string(),
+        ))
+        .await
+        .unwrap();
         assert_eq!(
             common::ws_next_json(&mut ws).await,
             json!({"type": "ack", "seq": 2, "readings": 1})
@@ -314,7 +325,10 @@ async fn http_ingest_refuses_a_declared_length_over_the_cap_without_reading() {
             .ok();
         let text = String::from_utf8_lossy(&answer);
         assert!(text.starts_with("HTTP/1.1 413"), "{text}");
-        assert!(text.contains("urn:fluxgate:problem:payload_too_large"), "{text}");
+        assert!(
+            text.contains("urn:fluxgate:problem:payload_too_large"),
+            "{text}"
+        );
     })
     .await;
 }
@@ -331,12 +345,10 @@ async fn stalled_live_client(gw: &TestGateway) -> common::Ws {
     request
         .headers_mut()
         .insert("authorization", bearer(&gw.admin_key).parse().unwrap());
-    let (ws, _) = tokio_tungstenite::client_async(
-        request,
-        tokio_tungstenite::MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
     ws
 }
 

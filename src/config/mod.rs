@@ -727,7 +727,10 @@ mod tests {
         ] {
             let text = format!("[{section}]\n{key} = \"{huge}\"\n");
             let e = parse(&text, &[]).expect_err(key);
-            assert!(e.to_string().starts_with(&format!("{section}.{key}:")), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!("{section}.{key}:")),
+                "{e}"
+            );
         }
         // Large but representable: still refused beyond 100 years.
         let e = parse("[store]\nretention = \"1000years\"\n", &[]).expect_err("1000y");

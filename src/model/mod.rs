@@ -6,8 +6,9 @@
 //!
 //! Contract types live here rather than in the module that produces them, so that both
 //! sides of a contract depend downward: the pipeline hands [`DurableBatch`]es to the
-//! store and the sink, the registry answers [`DeviceLabels`] for the live hub, and
-//! observe counts [`AuthFailure`]s that the registry returns.
+//! store and the sink, the registry answers [`DeviceLabels`] for the live hub,
+//! observe counts [`AuthFailure`]s that the registry returns, and every [`Envelope`]
+//! carries its bytes of the ingest queue's [`QueueBudget`] to the pipeline.
 
 mod ack;
 mod auth;

@@ -94,6 +94,7 @@ async fn slow_header_clients_are_cut_and_do_not_block_others() {
             "{peak} descriptors open, baseline {baseline}"
         );
 
+        eprintln!("open descriptors: baseline {baseline}, with {SLOW} slow clients {peak}");
         // The header timeout closes every one of them.
         for (i, r) in readers.iter_mut().enumerate() {
             assert!(

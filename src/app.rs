@@ -2,8 +2,8 @@
 //! with its full-policy named here), starts every task, and owns shutdown.
 //!
 //! ```text
-//! mqtt consumer ─┐ try_send; full -> spill (bounded) -> drop, counted
-//! ws / http ─────┤ send().await; full -> backpressure to the device
+//! mqtt consumer ─┐ try_send; full (messages or bytes) -> spill (bounded) -> drop, counted
+//! ws / http ─────┤ send().await; full (messages or bytes) -> backpressure to the device
 //!                v
 //!            pipeline ── publish (never waits) ──> live hub -> subscriber queues (conflate)
 //!                │
@@ -31,10 +31,11 @@ use crate::config::Config;
 use crate::ingest::mqtt::MqttIngest;
 use crate::live::{Hub, HubLimits};
 use crate::model::DurableBatch;
-use crate::model::now_ms;
+use crate::model::{QueueBudget, now_ms};
 use crate::observe::{Metrics, Queue, ReadingDropReason};
 use crate::pipeline::{Destination, Pipeline};
 use crate::registry::Registry;
+use crate::server;
 use crate::sink;
 use crate::store;
 
@@ -197,8 +198,13 @@ impl Gateway {
             metrics.clone(),
         ));
 
-        // Ingest -> pipeline. Full-policy: WS/HTTP wait (backpressure), MQTT spills.
+        // Ingest -> pipeline, bounded in messages (the channel) and in bytes (the budget
+        // every envelope takes its size from before it is queued, and returns when the
+        // pipeline has decoded it). Full-policy, for either bound: WS/HTTP wait
+        // (backpressure to the device), MQTT spills (then drops, counted); waits and
+        // spills for want of bytes are counted (`fluxgate_ingest_budget_waits_total`).
         let (pipe_tx, pipe_rx) = mpsc::channel(config.pipeline.queue_capacity);
+        let ingest_budget = QueueBudget::new(config.pipeline.queue_bytes);
         let pipeline = Pipeline {
             limits: config.limits.to_proto(),
             batch: config.batch.clone(),
@@ -222,6 +228,7 @@ impl Gateway {
             let (ready_tx, ready_rx) = oneshot::channel();
             tasks.push(tokio::spawn(mqtt.run(
                 pipe_tx.clone(),
+                ingest_budget.clone(),
                 metrics.clone(),
                 shutdown.clone(),
                 ready_tx,
@@ -243,6 +250,7 @@ impl Gateway {
             registry,
             store: store_reader,
             ingest: pipe_tx,
+            ingest_budget,
             metrics: metrics.clone(),
             sinks,
             settings: Arc::new(ApiSettings {
@@ -253,21 +261,20 @@ impl Gateway {
                 max_query_points: config.store.max_query_points,
                 stream_token_ttl: config.http.stream_token_ttl,
                 max_gap_fill: config.live.max_gap_fill,
+                ws_idle_timeout: config.http.ws_idle_timeout,
             }),
             shutdown: shutdown.clone(),
         };
         let app = api::router(state);
         let http_shutdown = shutdown.clone();
         let grace = config.http.shutdown_grace;
+        let (http_config, m) = (config.http.clone(), metrics.clone());
         tasks.push(tokio::spawn(async move {
-            let server = axum::serve(listener, app)
-                .with_graceful_shutdown(http_shutdown.clone().cancelled_owned());
+            // Connections over `http.max_connections` are closed at accept (counted);
+            // the server's time limits are in `server`.
+            let server = server::serve(listener, app, &http_config, m, http_shutdown.clone());
             tokio::select! {
-                result = server => {
-                    if let Err(e) = result {
-                        tracing::error!(error = %e, "HTTP server failed");
-                    }
-                }
+                () = server => {}
                 // Graceful shutdown waits for open connections; past the grace period
                 // they are cut so that shutdown always completes.
                 () = async { http_shutdown.cancelled().await; tokio::time::sleep(grace).await } => {}

@@ -16,6 +16,7 @@
 //! - [`sink`]: the InfluxDB sink and its crash-safe buffer.
 //! - [`live`]: the live hub and its WS/SSE streams.
 //! - [`api`]: the axum router and problem+json errors.
+//! - [`server`]: the HTTP server loop: connection cap and time limits.
 //! - [`observe`]: events, metrics and their log lines.
 //! - [`web`]: the embedded web dashboard.
 //! - [`sync`]: poison-tolerant lock helpers.
@@ -29,6 +30,7 @@ pub mod model;
 pub mod observe;
 pub mod pipeline;
 pub mod registry;
+pub mod server;
 pub mod sink;
 pub mod store;
 pub mod sync;

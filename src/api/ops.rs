@@ -11,15 +11,17 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// 200 `{"status":"ready"}`, or 503 naming every failing sink:
-/// `{"status":"unavailable","failing":[{"sink":"influxdb","reason":"..."}]}`.
+/// 200 `{"status":"ready"}`, or 503 naming every failing sink and its state:
+/// `{"status":"unavailable","failing":[{"sink":"influxdb","state":"write_failing"}]}`.
+/// The endpoint is unauthenticated, so it names states only, never URLs or server
+/// messages: those are in the log and the `fluxgate_influxdb_*` metrics.
 pub async fn readyz(State(st): State<AppState>) -> Response {
     let failing: Vec<serde_json::Value> = st
         .sinks
         .iter()
         .filter_map(|s| {
-            s.problem()
-                .map(|reason| serde_json::json!({"sink": s.name(), "reason": reason}))
+            s.state()
+                .map(|state| serde_json::json!({"sink": s.name(), "state": state}))
         })
         .collect();
     let (status, body) = if failing.is_empty() {

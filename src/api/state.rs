@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::live::{Hub, SessionDeps};
-use crate::model::Envelope;
+use crate::model::{Envelope, QueueBudget};
 use crate::observe::Metrics;
 use crate::registry::{Registry, RegistryError};
 use crate::sink::SinkHealth;
@@ -35,6 +35,8 @@ pub struct ApiSettings {
     pub stream_token_ttl: Duration,
     /// Most readings one live gap-fill replays from the store.
     pub max_gap_fill: usize,
+    /// A WebSocket ingest connection silent this long is closed.
+    pub ws_idle_timeout: Duration,
 }
 
 /// Shared state of all handlers.
@@ -46,8 +48,10 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// The embedded store's reader, when the store is enabled.
     pub store: Option<StoreReader>,
-    /// Where ingest handlers send envelopes.
+    /// Where ingest handlers send envelopes (bounded in messages)...
     pub ingest: mpsc::Sender<Envelope>,
+    /// ...and the byte budget every envelope takes its size from first.
+    pub ingest_budget: QueueBudget,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Readiness of the enabled external sinks, for `/readyz`.

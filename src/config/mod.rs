@@ -210,6 +210,28 @@ pub struct HttpConfig {
     /// (`POST /api/v1/stream-tokens`).
     #[serde(with = "humantime_serde")]
     pub stream_token_ttl: Duration,
+    /// Most open HTTP connections (including upgraded WebSockets and live streams);
+    /// a connection beyond it is closed right after it is accepted, and counted.
+    pub max_connections: usize,
+    /// Time a new connection may take to send its first request's complete head, and a
+    /// request head may take from its first byte to its last.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time a request may take to deliver its whole body, from the end of its head.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Time a kept-alive connection may stay idle between two requests.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_timeout: Duration,
+    /// Time a client may leave the gateway's answer unread: when a write has not made
+    /// progress for this long the connection is dropped (live streams, WebSockets,
+    /// large answers).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// A WebSocket ingest connection that sends no frame (message or ping) for this long
+    /// is closed.
+    #[serde(with = "humantime_serde")]
+    pub ws_idle_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -219,6 +241,12 @@ impl Default for HttpConfig {
             ws_max_inflight: 256,
             shutdown_grace: Duration::from_secs(5),
             stream_token_ttl: Duration::from_secs(300),
+            max_connections: 4_096,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
+            ws_idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -278,12 +306,17 @@ pub struct PipelineConfig {
     /// Capacity (messages) of the queue from ingest to the pipeline. When full, WS and
     /// HTTP ingest wait (backpressure) and MQTT spills into `mqtt.spill_bytes`.
     pub queue_capacity: usize,
+    /// Bytes (payloads plus a small per-message overhead) the same queue may hold; the
+    /// same full-policy applies when it is reached. Must leave room for one message of
+    /// `limits.max_frame_bytes`.
+    pub queue_bytes: usize,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             queue_capacity: 8_192,
+            queue_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -469,6 +502,8 @@ impl Config {
             ("live.max_filters", self.live.max_filters),
             ("live.ring_bytes", self.live.ring_bytes),
             ("live.max_subscriptions", self.live.max_subscriptions),
+            ("http.max_connections", self.http.max_connections),
+            ("pipeline.queue_bytes", self.pipeline.queue_bytes),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -532,10 +567,87 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        for (key, value) in [
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.body_read_timeout", self.http.body_read_timeout),
+            ("http.keep_alive_timeout", self.http.keep_alive_timeout),
+            ("http.write_timeout", self.http.write_timeout),
+            ("http.ws_idle_timeout", self.http.ws_idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        // Every queued message takes its size from this budget, so one message of the
+        // largest size must fit, or its sender would wait forever.
+        if self.pipeline.queue_bytes < self.limits.max_frame_bytes + QUEUE_BYTES_OVERHEAD {
+            return Err(invalid(
+                "pipeline.queue_bytes",
+                "must exceed limits.max_frame_bytes by at least 1024 so one message fits",
+            ));
+        }
+        if self.pipeline.queue_bytes > MAX_QUEUE_BYTES {
+            return Err(invalid(
+                "pipeline.queue_bytes",
+                format!("must be at most {MAX_QUEUE_BYTES}"),
+            ));
+        }
+        for (key, value) in self.durations() {
+            if value > MAX_DURATION {
+                return Err(invalid(
+                    key,
+                    "must be at most 100 years (larger values overflow time arithmetic)",
+                ));
+            }
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
         self.sinks.validate()
+    }
+}
+
+/// The longest duration any setting may have. Durations are added to `Instant`s and
+/// converted to signed milliseconds (`store.retention` is subtracted from the current
+/// time); 100 years is far beyond any sensible setting and far below every overflow.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Per-message bytes `pipeline.queue_bytes` must hold beyond the largest payload.
+const QUEUE_BYTES_OVERHEAD: usize = 1024;
+
+/// The largest `pipeline.queue_bytes`: a semaphore counts the budget and holds at most
+/// `usize::MAX >> 3` permits, so larger values would make it panic.
+const MAX_QUEUE_BYTES: usize = usize::MAX >> 3;
+
+impl Config {
+    /// Every duration setting with its key, for the checks every duration needs.
+    fn durations(&self) -> Vec<(&'static str, Duration)> {
+        let i = &self.sinks.influxdb;
+        vec![
+            ("mqtt.connect_timeout", self.mqtt.connect_timeout),
+            ("http.shutdown_grace", self.http.shutdown_grace),
+            ("http.stream_token_ttl", self.http.stream_token_ttl),
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.body_read_timeout", self.http.body_read_timeout),
+            ("http.keep_alive_timeout", self.http.keep_alive_timeout),
+            ("http.write_timeout", self.http.write_timeout),
+            ("http.ws_idle_timeout", self.http.ws_idle_timeout),
+            ("limits.max_past", self.limits.max_past),
+            ("limits.max_future", self.limits.max_future),
+            ("batch.max_age", self.batch.max_age),
+            ("batch.ack_max_age", self.batch.ack_max_age),
+            ("store.retention", self.store.retention),
+            ("store.retention_interval", self.store.retention_interval),
+            ("live.heartbeat", self.live.heartbeat),
+            ("devices.online_timeout", self.devices.online_timeout),
+            ("sinks.influxdb.timeout", i.timeout),
+            ("sinks.influxdb.connect_timeout", i.connect_timeout),
+            ("sinks.influxdb.shutdown_drain", i.shutdown_drain),
+            ("sinks.influxdb.batch.max_age", i.batch.max_age),
+            ("sinks.influxdb.batch.jitter", i.batch.jitter),
+            ("sinks.influxdb.retry.initial", i.retry.initial),
+            ("sinks.influxdb.retry.max", i.retry.max),
+        ]
     }
 }
 
@@ -635,6 +747,59 @@ mod tests {
         assert!(e.to_string().starts_with("http.listen"), "{e}");
         let e = parse("[batch]\nmax_rows = 0\n", &[]).expect_err("zero");
         assert!(e.to_string().starts_with("batch.max_rows"), "{e}");
+    }
+
+    #[test]
+    fn durations_that_overflow_are_refused_naming_the_key() {
+        // Far beyond i64 milliseconds and any `Instant` + duration.
+        let huge = "18446744073709551615s";
+        for (section, key) in [
+            ("store", "retention"),
+            ("store", "retention_interval"),
+            ("http", "header_read_timeout"),
+            ("http", "write_timeout"),
+            ("http", "ws_idle_timeout"),
+            ("limits", "max_past"),
+            ("live", "heartbeat"),
+            ("batch", "max_age"),
+            ("devices", "online_timeout"),
+            ("sinks.influxdb", "shutdown_drain"),
+            ("sinks.influxdb.retry", "max"),
+        ] {
+            let text = format!("[{section}]\n{key} = \"{huge}\"\n");
+            let e = parse(&text, &[]).expect_err(key);
+            assert!(
+                e.to_string().starts_with(&format!("{section}.{key}:")),
+                "{e}"
+            );
+        }
+        // Large but representable: still refused beyond 100 years.
+        let e = parse("[store]\nretention = \"1000years\"\n", &[]).expect_err("1000y");
+        assert!(e.to_string().starts_with("store.retention:"), "{e}");
+        let e = parse("", &[("FLUXGATE_STORE__RETENTION", "200years")]).expect_err("env");
+        assert!(e.to_string().starts_with("store.retention:"), "{e}");
+        let c = parse("[store]\nretention = \"99years\"\n", &[]).expect("99 years");
+        assert_eq!(c.store.retention, Duration::from_secs(99 * 31_557_600));
+    }
+
+    #[test]
+    fn http_limits_and_queue_bytes_are_checked() {
+        for key in [
+            "header_read_timeout",
+            "body_read_timeout",
+            "keep_alive_timeout",
+            "write_timeout",
+            "ws_idle_timeout",
+        ] {
+            let e = parse(&format!("[http]\n{key} = \"0s\"\n"), &[]).expect_err(key);
+            assert!(e.to_string().starts_with(&format!("http.{key}:")), "{e}");
+        }
+        let e = parse("[http]\nmax_connections = 0\n", &[]).expect_err("zero");
+        assert!(e.to_string().starts_with("http.max_connections:"), "{e}");
+        // One message of the transport cap must fit in the queue's byte budget.
+        let e = parse("[pipeline]\nqueue_bytes = 2097152\n", &[]).expect_err("too small");
+        assert!(e.to_string().starts_with("pipeline.queue_bytes:"), "{e}");
+        parse("[pipeline]\nqueue_bytes = 2098176\n", &[]).expect("exactly enough");
     }
 
     #[test]

@@ -61,8 +61,16 @@ pub async fn telemetry(
     st.registry.touch(&device, Transport::Http);
     let encoding = encoding(&headers)?;
     let max = st.settings.limits.max_payload_bytes;
-    let payload = read_body(body, max, st.settings.max_frame_bytes).await?;
-    let rx = submit(&st.ingest, device, Transport::Http, encoding, payload)
+    let cap = st.settings.max_frame_bytes;
+    // A declared length over the transport cap is refused before a byte of the body is
+    // read (the connection then closes, as hyper does with an unread body). Between
+    // `max` and `cap` the body is read and discarded so that the connection stays usable;
+    // it is never buffered or queued.
+    if let Some(size) = content_length(&headers).filter(|size| *size > cap) {
+        return Err(ApiError::from(&DecodeError::PayloadTooLarge { size, max }));
+    }
+    let payload = read_body(body, max, cap).await?;
+    let rx = submit(&st, device, Transport::Http, encoding, payload)
         .await
         .ok_or_else(|| ApiError::unavailable("the gateway is shutting down"))?;
     let outcome = rx
@@ -70,6 +78,16 @@ pub async fn telemetry(
         .map_err(|_| ApiError::unavailable("the gateway is shutting down"))?;
     let accepted = outcome.map_err(ApiError::from)?;
     Ok(Json(serde_json::json!({ "accepted": accepted })))
+}
+
+/// The request's `Content-Length`, when it has a valid one.
+fn content_length(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(axum::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Read a body of at most `max` bytes. A larger body is still read to its end (and

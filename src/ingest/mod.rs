@@ -16,18 +16,29 @@ pub mod ws;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::api::state::AppState;
 use crate::model::{AckResult, DeviceId, Encoding, Envelope, Transport, now_ms};
+use crate::observe::Event;
 
 /// Send one message to the pipeline and return where its outcome will arrive, or `None`
-/// when the pipeline is gone (shutting down). Waits while the pipeline queue is full:
-/// WS and HTTP ingest apply backpressure to the device instead of dropping.
+/// when the pipeline is gone (shutting down). Waits while the pipeline queue is full in
+/// messages or in bytes (`pipeline.queue_bytes`; a wait is counted): WS and HTTP ingest
+/// apply backpressure to the device instead of dropping.
 pub async fn submit(
-    pipeline: &mpsc::Sender<Envelope>,
+    st: &AppState,
     device: DeviceId,
     transport: Transport,
     encoding: Encoding,
     payload: Bytes,
 ) -> Option<oneshot::Receiver<AckResult>> {
+    let budget = match st.ingest_budget.try_take(payload.len()) {
+        Some(permit) => permit,
+        None => {
+            st.metrics.emit(Event::IngestBudgetFull { transport });
+            st.ingest_budget.take(payload.len()).await
+        }
+    };
+    let pipeline: &mpsc::Sender<Envelope> = &st.ingest;
     let (tx, rx) = oneshot::channel();
     let envelope = Envelope {
         device,
@@ -36,6 +47,7 @@ pub async fn submit(
         payload,
         received_at_ms: now_ms(),
         ack: Some(tx),
+        budget: Some(budget),
     };
     pipeline.send(envelope).await.ok()?;
     Some(rx)

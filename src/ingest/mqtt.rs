@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
 use crate::model::AuthFailure;
-use crate::model::{Encoding, Envelope, Transport, now_ms};
+use crate::model::{Encoding, Envelope, QueueBudget, Transport, now_ms};
 use crate::observe::{Event, MessageDropReason, Metrics, Queue};
 use crate::registry::Registry;
 
@@ -113,6 +113,7 @@ impl MqttIngest {
     pub async fn run(
         self,
         output: mpsc::Sender<Envelope>,
+        budget: QueueBudget,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         ready: oneshot::Sender<Result<SocketAddr, MqttError>>,
@@ -253,6 +254,7 @@ impl MqttIngest {
         let consumer = Consumer {
             link: link_rx,
             output,
+            budget,
             metrics,
             spill: VecDeque::new(),
             spill_bytes: 0,
@@ -502,6 +504,9 @@ impl Drop for AclProtocol {
 struct Consumer {
     link: LinkRx,
     output: mpsc::Sender<Envelope>,
+    /// The byte bound of `output`: a message goes to the pipeline only with its bytes
+    /// taken from it; when it is used up, messages spill like when `output` is full.
+    budget: QueueBudget,
     metrics: Arc<Metrics>,
     spill: VecDeque<Envelope>,
     spill_bytes: usize,
@@ -580,18 +585,31 @@ impl Consumer {
             }
             self.cursors[filter] = Some(offset);
         }
-        let envelope = Envelope {
+        let mut envelope = Envelope {
             device: Arc::from(device),
             transport: Transport::Mqtt,
             encoding,
             payload,
             received_at_ms: now_ms(),
             ack: None,
+            budget: None,
         };
         if self.spill.is_empty() {
+            envelope.budget = self.budget.try_take(envelope.payload.len());
+            if envelope.budget.is_none() {
+                self.metrics.emit(Event::IngestBudgetFull {
+                    transport: Transport::Mqtt,
+                });
+                self.push_spill(envelope);
+                return;
+            }
             match self.output.try_send(envelope) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(e)) => self.push_spill(e),
+                Err(mpsc::error::TrySendError::Full(mut e)) => {
+                    // Spilled messages hold spill bytes, not queue bytes.
+                    e.budget = None;
+                    self.push_spill(e);
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     self.metrics.emit(Event::MessagesDropped {
                         reason: MessageDropReason::ShuttingDown,
@@ -625,8 +643,19 @@ impl Consumer {
         if self.spill.is_empty() {
             return;
         }
-        while let Some(envelope) = self.spill.pop_front() {
+        while let Some(mut envelope) = self.spill.pop_front() {
             let size = envelope.payload.len() + envelope.device.len() + 64;
+            envelope.budget = self.budget.try_take(envelope.payload.len());
+            while wait && envelope.budget.is_none() {
+                // Draining at shutdown: the pipeline is still decoding and returns bytes
+                // to the budget; this thread is not async, so it polls.
+                std::thread::sleep(Duration::from_millis(1));
+                envelope.budget = self.budget.try_take(envelope.payload.len());
+            }
+            if envelope.budget.is_none() {
+                self.spill.push_front(envelope);
+                break;
+            }
             let result = if wait {
                 self.output.blocking_send(envelope).map_err(|e| (true, e.0))
             } else {
@@ -637,7 +666,8 @@ impl Consumer {
             };
             match result {
                 Ok(()) => self.spill_bytes -= size,
-                Err((false, envelope)) => {
+                Err((false, mut envelope)) => {
+                    envelope.budget = None;
                     self.spill.push_front(envelope);
                     break;
                 }

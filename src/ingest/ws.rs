@@ -4,6 +4,9 @@
 //! `seq` counts the connection's messages from 1. A bad message never closes the
 //! connection; a frame larger than `limits.max_frame_bytes` does (close code 1009), and
 //! so does disabling, deleting or re-keying the device (close code 1008, within a second).
+//! A message over `limits.max_payload_bytes` is answered `payload_too_large` here, before
+//! it is queued. A connection that sends nothing, not even a ping, for
+//! `http.ws_idle_timeout` is closed (code 1001, counted as `ws_idle_timeout`).
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{RawQuery, State};
@@ -17,8 +20,8 @@ use super::submit;
 use crate::api::auth::DeviceAuth;
 use crate::api::error::ApiError;
 use crate::api::state::AppState;
-use crate::model::{AckResult, DeviceId, Encoding, Rejection, Transport};
-use crate::observe::Event;
+use crate::model::{AckResult, DecodeError, DeviceId, Encoding, Rejection, Transport};
+use crate::observe::{Event, HttpCloseReason};
 
 /// Upgrade a device connection.
 #[utoipa::path(get, path = "/api/v1/ingest/ws", tag = "telemetry", operation_id = "ingest_ws",
@@ -102,6 +105,9 @@ async fn serve_connected(
     // with 1009 (Message Too Big) instead of a close frame without a code.
     let too_big = std::sync::atomic::AtomicBool::new(false);
     let too_big = &too_big;
+    // Set by the reader when the device sent nothing for `ws_idle_timeout`.
+    let idle = std::sync::atomic::AtomicBool::new(false);
+    let idle = &idle;
     // Outcomes are answered in message order by a writer task; the bounded queue of
     // pending outcomes limits how far a device may run ahead of durability.
     let (pending_tx, mut pending_rx) =
@@ -132,16 +138,32 @@ async fn serve_connected(
                 reason: "device disabled, deleted or re-keyed".into(),
             };
             let _ = sink.send(Message::Close(Some(frame))).await;
+        } else if idle.load(std::sync::atomic::Ordering::Relaxed) {
+            let frame = CloseFrame {
+                code: close_code::AWAY,
+                reason: "idle for longer than http.ws_idle_timeout".into(),
+            };
+            let _ = sink.send(Message::Close(Some(frame))).await;
         }
         let _ = sink.close().await;
     };
     let reader = async {
         let mut seq = 0u64;
         let mut shutting_down = false;
+        let idle_timeout = st.settings.ws_idle_timeout;
+        let idle_deadline = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle_deadline);
         loop {
             let msg = tokio::select! {
                 () = st.shutdown.cancelled() => {
                     shutting_down = true;
+                    break;
+                }
+                () = &mut idle_deadline => {
+                    idle.store(true, std::sync::atomic::Ordering::Relaxed);
+                    st.metrics.emit(Event::HttpConnectionClosed {
+                        reason: HttpCloseReason::WsIdleTimeout,
+                    });
                     break;
                 }
                 r = revocations.recv() => {
@@ -164,6 +186,9 @@ async fn serve_connected(
                 }
                 msg = stream.next() => msg,
             };
+            idle_deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + idle_timeout);
             let (encoding, payload): (Encoding, Bytes) = match msg {
                 Some(Ok(Message::Text(t))) => (Encoding::Json, Bytes::from(t)),
                 Some(Ok(Message::Binary(b))) => (Encoding::Postcard, b),
@@ -180,7 +205,26 @@ async fn serve_connected(
                 }
             };
             seq += 1;
-            let rx = submit(&st.ingest, device.clone(), Transport::Ws, encoding, payload).await;
+            let max = st.settings.limits.max_payload_bytes;
+            if payload.len() > max {
+                // Refused by the transport: the bytes are not queued for the pipeline.
+                let error = DecodeError::PayloadTooLarge {
+                    size: payload.len(),
+                    max,
+                };
+                st.metrics.emit(Event::DecodeFailed {
+                    transport: Transport::Ws,
+                    device,
+                    error: &error,
+                });
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(Err(Rejection::Decode(error)));
+                if pending_tx.send((seq, Some(rx))).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            let rx = submit(st, device.clone(), Transport::Ws, encoding, payload).await;
             let stop = rx.is_none();
             if pending_tx.send((seq, rx)).await.is_err() || stop {
                 break;

@@ -6,16 +6,19 @@
 //!
 //! Contract types live here rather than in the module that produces them, so that both
 //! sides of a contract depend downward: the pipeline hands [`DurableBatch`]es to the
-//! store and the sink, the registry answers [`DeviceLabels`] for the live hub, and
-//! observe counts [`AuthFailure`]s that the registry returns. Values render as JSON with
-//! the wire format's own [`JsonValue`].
+//! store and the sink, the registry answers [`DeviceLabels`] for the live hub,
+//! observe counts [`AuthFailure`]s that the registry returns, and every [`Envelope`]
+//! carries its bytes of the ingest queue's [`QueueBudget`] to the pipeline. Values
+//! render as JSON with the wire format's own [`JsonValue`].
 
 mod ack;
 mod auth;
+mod budget;
 mod labels;
 
 pub use ack::{AckPart, DurableBatch};
 pub use auth::AuthFailure;
+pub use budget::{BudgetPermit, QueueBudget};
 pub use labels::{DeviceLabels, NoLabels};
 
 use std::sync::Arc;
@@ -120,6 +123,10 @@ pub struct Envelope {
     pub received_at_ms: u64,
     /// Set when the sender waits for durability (WS and HTTP); `None` for MQTT.
     pub ack: Option<AckSender>,
+    /// The bytes this message holds of the queue's [`QueueBudget`], returned when the
+    /// envelope is dropped after decoding. `None` only while an MQTT message waits in the
+    /// consumer's spill, which has a budget of its own (`mqtt.spill_bytes`).
+    pub budget: Option<BudgetPermit>,
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
-use super::labels::ResumeSource;
+use super::labels::{HttpCloseReason, ResumeSource};
 use crate::model::{AuthFailure, Transport};
 
 /// Something that happened and is counted (and maybe logged).
@@ -161,6 +161,21 @@ pub enum Event<'a> {
         bytes: u64,
         /// Where.
         detail: &'a str,
+    },
+    /// The HTTP server refused a connection because `http.max_connections` were open: it
+    /// was closed right after it was accepted.
+    HttpConnectionRefused,
+    /// The HTTP server closed a connection (or an upgraded WebSocket) that overstayed
+    /// one of its time limits.
+    HttpConnectionClosed {
+        /// Which limit.
+        reason: HttpCloseReason,
+    },
+    /// A WS or HTTP message waited, or an MQTT message was spilled, because the ingest
+    /// -> pipeline queue's byte budget (`pipeline.queue_bytes`) was used up.
+    IngestBudgetFull {
+        /// Its transport.
+        transport: Transport,
     },
     /// The sink buffer failed to take a batch (disk error): its readings are dropped
     /// (counted as `sink_buffer_failed` readings) and waiting senders are told to retry.

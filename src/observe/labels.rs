@@ -1,5 +1,5 @@
-//! The closed label sets of the registry other than drop reasons: queues, resume
-//! sources and transports.
+//! The closed label sets of the registry other than drop reasons: queues, HTTP close
+//! reasons, resume sources and transports.
 //!
 //! Each set is an enumeration with an `ALL` array, so every label value is exported
 //! (as zero) from the start and a dashboard never has to guess whether a series is
@@ -41,6 +41,44 @@ impl Queue {
             Queue::MqttSpill => "mqtt_spill",
             Queue::Live => "live",
             Queue::Sink => "sink",
+        }
+    }
+}
+
+/// Why the HTTP server closed a connection on its own (`fluxgate_http_connections_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpCloseReason {
+    /// A request head did not arrive within `http.header_read_timeout`.
+    HeaderTimeout,
+    /// A request body did not arrive within `http.body_read_timeout`.
+    BodyTimeout,
+    /// A kept-alive connection was idle for `http.keep_alive_timeout`.
+    IdleTimeout,
+    /// The client left an answer unread for `http.write_timeout` (live streams,
+    /// WebSockets, large answers).
+    WriteTimeout,
+    /// A WebSocket ingest connection sent nothing for `http.ws_idle_timeout`.
+    WsIdleTimeout,
+}
+
+impl HttpCloseReason {
+    /// Every reason, in discriminant order.
+    pub(super) const ALL: [HttpCloseReason; 5] = [
+        HttpCloseReason::HeaderTimeout,
+        HttpCloseReason::BodyTimeout,
+        HttpCloseReason::IdleTimeout,
+        HttpCloseReason::WriteTimeout,
+        HttpCloseReason::WsIdleTimeout,
+    ];
+
+    /// The metric label.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            HttpCloseReason::HeaderTimeout => "header_timeout",
+            HttpCloseReason::BodyTimeout => "body_timeout",
+            HttpCloseReason::IdleTimeout => "idle_timeout",
+            HttpCloseReason::WriteTimeout => "write_timeout",
+            HttpCloseReason::WsIdleTimeout => "ws_idle_timeout",
         }
     }
 }
@@ -91,6 +129,9 @@ mod tests {
     fn discriminants_follow_all() {
         for (i, q) in Queue::ALL.iter().enumerate() {
             assert_eq!(*q as usize, i, "{q:?}");
+        }
+        for (i, r) in HttpCloseReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
         }
         for (i, s) in ResumeSource::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i, "{s:?}");

@@ -33,11 +33,13 @@ pub(super) enum LogClass {
     /// A store query was refused because every query slot was busy (a client can cause
     /// it by flooding history requests).
     StoreQueryRejected,
+    /// The HTTP server refused a connection over `http.max_connections`.
+    HttpRefused,
 }
 
 impl LogClass {
     /// How many classes there are; the discriminant indexes [`LogBudgets`].
-    const COUNT: usize = 8;
+    const COUNT: usize = 9;
 }
 
 /// One budget per [`LogClass`].
@@ -103,6 +105,7 @@ mod tests {
         LogClass::PointsDropped,
         LogClass::SinkRetry,
         LogClass::StoreQueryRejected,
+        LogClass::HttpRefused,
     ];
 
     /// Uses up the budget of `class` in `second` and checks that the next line is

@@ -12,7 +12,7 @@ use fluxgate_proto::DECODE_ERROR_REASONS;
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::event::Event;
 use super::histogram::{Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
-use super::labels::{Queue, ResumeSource, transport_index};
+use super::labels::{HttpCloseReason, Queue, ResumeSource, transport_index};
 use super::log_budget::{LogBudgets, LogClass};
 use crate::model::{AuthFailure, Transport};
 
@@ -69,6 +69,14 @@ pub struct Metrics {
     pub(super) live_resumes: [AtomicU64; ResumeSource::ALL.len()],
     /// The InfluxDB sink's counters and gauges.
     pub(super) sink: SinkMetrics,
+    /// Open HTTP connections (upgraded WebSockets included).
+    pub(super) http_connections: AtomicI64,
+    /// HTTP connections refused over `http.max_connections`.
+    pub(super) http_refused: AtomicU64,
+    /// HTTP connections closed by a time limit, by reason.
+    pub(super) http_closed: [AtomicU64; HttpCloseReason::ALL.len()],
+    /// Ingest messages that found the pipeline queue's byte budget used up, by transport.
+    pub(super) budget_full: [AtomicU64; Transport::ALL.len()],
     /// Rate limits of the log lines that outside input can cause.
     log_budgets: LogBudgets,
 }
@@ -144,6 +152,10 @@ impl Default for Metrics {
             devices_online: AtomicI64::new(0),
             live_resumes: Default::default(),
             sink: SinkMetrics::default(),
+            http_connections: AtomicI64::new(0),
+            http_refused: AtomicU64::new(0),
+            http_closed: Default::default(),
+            budget_full: Default::default(),
             log_budgets: LogBudgets::default(),
         }
     }
@@ -373,6 +385,30 @@ impl Metrics {
                     "influxdb buffer: skipped damaged data: {detail}"
                 );
             }
+            Event::HttpConnectionRefused => {
+                self.http_refused.fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::HttpRefused) {
+                    tracing::warn!(
+                        suppressed,
+                        "HTTP connection refused: http.max_connections are open"
+                    );
+                }
+            }
+            Event::HttpConnectionClosed { reason } => {
+                self.http_closed[reason as usize].fetch_add(1, Relaxed);
+                // Idle keep-alive connections and vanished clients are everyday churn.
+                tracing::debug!(
+                    reason = reason.as_str(),
+                    "HTTP connection closed by a time limit"
+                );
+            }
+            Event::IngestBudgetFull { transport } => {
+                self.budget_full[transport_index(transport)].fetch_add(1, Relaxed);
+                tracing::trace!(
+                    transport = transport.as_str(),
+                    "pipeline queue byte budget full"
+                );
+            }
             Event::SinkBufferFailed { readings, error } => {
                 self.dropped_readings[ReadingDropReason::SinkBufferFailed as usize]
                     .fetch_add(readings as u64, Relaxed);
@@ -406,6 +442,11 @@ impl Metrics {
     /// Change the depth gauge of a queue by `delta` (for queues spread over many owners).
     pub fn add_queue_depth(&self, queue: Queue, delta: i64) {
         self.queue_depth[queue as usize].fetch_add(delta, Relaxed);
+    }
+
+    /// Add to the open HTTP connections gauge (negative to remove).
+    pub fn add_http_connections(&self, delta: i64) {
+        self.http_connections.fetch_add(delta, Relaxed);
     }
 
     /// Add to the live subscriber gauge (negative to remove).

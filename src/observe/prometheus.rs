@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use fluxgate_proto::DECODE_ERROR_REASONS;
 
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
-use super::labels::{Queue, ResumeSource, transport_index};
+use super::labels::{HttpCloseReason, Queue, ResumeSource, transport_index};
 use super::metrics::Metrics;
 use crate::model::{AuthFailure, Transport};
 
@@ -68,6 +68,19 @@ impl Metrics {
             "InfluxDB line-protocol points (lines) dropped from the sink buffer, by reason.",
             PointDropReason::ALL.iter().map(|r| r.as_str()),
             &self.dropped_points,
+        );
+        labelled_counter(
+            &mut out,
+            "fluxgate_http_connections_closed_total",
+            "HTTP connections (and upgraded WebSockets) the server closed for overstaying a time limit, by reason.",
+            HttpCloseReason::ALL.iter().map(|r| r.as_str()),
+            &self.http_closed,
+        );
+        counter_by_transport(
+            &mut out,
+            "fluxgate_ingest_budget_waits_total",
+            "Messages that found the ingest queue's byte budget used up (WS/HTTP waited, MQTT spilled), by transport.",
+            &self.budget_full,
         );
         let name = "fluxgate_queue_depth";
         let _ = writeln!(
@@ -136,7 +149,19 @@ impl Metrics {
             "Time from the first attempt of an InfluxDB write request to its success.",
         );
         let s = &self.sink;
-        let scalars: [(&str, &str, &str, i64); 21] = [
+        let scalars: [(&str, &str, &str, i64); 23] = [
+            (
+                "fluxgate_http_connections",
+                "gauge",
+                "Open HTTP connections, upgraded WebSockets included.",
+                self.http_connections.load(Relaxed),
+            ),
+            (
+                "fluxgate_http_connections_refused_total",
+                "counter",
+                "HTTP connections closed right after accept because http.max_connections were open.",
+                self.http_refused.load(Relaxed) as i64,
+            ),
             (
                 "fluxgate_devices_online",
                 "gauge",

@@ -99,7 +99,17 @@ impl SinkHealth {
         self.fill_permille.store(permille, Ordering::Relaxed);
     }
 
-    /// Why the sink is not ready, if it is not.
+    /// The sink's state when it is not ready, as a stable name without details (for the
+    /// unauthenticated `/readyz`): `write_failing` or `buffer_nearly_full`.
+    pub fn state(&self) -> Option<&'static str> {
+        if self.is_failing() {
+            return Some("write_failing");
+        }
+        let fill = self.fill_permille.load(Ordering::Relaxed);
+        (fill >= UNREADY_FILL_PERMILLE).then_some("buffer_nearly_full")
+    }
+
+    /// Why the sink is not ready, if it is not, with details (server messages).
     pub fn problem(&self) -> Option<String> {
         if let Some(reason) = self.failing.lock().ok().and_then(|f| f.clone()) {
             return Some(reason);

@@ -403,6 +403,13 @@ impl TestGateway {
         scrape(&text, series)
     }
 
+    /// A value from the metrics registry read in process, without an HTTP request (for
+    /// tests that fill the server's connection slots).
+    pub fn local_metric(&self, series: &str) -> f64 {
+        let gateway = self.gateway.as_ref().expect("running");
+        scrape(&gateway.metrics().render(), series)
+    }
+
     /// Poll `/metrics` until `series` equals `expected`; panic after `timeout`.
     pub async fn wait_metric(&self, series: &str, expected: f64, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -11,7 +11,8 @@
 //! One concept per file:
 //! - `event`: [`Event`], what callers report.
 //! - `drop_reason`: why something was dropped, one reason type per counted unit.
-//! - `labels`: the other closed label sets ([`Queue`], [`ResumeSource`], transports).
+//! - `labels`: the other closed label sets ([`Queue`], [`ResumeSource`], transports,
+//!   [`MqttViolation`], [`MqttCloseReason`]).
 //! - `metrics`: [`Metrics`], the registry of atomics, and `emit`.
 //! - `histogram`: fixed-bucket histograms.
 //! - `prometheus`: the text exposition of the registry.
@@ -27,5 +28,5 @@ mod prometheus;
 
 pub use drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 pub use event::Event;
-pub use labels::{Queue, ResumeSource};
+pub use labels::{MqttCloseReason, MqttViolation, Queue, ResumeSource};
 pub use metrics::Metrics;

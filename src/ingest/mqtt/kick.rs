@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use rumqttd::local::{LinkError, LinkTx};
+use rumqttd::local::LinkTx;
 use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -32,15 +32,16 @@ use crate::registry::Registry;
 /// (and stop at it). The notification is sent by queueing an UNSUBSCRIBE behind it,
 /// the only public way to ring that bell; it is never processed, because the router
 /// stops at the DISCONNECT and discards the rest of the batch.
-pub(super) fn release_link(mut tx: LinkTx) -> Result<(), LinkError> {
+pub(super) fn release_link(mut tx: LinkTx) -> Result<(), String> {
     tx.buffer().push_back(Packet::Disconnect(
         Disconnect {
             reason_code: DisconnectReasonCode::NormalDisconnection,
         },
         None,
     ));
-    tx.unsubscribe("fluxgate/kick-release")?;
-    Ok(())
+    tx.unsubscribe("fluxgate/kick-release")
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Close the MQTT connections of revoked devices until `shutdown`. `kick` takes over a

@@ -299,7 +299,7 @@ impl MqttIngest {
             let (tx, _rx, _ack) = LinkBuilder::new(id, kick_tx.clone())
                 .build()
                 .map_err(|e| e.to_string())?;
-            kick::release_link(tx).map_err(|e| e.to_string())
+            kick::release_link(tx)
         };
         let kicker = tokio::spawn(kick::kick_revoked(
             self.registry.clone(),

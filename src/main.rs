@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use fluxgate::config::{Config, LogFormat};
+use fluxgate::ingest::mqtt::BrokerChurnFilter;
 use fluxgate::registry::Role;
 use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
 use tracing_subscriber::prelude::*;
@@ -123,6 +124,11 @@ fn role_name(role: Role) -> &'static str {
 
 fn init_tracing(config: &Config) {
     // rumqttd logs every accepted connection at info; that is noise at fleet scale.
+    // Its normal churn (disconnects, keep-alive timeouts, duplicate client ids, kicks,
+    // refused logins) it logs at ERROR, from the same targets and level as its real
+    // errors, so no per-target directive can separate the two: `BrokerChurnFilter`
+    // drops exactly those lines (by target and message), which fluxgate counts and
+    // logs itself at debug, and every other rumqttd warning and error stays visible.
     let default = format!("{},rumqttd=warn", config.log.level);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // rumqttd opens error-level spans around every packet batch with the topic and
@@ -139,10 +145,14 @@ fn init_tracing(config: &Config) {
     let registry = tracing_subscriber::registry();
     match config.log.format {
         LogFormat::Text => registry
-            .with(layer.with_filter(filter.and(no_broker_spans)))
+            .with(layer.with_filter(filter.and(no_broker_spans).and(BrokerChurnFilter)))
             .init(),
         LogFormat::Json => registry
-            .with(layer.json().with_filter(filter.and(no_broker_spans)))
+            .with(
+                layer
+                    .json()
+                    .with_filter(filter.and(no_broker_spans).and(BrokerChurnFilter)),
+            )
             .init(),
     }
 }

@@ -656,3 +656,46 @@ async fn no_secret_appears_in_the_debug_log() {
     })
     .await;
 }
+
+/// Kicks used to register a local link under the revoked device's client id and leave
+/// it there: every revoked device that never came back kept a broker connection slot.
+/// With `mqtt.max_connections = 2` the router has 4 slots (2 spare for the gateway's
+/// consumer and probe), 3 of them free for devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_that_never_reconnects_frees_its_broker_slot() {
+    bounded(60, async {
+        let gw = TestGateway::spawn_with(|c| c.mqtt.max_connections = 2).await;
+        let ids: Vec<String> = (0..7).map(|i| format!("slot-{i}")).collect();
+        let tokens = gw.provision_many(&ids).await;
+        for id in &ids[..4] {
+            let mut conn = RawMqtt::device(gw.mqtt, id, &tokens[id]).await.accepted();
+            let r = gw
+                .admin
+                .call(
+                    Method::PATCH,
+                    &format!("/api/v1/devices/{id}"),
+                    Some(json!({"enabled": false})),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert!(conn.closed_within(Duration::from_secs(1)).await, "{id}");
+        }
+        assert_eq!(
+            gw.metric(r#"fluxgate_mqtt_connections_closed_total{reason="kicked"}"#)
+                .await,
+            4.0
+        );
+        // Every slot is free again: three devices connect and stay connected.
+        let mut held = Vec::new();
+        for id in &ids[4..] {
+            let mut conn = RawMqtt::device(gw.mqtt, id, &tokens[id]).await.accepted();
+            assert!(conn.ping().await, "{id}");
+            held.push(conn);
+        }
+        for conn in &mut held {
+            assert!(conn.ping().await);
+        }
+        gw.shutdown().await;
+    })
+    .await;
+}

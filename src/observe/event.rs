@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
-use super::labels::{HttpCloseReason, ResumeSource};
+use super::labels::{HttpCloseReason, MqttCloseReason, MqttViolation, ResumeSource};
 use crate::model::{AuthFailure, Transport};
 
 /// Something that happened and is counted (and maybe logged).
@@ -101,14 +101,27 @@ pub enum Event<'a> {
         /// Why.
         reason: AuthFailure,
     },
-    /// An MQTT client used a topic outside its own namespace; its connection is closed.
-    AclViolation {
+    /// An MQTT client broke the protocol discipline (a second CONNECT, a foreign or
+    /// wildcard topic, a retained publish, ...); its connection is closed.
+    MqttViolation {
+        /// The client id of its CONNECT (empty before one).
+        device: &'a str,
+        /// What it did.
+        reason: MqttViolation,
+        /// The topic or filter involved, shortened (empty when there is none).
+        topic: &'a str,
+    },
+    /// The broker accepted an MQTT connection (CONNACK success written).
+    MqttConnected {
         /// The device.
         device: &'a str,
-        /// `publish` or `subscribe`.
-        action: &'static str,
-        /// The topic or filter it tried.
-        topic: &'a str,
+    },
+    /// An MQTT connection ended.
+    MqttClosed {
+        /// The client id of its CONNECT (empty when it never sent one).
+        device: &'a str,
+        /// How.
+        reason: MqttCloseReason,
     },
     /// A live subscriber resumed from a position.
     Resumed {

@@ -1,5 +1,7 @@
 //! The closed label sets of the registry other than drop reasons: queues, HTTP close
 //! reasons, resume sources and transports.
+//! The closed label sets of the registry other than drop reasons: queues, resume
+//! sources, transports, and the MQTT front's protocol violations and connection ends.
 //!
 //! Each set is an enumeration with an `ALL` array, so every label value is exported
 //! (as zero) from the start and a dashboard never has to guess whether a series is
@@ -109,6 +111,134 @@ impl ResumeSource {
     }
 }
 
+/// Why the MQTT front closed a connection for breaking its protocol discipline. Every
+/// violation closes the connection; the reasons are what a hostile or broken client
+/// did, never a device id or a topic (those go to the rate-limited log line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttViolation {
+    /// A CONNECT on a connection that already sent one: identity is fixed by the first.
+    SecondConnect,
+    /// Any other packet before the CONNECT.
+    BeforeConnect,
+    /// A packet only a server sends (CONNACK, SUBACK, UNSUBACK, PINGRESP).
+    UnexpectedPacket,
+    /// A retained PUBLISH or a retained will: the broker would keep it forever.
+    Retained,
+    /// A PUBLISH outside the device's exact topics (another device's included).
+    ForeignTopic,
+    /// A `+` or `#` in a PUBLISH topic.
+    WildcardTopic,
+    /// A PUBLISH topic that is not UTF-8 or contains NUL.
+    InvalidTopic,
+    /// A will on a topic the device may not publish to.
+    ForeignWill,
+    /// A SUBSCRIBE to anything but the device's own command topic.
+    ForeignSubscribe,
+    /// A packet the MQTT 3.1.1 codec rejects (bad QoS, flags, lengths, strings).
+    Malformed,
+    /// A packet whose remaining length is beyond `limits.max_frame_bytes`.
+    TooLarge,
+}
+
+impl MqttViolation {
+    /// Every reason, in discriminant order.
+    pub(super) const ALL: [MqttViolation; 11] = [
+        MqttViolation::SecondConnect,
+        MqttViolation::BeforeConnect,
+        MqttViolation::UnexpectedPacket,
+        MqttViolation::Retained,
+        MqttViolation::ForeignTopic,
+        MqttViolation::WildcardTopic,
+        MqttViolation::InvalidTopic,
+        MqttViolation::ForeignWill,
+        MqttViolation::ForeignSubscribe,
+        MqttViolation::Malformed,
+        MqttViolation::TooLarge,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MqttViolation::SecondConnect => "second_connect",
+            MqttViolation::BeforeConnect => "before_connect",
+            MqttViolation::UnexpectedPacket => "unexpected_packet",
+            MqttViolation::Retained => "retained",
+            MqttViolation::ForeignTopic => "foreign_topic",
+            MqttViolation::WildcardTopic => "wildcard_topic",
+            MqttViolation::InvalidTopic => "invalid_topic",
+            MqttViolation::ForeignWill => "foreign_will",
+            MqttViolation::ForeignSubscribe => "foreign_subscribe",
+            MqttViolation::Malformed => "malformed",
+            MqttViolation::TooLarge => "too_large",
+        }
+    }
+
+    /// The older `fluxgate_mqtt_acl_violations_total{action}` view of the topic ACL
+    /// subset (kept so dashboards built on it keep working): index 0 `publish`,
+    /// 1 `subscribe`.
+    pub(super) fn acl_action(self) -> Option<usize> {
+        match self {
+            MqttViolation::ForeignTopic | MqttViolation::ForeignWill => Some(0),
+            MqttViolation::ForeignSubscribe => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// How an MQTT connection ended. Every accepted TCP connection (except the gateway's
+/// own readiness probe) ends exactly once, with one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttCloseReason {
+    /// The client sent DISCONNECT.
+    ClientDisconnect,
+    /// The socket closed or was reset without DISCONNECT.
+    PeerClosed,
+    /// Nothing arrived for 1.5 times the keep-alive the client asked for.
+    KeepaliveTimeout,
+    /// A newer connection with the same client id replaced it (MQTT's rule).
+    Takeover,
+    /// Its device was disabled, deleted or re-keyed.
+    Kicked,
+    /// It broke the protocol discipline (counted by reason as a violation too).
+    ProtocolViolation,
+    /// It sent a CONNECT that was refused (credentials, keep-alive 0).
+    Refused,
+    /// It never sent a CONNECT (connect timeout, or closed first).
+    NoConnect,
+    /// The gateway stopped.
+    Shutdown,
+}
+
+impl MqttCloseReason {
+    /// Every reason, in discriminant order.
+    pub(super) const ALL: [MqttCloseReason; 9] = [
+        MqttCloseReason::ClientDisconnect,
+        MqttCloseReason::PeerClosed,
+        MqttCloseReason::KeepaliveTimeout,
+        MqttCloseReason::Takeover,
+        MqttCloseReason::Kicked,
+        MqttCloseReason::ProtocolViolation,
+        MqttCloseReason::Refused,
+        MqttCloseReason::NoConnect,
+        MqttCloseReason::Shutdown,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MqttCloseReason::ClientDisconnect => "client_disconnect",
+            MqttCloseReason::PeerClosed => "peer_closed",
+            MqttCloseReason::KeepaliveTimeout => "keepalive_timeout",
+            MqttCloseReason::Takeover => "takeover",
+            MqttCloseReason::Kicked => "kicked",
+            MqttCloseReason::ProtocolViolation => "protocol_violation",
+            MqttCloseReason::Refused => "refused",
+            MqttCloseReason::NoConnect => "no_connect",
+            MqttCloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// The index of a transport in the per-transport counter arrays. `Transport` belongs to
 /// the model, so its metric layout is decided here rather than by its discriminant.
 pub(super) fn transport_index(t: Transport) -> usize {
@@ -135,6 +265,12 @@ mod tests {
         }
         for (i, s) in ResumeSource::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i, "{s:?}");
+        }
+        for (i, v) in MqttViolation::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i, "{v:?}");
+        }
+        for (i, r) in MqttCloseReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
         }
         for (i, t) in Transport::ALL.iter().enumerate() {
             assert_eq!(transport_index(*t), i, "{t:?}");

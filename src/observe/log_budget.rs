@@ -19,8 +19,8 @@ pub(super) enum LogClass {
     DecodeFailed,
     /// A device's credentials were refused.
     AuthRefused,
-    /// An MQTT client used another device's topics.
-    AclViolation,
+    /// An MQTT client broke the protocol discipline.
+    MqttViolation,
     /// Whole messages were dropped.
     MessagesDropped,
     /// Readings were dropped.
@@ -99,7 +99,7 @@ mod tests {
     const ALL: [LogClass; LogClass::COUNT] = [
         LogClass::DecodeFailed,
         LogClass::AuthRefused,
-        LogClass::AclViolation,
+        LogClass::MqttViolation,
         LogClass::MessagesDropped,
         LogClass::ReadingsDropped,
         LogClass::PointsDropped,

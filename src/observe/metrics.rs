@@ -12,7 +12,9 @@ use fluxgate_proto::DECODE_ERROR_REASONS;
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::event::Event;
 use super::histogram::{Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
-use super::labels::{HttpCloseReason, Queue, ResumeSource, transport_index};
+use super::labels::{
+    HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource, transport_index,
+};
 use super::log_budget::{LogBudgets, LogClass};
 use crate::model::{AuthFailure, Transport};
 
@@ -59,8 +61,15 @@ pub struct Metrics {
     pub(super) live_conflated: AtomicU64,
     /// Refused credentials, by reason, then transport.
     pub(super) auth_refused: [[AtomicU64; Transport::ALL.len()]; AuthFailure::ALL.len()],
-    /// MQTT connections closed for a foreign topic: `publish`, then `subscribe`.
+    /// MQTT connections closed for a foreign topic: `publish`, then `subscribe` (the
+    /// topic-ACL subset of `mqtt_violations`, kept for existing dashboards).
     pub(super) acl_violations: [AtomicU64; 2],
+    /// MQTT connections closed for breaking the protocol discipline, by reason.
+    pub(super) mqtt_violations: [AtomicU64; MqttViolation::ALL.len()],
+    /// MQTT connections the broker accepted (CONNACK success).
+    pub(super) mqtt_opened: AtomicU64,
+    /// MQTT connections that ended, by how.
+    pub(super) mqtt_closed: [AtomicU64; MqttCloseReason::ALL.len()],
     /// Connections closed because their device was disabled, deleted or re-keyed.
     pub(super) kicked: AtomicU64,
     /// Devices connected or recently seen.
@@ -148,6 +157,9 @@ impl Default for Metrics {
             live_conflated: AtomicU64::new(0),
             auth_refused: Default::default(),
             acl_violations: Default::default(),
+            mqtt_violations: Default::default(),
+            mqtt_opened: AtomicU64::new(0),
+            mqtt_closed: Default::default(),
             kicked: AtomicU64::new(0),
             devices_online: AtomicI64::new(0),
             live_resumes: Default::default(),
@@ -283,22 +295,36 @@ impl Metrics {
                     );
                 }
             }
-            Event::AclViolation {
+            Event::MqttViolation {
                 device,
-                action,
+                reason,
                 topic,
             } => {
-                let i = usize::from(action == "subscribe");
-                self.acl_violations[i].fetch_add(1, Relaxed);
-                if let Some(suppressed) = self.log_budgets.take(LogClass::AclViolation) {
+                self.mqtt_violations[reason as usize].fetch_add(1, Relaxed);
+                if let Some(i) = reason.acl_action() {
+                    self.acl_violations[i].fetch_add(1, Relaxed);
+                }
+                // Hostile clients can repeat this as fast as they can connect: a few
+                // lines per second, then a count of what was suppressed.
+                if let Some(suppressed) = self.log_budgets.take(LogClass::MqttViolation) {
                     tracing::warn!(
                         device,
-                        action,
+                        reason = reason.as_str(),
                         topic,
                         suppressed,
-                        "MQTT topic outside the device's namespace; connection closed"
+                        "MQTT protocol violation; connection closed"
                     );
                 }
+            }
+            Event::MqttConnected { device } => {
+                self.mqtt_opened.fetch_add(1, Relaxed);
+                tracing::debug!(device, "MQTT connection accepted");
+            }
+            Event::MqttClosed { device, reason } => {
+                self.mqtt_closed[reason as usize].fetch_add(1, Relaxed);
+                // Devices come and go all the time: normal churn is a debug line and a
+                // counter, never a warning.
+                tracing::debug!(device, reason = reason.as_str(), "MQTT connection closed");
             }
             Event::Resumed { source } => {
                 self.live_resumes[source as usize].fetch_add(1, Relaxed);
@@ -306,7 +332,8 @@ impl Metrics {
             }
             Event::DeviceKicked { device, transport } => {
                 self.kicked.fetch_add(1, Relaxed);
-                tracing::info!(
+                // Churn caused by an operator's action, not a fault: debug.
+                tracing::debug!(
                     device,
                     transport = transport.as_str(),
                     "closed connection of a disabled, deleted or re-keyed device"

@@ -12,7 +12,7 @@
 //! - `event`: [`Event`], what callers report.
 //! - `drop_reason`: why something was dropped, one reason type per counted unit.
 //! - `labels`: the other closed label sets ([`Queue`], [`HttpCloseReason`],
-//!   [`ResumeSource`], transports).
+//!   [`ResumeSource`], transports, [`MqttViolation`], [`MqttCloseReason`]).
 //! - `metrics`: [`Metrics`], the registry of atomics, and `emit`.
 //! - `histogram`: fixed-bucket histograms.
 //! - `prometheus`: the text exposition of the registry.
@@ -28,5 +28,5 @@ mod prometheus;
 
 pub use drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 pub use event::Event;
-pub use labels::{HttpCloseReason, Queue, ResumeSource};
+pub use labels::{HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource};
 pub use metrics::Metrics;

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use fluxgate_proto::DECODE_ERROR_REASONS;
 
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
-use super::labels::{HttpCloseReason, Queue, ResumeSource, transport_index};
+use super::labels::{
+    HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource, transport_index,
+};
 use super::metrics::Metrics;
 use crate::model::{AuthFailure, Transport};
 
@@ -143,13 +145,39 @@ impl Metrics {
             let v = self.acl_violations[i].load(Relaxed);
             let _ = writeln!(out, "{name}{{action=\"{action}\"}} {v}");
         }
+        let name = "fluxgate_mqtt_protocol_violations_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} MQTT connections closed for breaking the protocol discipline, by reason.\n# TYPE {name} counter"
+        );
+        for (reason, v) in MqttViolation::ALL.iter().zip(&self.mqtt_violations) {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                v.load(Relaxed)
+            );
+        }
+        let name = "fluxgate_mqtt_connections_closed_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} MQTT connections that ended, by how (the gateway's own probe excluded).\n# TYPE {name} counter"
+        );
+        for (reason, v) in MqttCloseReason::ALL.iter().zip(&self.mqtt_closed) {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                v.load(Relaxed)
+            );
+        }
         self.sink.write.render(
             &mut out,
             "fluxgate_influxdb_write_seconds",
             "Time from the first attempt of an InfluxDB write request to its success.",
         );
         let s = &self.sink;
-        let scalars: [(&str, &str, &str, i64); 23] = [
+        let scalars: [(&str, &str, &str, i64); 24] = [
             (
                 "fluxgate_http_connections",
                 "gauge",
@@ -167,6 +195,12 @@ impl Metrics {
                 "gauge",
                 "Devices connected now or seen within devices.online_timeout.",
                 self.devices_online.load(Relaxed),
+            ),
+            (
+                "fluxgate_mqtt_connections_opened_total",
+                "counter",
+                "MQTT connections the broker accepted (CONNACK success).",
+                self.mqtt_opened.load(Relaxed) as i64,
             ),
             (
                 "fluxgate_device_connections_closed_total",

@@ -712,12 +712,14 @@ pub struct RawMqtt {
     next_id: u16,
 }
 
-fn push_str(out: &mut Vec<u8>, s: &[u8]) {
+/// Append an MQTT length-prefixed string (or binary field).
+pub fn push_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&u16::try_from(s.len()).unwrap().to_be_bytes());
     out.extend_from_slice(s);
 }
 
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+/// One MQTT packet: the first header byte, the remaining length, then `body`.
+pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first];
     let mut len = body.len();
     loop {
@@ -786,8 +788,15 @@ impl RawMqtt {
         RawMqtt::connect(addr, id, Some((id, token)), None).await
     }
 
-    /// Write bytes; false if the connection is gone.
-    async fn send(&mut self, bytes: &[u8]) -> bool {
+    /// A plain TCP connection to the broker that has sent nothing yet.
+    pub async fn open(addr: SocketAddr) -> RawMqtt {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        RawMqtt { stream, next_id: 1 }
+    }
+
+    /// Write bytes as they are (any packet, well-formed or not); false if the
+    /// connection is gone.
+    pub async fn send(&mut self, bytes: &[u8]) -> bool {
         self.stream.write_all(bytes).await.is_ok()
     }
 

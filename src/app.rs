@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::throttle::{FailureThrottle, ThrottleSettings};
 use crate::api::{self, ApiSettings, AppState};
 use crate::config::Config;
 use crate::ingest::mqtt::MqttIngest;
@@ -80,6 +81,8 @@ impl Gateway {
                     config.data_dir.display()
                 )
             })?;
+        registry
+            .configure_negative_cache(config.auth.negative_key_cache, config.auth.negative_key_ttl);
         let reg = registry.clone();
         let bootstrap_admin_key = tokio::task::spawn_blocking(move || reg.bootstrap_admin_key())
             .await
@@ -242,13 +245,22 @@ impl Gateway {
                 max_query_points: config.store.max_query_points,
                 stream_token_ttl: config.http.stream_token_ttl,
                 max_gap_fill: config.live.max_gap_fill,
+                max_subscribers_per_key: config.live.max_subscribers_per_key,
             }),
+            // Bounded (max_tracked_addresses, oldest evicted); see api::throttle.
+            throttle: Arc::new(FailureThrottle::new(ThrottleSettings {
+                burst: config.auth.failure_burst,
+                refill: config.auth.failure_refill,
+                max_addresses: config.auth.max_tracked_addresses,
+            })),
             shutdown: shutdown.clone(),
         };
         let app = api::router(state);
         let http_shutdown = shutdown.clone();
         let grace = config.http.shutdown_grace;
         tasks.push(tokio::spawn(async move {
+            // Connect info gives handlers the client address for the failure throttle.
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let server = axum::serve(listener, app)
                 .with_graceful_shutdown(http_shutdown.clone().cancelled_owned());
             tokio::select! {

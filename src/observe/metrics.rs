@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use fluxgate_proto::DECODE_ERROR_REASONS;
 
+use super::auth_metrics::AuthMetrics;
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::event::Event;
 use super::histogram::{Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
@@ -65,6 +66,8 @@ pub struct Metrics {
     pub(super) live_resumes: [AtomicU64; ResumeSource::ALL.len()],
     /// The InfluxDB sink's counters and gauges.
     pub(super) sink: SinkMetrics,
+    /// Operator authentication and its defences.
+    pub(super) auth: AuthMetrics,
     /// Rate limits of the log lines that outside input can cause.
     log_budgets: LogBudgets,
 }
@@ -138,6 +141,7 @@ impl Default for Metrics {
             devices_online: AtomicI64::new(0),
             live_resumes: Default::default(),
             sink: SinkMetrics::default(),
+            auth: AuthMetrics::default(),
             log_budgets: LogBudgets::default(),
         }
     }
@@ -365,6 +369,41 @@ impl Metrics {
                     error,
                     "influxdb buffer append failed; batch dropped"
                 );
+            }
+            Event::OperatorAuthRefused { reason } => {
+                self.auth.refused[reason as usize].fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::AuthRefused) {
+                    tracing::warn!(
+                        reason = reason.as_str(),
+                        suppressed,
+                        "operator credentials refused"
+                    );
+                }
+            }
+            Event::OperatorKeyMiss { answer } => {
+                self.auth.key_misses[answer as usize].fetch_add(1, Relaxed);
+            }
+            Event::AuthThrottled { credential } => {
+                self.auth.throttled[credential as usize].fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::AuthRefused) {
+                    tracing::warn!(
+                        credential = credential.as_str(),
+                        suppressed,
+                        "client address failed authentication too often; throttled (429)"
+                    );
+                }
+            }
+            Event::AuthTableEvicted { table, count } => {
+                self.auth.evicted[table as usize].fetch_add(count, Relaxed);
+                tracing::debug!(?table, count, "authentication table full; oldest evicted");
+            }
+            Event::LiveStreamOverKeyLimit => {
+                self.auth.streams_over_key_limit.fetch_add(1, Relaxed);
+                tracing::debug!("live stream refused: its key holds as many as allowed");
+            }
+            Event::LiveStreamsRevoked { count } => {
+                self.auth.streams_revoked.fetch_add(count, Relaxed);
+                tracing::info!(count, "ended the live streams of a revoked API key");
             }
         }
     }

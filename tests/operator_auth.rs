@@ -470,3 +470,137 @@ async fn live_streams_per_key_are_capped() {
     })
     .await;
 }
+
+/// Publish `per_client` QoS 1 messages from each of `clients` new devices (named with
+/// `prefix`) and wait for every PUBACK; returns the elapsed time.
+async fn mqtt_ingest(gw: &TestGateway, prefix: &str, clients: usize, per_client: i64) -> Duration {
+    let ids: Vec<String> = (0..clients).map(|c| format!("{prefix}-{c}")).collect();
+    let tokens = gw.provision_many(&ids).await;
+    let base = now_ms() - 60_000;
+    let started = Instant::now();
+    let mut publishers = Vec::new();
+    for id in &ids {
+        let mqtt = Mqtt::connect(gw.mqtt, id, &tokens[id]).await;
+        let topic = topic::telemetry(id);
+        publishers.push(tokio::spawn(async move {
+            for i in 0..per_client {
+                let payload = format!(r#"{{"ts":{},"values":{{"v":{i}}}}}"#, base + i);
+                mqtt.publish(&topic, payload).await;
+            }
+            mqtt.wait_acks(u64::try_from(per_client).unwrap(), Duration::from_secs(300))
+                .await;
+            mqtt.assert_healthy();
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    started.elapsed()
+}
+
+/// Send made-up keys at about `rate` per second (each its own request, up to 512 in
+/// flight, from addresses 127.0.0.10 to .17) until `stop`, from a runtime of its own on
+/// its own thread (like an outside client: its pacing does not wait for the gateway's
+/// workers); returns (sent, 401s, 429s).
+fn key_flood(
+    http: std::net::SocketAddr,
+    rate: u64,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64, u64)> {
+    let stop = stop.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let clients: Vec<reqwest::Client> = (0..8u8).map(|t| client_from(10 + t)).collect();
+            let url: Arc<str> = Arc::from(format!("http://{http}/api/v1/devices"));
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
+            let (e401, e429) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            let mut sent = 0u64;
+            let started = Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                tick.tick().await;
+                // Catch up to the offered rate (the interval may tick late).
+                let due = started.elapsed().as_micros() as u64 * rate / 1_000_000;
+                while sent < due {
+                    let permit = in_flight.clone().acquire_owned().await.unwrap();
+                    let client = clients[(sent % 8) as usize].clone();
+                    let (url, e401, e429) = (url.clone(), e401.clone(), e429.clone());
+                    let key = made_up_key(sent);
+                    tokio::spawn(async move {
+                        let status = client
+                            .get(&*url)
+                            .header("authorization", bearer(&key))
+                            .send()
+                            .await
+                            .unwrap()
+                            .status()
+                            .as_u16();
+                        match status {
+                            401 => e401.fetch_add(1, Ordering::SeqCst),
+                            429 => e429.fetch_add(1, Ordering::SeqCst),
+                            other => panic!("flood answered {other}"),
+                        };
+                        drop(permit);
+                    });
+                    sent += 1;
+                }
+            }
+            let _ = in_flight.acquire_many(512).await.unwrap();
+            (
+                sent,
+                e401.load(Ordering::SeqCst),
+                e429.load(Ordering::SeqCst),
+            )
+        })
+    })
+}
+
+/// Not a test but a bounded measurement (run by hand, `--ignored --nocapture`): MQTT
+/// ingest msg/s without a flood, with 4,000 made-up keys/s from eight addresses (the
+/// default throttle: mostly 429), and with the throttle effectively off (every key is
+/// looked up in the database). Nothing is asserted about speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run by hand"]
+async fn measure_mqtt_ingest_with_and_without_a_key_flood() {
+    const CLIENTS: usize = 10;
+    const PER_CLIENT: i64 = 20_000;
+    for (label, burst) in [
+        ("no flood", None),
+        ("4000 keys/s, default throttle", Some(20)),
+        ("4000 keys/s, throttle off", Some(u32::MAX)),
+    ] {
+        let gw = Arc::new(
+            TestGateway::spawn_with(|c| {
+                if let Some(b) = burst {
+                    c.auth.failure_burst = b;
+                }
+            })
+            .await,
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = burst.map(|_| key_flood(gw.http, 4_000, &stop));
+        let elapsed = mqtt_ingest(&gw, "m", CLIENTS, PER_CLIENT).await;
+        stop.store(true, Ordering::SeqCst);
+        let (sent, e401, e429) = flood.map_or((0, 0, 0), |f| f.join().unwrap());
+        let total = CLIENTS as i64 * PER_CLIENT;
+        common::wait_for("all stored", Duration::from_secs(120), || {
+            gw.store_count() >= total
+        })
+        .await;
+        assert_eq!(gw.store_count(), total);
+        let lookups = gw
+            .metric(r#"fluxgate_operator_key_misses_total{answer="database_not_found"}"#)
+            .await;
+        eprintln!(
+            "{label}: {total} QoS 1 messages in {elapsed:?} = {:.0} msg/s; flood {sent} keys \
+             ({:.0}/s): {e401} x 401, {e429} x 429, {lookups} database lookups",
+            total as f64 / elapsed.as_secs_f64(),
+            sent as f64 / elapsed.as_secs_f64(),
+        );
+        Arc::into_inner(gw).unwrap().shutdown().await;
+    }
+}

@@ -67,48 +67,44 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     }
 }
 
-/// A bad credential from `addr`: 429 if the address is throttled (not counted as a
-/// failure, so waiting out `Retry-After` always works), otherwise the failure is recorded
-/// and `refusal` (the 401) is returned.
+/// A bad credential from `addr`: charged to the address; 429 if it was throttled
+/// already, otherwise `refusal` (the 401).
 fn failed(
     st: &AppState,
     addr: Option<IpAddr>,
     credential: Credential,
     refusal: impl FnOnce() -> ApiError,
 ) -> ApiError {
-    if let Err(retry) = throttled(st, addr, credential) {
-        return retry;
-    }
-    record_failure(st, addr);
-    refusal()
-}
-
-/// Count a failure against `addr` (after the throttle was checked).
-fn record_failure(st: &AppState, addr: Option<IpAddr>) {
-    if let Some(addr) = addr {
-        let evicted = st.throttle.fail(addr, Instant::now());
-        if evicted > 0 {
-            st.metrics.emit(Event::AuthTableEvicted {
-                table: AuthTable::FailingAddresses,
-                count: evicted,
-            });
-        }
+    match charge(st, addr, credential) {
+        Ok(()) => refusal(),
+        Err(throttled) => throttled,
     }
 }
 
-/// `Err(429)` when `addr` failed too often lately.
-fn throttled(st: &AppState, addr: Option<IpAddr>, credential: Credential) -> Result<(), ApiError> {
+/// Charge one failure to `addr`; `Err(429)` when it failed too often lately.
+fn charge(st: &AppState, addr: Option<IpAddr>, credential: Credential) -> Result<(), ApiError> {
     let Some(addr) = addr else {
         return Ok(());
     };
-    st.throttle.check(addr, Instant::now()).map_err(|retry| {
-        st.metrics.emit(Event::AuthThrottled { credential });
-        ApiError::too_many_requests(
-            "too_many_auth_failures",
-            "too many authentication failures from this address; retry later",
-            retry,
-        )
-    })
+    match st.throttle.charge(addr, Instant::now()) {
+        Ok(evicted) => {
+            if evicted > 0 {
+                st.metrics.emit(Event::AuthTableEvicted {
+                    table: AuthTable::FailingAddresses,
+                    count: evicted,
+                });
+            }
+            Ok(())
+        }
+        Err(retry) => {
+            st.metrics.emit(Event::AuthThrottled { credential });
+            Err(ApiError::too_many_requests(
+                "too_many_auth_failures",
+                "too many authentication failures from this address; retry later",
+                retry,
+            ))
+        }
+    }
 }
 
 fn operator_refused(st: &AppState, reason: OperatorRefusal, detail: &str) -> ApiError {
@@ -134,12 +130,19 @@ async fn operator(parts: &Parts, st: &AppState) -> Result<ApiKey, ApiError> {
         KeyCheck::Valid(k) => Ok(k),
         KeyCheck::Invalid => Err(failed(st, addr, Credential::OperatorKey, refuse)),
         KeyCheck::Unknown(hash) => {
-            // Checked once, before the lookup: a lookup that ran is answered 401.
-            throttled(st, addr, Credential::OperatorKey)?;
-            st.registry.lookup_key(hash).await.map_err(|_| {
-                record_failure(st, addr);
-                refuse()
-            })
+            // Charged before the lookup (so concurrent requests cannot all pass), given
+            // back if the key exists after all.
+            charge(st, addr, Credential::OperatorKey)?;
+            let found = st.registry.lookup_key(hash).await;
+            match found {
+                Ok(k) => {
+                    if let Some(addr) = addr {
+                        st.throttle.refund(addr, Instant::now());
+                    }
+                    Ok(k)
+                }
+                Err(_) => Err(refuse()),
+            }
         }
     }
 }

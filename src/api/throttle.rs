@@ -4,10 +4,13 @@
 //! each instead of a hash, a cache probe and maybe a database query.
 //!
 //! One token bucket per address: it holds `burst` failures, one comes back every
-//! `refill`. A failure takes one; an address whose bucket is empty is throttled until the
-//! next one comes back. Only failures count: requests with valid credentials never
-//! consume anything, and a request that is throttled is not a failure (so waiting out the
-//! `Retry-After` always works). IPv6 addresses are tracked per /64, the block one host
+//! `refill`. A bad credential takes one; an address whose bucket is empty is throttled
+//! until the next one comes back. Where checking a credential costs something (an
+//! unknown operator key: a database lookup), the token is taken before the check and
+//! given back if the credential was valid, so a burst of concurrent requests cannot all
+//! pass before the first has failed. A throttled request takes nothing (so waiting out
+//! the `Retry-After` always works), and credentials the cache knows as valid are never
+//! throttled. IPv6 addresses are tracked per /64, the block one host
 //! usually controls, so an attacker cannot get a fresh bucket per address.
 //!
 //! The table is bounded (`max_addresses`). Full-policy: evict the address that entered
@@ -70,31 +73,25 @@ impl FailureThrottle {
         }
     }
 
-    /// `Err(retry_after)` when `addr` is throttled at `now`.
-    pub fn check(&self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
-        let table = lock(&self.table);
-        let Some(bucket) = table.buckets.get(&key(addr)) else {
-            return Ok(());
-        };
-        let tokens = self.refilled(bucket, now);
-        if tokens >= 1.0 {
-            return Ok(());
-        }
-        Err(self.settings.refill.mul_f64(1.0 - tokens))
-    }
-
-    /// Record a failure of `addr` at `now`. Returns how many other addresses were evicted
-    /// to make room.
-    pub fn fail(&self, addr: IpAddr, now: Instant) -> u64 {
+    /// Charge one failure to `addr` before its credential is checked: `Err(retry_after)`
+    /// when its bucket is empty (throttled: nothing is charged), otherwise one token is
+    /// taken and `Ok` carries how many other addresses were evicted to make room. A
+    /// credential that turns out valid gives the token back ([`FailureThrottle::refund`]).
+    /// Charging first means concurrent requests from one address cannot all pass a check
+    /// before any of them has failed.
+    pub fn charge(&self, addr: IpAddr, now: Instant) -> Result<u64, Duration> {
         let addr = key(addr);
         let mut table = lock(&self.table);
         if let Some(bucket) = table.buckets.get(&addr) {
             let tokens = self.refilled(bucket, now);
+            if tokens < 1.0 {
+                return Err(self.settings.refill.mul_f64(1.0 - tokens));
+            }
             if let Some(b) = table.buckets.get_mut(&addr) {
-                b.tokens = (tokens - 1.0).max(0.0);
+                b.tokens = tokens - 1.0;
                 b.updated = now;
             }
-            return 0;
+            return Ok(0);
         }
         let generation = table.next_generation;
         table.next_generation += 1;
@@ -116,7 +113,21 @@ impl FailureThrottle {
                 }
             }
         }
-        evicted
+        Ok(evicted)
+    }
+
+    /// Give back the token [`FailureThrottle::charge`] took: the credential was valid.
+    pub fn refund(&self, addr: IpAddr, now: Instant) {
+        let addr = key(addr);
+        let mut table = lock(&self.table);
+        let Some(bucket) = table.buckets.get(&addr) else {
+            return;
+        };
+        let tokens = self.refilled(bucket, now);
+        if let Some(b) = table.buckets.get_mut(&addr) {
+            b.tokens = (tokens + 1.0).min(f64::from(self.settings.burst));
+            b.updated = now;
+        }
     }
 
     /// Addresses tracked now.
@@ -177,31 +188,34 @@ mod tests {
         let throttle = FailureThrottle::new(settings(3, 10));
         let a = v4(1);
         for _ in 0..3 {
-            assert_eq!(throttle.check(a, t0), Ok(()));
-            throttle.fail(a, t0);
+            assert_eq!(throttle.charge(a, t0), Ok(0));
         }
-        let retry = throttle.check(a, t0).unwrap_err();
-        assert_eq!(retry, Duration::from_secs(1));
+        assert_eq!(throttle.charge(a, t0), Err(Duration::from_secs(1)));
         // Other addresses are not affected.
-        assert_eq!(throttle.check(v4(2), t0), Ok(()));
+        assert_eq!(throttle.charge(v4(2), t0), Ok(0));
         // Half a refill later: still throttled, half a second to go.
         let half = t0 + Duration::from_millis(500);
-        assert_eq!(
-            throttle.check(a, half).unwrap_err(),
-            Duration::from_millis(500)
-        );
+        assert_eq!(throttle.charge(a, half), Err(Duration::from_millis(500)));
         // One failure is forgiven per second: one more try, then throttled again.
         let later = t0 + Duration::from_secs(1);
-        assert_eq!(throttle.check(a, later), Ok(()));
-        throttle.fail(a, later);
-        assert!(throttle.check(a, later).is_err());
-        // After a full refill the whole burst is available again.
+        assert_eq!(throttle.charge(a, later), Ok(0));
+        assert!(throttle.charge(a, later).is_err());
+        // A valid credential gives its token back.
         let much_later = later + Duration::from_secs(3);
         for _ in 0..3 {
-            assert_eq!(throttle.check(a, much_later), Ok(()));
-            throttle.fail(a, much_later);
+            assert_eq!(throttle.charge(a, much_later), Ok(0));
         }
-        assert!(throttle.check(a, much_later).is_err());
+        throttle.refund(a, much_later);
+        assert_eq!(throttle.charge(a, much_later), Ok(0));
+        assert!(throttle.charge(a, much_later).is_err());
+        // Refunds never exceed the burst.
+        for _ in 0..10 {
+            throttle.refund(v4(2), much_later);
+        }
+        for _ in 0..3 {
+            assert_eq!(throttle.charge(v4(2), much_later), Ok(0));
+        }
+        assert!(throttle.charge(v4(2), much_later).is_err());
     }
 
     #[test]
@@ -210,16 +224,15 @@ mod tests {
         let throttle = FailureThrottle::new(settings(1, 100));
         let mut evicted = 0;
         for i in 0..10_000 {
-            evicted += throttle.fail(v4(i), t0);
+            evicted += throttle.charge(v4(i), t0).unwrap();
             assert!(throttle.len() <= 100);
         }
         assert_eq!(throttle.len(), 100);
         assert_eq!(evicted, 9_900);
-        assert!(throttle.check(v4(9_999), t0).is_err());
-        assert!(throttle.check(v4(9_900), t0).is_err());
-        // Evicted: the oldest addresses start over.
-        assert_eq!(throttle.check(v4(0), t0), Ok(()));
-        assert_eq!(throttle.check(v4(9_899), t0), Ok(()));
+        assert!(throttle.charge(v4(9_999), t0).is_err());
+        assert!(throttle.charge(v4(9_900), t0).is_err());
+        // Evicted: the oldest addresses start over (and evict the next oldest).
+        assert_eq!(throttle.charge(v4(0), t0), Ok(1));
     }
 
     #[test]
@@ -229,17 +242,20 @@ mod tests {
         let a = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 1));
         let b = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0xffff, 2, 3, 4));
         let other = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 2, 0, 0, 0, 1));
-        throttle.fail(a, t0);
-        throttle.fail(b, t0);
-        assert!(throttle.check(a, t0).is_err());
-        assert!(throttle.check(b, t0).is_err());
-        assert_eq!(throttle.check(other, t0), Ok(()));
+        assert_eq!(throttle.charge(a, t0), Ok(0));
+        assert_eq!(throttle.charge(b, t0), Ok(0));
+        assert!(throttle.charge(a, t0).is_err());
+        assert!(throttle.charge(b, t0).is_err());
+        assert_eq!(throttle.charge(other, t0), Ok(0));
         let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped());
-        throttle.fail(mapped, t0);
-        throttle.fail(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), t0);
+        assert_eq!(throttle.charge(mapped, t0), Ok(0));
+        assert_eq!(
+            throttle.charge(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), t0),
+            Ok(0)
+        );
         assert!(
             throttle
-                .check(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), t0)
+                .charge(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), t0)
                 .is_err()
         );
         assert_eq!(throttle.len(), 2);

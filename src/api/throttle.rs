@@ -258,6 +258,7 @@ mod tests {
                 .charge(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), t0)
                 .is_err()
         );
-        assert_eq!(throttle.len(), 2);
+        // The /64 of `a` and `b`, `other`'s /64, and 10.0.0.1 in either notation.
+        assert_eq!(throttle.len(), 3);
     }
 }

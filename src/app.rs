@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::throttle::{FailureThrottle, ThrottleSettings};
 use crate::api::{self, ApiSettings, AppState};
 use crate::config::Config;
 use crate::ingest::mqtt::MqttIngest;
@@ -81,6 +82,8 @@ impl Gateway {
                     config.data_dir.display()
                 )
             })?;
+        registry
+            .configure_negative_cache(config.auth.negative_key_cache, config.auth.negative_key_ttl);
         let reg = registry.clone();
         let bootstrap_admin_key = tokio::task::spawn_blocking(move || reg.bootstrap_admin_key())
             .await
@@ -262,7 +265,14 @@ impl Gateway {
                 stream_token_ttl: config.http.stream_token_ttl,
                 max_gap_fill: config.live.max_gap_fill,
                 ws_idle_timeout: config.http.ws_idle_timeout,
+                max_subscribers_per_key: config.live.max_subscribers_per_key,
             }),
+            // Bounded (max_tracked_addresses, oldest evicted); see api::throttle.
+            throttle: Arc::new(FailureThrottle::new(ThrottleSettings {
+                burst: config.auth.failure_burst,
+                refill: config.auth.failure_refill,
+                max_addresses: config.auth.max_tracked_addresses,
+            })),
             shutdown: shutdown.clone(),
         };
         let app = api::router(state);
@@ -271,7 +281,8 @@ impl Gateway {
         let (http_config, m) = (config.http.clone(), metrics.clone());
         tasks.push(tokio::spawn(async move {
             // Connections over `http.max_connections` are closed at accept (counted);
-            // the server's time limits are in `server`.
+            // the server's time limits are in `server`, which also hands handlers the
+            // client address (`ConnectInfo`) for the auth failure throttle.
             let server = server::serve(listener, app, &http_config, m, http_shutdown.clone());
             tokio::select! {
                 () = server => {}

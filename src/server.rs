@@ -26,6 +26,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +35,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::ConnectInfo;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -82,8 +84,8 @@ pub async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, or a connection reset before it was accepted:
                 // pause briefly instead of spinning, then go on.
@@ -102,6 +104,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         connections.spawn(connection(
             stream,
+            peer,
             slot,
             app.clone(),
             timeouts,
@@ -117,6 +120,7 @@ pub async fn serve(
 /// its handler) or overstays a time limit.
 async fn connection(
     stream: TcpStream,
+    peer: SocketAddr,
     slot: OwnedSemaphorePermit,
     app: Router,
     timeouts: Timeouts,
@@ -130,7 +134,11 @@ async fn connection(
         hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let guard = watch.begin();
             let deadline = Instant::now() + timeouts.body;
-            let request = request.map(|body| DeadlineBody::new(body, deadline, metrics.clone()));
+            let mut request =
+                request.map(|body| DeadlineBody::new(body, deadline, metrics.clone()));
+            // What axum's `into_make_service_with_connect_info` would add: handlers read
+            // the client address (the auth failure throttle keys on it).
+            request.extensions_mut().insert(ConnectInfo(peer));
             let mut app = app.clone();
             async move {
                 let response = app.call(request).await;

@@ -6,10 +6,18 @@
 //!
 //! Extractors run before the body is read, so an unauthenticated request gets 401 before
 //! any body validation. Secrets are never logged.
+//!
+//! Floods of bad credentials: valid credentials are answered from the registry's cache
+//! and never throttled. A bad one (operator key, stream token, device token) counts as a
+//! failure of the client's address (`throttle`); an address past its burst gets 429 with
+//! `Retry-After` instead of 401, before any lookup. Unknown operator keys are answered by
+//! the registry's negative cache, or by one database lookup off the async workers.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 
@@ -17,9 +25,9 @@ use super::error::ApiError;
 use super::state::AppState;
 use crate::model::AuthFailure;
 use crate::model::Transport;
-use crate::observe::Event;
+use crate::observe::{AuthTable, Credential, Event, OperatorRefusal};
 use crate::registry::secret::{self, Hash};
-use crate::registry::{ApiKey, Role};
+use crate::registry::{ApiKey, KeyCheck, LeaseError, Role, StreamLease};
 
 fn bearer(parts: &Parts) -> Option<&str> {
     bearer_of(&parts.headers)
@@ -39,13 +47,104 @@ fn unauthorized(detail: &str) -> ApiError {
         .with_header(header::WWW_AUTHENTICATE, "Bearer realm=\"fluxgate\"")
 }
 
-fn operator(parts: &Parts, st: &AppState) -> Result<ApiKey, ApiError> {
-    let key = bearer(parts).ok_or_else(|| {
-        unauthorized("an operator API key is required: `Authorization: Bearer fgk_…`")
-    })?;
-    st.registry
-        .authenticate_key(key)
-        .map_err(|_| unauthorized("the API key is not valid"))
+/// The client address of the connection, when the server records it (it does; a router
+/// served without connect info simply has no throttle).
+fn client_ip(parts: &Parts) -> Option<IpAddr> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// The client's address, for handlers that check credentials themselves (ingest).
+pub struct ClientAddr(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(client_ip(parts)))
+    }
+}
+
+/// A bad credential from `addr`: charged to the address; 429 if it was throttled
+/// already, otherwise `refusal` (the 401).
+fn failed(
+    st: &AppState,
+    addr: Option<IpAddr>,
+    credential: Credential,
+    refusal: impl FnOnce() -> ApiError,
+) -> ApiError {
+    match charge(st, addr, credential) {
+        Ok(()) => refusal(),
+        Err(throttled) => throttled,
+    }
+}
+
+/// Charge one failure to `addr`; `Err(429)` when it failed too often lately.
+fn charge(st: &AppState, addr: Option<IpAddr>, credential: Credential) -> Result<(), ApiError> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    match st.throttle.charge(addr, Instant::now()) {
+        Ok(evicted) => {
+            if evicted > 0 {
+                st.metrics.emit(Event::AuthTableEvicted {
+                    table: AuthTable::FailingAddresses,
+                    count: evicted,
+                });
+            }
+            Ok(())
+        }
+        Err(retry) => {
+            st.metrics.emit(Event::AuthThrottled { credential });
+            Err(ApiError::too_many_requests(
+                "too_many_auth_failures",
+                "too many authentication failures from this address; retry later",
+                retry,
+            ))
+        }
+    }
+}
+
+fn operator_refused(st: &AppState, reason: OperatorRefusal, detail: &str) -> ApiError {
+    st.metrics.emit(Event::OperatorAuthRefused { reason });
+    unauthorized(detail)
+}
+
+/// Authenticate the operator key of `parts`. Known keys are answered from the cache;
+/// a bad key from an address that failed too often gets 429 before any lookup; an
+/// unknown key is answered by the negative cache or, once, by a database lookup off the
+/// async workers.
+async fn operator(parts: &Parts, st: &AppState) -> Result<ApiKey, ApiError> {
+    let Some(key) = bearer(parts) else {
+        return Err(operator_refused(
+            st,
+            OperatorRefusal::Missing,
+            "an operator API key is required: `Authorization: Bearer fgk_…`",
+        ));
+    };
+    let addr = client_ip(parts);
+    let refuse = || operator_refused(st, OperatorRefusal::UnknownKey, "the API key is not valid");
+    match st.registry.check_key_cached(key) {
+        KeyCheck::Valid(k) => Ok(k),
+        KeyCheck::Invalid => Err(failed(st, addr, Credential::OperatorKey, refuse)),
+        KeyCheck::Unknown(hash) => {
+            // Charged before the lookup (so concurrent requests cannot all pass), given
+            // back if the key exists after all.
+            charge(st, addr, Credential::OperatorKey)?;
+            let found = st.registry.lookup_key(hash).await;
+            match found {
+                Ok(k) => {
+                    if let Some(addr) = addr {
+                        st.throttle.refund(addr, Instant::now());
+                    }
+                    Ok(k)
+                }
+                Err(_) => Err(refuse()),
+            }
+        }
+    }
 }
 
 /// Any authenticated operator (viewer or admin).
@@ -55,7 +154,7 @@ impl FromRequestParts<AppState> for Viewer {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        operator(parts, st).map(Viewer)
+        operator(parts, st).await.map(Viewer)
     }
 }
 
@@ -66,7 +165,7 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        let key = operator(parts, st)?;
+        let key = operator(parts, st).await?;
         if key.role != Role::Admin {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -79,24 +178,61 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 /// A live-stream client: an API key in the header, or a stream token in
-/// `?access_token=`.
-pub struct StreamViewer;
+/// `?access_token=`. It holds a lease on the key (the token's issuing key), which caps
+/// the streams per key and ends the stream when the key is revoked: the handler keeps
+/// it for the stream's life and selects on [`StreamLease::revoked`].
+pub struct StreamViewer(pub StreamLease);
 
 impl FromRequestParts<AppState> for StreamViewer {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        if bearer(parts).is_some() {
-            return operator(parts, st).map(|_| StreamViewer);
-        }
-        let token = form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
-            .find(|(k, _)| k == "access_token")
-            .map(|(_, v)| v.into_owned());
-        match token {
-            Some(t) if st.registry.check_stream_token(&t) => Ok(StreamViewer),
-            Some(_) => Err(unauthorized("the stream token is not valid or has expired")),
-            None => Err(unauthorized(
-                "an operator API key (`Authorization: Bearer`) or a stream token (`?access_token=`) is required",
+        let key_id = if bearer(parts).is_some() {
+            operator(parts, st).await?.id
+        } else {
+            let token = form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
+                .find(|(k, _)| k == "access_token")
+                .map(|(_, v)| v.into_owned());
+            let Some(token) = token else {
+                return Err(operator_refused(
+                    st,
+                    OperatorRefusal::Missing,
+                    "an operator API key (`Authorization: Bearer`) or a stream token (`?access_token=`) is required",
+                ));
+            };
+            match st.registry.check_stream_token(&token) {
+                Some(key_id) => key_id,
+                None => {
+                    return Err(failed(
+                        st,
+                        client_ip(parts),
+                        Credential::StreamToken,
+                        || {
+                            operator_refused(
+                                st,
+                                OperatorRefusal::BadStreamToken,
+                                "the stream token is not valid or has expired",
+                            )
+                        },
+                    ));
+                }
+            }
+        };
+        let limit = st.settings.max_subscribers_per_key;
+        match st.registry.acquire_stream_lease(&key_id, limit) {
+            Ok(lease) => Ok(StreamViewer(lease)),
+            Err(e @ LeaseError::TooManyStreams { .. }) => {
+                st.metrics.emit(Event::LiveStreamOverKeyLimit);
+                Err(ApiError::too_many_requests(
+                    "too_many_streams_for_key",
+                    e.to_string(),
+                    Duration::from_secs(5),
+                ))
+            }
+            Err(LeaseError::Revoked) => Err(operator_refused(
+                st,
+                OperatorRefusal::UnknownKey,
+                "the API key has been revoked",
             )),
         }
     }
@@ -111,11 +247,13 @@ pub struct DeviceAuth {
 }
 
 impl DeviceAuth {
-    /// Authenticate a device's bearer token for `transport`, counting refusals.
+    /// Authenticate a device's bearer token for `transport`, counting refusals. A bad
+    /// token from an address that failed too often gets 429 instead of 401.
     pub fn check(
         headers: &HeaderMap,
         st: &AppState,
         transport: Transport,
+        addr: Option<IpAddr>,
     ) -> Result<Self, ApiError> {
         let refuse = |reason: AuthFailure| {
             st.metrics.emit(Event::AuthRefused {
@@ -131,7 +269,10 @@ impl DeviceAuth {
             unauthorized(detail)
         };
         let token = bearer_of(headers).ok_or_else(|| refuse(AuthFailure::Missing))?;
-        let device = st.registry.authenticate_token(token).map_err(refuse)?;
+        let device = st
+            .registry
+            .authenticate_token(token)
+            .map_err(|reason| failed(st, addr, Credential::DeviceToken, || refuse(reason)))?;
         Ok(DeviceAuth {
             device,
             token_hash: secret::hash(token),

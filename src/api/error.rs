@@ -19,7 +19,7 @@ pub struct ApiError {
     status: StatusCode,
     slug: &'static str,
     detail: String,
-    headers: Vec<(header::HeaderName, &'static str)>,
+    headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
@@ -36,8 +36,21 @@ impl ApiError {
 
     /// The same problem with an extra response header.
     pub fn with_header(mut self, name: header::HeaderName, value: &'static str) -> Self {
-        self.headers.push((name, value));
+        self.headers.push((name, HeaderValue::from_static(value)));
         self
+    }
+
+    /// 429 with `Retry-After` (whole seconds, at least 1): the client must wait.
+    pub fn too_many_requests(
+        slug: &'static str,
+        detail: impl Into<String>,
+        retry_after: std::time::Duration,
+    ) -> Self {
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, slug, detail);
+        e.headers
+            .push((header::RETRY_AFTER, HeaderValue::from(secs.max(1))));
+        e
     }
 
     /// 400 with a detail naming what was wrong.
@@ -116,6 +129,12 @@ impl From<RegistryError> for ApiError {
                 "invalid_value",
                 e.to_string(),
             ),
+            RegistryError::TooManyStreamTokens { .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_stream_tokens",
+                e.to_string(),
+            )
+            .with_header(header::RETRY_AFTER, "60"),
             RegistryError::Db(_) | RegistryError::CreateDir { .. } | RegistryError::Random(_) => {
                 ApiError::internal(&e)
             }
@@ -153,7 +172,7 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         for (name, value) in self.headers {
-            headers.insert(name, HeaderValue::from_static(value));
+            headers.insert(name, value);
         }
         response
     }

@@ -134,7 +134,9 @@ pub async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A short-lived, viewer-scoped token for opening live streams from a browser.
+/// A short-lived, viewer-scoped token for opening live streams from a browser. It is
+/// bound to the key that issued it: revoking the key invalidates it and ends the streams
+/// opened with it, and those streams count against the key's live stream limit.
 #[utoipa::path(post, path = "/api/v1/stream-tokens", tag = "keys",
     responses(
         (status = 201, description = "A token for `?access_token=`", body = StreamToken),
@@ -143,11 +145,11 @@ pub async fn revoke_key(
     security(("api_key" = [])))]
 pub async fn stream_token(
     State(st): State<AppState>,
-    _viewer: Viewer,
+    Viewer(key): Viewer,
 ) -> Result<Response, ApiError> {
     let ttl = st.settings.stream_token_ttl;
     let (token, expires) = st
-        .registry_blocking(move |r| r.issue_stream_token(ttl))
+        .registry_blocking(move |r| r.issue_stream_token(&key.id, ttl))
         .await?;
     Ok((
         StatusCode::CREATED,

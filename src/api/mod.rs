@@ -6,7 +6,8 @@
 //! (`ingest`, `live`, `web`) depend downward on them and nothing imports this file:
 //! [`state`] (`AppState`, `ApiSettings`), [`error`] (`ApiError`, RFC 9457
 //! problem+json), [`problem`] (the problem schema and reusable OpenAPI responses),
-//! [`extract`] (request helpers) and [`auth`] (operator and device authentication).
+//! [`extract`] (request helpers), [`throttle`] (authentication failures per client
+//! address) and [`auth`] (operator and device authentication).
 
 pub mod auth;
 pub mod devices;
@@ -18,6 +19,7 @@ pub mod openapi;
 mod ops;
 pub mod problem;
 pub mod state;
+pub mod throttle;
 
 use axum::Router;
 use axum::routing::{get, post};

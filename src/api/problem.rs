@@ -19,14 +19,26 @@ pub struct Problem {
     detail: String,
 }
 
-/// 401 on operations that need any operator key.
+/// 401 (and 429 for an address that failed too often) on operations that need any
+/// operator key.
 #[derive(IntoResponses)]
-#[response(
-    status = 401,
-    description = "No or invalid API key",
-    content_type = "application/problem+json"
-)]
-pub struct Unauthorized(pub Problem);
+pub enum Unauthorized {
+    /// No key, or one the gateway does not know.
+    #[response(
+        status = 401,
+        description = "No or invalid API key",
+        content_type = "application/problem+json"
+    )]
+    Unauthorized(Problem),
+    /// The client address failed authentication too often (`Retry-After` says when to
+    /// retry).
+    #[response(
+        status = 429,
+        description = "Too many authentication failures from this address",
+        content_type = "application/problem+json"
+    )]
+    Throttled(Problem),
+}
 
 /// 401 and 403 on operations that need an admin key.
 #[derive(IntoResponses)]
@@ -45,6 +57,14 @@ pub enum AdminErrors {
         content_type = "application/problem+json"
     )]
     Forbidden(Problem),
+    /// The client address failed authentication too often (`Retry-After` says when to
+    /// retry).
+    #[response(
+        status = 429,
+        description = "Too many authentication failures from this address",
+        content_type = "application/problem+json"
+    )]
+    Throttled(Problem),
 }
 
 /// The errors of reading a JSON request body.
@@ -91,14 +111,25 @@ pub struct DeviceNotFound(pub Problem);
 )]
 pub struct EtagMismatch(pub Problem);
 
-/// 401 on device endpoints (ingest).
+/// 401 on device endpoints (ingest), and 429 for an address whose bad tokens were too
+/// many.
 #[derive(IntoResponses)]
-#[response(
-    status = 401,
-    description = "No, unknown or wrong device token, or a disabled device",
-    content_type = "application/problem+json"
-)]
-pub struct DeviceTokenRefused(pub Problem);
+pub enum DeviceTokenRefused {
+    /// No, unknown or wrong token, or a disabled device.
+    #[response(
+        status = 401,
+        description = "No, unknown or wrong device token, or a disabled device",
+        content_type = "application/problem+json"
+    )]
+    Refused(Problem),
+    /// Too many bad tokens from this address (`Retry-After` says when to retry).
+    #[response(
+        status = 429,
+        description = "Too many authentication failures from this address",
+        content_type = "application/problem+json"
+    )]
+    Throttled(Problem),
+}
 
 /// The errors of opening a live stream.
 #[derive(IntoResponses)]
@@ -117,6 +148,14 @@ pub enum LiveStreamErrors {
         content_type = "application/problem+json"
     )]
     Unauthorized(Problem),
+    /// Too many authentication failures from this address, or the key already holds
+    /// `live.max_subscribers_per_key` streams (`Retry-After` says when to retry).
+    #[response(
+        status = 429,
+        description = "Too many authentication failures, or too many streams for this key",
+        content_type = "application/problem+json"
+    )]
+    TooManyRequests(Problem),
     /// The gateway has as many subscribers as it allows.
     #[response(
         status = 503,

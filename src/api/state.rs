@@ -17,6 +17,7 @@ use crate::sink::SinkHealth;
 use crate::store::StoreReader;
 
 use super::error::ApiError;
+use super::throttle::FailureThrottle;
 
 /// Settings the handlers need.
 #[derive(Debug, Clone)]
@@ -37,6 +38,8 @@ pub struct ApiSettings {
     pub max_gap_fill: usize,
     /// A WebSocket ingest connection silent this long is closed.
     pub ws_idle_timeout: Duration,
+    /// Most live streams one operator key may hold open.
+    pub max_subscribers_per_key: usize,
 }
 
 /// Shared state of all handlers.
@@ -56,6 +59,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Readiness of the enabled external sinks, for `/readyz`.
     pub sinks: Vec<Arc<SinkHealth>>,
+    /// Authentication failures per client address (429 beyond the burst).
+    pub throttle: Arc<FailureThrottle>,
     /// Settings.
     pub settings: Arc<ApiSettings>,
     /// Cancelled when the gateway shuts down; long-lived streams end on it.

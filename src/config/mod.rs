@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod auth;
 mod sinks;
+
+pub use auth::AuthConfig;
 
 pub use sinks::{
     BufferConfig, BufferMode, InfluxBatchConfig, InfluxConfig, Precision, RetryConfig, Secret,
@@ -89,6 +92,8 @@ pub struct Config {
     pub live: LiveConfig,
     /// The device registry.
     pub devices: DevicesConfig,
+    /// Defences of authentication against floods of bad credentials.
+    pub auth: AuthConfig,
     /// External time-series databases (`[sinks.influxdb]`).
     pub sinks: SinksConfig,
 }
@@ -106,6 +111,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             live: LiveConfig::default(),
             devices: DevicesConfig::default(),
+            auth: AuthConfig::default(),
             sinks: SinksConfig::default(),
         }
     }
@@ -418,6 +424,9 @@ pub struct LiveConfig {
     pub max_filters: usize,
     /// Most subscriptions on one WebSocket connection.
     pub max_subscriptions: usize,
+    /// Most live streams (SSE or WebSocket) open at once per operator API key, counting
+    /// those opened with stream tokens the key issued.
+    pub max_subscribers_per_key: usize,
     /// Most readings one gap-fill from the store may replay before the client is reset
     /// instead.
     pub max_gap_fill: usize,
@@ -433,6 +442,7 @@ impl Default for LiveConfig {
             max_subscribers: 1_000,
             max_filters: 1_000,
             max_subscriptions: 16,
+            max_subscribers_per_key: 64,
             max_gap_fill: 100_000,
         }
     }
@@ -504,6 +514,10 @@ impl Config {
             ("live.max_subscriptions", self.live.max_subscriptions),
             ("http.max_connections", self.http.max_connections),
             ("pipeline.queue_bytes", self.pipeline.queue_bytes),
+            (
+                "live.max_subscribers_per_key",
+                self.live.max_subscribers_per_key,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -603,6 +617,7 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
+        self.auth.validate()?;
         self.sinks.validate()
     }
 }

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 
 use super::submit;
-use crate::api::auth::DeviceAuth;
+use crate::api::auth::{ClientAddr, DeviceAuth};
 use crate::api::error::ApiError;
 use crate::api::state::AppState;
 use crate::model::{DecodeError, Encoding, Transport};
@@ -46,11 +46,12 @@ fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
     security(("device_token" = [])))]
 pub async fn telemetry(
     State(st): State<AppState>,
+    ClientAddr(addr): ClientAddr,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let DeviceAuth { device, .. } = DeviceAuth::check(&headers, &st, Transport::Http)?;
+    let DeviceAuth { device, .. } = DeviceAuth::check(&headers, &st, Transport::Http, addr)?;
     if *device != *id {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

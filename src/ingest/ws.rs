@@ -17,7 +17,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::submit;
-use crate::api::auth::DeviceAuth;
+use crate::api::auth::{ClientAddr, DeviceAuth};
 use crate::api::error::ApiError;
 use crate::api::state::AppState;
 use crate::model::{AckResult, DecodeError, DeviceId, Encoding, Rejection, Transport};
@@ -34,11 +34,12 @@ use crate::observe::{Event, HttpCloseReason};
     security(("device_token" = [])))]
 pub async fn upgrade(
     State(st): State<AppState>,
+    ClientAddr(addr): ClientAddr,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let DeviceAuth { device, token_hash } = DeviceAuth::check(&headers, &st, Transport::Ws)?;
+    let DeviceAuth { device, token_hash } = DeviceAuth::check(&headers, &st, Transport::Ws, addr)?;
     let claimed = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .find(|(k, _)| k == "device")
         .map(|(_, v)| v.into_owned());

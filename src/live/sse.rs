@@ -5,7 +5,8 @@
 //! cannot be served `reset` + `snapshot`, or `gapfill` from the store. An EventSource
 //! resumes by itself: it sends `Last-Event-ID` when it reconnects; `?since=` does the
 //! same for clients that open a new stream. Comment heartbeats keep idle connections open
-//! through proxies.
+//! through proxies. The stream ends when the gateway shuts down or when the API key that
+//! opened it (directly or through a stream token it issued) is revoked.
 
 use std::convert::Infallible;
 
@@ -36,7 +37,7 @@ use crate::api::state::AppState;
     security(("api_key" = [])))]
 pub async fn stream(
     State(st): State<AppState>,
-    _viewer: StreamViewer,
+    StreamViewer(lease): StreamViewer,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
@@ -49,17 +50,22 @@ pub async fn stream(
     }
     let session = LiveSession::open(st.live_session_deps(), query, "sse").await?;
     let shutdown = st.shutdown.clone();
-    let events =
-        futures_util::stream::unfold((session, shutdown), |(mut session, shutdown)| async move {
+    // The lease lives as long as the stream: it holds the key's stream slot, and the
+    // stream ends when the key is revoked.
+    let events = futures_util::stream::unfold(
+        (session, shutdown, lease),
+        |(mut session, shutdown, lease)| async move {
             let msg = tokio::select! {
                 () = shutdown.cancelled() => return None,
+                () = lease.revoked() => return None,
                 m = session.next() => m,
             };
             let mut event = SseEvent::default().event(msg.event).data(msg.data);
             if let Some(id) = msg.id {
                 event = event.id(id);
             }
-            Some((Ok(event), (session, shutdown)))
-        });
+            Some((Ok(event), (session, shutdown, lease)))
+        },
+    );
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(st.settings.heartbeat)))
 }

@@ -1,11 +1,12 @@
 //! `GET /api/v1/live`: the live stream over WebSocket. Same messages as SSE, as text
 //! frames; the client may add and remove named subscriptions on the open connection
 //! (`subscribe` / `unsubscribe`), resumes with `?since=`. Pings every heartbeat interval;
-//! a client that answers nothing for three intervals is considered dead and dropped.
+//! a client that answers nothing for three intervals is considered dead and dropped. The
+//! stream also ends (close code 1008) when the key that opened it is revoked.
 
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{RawQuery, State};
 use axum::response::Response;
 use serde::Deserialize;
@@ -16,6 +17,7 @@ use super::{Filter, LiveError};
 use crate::api::auth::StreamViewer;
 use crate::api::error::ApiError;
 use crate::api::state::AppState;
+use crate::registry::StreamLease;
 
 /// A message from the client.
 #[derive(Deserialize)]
@@ -53,7 +55,7 @@ enum ClientMessage {
     security(("api_key" = [])))]
 pub async fn upgrade(
     State(st): State<AppState>,
-    _viewer: StreamViewer,
+    StreamViewer(lease): StreamViewer,
     RawQuery(query): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
@@ -62,7 +64,7 @@ pub async fn upgrade(
     let session = LiveSession::open(st.live_session_deps(), query, "default").await?;
     Ok(ws
         .max_message_size(64 * 1024)
-        .on_upgrade(move |socket| serve(socket, st, session)))
+        .on_upgrade(move |socket| serve(socket, st, session, lease)))
 }
 
 fn error_json(reason: &str, detail: &str) -> String {
@@ -125,7 +127,9 @@ fn handle(session: &LiveSession, text: &str, max_filters: usize) -> Vec<String> 
     }
 }
 
-async fn serve(mut socket: WebSocket, st: AppState, mut session: LiveSession) {
+/// Serve the stream until the client leaves, the gateway shuts down or the key that
+/// opened it is revoked (then the socket is closed with 1008, policy violation).
+async fn serve(mut socket: WebSocket, st: AppState, mut session: LiveSession, lease: StreamLease) {
     let heartbeat = st.settings.heartbeat;
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -134,6 +138,15 @@ async fn serve(mut socket: WebSocket, st: AppState, mut session: LiveSession) {
         let out: Vec<String> = tokio::select! {
             () = st.shutdown.cancelled() => {
                 let _ = socket.send(Message::Close(None)).await;
+                break;
+            }
+            () = lease.revoked() => {
+                let _ = socket
+                    .send(Message::Close(Some(CloseFrame {
+                        code: close_code::POLICY,
+                        reason: "the API key was revoked".into(),
+                    })))
+                    .await;
                 break;
             }
             msg = session.next() => {

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use super::auth_metrics::{AuthTable, Credential, KeyMiss, OperatorRefusal};
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::labels::{HttpCloseReason, MqttCloseReason, MqttViolation, ResumeSource};
 use crate::model::{AuthFailure, Transport};
@@ -197,5 +198,35 @@ pub enum Event<'a> {
         readings: usize,
         /// What failed.
         error: &'a str,
+    },
+    /// An operator's key or stream token was refused (401).
+    OperatorAuthRefused {
+        /// Why.
+        reason: OperatorRefusal,
+    },
+    /// An operator key was not in the cache of known keys.
+    OperatorKeyMiss {
+        /// How it was answered.
+        answer: KeyMiss,
+    },
+    /// A request was answered 429 because its client address failed authentication too
+    /// often; its credential was not checked.
+    AuthThrottled {
+        /// What it presented.
+        credential: Credential,
+    },
+    /// Entries were evicted from a full authentication table (the oldest first).
+    AuthTableEvicted {
+        /// Which table.
+        table: AuthTable,
+        /// Entries evicted.
+        count: u64,
+    },
+    /// A live stream was refused: its key holds as many streams as allowed.
+    LiveStreamOverKeyLimit,
+    /// Live streams were ended because their key was revoked.
+    LiveStreamsRevoked {
+        /// Streams that were open under the key.
+        count: u64,
     },
 }

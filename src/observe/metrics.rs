@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use fluxgate_proto::DECODE_ERROR_REASONS;
 
+use super::auth_metrics::AuthMetrics;
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::event::Event;
 use super::histogram::{Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
@@ -86,6 +87,8 @@ pub struct Metrics {
     pub(super) http_closed: [AtomicU64; HttpCloseReason::ALL.len()],
     /// Ingest messages that found the pipeline queue's byte budget used up, by transport.
     pub(super) budget_full: [AtomicU64; Transport::ALL.len()],
+    /// Operator authentication and its defences.
+    pub(super) auth: AuthMetrics,
     /// Rate limits of the log lines that outside input can cause.
     log_budgets: LogBudgets,
 }
@@ -168,6 +171,7 @@ impl Default for Metrics {
             http_refused: AtomicU64::new(0),
             http_closed: Default::default(),
             budget_full: Default::default(),
+            auth: AuthMetrics::default(),
             log_budgets: LogBudgets::default(),
         }
     }
@@ -444,6 +448,41 @@ impl Metrics {
                     error,
                     "influxdb buffer append failed; batch dropped"
                 );
+            }
+            Event::OperatorAuthRefused { reason } => {
+                self.auth.refused[reason as usize].fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::AuthRefused) {
+                    tracing::warn!(
+                        reason = reason.as_str(),
+                        suppressed,
+                        "operator credentials refused"
+                    );
+                }
+            }
+            Event::OperatorKeyMiss { answer } => {
+                self.auth.key_misses[answer as usize].fetch_add(1, Relaxed);
+            }
+            Event::AuthThrottled { credential } => {
+                self.auth.throttled[credential as usize].fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::AuthRefused) {
+                    tracing::warn!(
+                        credential = credential.as_str(),
+                        suppressed,
+                        "client address failed authentication too often; throttled (429)"
+                    );
+                }
+            }
+            Event::AuthTableEvicted { table, count } => {
+                self.auth.evicted[table as usize].fetch_add(count, Relaxed);
+                tracing::debug!(?table, count, "authentication table full; oldest evicted");
+            }
+            Event::LiveStreamOverKeyLimit => {
+                self.auth.streams_over_key_limit.fetch_add(1, Relaxed);
+                tracing::debug!("live stream refused: its key holds as many as allowed");
+            }
+            Event::LiveStreamsRevoked { count } => {
+                self.auth.streams_revoked.fetch_add(count, Relaxed);
+                tracing::info!(count, "ended the live streams of a revoked API key");
             }
         }
     }

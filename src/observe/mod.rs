@@ -17,7 +17,10 @@
 //! - `histogram`: fixed-bucket histograms.
 //! - `prometheus`: the text exposition of the registry.
 //! - `log_budget`: per-class rate limits for log lines caused by outside input.
+//! - `auth_metrics`: operator authentication and its defences (refusals, key cache
+//!   misses, throttling, table evictions, live streams per key), with their label sets.
 
+mod auth_metrics;
 mod drop_reason;
 mod event;
 mod histogram;
@@ -26,6 +29,7 @@ mod log_budget;
 mod metrics;
 mod prometheus;
 
+pub use auth_metrics::{AuthTable, Credential, KeyMiss, OperatorRefusal};
 pub use drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 pub use event::Event;
 pub use labels::{HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource};

@@ -324,6 +324,7 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         }
+        self.auth.render(&mut out);
         out
     }
 }

@@ -7,13 +7,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OpenFlags};
 use tokio::sync::broadcast;
 
 use super::devices::{DeviceFields, DeviceRecord};
-use super::keys::key_from_row;
+use super::keys::{DEFAULT_NEGATIVE_CAPACITY, DEFAULT_NEGATIVE_TTL, key_from_row};
+use super::negative_cache::NegativeCache;
 use super::presence::Presence;
 use super::secret::Hash;
+use super::stream_leases::StreamLeases;
 use super::{DeviceEntry, FILE_NAME, Registry, RegistryError, State};
 use crate::observe::Metrics;
 
@@ -47,6 +49,12 @@ impl Registry {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Registry>, RegistryError> {
         let conn = open_db(data_dir)?;
+        // Opened after the writer created the schema and switched to WAL, so it sees it.
+        let reader = Connection::open_with_flags(
+            data_dir.join(FILE_NAME),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(Duration::from_secs(5))?;
         let mut state = State::default();
         {
             let mut stmt = conn.prepare(
@@ -112,9 +120,17 @@ impl Registry {
         Ok(Arc::new(Registry {
             version: std::sync::atomic::AtomicU64::new(0),
             db: Mutex::new(conn),
+            reader: Mutex::new(reader),
+            lookup_turn: tokio::sync::Semaphore::new(1),
+            key_epoch: std::sync::atomic::AtomicU64::new(0),
+            negative: Mutex::new(NegativeCache::new(
+                DEFAULT_NEGATIVE_CAPACITY,
+                DEFAULT_NEGATIVE_TTL,
+            )),
             state: RwLock::new(state),
             revocations,
             stream_tokens: Mutex::new(HashMap::new()),
+            leases: StreamLeases::default(),
             online_timeout_ms: i64::try_from(online_timeout.as_millis()).unwrap_or(i64::MAX),
             metrics,
         }))

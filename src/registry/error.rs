@@ -31,6 +31,14 @@ pub enum RegistryError {
     /// Revoking this key would leave no admin key.
     #[error("cannot revoke the last admin key")]
     LastAdmin,
+    /// The key holds as many unexpired stream tokens as allowed.
+    #[error(
+        "this API key holds {limit} unexpired stream tokens (limit {limit}); reuse one or wait for one to expire"
+    )]
+    TooManyStreamTokens {
+        /// The limit.
+        limit: usize,
+    },
     /// SQLite failed.
     #[error("registry database: {0}")]
     Db(#[from] rusqlite::Error),

@@ -4,16 +4,18 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::devices::MAX_TEXT;
 use super::error::invalid;
+use super::negative_cache::NegativeCache;
 use super::secret::{self, API_KEY_PREFIX, Hash};
 use super::{Registry, RegistryError};
 use crate::model::{AuthFailure, now_ms};
-use crate::observe::Metrics;
+use crate::observe::{AuthTable, Event, KeyMiss, Metrics};
 use crate::sync::lock;
 
 /// An operator role.
@@ -56,34 +58,133 @@ pub struct ApiKey {
     pub created_ms: i64,
 }
 
+/// Capacity of the negative cache until `configure_negative_cache` sets the configured one.
+pub(super) const DEFAULT_NEGATIVE_CAPACITY: usize = 10_000;
+/// Lifetime of a negative cache entry until `configure_negative_cache` sets the configured one.
+pub(super) const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(60);
+
+/// Longest string accepted as an operator key (a real one is 47 characters); longer ones
+/// are refused without hashing.
+const MAX_KEY_LEN: usize = 256;
+
+/// What the in-memory caches say about an operator key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// A known key.
+    Valid(ApiKey),
+    /// Malformed, or known not to exist (negative cache): refuse without a lookup.
+    Invalid,
+    /// In neither cache: only the database can tell ([`Registry::lookup_key`]).
+    Unknown(Hash),
+}
+
 impl Registry {
-    /// The role of an operator API key. Cache misses are looked up in the database, which
-    /// is how keys created by the CLI while the gateway runs become usable.
-    pub fn authenticate_key(&self, key: &str) -> Result<ApiKey, AuthFailure> {
-        if !key.starts_with(API_KEY_PREFIX) {
-            return Err(AuthFailure::BadToken);
+    /// Replace the negative cache with one of `capacity` entries living `ttl` (at start,
+    /// from the configuration).
+    pub fn configure_negative_cache(&self, capacity: usize, ttl: Duration) {
+        *lock(&self.negative) = NegativeCache::new(capacity, ttl);
+    }
+
+    /// Answer an operator key from the caches alone (no I/O, no waiting on writes).
+    pub fn check_key_cached(&self, key: &str) -> KeyCheck {
+        if !key.starts_with(API_KEY_PREFIX) || key.len() > MAX_KEY_LEN {
+            return KeyCheck::Invalid;
         }
         let hash = secret::hash(key);
         if let Some(k) = self.read().keys.get(&hash) {
+            return KeyCheck::Valid(k.clone());
+        }
+        if lock(&self.negative).contains(&hash, Instant::now()) {
+            self.metrics.emit(Event::OperatorKeyMiss {
+                answer: KeyMiss::NegativeCache,
+            });
+            return KeyCheck::Invalid;
+        }
+        KeyCheck::Unknown(hash)
+    }
+
+    /// Look a key the caches do not know up in the database: on a blocking thread, on
+    /// the read-only connection, one lookup at a time (waiting for the turn is async).
+    /// This is how keys the CLI created while the gateway runs become usable.
+    pub async fn lookup_key(self: &Arc<Self>, hash: Hash) -> Result<ApiKey, AuthFailure> {
+        let _turn = self
+            .lookup_turn
+            .acquire()
+            .await
+            .map_err(|_| AuthFailure::BadToken)?;
+        let reg = self.clone();
+        tokio::task::spawn_blocking(move || reg.lookup_key_blocking(&hash))
+            .await
+            .unwrap_or(Err(AuthFailure::BadToken))
+    }
+
+    /// The role of an operator API key, for callers already on a blocking thread (the
+    /// CLI, tests): the caches, then the database.
+    pub fn authenticate_key(&self, key: &str) -> Result<ApiKey, AuthFailure> {
+        match self.check_key_cached(key) {
+            KeyCheck::Valid(k) => Ok(k),
+            KeyCheck::Invalid => Err(AuthFailure::BadToken),
+            KeyCheck::Unknown(hash) => self.lookup_key_blocking(&hash),
+        }
+    }
+
+    /// The database lookup behind [`Registry::lookup_key`]. Blocking.
+    fn lookup_key_blocking(&self, hash: &Hash) -> Result<ApiKey, AuthFailure> {
+        // Another lookup of the same key may have finished while this one waited.
+        if let Some(k) = self.read().keys.get(hash) {
             return Ok(k.clone());
         }
-        let db = lock(&self.db);
-        let found = db
-            .prepare_cached("SELECT id, name, role, hash, created_ms FROM api_keys WHERE hash = ?1")
-            .and_then(|mut s| s.query_row(params![&hash[..]], key_from_row).optional());
+        if lock(&self.negative).contains(hash, Instant::now()) {
+            self.metrics.emit(Event::OperatorKeyMiss {
+                answer: KeyMiss::NegativeCache,
+            });
+            return Err(AuthFailure::BadToken);
+        }
+        let epoch = self.key_epoch.load(Relaxed);
+        let found = {
+            let reader = lock(&self.reader);
+            reader
+                .prepare_cached(
+                    "SELECT id, name, role, hash, created_ms FROM api_keys WHERE hash = ?1",
+                )
+                .and_then(|mut s| s.query_row(params![&hash[..]], key_from_row).optional())
+        };
         match found {
             Ok(Some(Some((hash, k)))) => {
-                self.write().keys.insert(hash, k.clone());
+                let mut state = self.write();
+                // A revocation that committed after the query must not be undone.
+                if self.key_epoch.load(Relaxed) != epoch {
+                    return Err(AuthFailure::BadToken);
+                }
+                state.keys.insert(hash, k.clone());
+                drop(state);
+                self.metrics.emit(Event::OperatorKeyMiss {
+                    answer: KeyMiss::Found,
+                });
                 Ok(k)
             }
-            Ok(_) => Err(AuthFailure::BadToken),
+            Ok(_) => {
+                let evicted = lock(&self.negative).insert(*hash, Instant::now());
+                self.metrics.emit(Event::OperatorKeyMiss {
+                    answer: KeyMiss::NotFound,
+                });
+                if evicted > 0 {
+                    self.metrics.emit(Event::AuthTableEvicted {
+                        table: AuthTable::NegativeKeys,
+                        count: evicted,
+                    });
+                }
+                Err(AuthFailure::BadToken)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "api key lookup failed");
+                self.metrics.emit(Event::OperatorKeyMiss {
+                    answer: KeyMiss::Failed,
+                });
                 Err(AuthFailure::BadToken)
             }
         }
     }
-
     /// Create an API key; the secret is returned once.
     pub fn create_key(&self, name: &str, role: Role) -> Result<(ApiKey, String), RegistryError> {
         if name.is_empty() || name.chars().count() > MAX_TEXT || name.chars().any(char::is_control)
@@ -95,7 +196,9 @@ impl Registry {
         }
         let db = lock(&self.db);
         let (key, secret) = insert_key(&db, name, role)?;
-        self.write().keys.insert(secret::hash(&secret), key.clone());
+        let hash = secret::hash(&secret);
+        self.write().keys.insert(hash, key.clone());
+        lock(&self.negative).remove(&hash);
         Ok((key, secret))
     }
 
@@ -115,7 +218,8 @@ impl Registry {
         Ok(out)
     }
 
-    /// Revoke an API key by id. The last admin key cannot be revoked.
+    /// Revoke an API key by id. The last admin key cannot be revoked. Its stream tokens
+    /// stop working and the live streams opened with the key or its tokens are ended.
     pub fn revoke_key(&self, id: &str) -> Result<(), RegistryError> {
         let db = lock(&self.db);
         let role: Option<String> = db
@@ -137,7 +241,20 @@ impl Registry {
             }
         }
         db.execute("DELETE FROM api_keys WHERE id = ?1", params![id])?;
-        self.write().keys.retain(|_, k| k.id != id);
+        {
+            let mut state = self.write();
+            self.key_epoch.fetch_add(1, Relaxed);
+            state.keys.retain(|_, k| k.id != id);
+        }
+        drop(db);
+        // After the key left the cache, so no new token check or lease can succeed.
+        self.forget_stream_tokens(id);
+        let ended = self.leases.revoke(id);
+        if ended > 0 {
+            self.metrics.emit(Event::LiveStreamsRevoked {
+                count: ended as u64,
+            });
+        }
         Ok(())
     }
 

@@ -5,7 +5,11 @@
 //! Coherence: every write takes the database mutex, commits, and updates the cache before
 //! releasing it, so the cache never shows a state the database does not hold. The one
 //! outside writer is the `fluxgate keys create` CLI; API keys it adds are found by a
-//! database lookup when the cache misses. Devices are only written through this process.
+//! database lookup when the cache misses. That lookup runs on a blocking thread, on a
+//! read-only connection of its own (never the writer's mutex), one at a time, and its
+//! "not found" answers go to a bounded negative cache (`negative_cache`), so unknown
+//! keys cannot make the gateway query the database at their rate or wait for a writer.
+//! Devices are only written through this process.
 //!
 //! Revocations (disable, delete, token rotation) are broadcast so that ingest can close the
 //! device's open connections: MQTT and WebSocket both listen.
@@ -15,8 +19,10 @@ mod db;
 mod devices;
 mod error;
 mod keys;
+mod negative_cache;
 mod presence;
 pub mod secret;
+mod stream_leases;
 mod stream_tokens;
 #[cfg(test)]
 mod tests;
@@ -33,11 +39,16 @@ pub use devices::{
     validate_fields,
 };
 pub use error::RegistryError;
-pub use keys::{ApiKey, Role, create_key_offline};
+pub use keys::{ApiKey, KeyCheck, Role, create_key_offline};
 pub use presence::Presence;
+pub use stream_leases::{LeaseError, StreamLease};
+pub use stream_tokens::MAX_TOKENS_PER_KEY;
 
 use crate::observe::Metrics;
+use negative_cache::NegativeCache;
 use secret::Hash;
+use stream_leases::StreamLeases;
+use stream_tokens::StreamTokens;
 
 /// The registry's file name inside `data_dir`.
 pub const FILE_NAME: &str = "registry.db";
@@ -59,9 +70,21 @@ pub struct Registry {
     /// Increments on every device change (for caches of label matches).
     version: std::sync::atomic::AtomicU64,
     db: Mutex<Connection>,
+    /// A read-only connection for looking up keys the cache does not know, so that a
+    /// lookup never waits for (or holds up) a write.
+    reader: Mutex<Connection>,
+    /// One lookup at a time: waiting for the turn is async, so unknown keys queue
+    /// without holding a thread.
+    lookup_turn: tokio::sync::Semaphore,
+    /// Bumped (under the state's write lock) whenever a key is revoked, so a lookup that
+    /// raced with a revocation does not put the revoked key back into the cache.
+    key_epoch: std::sync::atomic::AtomicU64,
+    /// Hashes of keys known not to exist.
+    negative: Mutex<NegativeCache>,
     state: RwLock<State>,
     revocations: broadcast::Sender<Arc<str>>,
-    stream_tokens: Mutex<HashMap<Hash, i64>>,
+    stream_tokens: Mutex<StreamTokens>,
+    leases: StreamLeases,
     online_timeout_ms: i64,
     metrics: Arc<Metrics>,
 }

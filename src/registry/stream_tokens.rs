@@ -1,31 +1,81 @@
 //! Short-lived stream tokens: viewer-scoped secrets for opening live streams from a
 //! browser, whose EventSource cannot send an `Authorization` header.
+//!
+//! A token is bound to the API key that issued it: it is valid only while that key
+//! exists, revoking the key forgets its tokens, and a stream opened with a token counts
+//! against (and ends with) the issuing key. The table is bounded: expired tokens are
+//! pruned on every issue, and one key holds at most [`MAX_TOKENS_PER_KEY`] unexpired
+//! tokens (full-policy: issuing another refuses, the caller answers 429).
 
 use std::time::Duration;
 
-use super::secret::{self, STREAM_TOKEN_PREFIX};
+use super::secret::{self, Hash, STREAM_TOKEN_PREFIX};
 use super::{Registry, RegistryError};
 use crate::model::now_ms;
 use crate::sync::lock;
 
+/// Unexpired stream tokens one key may hold.
+pub const MAX_TOKENS_PER_KEY: usize = 1_000;
+
+/// A stream token's record.
+pub(super) struct StreamTokenEntry {
+    /// Expiry, ms since the epoch.
+    expires_ms: i64,
+    /// The id of the key that issued it.
+    key_id: String,
+}
+
 impl Registry {
     /// A short-lived, viewer-scoped token for opening live streams from a browser
-    /// (EventSource cannot send headers). It can be used until it expires.
-    pub fn issue_stream_token(&self, ttl: Duration) -> Result<(String, i64), RegistryError> {
+    /// (EventSource cannot send headers), issued by key `key_id`. It can be used until it
+    /// expires or the key is revoked.
+    pub fn issue_stream_token(
+        &self,
+        key_id: &str,
+        ttl: Duration,
+    ) -> Result<(String, i64), RegistryError> {
         let token = secret::generate(STREAM_TOKEN_PREFIX)?;
         let now = now_ms() as i64;
-        let expires = now + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2));
         let mut tokens = lock(&self.stream_tokens);
-        tokens.retain(|_, exp| *exp > now);
-        tokens.insert(secret::hash(&token), expires);
+        tokens.retain(|_, t| t.expires_ms > now);
+        if tokens.values().filter(|t| t.key_id == key_id).count() >= MAX_TOKENS_PER_KEY {
+            return Err(RegistryError::TooManyStreamTokens {
+                limit: MAX_TOKENS_PER_KEY,
+            });
+        }
+        tokens.insert(
+            secret::hash(&token),
+            StreamTokenEntry {
+                expires_ms: expires,
+                key_id: key_id.to_owned(),
+            },
+        );
         Ok((token, expires))
     }
 
-    /// Whether a stream token is valid now.
-    pub fn check_stream_token(&self, token: &str) -> bool {
+    /// The id of the key that issued `token`, if the token is valid now: unexpired and
+    /// its key not revoked.
+    pub fn check_stream_token(&self, token: &str) -> Option<String> {
         let now = now_ms() as i64;
-        lock(&self.stream_tokens)
+        let key_id = lock(&self.stream_tokens)
             .get(&secret::hash(token))
-            .is_some_and(|exp| *exp > now)
+            .filter(|t| t.expires_ms > now)
+            .map(|t| t.key_id.clone())?;
+        // Revocation forgets the key's tokens; checking the key as well closes the window
+        // between the two.
+        self.read()
+            .keys
+            .values()
+            .any(|k| k.id == key_id)
+            .then_some(key_id)
+    }
+
+    /// Forget every token issued by `key_id` (it was revoked).
+    pub(super) fn forget_stream_tokens(&self, key_id: &str) {
+        lock(&self.stream_tokens).retain(|_, t| t.key_id != key_id);
     }
 }
+
+/// The stream token table's type.
+pub(super) type StreamTokens = std::collections::HashMap<Hash, StreamTokenEntry>;

@@ -141,3 +141,115 @@ fn listing_pages_and_filters() {
     };
     assert_eq!(reg.list(&prefix, None, 100).0.len(), 10);
 }
+
+fn open_with(dir: &std::path::Path, metrics: Arc<Metrics>) -> Arc<Registry> {
+    Registry::open(dir, Duration::from_secs(60), metrics).unwrap()
+}
+
+/// Far more unknown keys than the negative cache holds: it stays at its capacity (the
+/// oldest are evicted, counted), each unknown key is looked up once, and a repeat of a
+/// recent one is answered from the cache.
+#[test]
+fn unknown_keys_fill_a_bounded_negative_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let reg = open_with(dir.path(), metrics.clone());
+    reg.configure_negative_cache(50, Duration::from_secs(60));
+    for i in 0..2_000 {
+        assert_eq!(
+            reg.authenticate_key(&format!("fgk_unknown{i}")),
+            Err(AuthFailure::BadToken)
+        );
+        assert!(crate::sync::lock(&reg.negative).len() <= 50);
+    }
+    assert_eq!(crate::sync::lock(&reg.negative).len(), 50);
+    // The newest is remembered: no second lookup.
+    assert_eq!(reg.check_key_cached("fgk_unknown1999"), KeyCheck::Invalid);
+    // The oldest was evicted: it would be looked up again.
+    assert!(matches!(
+        reg.check_key_cached("fgk_unknown0"),
+        KeyCheck::Unknown(_)
+    ));
+    let text = metrics.render();
+    for (series, value) in [
+        (
+            r#"fluxgate_operator_key_misses_total{answer="database_not_found"}"#,
+            2_000,
+        ),
+        (
+            r#"fluxgate_operator_key_misses_total{answer="negative_cache"}"#,
+            1,
+        ),
+        (
+            r#"fluxgate_auth_table_evictions_total{table="negative_keys"}"#,
+            1_950,
+        ),
+    ] {
+        let line = format!("{series} {value}");
+        assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+    }
+}
+
+/// Stream tokens name their key; revoking the key forgets them and cancels the leases
+/// of its streams; the per-key lease cap holds and a dropped lease frees its slot.
+#[tokio::test]
+async fn stream_tokens_and_leases_end_with_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open_with(dir.path(), Arc::new(Metrics::default()));
+    reg.bootstrap_admin_key().unwrap();
+    let (key, _) = reg.create_key("viewer", Role::Viewer).unwrap();
+    let (token, _) = reg
+        .issue_stream_token(&key.id, Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(reg.check_stream_token(&token), Some(key.id.clone()));
+    assert_eq!(reg.check_stream_token("fgs_nope"), None);
+
+    let a = reg.acquire_stream_lease(&key.id, 2).unwrap();
+    let b = reg.acquire_stream_lease(&key.id, 2).unwrap();
+    assert_eq!(
+        reg.acquire_stream_lease(&key.id, 2).err(),
+        Some(LeaseError::TooManyStreams { limit: 2 })
+    );
+    drop(b);
+    assert_eq!(reg.streams_of(&key.id), 1);
+    let c = reg.acquire_stream_lease(&key.id, 2).unwrap();
+
+    reg.revoke_key(&key.id).unwrap();
+    // Both open leases see the revocation; nothing new can be opened.
+    tokio::time::timeout(Duration::from_secs(1), a.revoked())
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(1), c.revoked())
+        .await
+        .unwrap();
+    assert_eq!(reg.check_stream_token(&token), None);
+    assert_eq!(
+        reg.acquire_stream_lease(&key.id, 2).err(),
+        Some(LeaseError::Revoked)
+    );
+    drop((a, c));
+    assert_eq!(reg.streams_of(&key.id), 0);
+    // The revoked key is refused, and now from the negative cache after one lookup.
+    assert!(reg.authenticate_key("fgk_whatever").is_err());
+}
+
+/// A key can hold only so many unexpired stream tokens.
+#[test]
+fn stream_tokens_per_key_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open_with(dir.path(), Arc::new(Metrics::default()));
+    for _ in 0..MAX_TOKENS_PER_KEY {
+        reg.issue_stream_token("k1", Duration::from_secs(60))
+            .unwrap();
+    }
+    assert!(matches!(
+        reg.issue_stream_token("k1", Duration::from_secs(60)),
+        Err(RegistryError::TooManyStreamTokens { limit }) if limit == MAX_TOKENS_PER_KEY
+    ));
+    // Another key is not affected; expired tokens do not count.
+    reg.issue_stream_token("k2", Duration::from_secs(60))
+        .unwrap();
+    reg.issue_stream_token("k3", Duration::ZERO).unwrap();
+    reg.issue_stream_token("k3", Duration::from_secs(60))
+        .unwrap();
+}

@@ -88,7 +88,9 @@ fn escapes_in_names_and_values() {
     );
     // An escape that decodes to a control character is refused, naming the field: a
     // newline in a stored string could split a line of a line-based format downstream.
-    for bad in [r"\n", r"\r", r"\t", r"\u0000", r"\u001b", r"\u007f", r"\u0085"] {
+    for bad in [
+        r"\n", r"\r", r"\t", r"\u0000", r"\u001b", r"\u007f", r"\u0085",
+    ] {
         let text = format!(r#"{{"ok": 1, "note": "a{bad}b"}}"#);
         assert_eq!(
             decode(&text).unwrap_err(),

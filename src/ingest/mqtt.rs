@@ -284,6 +284,12 @@ impl MqttIngest {
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         };
+        let kicks = tokio::spawn(kick_requested(
+            self.registry.clone(),
+            kick.clone(),
+            metrics_for_kicker.clone(),
+            shutdown.clone(),
+        ));
         let kicker = tokio::spawn(kick_revoked(
             self.registry.clone(),
             kick,
@@ -293,6 +299,7 @@ impl MqttIngest {
 
         shutdown.cancelled().await;
         let _ = kicker.await;
+        let _ = kicks.await;
         // Stop accepting and close device connections first, so that what the broker
         // has acknowledged is final; then let the consumer drain it.
         let _ = stop_server.send(());
@@ -331,6 +338,46 @@ fn probe_ready(addr: SocketAddr, secret: &str) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// Close the MQTT connections of devices the pipeline asked to disconnect (over
+/// `limits.device_rate` with `device_rate_action = "disconnect"`). Their credentials stay
+/// valid: they may connect again, and are refused again while over the rate.
+async fn kick_requested<K>(
+    registry: Arc<Registry>,
+    kick: K,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) where
+    K: Fn(&str) -> Result<(), String> + Clone + Send + Sync + 'static,
+{
+    let mut kicks = registry.kicks();
+    loop {
+        let id = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = kicks.recv() => match r {
+                Ok((id, Transport::Mqtt)) => id,
+                // Another transport's kick, or missed kicks: a device still over its
+                // rate keeps having its messages refused and is kicked on the next one.
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        let (kick, client) = (kick.clone(), id.clone());
+        // Building a link waits for the router's answer: a blocking call.
+        match tokio::task::spawn_blocking(move || kick(&client)).await {
+            Ok(Ok(())) => metrics.emit(Event::DeviceKicked {
+                device: &id,
+                transport: Transport::Mqtt,
+            }),
+            Ok(Err(e)) => {
+                tracing::warn!(device = &*id, error = %e, "could not close MQTT connection")
+            }
+            Err(e) => {
+                tracing::warn!(device = &*id, error = %e, "could not close MQTT connection")
+            }
+        }
+    }
 }
 
 /// Close the MQTT connections of devices that were disabled, deleted or re-keyed.

@@ -109,11 +109,13 @@ impl Registry {
             }
         }
         let (revocations, _) = broadcast::channel(1024);
+        let (kicks, _) = broadcast::channel(1024);
         Ok(Arc::new(Registry {
             version: std::sync::atomic::AtomicU64::new(0),
             db: Mutex::new(conn),
             state: RwLock::new(state),
             revocations,
+            kicks,
             stream_tokens: Mutex::new(HashMap::new()),
             online_timeout_ms: i64::try_from(online_timeout.as_millis()).unwrap_or(i64::MAX),
             metrics,

@@ -36,6 +36,7 @@ pub use error::RegistryError;
 pub use keys::{ApiKey, Role, create_key_offline};
 pub use presence::Presence;
 
+use crate::model::Transport;
 use crate::observe::Metrics;
 use secret::Hash;
 
@@ -61,6 +62,7 @@ pub struct Registry {
     db: Mutex<Connection>,
     state: RwLock<State>,
     revocations: broadcast::Sender<Arc<str>>,
+    kicks: broadcast::Sender<(Arc<str>, Transport)>,
     stream_tokens: Mutex<HashMap<Hash, i64>>,
     online_timeout_ms: i64,
     metrics: Arc<Metrics>,
@@ -81,6 +83,21 @@ impl Registry {
     /// that falls 1024 behind sees `Lagged` and must re-check every connection it holds.
     pub fn revocations(&self) -> broadcast::Receiver<Arc<str>> {
         self.revocations.subscribe()
+    }
+
+    /// Ask `transport` to close `device`'s open connections although its credentials
+    /// stay valid (it broke a limit: `limits.device_rate` with `device_rate_action =
+    /// "disconnect"`); it may connect again. MQTT and WebSocket listen (HTTP has no
+    /// device connection to close). Full-policy of the broadcast: a receiver that falls
+    /// 1024 behind misses kicks (`Lagged`), which only means a device stays connected a
+    /// little longer; its messages are still refused.
+    pub fn kick(&self, device: &Arc<str>, transport: Transport) {
+        let _ = self.kicks.send((device.clone(), transport));
+    }
+
+    /// Kicks as they are asked for; see [`kick`](Self::kick).
+    pub fn kicks(&self) -> broadcast::Receiver<(Arc<str>, Transport)> {
+        self.kicks.subscribe()
     }
 }
 

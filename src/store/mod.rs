@@ -149,6 +149,15 @@ pub struct StoreWriter {
 }
 
 impl StoreWriter {
+    /// Every series the store holds, as (device, metric): what the pipeline's caps on
+    /// new series start from, so a restart does not reset them.
+    pub fn series_names(&self) -> Vec<(DeviceId, Arc<str>)> {
+        self.series
+            .iter()
+            .flat_map(|(d, m)| m.keys().map(move |m| (d.clone(), m.clone())))
+            .collect()
+    }
+
     fn load_series(&mut self) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare("SELECT id, device, metric FROM series")?;
         let rows = stmt.query_map([], |r| {

@@ -645,6 +645,40 @@ mod tests {
     }
 
     #[test]
+    fn input_caps_and_rate_are_checked() {
+        for (text, key) in [
+            (
+                "[limits]\nmax_metrics_per_device = 0\n",
+                "limits.max_metrics_per_device",
+            ),
+            ("[limits]\nmax_series = 0\n", "limits.max_series"),
+            ("[limits]\nmax_series = 100000001\n", "limits.max_series"),
+            ("[limits]\ndevice_rate = -1.0\n", "limits.device_rate"),
+            ("[limits]\ndevice_rate = inf\n", "limits.device_rate"),
+            ("[limits]\ndevice_rate = nan\n", "limits.device_rate"),
+            ("[limits]\ndevice_burst = 0\n", "limits.device_burst"),
+            (
+                "[limits]\ndevice_burst = 4294967296\n",
+                "limits.device_burst",
+            ),
+            (
+                "[limits]\ndevice_rate_action = \"kick\"\n",
+                "limits.device_rate_action",
+            ),
+        ] {
+            let e = parse(text, &[]).expect_err(text);
+            assert!(e.to_string().starts_with(key), "{text}: {e}");
+        }
+        let c = parse(
+            "[limits]\ndevice_rate = 50.5\ndevice_rate_action = \"disconnect\"\n",
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(c.limits.device_rate, 50.5);
+        assert_eq!(c.limits.device_rate_action, RateAction::Disconnect);
+    }
+
+    #[test]
     fn env_overrides_win() {
         let c = parse(
             "[http]\nlisten = \"0.0.0.0:1\"\n",

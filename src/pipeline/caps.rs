@@ -166,8 +166,9 @@ mod tests {
         let mut rs = readings("d", &["a", "b", "a"]);
         assert_eq!(caps.admit(&d, &mut rs), None);
         assert_eq!(names(&rs), ["a", "b", "a"]);
-        // `c` fills the cap, `x` and `y` are beyond it; `a` and `c` are kept.
-        let mut rs = readings("d", &["x", "a", "c", "y", "x", "c"]);
+        // `c` (first new name, in message order) fills the cap, `x` and `y` are beyond
+        // it; `a` and `c` are kept.
+        let mut rs = readings("d", &["a", "c", "x", "y", "x", "c"]);
         let refused = caps.admit(&d, &mut rs).expect("refused");
         assert_eq!(names(&rs), ["a", "c", "c"]);
         assert_eq!(refused.cap, SeriesCap::PerDevice);

@@ -381,3 +381,38 @@ impl StoreReader {
         self.with_conn(query::dump).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pipeline's caps on new series start from this list, so after a restart a
+    /// device that had reached its cap is still at it.
+    #[test]
+    fn series_names_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reading = |d: &str, m: &str| Reading {
+            device: Arc::from(d),
+            metric: Arc::from(m),
+            ts_ms: 1_000,
+            value: Value::I64(1),
+        };
+        {
+            let (mut writer, _reader) = open_store(dir.path()).expect("open");
+            assert!(writer.series_names().is_empty());
+            writer
+                .write(&[reading("d1", "a"), reading("d1", "b"), reading("d2", "a")])
+                .expect("write");
+        }
+        let (writer, _reader) = open_store(dir.path()).expect("reopen");
+        let mut names: Vec<(String, String)> = writer
+            .series_names()
+            .into_iter()
+            .map(|(d, m)| (d.to_string(), m.to_string()))
+            .collect();
+        names.sort();
+        let expected =
+            [("d1", "a"), ("d1", "b"), ("d2", "a")].map(|(d, m)| (d.to_owned(), m.to_owned()));
+        assert_eq!(names, expected);
+    }
+}

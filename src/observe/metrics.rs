@@ -281,7 +281,7 @@ impl Metrics {
                 tracing::info!(
                     device,
                     transport = transport.as_str(),
-                    "closed a device's connection (disabled, deleted, re-keyed, or over its rate)"
+                    "closed connection of a disabled, deleted or re-keyed device (or one over its rate)"
                 );
             }
             Event::SinkWritten {

@@ -90,6 +90,9 @@ impl Gateway {
             .context("bootstrapping the admin key")??;
         tasks.push(tokio::spawn(registry.clone().run(shutdown.clone())));
 
+        // The series that exist, for the pipeline's caps on new ones (empty without the
+        // embedded store: the InfluxDB sink alone keeps no series table to seed from).
+        let mut known_series = Vec::new();
         // Store writer: a dedicated thread; its queue's full-policy is backpressure.
         let store_reader = if config.store.enabled {
             let dir = config.data_dir.clone();
@@ -108,6 +111,7 @@ impl Gateway {
                             config.data_dir.display()
                         )
                     })?;
+            known_series = writer.series_names();
             let (tx, rx) = flume::bounded::<DurableBatch>(config.batch.queue_capacity);
             let (done_tx, done_rx) = oneshot::channel();
             let m = metrics.clone();
@@ -210,6 +214,8 @@ impl Gateway {
         let ingest_budget = QueueBudget::new(config.pipeline.queue_bytes);
         let pipeline = Pipeline {
             limits: config.limits.to_proto(),
+            input: config.limits.clone(),
+            known_series,
             batch: config.batch.clone(),
             hub: hub.clone(),
             registry: registry.clone(),

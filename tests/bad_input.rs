@@ -88,6 +88,22 @@ fn bad_payloads() -> Vec<Bad> {
         json_bad(r#"{"bad name": 1}"#, "invalid_name"),
         json_bad(format!(r#"{{"{}": 1}}"#, "m".repeat(65)), "invalid_name"),
         json_bad(r#"{"temp": null}"#, "null_value"),
+        // A newline in a string value would start a new line in InfluxDB line protocol:
+        // refused at decode, with the rest of the message.
+        json_bad(
+            r#"{"ok": 1, "note": "x\nweather,device=victim temp=99 0"}"#,
+            "invalid_string",
+        ),
+        bin_bad(
+            encode_frame(&Frame {
+                readings: vec![Point {
+                    ts_ms: None,
+                    values: vec![("note".to_owned(), Value::Str("a\u{0}b".to_owned()))],
+                }],
+            })
+            .unwrap(),
+            "invalid_string",
+        ),
         json_bad(
             json!({"ts": now + 3_600_000, "values": {"temp": 1}}).to_string(),
             "timestamp_out_of_range",
@@ -152,7 +168,12 @@ async fn websocket_answers_each_bad_message_and_keeps_the_connection() {
         // Acks come after the commit, so the store is complete now.
         expected.sort_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
         assert_eq!(gw.store_rows(), expected);
-        for reason in ["invalid_json", "invalid_frame", "payload_too_large"] {
+        for reason in [
+            "invalid_json",
+            "invalid_frame",
+            "payload_too_large",
+            "invalid_string",
+        ] {
             let series =
                 format!(r#"fluxgate_decode_errors_total{{transport="ws",reason="{reason}"}}"#);
             assert_eq!(gw.metric(&series).await, count(&bad, reason) as f64);

@@ -367,11 +367,17 @@ async fn database_outage_loses_and_duplicates_nothing() {
 // A stub server for the answers VictoriaMetrics never gives.
 
 /// Answers 400 to a request whose (gunzipped) body contains `poison`, 204 otherwise,
-/// and keeps the bodies of accepted requests.
+/// and keeps the bodies of accepted requests. `Stub::judged` answers as its judge says.
 struct Stub {
     addr: SocketAddr,
+    /// What the server wrote: whole bodies, or the accepted lines of a partial write.
     accepted: Arc<Mutex<Vec<String>>>,
+    /// The bodies of the requests answered 400.
+    rejected: Arc<Mutex<Vec<String>>>,
 }
+
+/// Decides a request: the text it writes, and the 400 body if any line was refused.
+type Judge = Arc<dyn Fn(&str) -> (String, Option<String>) + Send + Sync>;
 
 async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)> {
     let mut buf = Vec::new();
@@ -407,16 +413,30 @@ async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<(String, Vec<u
 
 impl Stub {
     async fn start() -> Stub {
+        Stub::judged(Arc::new(|text: &str| {
+            if text.contains("poison") {
+                let reason =
+                    r#"{"code":"invalid","message":"unable to parse 'poison': bad field"}"#;
+                (String::new(), Some(reason.to_owned()))
+            } else {
+                (text.to_owned(), None)
+            }
+        }))
+        .await
+    }
+
+    async fn judged(judge: Judge) -> Stub {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(Mutex::new(Vec::new()));
-        let acc = accepted.clone();
+        let rejected = Arc::new(Mutex::new(Vec::new()));
+        let (acc, rej) = (accepted.clone(), rejected.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
                     return;
                 };
-                let acc = acc.clone();
+                let (acc, rej, judge) = (acc.clone(), rej.clone(), judge.clone());
                 tokio::spawn(async move {
                     while let Some((head, body)) = read_request(&mut sock).await {
                         let text = if head.to_ascii_lowercase().contains("content-encoding: gzip") {
@@ -434,14 +454,17 @@ impl Stub {
                                 .contains("authorization: token test-token"),
                             "{head}"
                         );
-                        let response = if text.contains("poison") {
-                            let reason = r#"{"code":"invalid","message":"unable to parse 'poison': bad field"}"#;
+                        let (written, refused) = judge(&text);
+                        if !written.is_empty() {
+                            acc.lock().unwrap().push(written);
+                        }
+                        let response = if let Some(reason) = refused {
+                            rej.lock().unwrap().push(text);
                             format!(
                                 "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reason}",
                                 reason.len()
                             )
                         } else {
-                            acc.lock().unwrap().push(text);
                             "HTTP/1.1 204 No Content\r\n\r\n".to_owned()
                         };
                         if sock.write_all(response.as_bytes()).await.is_err() {
@@ -451,7 +474,63 @@ impl Stub {
                 });
             }
         });
-        Stub { addr, accepted }
+        Stub {
+            addr,
+            accepted,
+            rejected,
+        }
+    }
+
+    /// Behaves as InfluxDB does with field types: the first point to write a field of a
+    /// measurement fixes its type; a later point whose field has another type is refused
+    /// whole, the other points of the request are written, and the answer is 400 with a
+    /// `partial write: field type conflict` message.
+    async fn typed() -> Stub {
+        let types: Arc<Mutex<std::collections::HashMap<(String, String), &'static str>>> =
+            Arc::default();
+        Stub::judged(Arc::new(move |text: &str| {
+            let mut types = types.lock().unwrap();
+            let (mut written, mut conflict, mut dropped) = (String::new(), None, 0);
+            for (raw, line) in text.lines().zip(influxdb_line_protocol::parse_lines(text)) {
+                let line = line.unwrap();
+                let m = line.series.measurement.to_string();
+                let typed: Vec<(String, &'static str)> = line
+                    .field_set
+                    .iter()
+                    .map(|(k, v)| {
+                        let t = match v {
+                            influxdb_line_protocol::FieldValue::F64(_) => "float",
+                            influxdb_line_protocol::FieldValue::I64(_) => "integer",
+                            influxdb_line_protocol::FieldValue::U64(_) => "unsigned",
+                            influxdb_line_protocol::FieldValue::String(_) => "string",
+                            influxdb_line_protocol::FieldValue::Boolean(_) => "boolean",
+                        };
+                        (k.to_string(), t)
+                    })
+                    .collect();
+                let clash = typed.iter().find_map(|(k, t)| {
+                    let have = types.get(&(m.clone(), k.clone()))?;
+                    (have != t).then(|| (k.clone(), *t, *have))
+                });
+                if let Some((field, t, have)) = clash {
+                    dropped += 1;
+                    conflict.get_or_insert(format!(
+                        "field type conflict: input field \\\"{field}\\\" on measurement \\\"{m}\\\" is type {t}, already exists as type {have}"
+                    ));
+                    continue;
+                }
+                for (k, t) in typed {
+                    types.insert((m.clone(), k), t);
+                }
+                written.push_str(raw);
+                written.push('\n');
+            }
+            let refused = conflict.map(|c| {
+                format!(r#"{{"code":"invalid","message":"partial write: {c} dropped={dropped}"}}"#)
+            });
+            (written, refused)
+        }))
+        .await
     }
 }
 
@@ -516,7 +595,7 @@ async fn a_rejected_batch_is_dead_lettered_and_later_batches_go_through() {
             "plain",
             "with space, comma=equals",
             "quote \" and back\\slash",
-            "é\nnewline",
+            "é and ünïcode ✓",
         ];
         for (i, s) in strings.iter().enumerate() {
             let (body, _) = post(json!({"s": s, "n": i}), base + 1 + i as i64);
@@ -530,6 +609,18 @@ async fn a_rejected_batch_is_dead_lettered_and_later_batches_go_through() {
                 .await;
             assert_eq!(status, 200);
         }
+        // A newline cannot reach line protocol: refused at decode, nothing written.
+        let (body, _) = post(json!({"s": "a\nb", "n": 99}), base + 10);
+        let (status, _, problem) = gw
+            .post(
+                "/api/v1/devices/dl-2/telemetry",
+                &dl2,
+                "application/json",
+                body,
+            )
+            .await;
+        assert_eq!(status, 422, "{problem}");
+        assert_eq!(problem["type"], "urn:fluxgate:problem:invalid_string");
         gw.wait_metric(
             "fluxgate_influxdb_points_written_total",
             strings.len() as f64,
@@ -572,6 +663,137 @@ async fn a_rejected_batch_is_dead_lettered_and_later_batches_go_through() {
         );
         let (status, _, _) = gw.get_json("/readyz").await;
         assert_eq!(status, 200);
+        gw.shutdown().await;
+    })
+    .await;
+}
+
+/// A device that changes a field's type (integer, string) where the database already
+/// holds it as a float makes InfluxDB refuse its points with a 400 `partial write`. The
+/// sink splits the request and sends the halves again, so every other device's point in
+/// the same request is written, and only the conflicting lines go to the dead-letter
+/// file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_type_conflict_dead_letters_only_the_conflicting_lines() {
+    bounded(60, async {
+        let stub = Stub::typed().await;
+        let url = format!("http://{}", stub.addr);
+        let gw = TestGateway::spawn_with(|c| {
+            enable_sink(c, &url);
+            // One request for everything sent below.
+            c.sinks.influxdb.batch.max_age = Duration::from_secs(2);
+        })
+        .await;
+        let base = now_ms() - 60_000;
+        let devices: Vec<String> = (0..8).map(|i| format!("tc-{i}")).collect();
+        let tokens = gw.provision_many(&devices).await;
+        let bad = gw.provision("tc-bad").await;
+        let send = |device: String, token: String, values: serde_json::Value, ts: i64| {
+            let gw = &gw;
+            async move {
+                let body = json!({"ts": ts, "values": values}).to_string();
+                let path = format!("/api/v1/devices/{device}/telemetry");
+                let (status, _, _) = gw.post(&path, &token, "application/json", body).await;
+                assert_eq!(status, 200);
+            }
+        };
+        // `temp` becomes a float field in the database.
+        send(
+            devices[0].clone(),
+            tokens[&devices[0]].clone(),
+            json!({"temp": 0.5}),
+            base,
+        )
+        .await;
+        gw.wait_metric(
+            "fluxgate_influxdb_points_written_total",
+            1.0,
+            Duration::from_secs(20),
+        )
+        .await;
+
+        // Good float points from every device around two conflicting points (an integer
+        // and a string `temp`), all in one request.
+        let mut good = BTreeSet::new();
+        for round in 0..3i64 {
+            for d in &devices {
+                let ts = base + 1 + round;
+                send(
+                    d.clone(),
+                    tokens[d].clone(),
+                    json!({"temp": 20.5, "hum": 40.25}),
+                    ts,
+                )
+                .await;
+                good.insert((d.clone(), ts));
+            }
+            let ts = base + 1 + round;
+            match round {
+                0 => send("tc-bad".into(), bad.clone(), json!({"temp": 7}), ts).await,
+                1 => send("tc-bad".into(), bad.clone(), json!({"temp": "hot"}), ts).await,
+                _ => {}
+            }
+        }
+        good.insert((devices[0].clone(), base));
+        gw.wait_metric(
+            "fluxgate_influxdb_dead_lettered_points_total",
+            2.0,
+            Duration::from_secs(20),
+        )
+        .await;
+        gw.wait_metric(
+            "fluxgate_influxdb_points_written_total",
+            good.len() as f64,
+            Duration::from_secs(20),
+        )
+        .await;
+
+        // The conflicting points shared a request with good ones, which was refused.
+        let rejected = stub.rejected.lock().unwrap().clone();
+        assert!(
+            rejected
+                .iter()
+                .any(|r| r.contains("device=tc-bad") && r.contains("device=tc-1 ")),
+            "{rejected:?}"
+        );
+        // Every good point reached the database (InfluxDB already wrote them in the
+        // partial write; the split sends them again, which overwrites them unchanged).
+        let written = stub.accepted.lock().unwrap().join("");
+        let mut got = BTreeSet::new();
+        for line in influxdb_line_protocol::parse_lines(&written) {
+            let line = line.unwrap();
+            let tags = line.series.tag_set.unwrap();
+            assert_eq!(tags[0].0.as_str(), "device");
+            assert_ne!(tags[0].1.as_str(), "tc-bad", "{written}");
+            got.insert((tags[0].1.to_string(), line.timestamp.unwrap()));
+        }
+        assert_eq!(got, good);
+        // Only the two conflicting lines are in the dead-letter file, each with the
+        // server's reason.
+        let dead =
+            std::fs::read_to_string(gw_data_dir(&gw).join("influxdb-dead-letter.lp")).unwrap();
+        let lines: Vec<&str> = dead.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            [
+                format!("telemetry,device=tc-bad temp=7i {}", base + 1),
+                format!("telemetry,device=tc-bad temp=\"hot\" {}", base + 2),
+            ]
+        );
+        assert_eq!(
+            dead.lines()
+                .filter(|l| l.starts_with('#')
+                    && l.contains("status=400 lines=1 ")
+                    && l.contains("partial write: field type conflict"))
+                .count(),
+            2,
+            "{dead}"
+        );
+        assert_eq!(
+            gw.metric("fluxgate_influxdb_dead_lettered_points_total")
+                .await,
+            2.0
+        );
         gw.shutdown().await;
     })
     .await;

@@ -52,6 +52,23 @@ pub(crate) fn string_len(field: &str, len: usize, limits: &Limits) -> Result<(),
     }
 }
 
+/// Checks a string value: its byte length, then that it holds no control character.
+///
+/// Control characters (Unicode category Cc: U+0000-U+001F and U+007F-U+009F) are
+/// refused because a newline or carriage return in a stored string could split a line
+/// of a line-based format downstream (InfluxDB line protocol, log files, CSV exports),
+/// and none of them carries meaning in a telemetry value.
+#[inline]
+pub(crate) fn string_value(field: &str, s: &str, limits: &Limits) -> Result<(), DecodeError> {
+    string_len(field, s.len(), limits)?;
+    if s.chars().any(char::is_control) {
+        return Err(DecodeError::InvalidString {
+            field: truncate_for_display(field, MAX_NAME_IN_ERROR).to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Builds the error for an object (or point) that names the same metric twice.
 ///
 /// Rejecting duplicates instead of letting the last one win keeps the meaning of a

@@ -66,6 +66,13 @@ pub enum DecodeError {
         /// The configured maximum.
         max: usize,
     },
+    /// A string value holds a control character (U+0000-U+001F, U+007F-U+009F: newline,
+    /// carriage return, NUL, escape, ...). Such characters have no place in telemetry
+    /// and could otherwise split a line in a line-based downstream format or a log.
+    InvalidString {
+        /// The metric name.
+        field: String,
+    },
     /// The message holds more than [`Limits::max_readings`](crate::Limits) samples.
     ///
     /// Decoding stops as soon as the limit is crossed, so the real count is unknown.
@@ -123,6 +130,7 @@ pub const DECODE_ERROR_REASONS: &[&str] = &[
     "non_finite_number",
     "invalid_frame",
     "unsupported_version",
+    "invalid_string",
 ];
 
 impl DecodeError {
@@ -147,6 +155,7 @@ impl DecodeError {
             DecodeError::NonFiniteNumber { .. } => "non_finite_number",
             DecodeError::InvalidFrame { .. } => "invalid_frame",
             DecodeError::UnsupportedVersion { .. } => "unsupported_version",
+            DecodeError::InvalidString { .. } => "invalid_string",
         }
     }
 }
@@ -183,6 +192,11 @@ impl fmt::Display for DecodeError {
             DecodeError::StringTooLong { field, len, max } => write!(
                 f,
                 "string value of field {field:?} is {len} bytes, the maximum is {max}"
+            ),
+            DecodeError::InvalidString { field } => write!(
+                f,
+                "string value of field {field:?} contains a control character \
+                 (newline, carriage return, tab, NUL, ...), which is not allowed"
             ),
             DecodeError::TooManyReadings { max } => {
                 write!(f, "message holds more than {max} readings")
@@ -288,6 +302,7 @@ mod tests {
             DecodeError::NonFiniteNumber { field: s() },
             DecodeError::InvalidFrame { detail: s() },
             DecodeError::UnsupportedVersion { version: 9 },
+            DecodeError::InvalidString { field: s() },
         ]
     }
 
@@ -309,6 +324,7 @@ mod tests {
             DecodeError::NonFiniteNumber { .. } => 13,
             DecodeError::InvalidFrame { .. } => 14,
             DecodeError::UnsupportedVersion { .. } => 15,
+            DecodeError::InvalidString { .. } => 16,
         }
     }
 

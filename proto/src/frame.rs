@@ -110,7 +110,7 @@ fn frame_to_samples(
                 Value::F64(f) if !f.is_finite() => {
                     return Err(DecodeError::NonFiniteNumber { field: metric });
                 }
-                Value::Str(s) => check::string_len(&metric, s.len(), limits)?,
+                Value::Str(s) => check::string_value(&metric, s, limits)?,
                 _ => {}
             }
             out.push(Sample {

@@ -488,9 +488,9 @@ impl ValueSeed<'_, '_, '_> {
         Err(self.ctx.fail(err))
     }
 
-    fn string<E: de::Error>(self, len: usize) -> Result<(), E> {
+    fn string<E: de::Error>(self, v: &str) -> Result<(), E> {
         let limits = self.ctx.limits;
-        self.ctx.check(check::string_len(self.field, len, limits))
+        self.ctx.check(check::string_value(self.field, v, limits))
     }
 }
 
@@ -529,12 +529,12 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
-        self.string(v.len())?;
+        self.string(v)?;
         Ok(Value::Str(v.to_owned()))
     }
 
     fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
-        self.string(v.len())?;
+        self.string(&v)?;
         Ok(Value::Str(v))
     }
 

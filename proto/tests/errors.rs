@@ -205,6 +205,22 @@ fn cases() -> Vec<(&'static str, DecodeError, DecodeError)> {
             },
         ),
         (
+            "control character in a string",
+            json(r#"{"ok":true,"note":"line\nweather,device=other temp=1 0"}"#),
+            DecodeError::InvalidString {
+                field: "note".to_string(),
+            },
+        ),
+        (
+            "control character in a frame string",
+            frame_err(&Frame {
+                readings: vec![point(None, vec![("m", Value::Str("a\rb".to_string()))])],
+            }),
+            DecodeError::InvalidString {
+                field: "m".to_string(),
+            },
+        ),
+        (
             "too many readings",
             json_with(
                 r#"[{"a":1},{"b":2,"c":3}]"#,

@@ -170,11 +170,19 @@ fn golden_json_files_decode() {
             s(
                 NOW_MS,
                 "status",
-                Value::Str("say \"hi\"\n\u{e9}\u{1F600}/".to_string())
+                Value::Str("say \"hi\"\\\u{e9}\u{1F600}/".to_string())
             ),
             s(NOW_MS, "big", Value::F64(18_446_744_073_709_551_615.0)),
             s(NOW_MS, "neg", Value::I64(-9_223_372_036_854_775_808)),
         ]
+    );
+    // A newline escape in a string value is refused (`invalid_string`), whatever else
+    // the message holds: it is how a line would be smuggled into line protocol.
+    assert_eq!(
+        decode_json(&read("control_string.json"), &Limits::default(), NOW_MS).unwrap_err(),
+        fluxgate_proto::DecodeError::InvalidString {
+            field: "note".to_string()
+        }
     );
 }
 

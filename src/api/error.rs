@@ -105,6 +105,12 @@ impl From<Rejection> for ApiError {
         match &r {
             Rejection::Decode(e) => e.into(),
             Rejection::Unavailable => ApiError::unavailable(r.to_string()),
+            Rejection::Capped { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, r.reason(), r.to_string())
+            }
+            Rejection::RateLimited => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, r.reason(), r.to_string())
+            }
         }
     }
 }

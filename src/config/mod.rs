@@ -277,6 +277,32 @@ pub struct LimitsConfig {
     /// How far in the future a device timestamp may be (clock skew).
     #[serde(with = "humantime_serde")]
     pub max_future: Duration,
+    /// Most distinct metric names (series) per device. A reading of a new name beyond
+    /// it is refused (`too_many_metrics`); the message's other readings are kept.
+    pub max_metrics_per_device: usize,
+    /// Most series (device, metric pairs) overall. A reading of a new series beyond it
+    /// is refused (`too_many_series`); the message's other readings are kept.
+    pub max_series: usize,
+    /// Messages per second one device may send, on average; 0 = no limit. Messages
+    /// over it are refused before they are decoded (`rate_limited`).
+    pub device_rate: f64,
+    /// Messages one device may send at once above `device_rate` (its token bucket's
+    /// size).
+    pub device_burst: u32,
+    /// What happens to a device over its rate: `drop` refuses the message (counted,
+    /// WS/HTTP answered `rate_limited`), `disconnect` also closes the device's MQTT or
+    /// WebSocket connection (an HTTP request is answered 429, as with `drop`).
+    pub device_rate_action: RateAction,
+}
+
+/// What happens to a device that sends above `limits.device_rate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateAction {
+    /// Refuse the message and count it.
+    Drop,
+    /// Refuse the message, count it, and close the device's connection.
+    Disconnect,
 }
 
 impl Default for LimitsConfig {
@@ -288,6 +314,12 @@ impl Default for LimitsConfig {
             max_string_len: 256,
             max_past: Duration::from_secs(365 * 86_400),
             max_future: Duration::from_secs(300),
+            max_metrics_per_device: 256,
+            // 50,000 devices x 4 metrics with five times the headroom.
+            max_series: 1_000_000,
+            device_rate: 0.0,
+            device_burst: 100,
+            device_rate_action: RateAction::Drop,
         }
     }
 }
@@ -497,6 +529,12 @@ impl Config {
             ("http.ws_max_inflight", self.http.ws_max_inflight),
             ("limits.max_payload_bytes", self.limits.max_payload_bytes),
             ("limits.max_readings", self.limits.max_readings),
+            (
+                "limits.max_metrics_per_device",
+                self.limits.max_metrics_per_device,
+            ),
+            ("limits.max_series", self.limits.max_series),
+            ("limits.device_burst", self.limits.device_burst as usize),
             ("pipeline.queue_capacity", self.pipeline.queue_capacity),
             ("batch.max_rows", self.batch.max_rows),
             ("batch.queue_capacity", self.batch.queue_capacity),
@@ -541,6 +579,16 @@ impl Config {
         }
         if self.limits.max_frame_bytes > 64 * 1024 * 1024 {
             return Err(invalid("limits.max_frame_bytes", "must be at most 64 MiB"));
+        }
+        if self.limits.max_series > 100_000_000 {
+            return Err(invalid("limits.max_series", "must be at most 100000000"));
+        }
+        let rate = self.limits.device_rate;
+        if !rate.is_finite() || !(0.0..=1_000_000.0).contains(&rate) {
+            return Err(invalid(
+                "limits.device_rate",
+                "must be between 0 (no limit) and 1000000 messages per second",
+            ));
         }
         if self.batch.max_age.is_zero() {
             return Err(invalid("batch.max_age", "must be greater than 0"));
@@ -815,6 +863,40 @@ mod tests {
         let e = parse("[pipeline]\nqueue_bytes = 2097152\n", &[]).expect_err("too small");
         assert!(e.to_string().starts_with("pipeline.queue_bytes:"), "{e}");
         parse("[pipeline]\nqueue_bytes = 2098176\n", &[]).expect("exactly enough");
+    }
+
+    #[test]
+    fn input_caps_and_rate_are_checked() {
+        for (text, key) in [
+            (
+                "[limits]\nmax_metrics_per_device = 0\n",
+                "limits.max_metrics_per_device",
+            ),
+            ("[limits]\nmax_series = 0\n", "limits.max_series"),
+            ("[limits]\nmax_series = 100000001\n", "limits.max_series"),
+            ("[limits]\ndevice_rate = -1.0\n", "limits.device_rate"),
+            ("[limits]\ndevice_rate = inf\n", "limits.device_rate"),
+            ("[limits]\ndevice_rate = nan\n", "limits.device_rate"),
+            ("[limits]\ndevice_burst = 0\n", "limits.device_burst"),
+            (
+                "[limits]\ndevice_burst = 4294967296\n",
+                "limits.device_burst",
+            ),
+            (
+                "[limits]\ndevice_rate_action = \"kick\"\n",
+                "limits.device_rate_action",
+            ),
+        ] {
+            let e = parse(text, &[]).expect_err(text);
+            assert!(e.to_string().starts_with(key), "{text}: {e}");
+        }
+        let c = parse(
+            "[limits]\ndevice_rate = 50.5\ndevice_rate_action = \"disconnect\"\n",
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(c.limits.device_rate, 50.5);
+        assert_eq!(c.limits.device_rate_action, RateAction::Disconnect);
     }
 
     #[test]

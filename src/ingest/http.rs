@@ -40,7 +40,8 @@ fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
         (status = 403, description = "The token belongs to another device", body = crate::api::problem::Problem, content_type = "application/problem+json"),
         (status = 413, description = "Payload too large", body = crate::api::problem::Problem, content_type = "application/problem+json"),
         (status = 415, description = "Unsupported content type", body = crate::api::problem::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid values", body = crate::api::problem::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values, or new metrics beyond a cap (`too_many_metrics`, `too_many_series`: the readings of known metrics were stored, the detail says how many)", body = crate::api::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Message rate above `limits.device_rate` (`rate_limited`)", body = crate::api::problem::Problem, content_type = "application/problem+json"),
         (status = 503, description = "Storage unavailable or shutting down; retry", body = crate::api::problem::Problem, content_type = "application/problem+json"),
     ),
     security(("device_token" = [])))]

@@ -3,7 +3,11 @@
 //! once its readings are durable, or `{"type":"error","seq":N,"reason":…,"detail":…}`;
 //! `seq` counts the connection's messages from 1. A bad message never closes the
 //! connection; a frame larger than `limits.max_frame_bytes` does (close code 1009), and
-//! so does disabling, deleting or re-keying the device (close code 1008, within a second).
+//! so does disabling, deleting or re-keying the device (close code 1008, within a second),
+//! and sending above `limits.device_rate` when `limits.device_rate_action` is
+//! `disconnect` (close code 1008). A message that a cap on series refused in part
+//! (`too_many_metrics`, `too_many_series`) gets an error frame that also carries
+//! `"readings":K`, the readings of known metrics that were stored.
 //! A message over `limits.max_payload_bytes` is answered `payload_too_large` here, before
 //! it is queued. A connection that sends nothing, not even a ping, for
 //! `http.ws_idle_timeout` is closed (code 1001, counted as `ws_idle_timeout`).
@@ -64,13 +68,18 @@ fn ack_text(seq: u64, outcome: AckResult) -> String {
 }
 
 fn error_text(seq: u64, rejection: &Rejection) -> String {
-    serde_json::json!({
+    let mut frame = serde_json::json!({
         "type": "error",
         "seq": seq,
         "reason": rejection.reason(),
         "detail": rejection.to_string(),
-    })
-    .to_string()
+    });
+    // A message a cap refused only in part: its other readings are durable, and the
+    // frame says how many, as an ack would.
+    if let Rejection::Capped { kept, .. } = rejection {
+        frame["readings"] = (*kept).into();
+    }
+    frame.to_string()
 }
 
 async fn serve(
@@ -82,21 +91,34 @@ async fn serve(
     // Subscribe, then check once: a revocation between the upgrade's authentication and
     // the subscription is caught by the check, any later one by the subscription.
     let mut revocations = st.registry.revocations();
+    let mut kicks = st.registry.kicks();
     if !st.registry.still_valid(&device, &token_hash) {
         return;
     }
     st.registry.connected(&device, Transport::Ws);
-    serve_connected(socket, &st, &device, &mut revocations, &token_hash).await;
+    let subscriptions = Subscriptions {
+        revocations: &mut revocations,
+        kicks: &mut kicks,
+    };
+    serve_connected(socket, &st, &device, subscriptions, &token_hash).await;
     st.registry.disconnected(&device);
+}
+
+/// What may end a connection from outside: its credentials revoked, or a kick for
+/// breaking a limit (`limits.device_rate_action = "disconnect"`).
+struct Subscriptions<'a> {
+    revocations: &'a mut tokio::sync::broadcast::Receiver<std::sync::Arc<str>>,
+    kicks: &'a mut tokio::sync::broadcast::Receiver<(std::sync::Arc<str>, Transport)>,
 }
 
 async fn serve_connected(
     socket: WebSocket,
     st: &AppState,
     device: &DeviceId,
-    revocations: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<str>>,
+    subscriptions: Subscriptions<'_>,
     token_hash: &crate::registry::secret::Hash,
 ) {
+    let Subscriptions { revocations, kicks } = subscriptions;
     let (mut sink, mut stream) = socket.split();
     // Set by the reader when the device's credentials were revoked: the writer closes
     // with 1008 (Policy Violation) after answering what is pending.
@@ -109,6 +131,10 @@ async fn serve_connected(
     // Set by the reader when the device sent nothing for `ws_idle_timeout`.
     let idle = std::sync::atomic::AtomicBool::new(false);
     let idle = &idle;
+    // Set by the reader when the pipeline asked to close this device's connections for
+    // sending above its rate, so the writer closes with 1008 naming that.
+    let rate_kicked = std::sync::atomic::AtomicBool::new(false);
+    let rate_kicked = &rate_kicked;
     // Outcomes are answered in message order by a writer task; the bounded queue of
     // pending outcomes limits how far a device may run ahead of durability.
     let (pending_tx, mut pending_rx) =
@@ -131,6 +157,12 @@ async fn serve_connected(
             let frame = CloseFrame {
                 code: close_code::SIZE,
                 reason: "message larger than limits.max_frame_bytes".into(),
+            };
+            let _ = sink.send(Message::Close(Some(frame))).await;
+        } else if rate_kicked.load(std::sync::atomic::Ordering::Relaxed) {
+            let frame = CloseFrame {
+                code: close_code::POLICY,
+                reason: "message rate above limits.device_rate".into(),
             };
             let _ = sink.send(Message::Close(Some(frame))).await;
         } else if revoked.load(std::sync::atomic::Ordering::Relaxed) {
@@ -184,6 +216,21 @@ async fn serve_connected(
                         break;
                     }
                     continue;
+                }
+                r = kicks.recv() => {
+                    match r {
+                        Ok((id, Transport::Ws)) if *id == **device => {
+                            rate_kicked.store(true, std::sync::atomic::Ordering::Relaxed);
+                            st.metrics.emit(Event::DeviceKicked { device, transport: Transport::Ws });
+                            shutting_down = true;
+                            break;
+                        }
+                        // A kick for another device, or missed kicks (`Lagged`): a device
+                        // still over its rate keeps having its messages refused.
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        // The registry is gone: only shutdown is left.
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
                 }
                 msg = stream.next() => msg,
             };

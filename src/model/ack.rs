@@ -30,6 +30,9 @@ struct Shared {
     remaining: AtomicUsize,
     failed: AtomicBool,
     readings: usize,
+    /// Answered instead of `Ok(readings)` when every destination confirmed: the message
+    /// was accepted only in part (see [`Rejection::Capped`]).
+    partial: Option<Rejection>,
     sender: Mutex<Option<AckSender>>,
 }
 
@@ -50,11 +53,24 @@ impl AckPart {
     /// Split `sender` (a message of `readings` readings) into `destinations` parts
     /// (at least one).
     pub fn split(sender: AckSender, readings: usize, destinations: usize) -> Vec<AckPart> {
+        Self::split_partial(sender, readings, destinations, None)
+    }
+
+    /// Like [`split`](Self::split), but once every part confirmed the sender hears
+    /// `partial` (when set) instead of `Ok(readings)`: the readings are durable, and the
+    /// rejection says what else of the message was refused.
+    pub fn split_partial(
+        sender: AckSender,
+        readings: usize,
+        destinations: usize,
+        partial: Option<Rejection>,
+    ) -> Vec<AckPart> {
         let n = destinations.max(1);
         let shared = Arc::new(Shared {
             remaining: AtomicUsize::new(n),
             failed: AtomicBool::new(false),
             readings,
+            partial,
             sender: Mutex::new(Some(sender)),
         });
         (0..n)
@@ -92,6 +108,8 @@ impl AckPart {
             if let Some(sender) = sender {
                 let outcome = if shared.failed.load(Ordering::Acquire) {
                     Err(Rejection::Unavailable)
+                } else if let Some(partial) = &shared.partial {
+                    Err(partial.clone())
                 } else {
                     Ok(shared.readings)
                 };
@@ -122,6 +140,23 @@ mod tests {
         assert!(rx.try_recv().is_err(), "answered before the last part");
         parts.pop().expect("part").confirm();
         assert_eq!(rx.try_recv().expect("answer"), Ok(4));
+    }
+
+    #[test]
+    fn a_partial_answer_comes_after_durability_and_failure_wins() {
+        let partial = Rejection::RateLimited;
+        let (tx, mut rx) = oneshot::channel();
+        let mut parts = AckPart::split_partial(tx, 2, 2, Some(partial.clone()));
+        parts.pop().expect("part").confirm();
+        assert!(rx.try_recv().is_err(), "answered before the last part");
+        parts.pop().expect("part").confirm();
+        assert_eq!(rx.try_recv().expect("answer"), Err(partial.clone()));
+
+        let (tx, mut rx) = oneshot::channel();
+        let mut parts = AckPart::split_partial(tx, 2, 2, Some(partial));
+        parts.pop().expect("part").fail();
+        parts.pop().expect("part").confirm();
+        assert_eq!(rx.try_recv().expect("answer"), Err(Rejection::Unavailable));
     }
 
     #[test]

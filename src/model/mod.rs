@@ -80,7 +80,26 @@ pub enum Encoding {
     Postcard,
 }
 
-/// Why a message was not accepted, as reported back to the device.
+/// Which cap on series refused a new metric name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeriesCap {
+    /// `limits.max_metrics_per_device`: the device already has that many metrics.
+    PerDevice,
+    /// `limits.max_series`: the gateway already holds that many series.
+    Total,
+}
+
+impl SeriesCap {
+    /// The setting that sets this cap.
+    pub fn setting(self) -> &'static str {
+        match self {
+            SeriesCap::PerDevice => "limits.max_metrics_per_device",
+            SeriesCap::Total => "limits.max_series",
+        }
+    }
+}
+
+/// Why a message was not (or not wholly) accepted, as reported back to the device.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Rejection {
     /// The payload did not decode.
@@ -89,6 +108,30 @@ pub enum Rejection {
     /// A durable destination failed to store the readings; the device should retry.
     #[error("storage unavailable, retry later")]
     Unavailable,
+    /// Readings that would have created a series beyond a cap were refused; the
+    /// message's readings of known series were accepted (`kept`, durable when this is
+    /// answered). Sending the message again does not help.
+    #[error(
+        "{refused} reading(s) refused: metric {metric:?} would be a new series beyond \
+         {} ({max}); {kept} reading(s) of known metrics were accepted",
+        cap.setting()
+    )]
+    Capped {
+        /// The cap that refused.
+        cap: SeriesCap,
+        /// Its value.
+        max: usize,
+        /// The first refused metric name.
+        metric: MetricName,
+        /// Readings refused.
+        refused: usize,
+        /// Readings accepted.
+        kept: usize,
+    },
+    /// The device sent faster than `limits.device_rate`: the message was refused
+    /// without being decoded.
+    #[error("message rate above limits.device_rate: message refused, slow down")]
+    RateLimited,
 }
 
 impl Rejection {
@@ -97,6 +140,15 @@ impl Rejection {
         match self {
             Rejection::Decode(e) => e.reason(),
             Rejection::Unavailable => "unavailable",
+            Rejection::Capped {
+                cap: SeriesCap::PerDevice,
+                ..
+            } => "too_many_metrics",
+            Rejection::Capped {
+                cap: SeriesCap::Total,
+                ..
+            } => "too_many_series",
+            Rejection::RateLimited => "rate_limited",
         }
     }
 }

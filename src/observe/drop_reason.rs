@@ -22,15 +22,19 @@ pub enum MessageDropReason {
     /// rumqttd skipped messages that rolled out of its segments before the consumer
     /// read them.
     MqttCursorJump,
+    /// The device sent faster than `limits.device_rate` allows (its token bucket was
+    /// empty): the message was refused before it was decoded.
+    RateLimited,
 }
 
 impl MessageDropReason {
     /// Every reason, in discriminant order, so that each label is exported from the start.
-    pub(super) const ALL: [MessageDropReason; 4] = [
+    pub(super) const ALL: [MessageDropReason; 5] = [
         MessageDropReason::MqttSpillFull,
         MessageDropReason::UnknownTopic,
         MessageDropReason::ShuttingDown,
         MessageDropReason::MqttCursorJump,
+        MessageDropReason::RateLimited,
     ];
 
     /// The metric label.
@@ -40,6 +44,7 @@ impl MessageDropReason {
             MessageDropReason::UnknownTopic => "unknown_topic",
             MessageDropReason::ShuttingDown => "shutting_down",
             MessageDropReason::MqttCursorJump => "mqtt_cursor_jump",
+            MessageDropReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -53,14 +58,21 @@ pub enum ReadingDropReason {
     SinkBufferFailed,
     /// The gateway stopped before a destination could take a batch.
     ShuttingDown,
+    /// A reading named a new metric of a device that already has
+    /// `limits.max_metrics_per_device` metrics: it would have created a series.
+    TooManyMetrics,
+    /// A reading named a new series while the gateway already holds `limits.max_series`.
+    TooManySeries,
 }
 
 impl ReadingDropReason {
     /// Every reason, in discriminant order, so that each label is exported from the start.
-    pub(super) const ALL: [ReadingDropReason; 3] = [
+    pub(super) const ALL: [ReadingDropReason; 5] = [
         ReadingDropReason::StoreFailed,
         ReadingDropReason::SinkBufferFailed,
         ReadingDropReason::ShuttingDown,
+        ReadingDropReason::TooManyMetrics,
+        ReadingDropReason::TooManySeries,
     ];
 
     /// The metric label.
@@ -69,6 +81,8 @@ impl ReadingDropReason {
             ReadingDropReason::StoreFailed => "store_failed",
             ReadingDropReason::SinkBufferFailed => "sink_buffer_failed",
             ReadingDropReason::ShuttingDown => "shutting_down",
+            ReadingDropReason::TooManyMetrics => "too_many_metrics",
+            ReadingDropReason::TooManySeries => "too_many_series",
         }
     }
 }

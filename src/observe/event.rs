@@ -129,7 +129,8 @@ pub enum Event<'a> {
         /// Where it was served from.
         source: ResumeSource,
     },
-    /// A device's connections were closed because it was disabled, deleted or re-keyed.
+    /// A device's connections were closed because it was disabled, deleted or re-keyed,
+    /// or sent above `limits.device_rate` with `device_rate_action = "disconnect"`.
     DeviceKicked {
         /// The device.
         device: &'a str,

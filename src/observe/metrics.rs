@@ -340,7 +340,7 @@ impl Metrics {
                 tracing::debug!(
                     device,
                     transport = transport.as_str(),
-                    "closed connection of a disabled, deleted or re-keyed device"
+                    "closed connection of a disabled, deleted or re-keyed device (or one over its rate)"
                 );
             }
             Event::SinkWritten {

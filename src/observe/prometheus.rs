@@ -205,7 +205,7 @@ impl Metrics {
             (
                 "fluxgate_device_connections_closed_total",
                 "counter",
-                "Connections closed because their device was disabled, deleted or re-keyed.",
+                "Connections closed because their device was disabled, deleted or re-keyed, or sent above limits.device_rate with device_rate_action = disconnect.",
                 self.kicked.load(Relaxed) as i64,
             ),
             (

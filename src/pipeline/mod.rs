@@ -9,9 +9,17 @@
 //! [`Pipeline::dispatch`] is the one place that decides how a message's acknowledgement
 //! depends on the destinations: one [`AckPart`] per destination, answered when all
 //! confirmed.
+//!
+//! Before a message is decoded, the device's token bucket is charged
+//! (`limits.device_rate`, [`rate`]); after, readings that would create a series beyond
+//! `limits.max_metrics_per_device` or `limits.max_series` are removed ([`caps`]). The
+//! rest of such a message is handled as usual, and its sender hears
+//! [`Rejection::Capped`] (with the number kept) once those are durable.
 
 mod batcher;
+pub mod caps;
 pub mod decode;
+pub mod rate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,14 +29,30 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use batcher::{Batch, Batcher};
+use caps::SeriesCaps;
 use decode::{Interner, decode};
 use fluxgate_proto::Limits;
+use rate::{RateLimiter, Verdict};
 
-use crate::config::BatchConfig;
+use crate::config::{BatchConfig, LimitsConfig, RateAction};
 use crate::live::Hub;
-use crate::model::{AckPart, AckSender, DurableBatch, Envelope, Reading, Rejection};
-use crate::observe::{Event, Metrics, Queue, ReadingDropReason};
+use crate::model::{
+    AckPart, AckSender, DeviceId, DurableBatch, Envelope, MetricName, Reading, Rejection, SeriesCap,
+};
+use crate::observe::{Event, MessageDropReason, Metrics, Queue, ReadingDropReason};
 use crate::registry::Registry;
+
+/// A waiting sender as the batcher carries it: the sender, the readings of its message
+/// that are in the batch, and the answer it gets instead of `Ok` once they are durable
+/// (when a cap refused part of the message).
+type Waiting = (AckSender, usize, Option<Rejection>);
+
+/// The pipeline's own state about devices: bounded, owned by its single task.
+struct Guards {
+    interner: Interner,
+    series: SeriesCaps,
+    rate: Option<RateLimiter>,
+}
 
 /// A durable destination as the pipeline sees it: a bounded queue (full-policy: the
 /// pipeline waits) and what to count when the destination has stopped.
@@ -45,6 +69,10 @@ pub struct Destination {
 pub struct Pipeline {
     /// Decode limits.
     pub limits: Limits,
+    /// The caps on series and the per-device rate limit (`[limits]`).
+    pub input: LimitsConfig,
+    /// The series that already exist (from the store), which the caps start from.
+    pub known_series: Vec<(DeviceId, MetricName)>,
     /// Batch bounds.
     pub batch: BatchConfig,
     /// The live hub readings are published to.
@@ -62,7 +90,7 @@ impl Pipeline {
     /// Ingest handlers that still hold a sender `grace` after `shutdown` are cut off: the
     /// input is closed, what it already holds is drained, and the pipeline finishes.
     pub async fn run(
-        self,
+        mut self,
         mut input: mpsc::Receiver<Envelope>,
         destinations: Vec<Destination>,
         shutdown: CancellationToken,
@@ -74,12 +102,21 @@ impl Pipeline {
         };
         tokio::pin!(cutoff);
         let mut closed = false;
-        let mut batcher: Batcher<Reading, (AckSender, usize)> = Batcher::new(
+        let mut batcher: Batcher<Reading, Waiting> = Batcher::new(
             self.batch.max_rows,
             self.batch.max_age,
             self.batch.ack_max_age,
         );
-        let mut interner = Interner::default();
+        let mut guards = Guards {
+            interner: Interner::default(),
+            series: SeriesCaps::new(self.input.max_metrics_per_device, self.input.max_series),
+            rate: (self.input.device_rate > 0.0)
+                .then(|| RateLimiter::new(self.input.device_rate, self.input.device_burst)),
+        };
+        for (device, metric) in std::mem::take(&mut self.known_series) {
+            let metric = guards.interner.intern(&metric);
+            guards.series.seed(device, metric);
+        }
         let mut readings = Vec::new();
         let mut due = Vec::new();
         let mut envelopes = Vec::with_capacity(256);
@@ -95,7 +132,7 @@ impl Pipeline {
                     let now = Instant::now().into_std();
                     for envelope in envelopes.drain(..) {
                         readings.clear();
-                        self.handle(envelope, &mut interner, &mut readings, !destinations.is_empty(), |r, ack| {
+                        self.handle(envelope, &mut guards, now, &mut readings, !destinations.is_empty(), |r, ack| {
                             batcher.push(r, ack, now, &mut due);
                         });
                     }
@@ -118,28 +155,72 @@ impl Pipeline {
         tracing::debug!("pipeline drained and stopped");
     }
 
-    /// Decode one envelope, publish it live, and hand its readings to `batch`.
+    /// Charge the device's rate, decode one envelope, apply the caps on new series,
+    /// publish what is kept live, and hand it to `batch`.
     fn handle(
         &self,
         envelope: Envelope,
-        interner: &mut Interner,
+        guards: &mut Guards,
+        now: std::time::Instant,
         readings: &mut Vec<Reading>,
         durable: bool,
-        batch: impl FnOnce(std::vec::Drain<'_, Reading>, Option<(AckSender, usize)>),
+        batch: impl FnOnce(std::vec::Drain<'_, Reading>, Option<Waiting>),
     ) {
-        match decode(&envelope, &self.limits, interner, readings) {
+        if let Some(rate) = &mut guards.rate {
+            if let Verdict::Refuse { first } = rate.check(&envelope.device, now) {
+                self.metrics.emit(Event::MessagesDropped {
+                    reason: MessageDropReason::RateLimited,
+                    count: 1,
+                });
+                // Once per episode over the rate, not for every message already queued.
+                if first && self.input.device_rate_action == RateAction::Disconnect {
+                    self.registry.kick(&envelope.device, envelope.transport);
+                }
+                if let Some(ack) = envelope.ack {
+                    let _ = ack.send(Err(Rejection::RateLimited));
+                }
+                return;
+            }
+        }
+        match decode(&envelope, &self.limits, &mut guards.interner, readings) {
             Ok(n) => {
                 self.registry.touch(&envelope.device, envelope.transport);
                 self.metrics.emit(Event::Ingested {
                     transport: envelope.transport,
                     readings: n,
                 });
+                let refused = guards.series.admit(&envelope.device, readings);
+                let kept = readings.len();
+                let partial = refused.map(|r| {
+                    for (reason, count) in [
+                        (ReadingDropReason::TooManyMetrics, r.per_device),
+                        (ReadingDropReason::TooManySeries, r.total),
+                    ] {
+                        if count > 0 {
+                            self.metrics.emit(Event::ReadingsDropped {
+                                reason,
+                                count: count as u64,
+                            });
+                        }
+                    }
+                    Rejection::Capped {
+                        cap: r.cap,
+                        max: match r.cap {
+                            SeriesCap::PerDevice => self.input.max_metrics_per_device,
+                            SeriesCap::Total => self.input.max_series,
+                        },
+                        metric: r.metric.clone(),
+                        refused: r.count(),
+                        kept,
+                    }
+                });
                 self.hub.publish(readings);
-                if durable {
-                    batch(readings.drain(..), envelope.ack.map(|a| (a, n)));
+                if durable && kept > 0 {
+                    batch(readings.drain(..), envelope.ack.map(|a| (a, kept, partial)));
                 } else if let Some(ack) = envelope.ack {
-                    // No durable destination is enabled: decoded is as far as it goes.
-                    let _ = ack.send(Ok(n));
+                    // No durable destination is enabled (decoded is as far as it goes),
+                    // or nothing of the message was kept.
+                    let _ = ack.send(partial.map_or(Ok(kept), Err));
                 }
             }
             Err(error) => {
@@ -157,11 +238,7 @@ impl Pipeline {
 
     /// Hand a batch to every destination; each waiting sender is answered once all of
     /// them confirmed (see [`ack`]).
-    async fn dispatch(
-        &self,
-        destinations: &[Destination],
-        batch: Batch<Reading, (AckSender, usize)>,
-    ) {
+    async fn dispatch(&self, destinations: &[Destination], batch: Batch<Reading, Waiting>) {
         let n = destinations.len();
         if n == 0 {
             return;
@@ -169,8 +246,9 @@ impl Pipeline {
         let mut parts: Vec<Vec<AckPart>> = (0..n)
             .map(|_| Vec::with_capacity(batch.acks.len()))
             .collect();
-        for (sender, readings) in batch.acks {
-            for (i, part) in AckPart::split(sender, readings, n).into_iter().enumerate() {
+        for (sender, readings, partial) in batch.acks {
+            let split = AckPart::split_partial(sender, readings, n, partial);
+            for (i, part) in split.into_iter().enumerate() {
                 parts[i].push(part);
             }
         }

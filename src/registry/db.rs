@@ -117,6 +117,7 @@ impl Registry {
             }
         }
         let (revocations, _) = broadcast::channel(1024);
+        let (kicks, _) = broadcast::channel(1024);
         Ok(Arc::new(Registry {
             version: std::sync::atomic::AtomicU64::new(0),
             db: Mutex::new(conn),
@@ -129,6 +130,7 @@ impl Registry {
             )),
             state: RwLock::new(state),
             revocations,
+            kicks,
             stream_tokens: Mutex::new(HashMap::new()),
             leases: StreamLeases::default(),
             online_timeout_ms: i64::try_from(online_timeout.as_millis()).unwrap_or(i64::MAX),

@@ -44,6 +44,7 @@ pub use presence::Presence;
 pub use stream_leases::{LeaseError, StreamLease};
 pub use stream_tokens::MAX_TOKENS_PER_KEY;
 
+use crate::model::Transport;
 use crate::observe::Metrics;
 use negative_cache::NegativeCache;
 use secret::Hash;
@@ -85,6 +86,7 @@ pub struct Registry {
     revocations: broadcast::Sender<Arc<str>>,
     stream_tokens: Mutex<StreamTokens>,
     leases: StreamLeases,
+    kicks: broadcast::Sender<(Arc<str>, Transport)>,
     online_timeout_ms: i64,
     metrics: Arc<Metrics>,
 }
@@ -104,6 +106,21 @@ impl Registry {
     /// that falls 1024 behind sees `Lagged` and must re-check every connection it holds.
     pub fn revocations(&self) -> broadcast::Receiver<Arc<str>> {
         self.revocations.subscribe()
+    }
+
+    /// Ask `transport` to close `device`'s open connections although its credentials
+    /// stay valid (it broke a limit: `limits.device_rate` with `device_rate_action =
+    /// "disconnect"`); it may connect again. MQTT and WebSocket listen (HTTP has no
+    /// device connection to close). Full-policy of the broadcast: a receiver that falls
+    /// 1024 behind misses kicks (`Lagged`), which only means a device stays connected a
+    /// little longer; its messages are still refused.
+    pub fn kick(&self, device: &Arc<str>, transport: Transport) {
+        let _ = self.kicks.send((device.clone(), transport));
+    }
+
+    /// Kicks as they are asked for; see [`kick`](Self::kick).
+    pub fn kicks(&self) -> broadcast::Receiver<(Arc<str>, Transport)> {
+        self.kicks.subscribe()
     }
 }
 

@@ -11,8 +11,12 @@
 //! * 401, 403, 404: retried too. They mean a wrong token, permission or bucket, a
 //!   configuration problem that an operator fixes, not bad data; dead-lettering would
 //!   throw every batch away until then. `/readyz` reports it meanwhile.
-//! * any other 4xx (bad data): the request goes to the dead-letter file with the
-//!   server's reason, counted, and the writer moves on.
+//! * any other 4xx (bad data, such as InfluxDB's 400 `partial write: field type
+//!   conflict`): the request is split in halves and each half sent again, down to single
+//!   lines (at most [`MAX_REQUESTS_PER_JOB`] requests per job); a single line (or a part
+//!   past that budget) the server still rejects goes to the dead-letter file with the
+//!   server's reason, counted, and the writer moves on. So one device's bad line never
+//!   costs the other devices' points that shared its request.
 //!
 //! reqwest and HTTP types stay inside this module.
 
@@ -135,9 +139,46 @@ impl InfluxWriter {
         }
     }
 
+    /// Deliver one job: every line ends up accepted by the server or in the dead-letter
+    /// file. A request the server rejects as bad data is split in halves and each half
+    /// sent again, down to single lines, so one bad line (a field whose type conflicts
+    /// with what the database already holds, say) costs only itself: the other devices'
+    /// points in the same request are written. InfluxDB answers such a request with a
+    /// 400 `partial write` after writing the good points; sending them again overwrites
+    /// them with the same values, so the split adds no duplicates.
     async fn deliver(&self, job: &Job) {
+        // Parts still to send, the next one last: halves are pushed second half first so
+        // that lines keep their order.
+        let mut pending: Vec<(Bytes, usize)> = vec![(job.body.clone(), job.lines)];
+        let mut requests = 0usize;
+        while let Some((raw, lines)) = pending.pop() {
+            requests += 1;
+            let Some((status, reason)) = self.send(&raw, lines).await else {
+                continue;
+            };
+            match split_in_half(&raw) {
+                Some(((a, a_lines), (b, b_lines))) if requests < MAX_REQUESTS_PER_JOB => {
+                    pending.push((b, b_lines));
+                    pending.push((a, a_lines));
+                }
+                _ => {
+                    let file_error = self.dead_letter(&raw, lines, status, &reason).await.err();
+                    self.metrics.emit(Event::SinkDeadLettered {
+                        lines,
+                        status,
+                        reason: &reason,
+                        file_error: file_error.as_deref(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Send `raw` (`lines` lines) until the server accepts it (`None`) or rejects it as
+    /// bad data (`Some((status, reason))`); everything else is retried.
+    async fn send(&self, raw: &Bytes, lines: usize) -> Option<(u16, String)> {
         let body = if self.gzip {
-            let raw = job.body.clone();
+            let raw = raw.clone();
             // Compression is CPU work of a few ms per request: off the async workers.
             match tokio::task::spawn_blocking(move || gzip(&raw)).await {
                 Ok(Ok(b)) => Some(b),
@@ -148,7 +189,7 @@ impl InfluxWriter {
         };
         let (body, gzipped) = match body {
             Some(b) => (b, true),
-            None => (job.body.clone(), false),
+            None => (raw.clone(), false),
         };
         let started = Instant::now();
         let mut retries = 0u32;
@@ -157,24 +198,17 @@ impl InfluxWriter {
                 Attempt::Written => {
                     self.health.set_failing(None);
                     self.metrics.emit(Event::SinkWritten {
-                        lines: job.lines,
+                        lines,
                         bytes: body.len(),
                         elapsed: started.elapsed(),
                         retries,
                     });
-                    return;
+                    return None;
                 }
                 Attempt::Rejected { status, reason } => {
                     // The server is up and answering: not a readiness problem.
                     self.health.set_failing(None);
-                    let file_error = self.dead_letter(job, status, &reason).await.err();
-                    self.metrics.emit(Event::SinkDeadLettered {
-                        lines: job.lines,
-                        status,
-                        reason: &reason,
-                        file_error: file_error.as_deref(),
-                    });
-                    return;
+                    return Some((status, reason));
                 }
                 Attempt::Retry {
                     status,
@@ -247,14 +281,19 @@ impl InfluxWriter {
     /// Append the rejected request to the dead-letter file: a comment line with the
     /// time, status and reason, then the lines themselves, so the file is line protocol
     /// that can be fixed and posted again.
-    async fn dead_letter(&self, job: &Job, status: u16, reason: &str) -> Result<(), String> {
+    async fn dead_letter(
+        &self,
+        body: &Bytes,
+        lines: usize,
+        status: u16,
+        reason: &str,
+    ) -> Result<(), String> {
         let path = self.dead_letter.clone();
         let header = format!(
-            "# {} status={status} lines={} reason={reason}\n",
+            "# {} status={status} lines={lines} reason={reason}\n",
             humantime::format_rfc3339_millis(SystemTime::now()),
-            job.lines
         );
-        let body = job.body.clone();
+        let body = body.clone();
         tokio::task::spawn_blocking(move || {
             let mut f = std::fs::OpenOptions::new()
                 .create(true)
@@ -268,6 +307,32 @@ impl InfluxWriter {
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{}: {e}", self.dead_letter.display()))
     }
+}
+
+/// The most requests one job may cost while its rejected parts are split: a request of
+/// n lines with one bad line needs about 2 log2(n) of them (26 for 5,000 lines). Past
+/// this, a rejected part goes to the dead-letter file whole, so a request full of bad
+/// lines cannot keep a writer busy for 2n requests.
+const MAX_REQUESTS_PER_JOB: usize = 256;
+
+/// Split a body of newline-terminated lines into two halves of whole lines, with their
+/// line counts; `None` for a single line. (No line holds a newline of its own: the
+/// encoder writes control bytes in values as U+FFFD.)
+fn split_in_half(raw: &Bytes) -> Option<((Bytes, usize), (Bytes, usize))> {
+    let ends: Vec<usize> = raw
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'\n')
+        .map(|(i, _)| i + 1)
+        .collect();
+    // A body whose last line lacks its newline still counts that line.
+    let total = ends.len() + usize::from(raw.last().is_some_and(|&b| b != b'\n'));
+    if total < 2 {
+        return None;
+    }
+    let half = total / 2;
+    let cut = ends[half - 1];
+    Some(((raw.slice(..cut), half), (raw.slice(cut..), total - half)))
 }
 
 /// The delay before retry number `n + 1`: exponential, capped, with jitter (50-100 %).
@@ -363,6 +428,25 @@ mod tests {
             "{d:?}"
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn split_keeps_whole_lines_in_order() {
+        let body = Bytes::from_static(b"a 1\nb 2\nc 3\n");
+        let ((x, xn), (y, yn)) = split_in_half(&body).expect("splits");
+        assert_eq!(
+            (&x[..], xn, &y[..], yn),
+            (&b"a 1\n"[..], 1, &b"b 2\nc 3\n"[..], 2)
+        );
+        let ((x, xn), (y, yn)) = split_in_half(&y).expect("splits");
+        assert_eq!(
+            (&x[..], xn, &y[..], yn),
+            (&b"b 2\n"[..], 1, &b"c 3\n"[..], 1)
+        );
+        assert!(split_in_half(&Bytes::from_static(b"a 1\n")).is_none());
+        assert!(split_in_half(&Bytes::new()).is_none());
+        let ((x, _), (y, yn)) = split_in_half(&Bytes::from_static(b"a\nb")).expect("splits");
+        assert_eq!((&x[..], &y[..], yn), (&b"a\n"[..], &b"b"[..], 1));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! Consecutive readings of one device with the same timestamp share a line (that is how
 //! one device message arrives). Escaping follows the InfluxDB reference: measurement
 //! escapes `,` and space; tag keys/values and field keys escape `,`, `=` and space;
-//! string field values escape `"`; backslashes are escaped everywhere. Identifiers never
+//! string field values escape `"`; backslashes are escaped everywhere; an ASCII control
+//! byte (which line protocol cannot escape: a newline would end the line) is written as
+//! U+FFFD anywhere. Identifiers never
 //! hold newlines or end in a backslash (which parsers reject even when escaped): device
 //! ids and metric names are validated names and the measurement is validated in the
 //! config.
@@ -169,8 +171,19 @@ fn write_value(out: &mut Vec<u8>, value: &Value) {
 }
 
 /// Append `s` with a backslash before every byte in `special` and before backslashes.
+///
+/// An ASCII control byte (newline, carriage return, ...) is written as U+FFFD instead:
+/// line protocol has no escape for a newline, so one would end the line and let the
+/// rest of the value be read as a line of its own. The decoder already refuses control
+/// characters in string values (`invalid_string`) and names cannot hold them; this keeps
+/// the request well formed even for data that bypassed that rule (a record buffered by
+/// an older version, a label).
 fn escape(out: &mut Vec<u8>, s: &str, special: &[u8]) {
     for &b in s.as_bytes() {
+        if b < 0x20 || b == 0x7f {
+            out.extend_from_slice("\u{FFFD}".as_bytes());
+            continue;
+        }
         if b == b'\\' || special.contains(&b) {
             out.push(b'\\');
         }
@@ -289,6 +302,48 @@ mod tests {
 
     type Point = (String, String, BTreeMap<String, Value>, i64);
 
+    /// What the encoder promises for a string: ASCII control bytes become U+FFFD.
+    fn without_controls(v: &Value) -> Value {
+        match v {
+            Value::Str(s) => Value::Str(
+                s.chars()
+                    .map(|c| if c.is_ascii_control() { '\u{FFFD}' } else { c })
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+
+    /// A newline in a string value (refused at decode, but suppose it got through)
+    /// cannot start a line of its own: the request still holds exactly one point, of
+    /// the sending device, and the would-be line is part of its string value.
+    #[test]
+    fn a_newline_cannot_smuggle_a_line() {
+        let enc = LineEncoder::new("telemetry", Precision::Ms);
+        let smuggled = "x\ntelemetry,device=victim temp=99 0\r\n";
+        let lines = encode(
+            &enc,
+            &[
+                reading("d1", "note", 5, Value::Str(smuggled.into())),
+                reading("d1", "n", 5, Value::I64(1)),
+            ],
+        );
+        assert_eq!(lines.len(), 1);
+        let body = format!("{}\n", lines.join("\n"));
+        assert_eq!(body.matches('\n').count(), 1, "{body:?}");
+        let parsed: Vec<_> = parse_lines(&body)
+            .collect::<Result<_, _>>()
+            .expect("parses");
+        assert_eq!(parsed.len(), 1);
+        let tags = parsed[0].series.tag_set.clone().expect("tags");
+        assert_eq!(tags.len(), 1);
+        assert_eq!((tags[0].0.as_str(), tags[0].1.as_str()), ("device", "d1"));
+        assert_eq!(
+            parsed[0].field_set[0].1,
+            FieldValue::String("x\u{FFFD}telemetry,device=victim temp=99 0\u{FFFD}\u{FFFD}".into())
+        );
+    }
+
     proptest! {
         /// What the encoder writes parses back (with the reference parser) to the same
         /// points: measurement, device tag, every field with its type, timestamp.
@@ -346,7 +401,7 @@ mod tests {
                 }
                 fresh = false;
                 if let Some(last) = expected.last_mut() {
-                    last.2.insert(r.metric.to_string(), r.value.clone());
+                    last.2.insert(r.metric.to_string(), without_controls(&r.value));
                 }
             }
             prop_assert_eq!(parsed, expected);

@@ -250,6 +250,15 @@ pub struct StoreWriter {
 }
 
 impl StoreWriter {
+    /// Every series the store holds, as (device, metric): what the pipeline's caps on
+    /// new series start from, so a restart does not reset them.
+    pub fn series_names(&self) -> Vec<(DeviceId, Arc<str>)> {
+        self.series
+            .iter()
+            .flat_map(|(d, m)| m.keys().map(move |m| (d.clone(), m.clone())))
+            .collect()
+    }
+
     fn load_series(&mut self) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare("SELECT id, device, metric FROM series")?;
         let rows = stmt.query_map([], |r| {
@@ -822,5 +831,36 @@ mod tests {
             .query_row("SELECT count(*) FROM series", [], |r| r.get(0))
             .unwrap();
         assert_eq!(series, 5);
+    }
+
+    /// The pipeline's caps on new series start from this list, so after a restart a
+    /// device that had reached its cap is still at it.
+    #[test]
+    fn series_names_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reading = |d: &str, m: &str| Reading {
+            device: Arc::from(d),
+            metric: Arc::from(m),
+            ts_ms: 1_000,
+            value: Value::I64(1),
+        };
+        {
+            let (mut writer, _reader) =
+                open_store(dir.path(), QueryLimits::default()).expect("open");
+            assert!(writer.series_names().is_empty());
+            writer
+                .write(&[reading("d1", "a"), reading("d1", "b"), reading("d2", "a")])
+                .expect("write");
+        }
+        let (writer, _reader) = open_store(dir.path(), QueryLimits::default()).expect("reopen");
+        let mut names: Vec<(String, String)> = writer
+            .series_names()
+            .into_iter()
+            .map(|(d, m)| (d.to_string(), m.to_string()))
+            .collect();
+        names.sort();
+        let expected =
+            [("d1", "a"), ("d1", "b"), ("d2", "a")].map(|(d, m)| (d.to_owned(), m.to_owned()));
+        assert_eq!(names, expected);
     }
 }

@@ -73,21 +73,57 @@ pub(super) async fn kick_revoked<K>(
             },
         };
         for id in ids {
-            let (kick, client) = (kick.clone(), id.clone());
-            let kicked = tokio::task::spawn_blocking(move || kick(&client)).await;
-            match kicked {
-                Ok(Ok(())) => metrics.emit(Event::DeviceKicked {
-                    device: &id,
-                    transport: Transport::Mqtt,
-                }),
-                Ok(Err(e)) => {
-                    tracing::error!(device = &*id, error = %e, "could not close MQTT connection")
-                }
-                Err(e) => {
-                    tracing::error!(device = &*id, error = %e, "could not close MQTT connection")
-                }
-            }
+            kick_one(&kick, id, &metrics, &shutdown).await;
         }
+    }
+}
+
+/// Close the MQTT connections of devices the pipeline asked to disconnect (over
+/// `limits.device_rate` with `device_rate_action = "disconnect"`). Their credentials stay
+/// valid: they may connect again, and are refused again while over the rate.
+pub(super) async fn kick_requested<K>(
+    registry: Arc<Registry>,
+    kick: K,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) where
+    K: Fn(&str) -> Result<(), String> + Clone + Send + Sync + 'static,
+{
+    let mut kicks = registry.kicks();
+    loop {
+        let id = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = kicks.recv() => match r {
+                Ok((id, Transport::Mqtt)) => id,
+                // Another transport's kick, or missed kicks: a device still over its
+                // rate keeps having its messages refused and is kicked on the next one.
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        kick_one(&kick, id, &metrics, &shutdown).await;
+    }
+}
+
+/// Kick one client id on the blocking pool (building a link waits for the router's
+/// answer) and count it.
+async fn kick_one<K>(kick: &K, id: Arc<str>, metrics: &Metrics, shutdown: &CancellationToken)
+where
+    K: Fn(&str) -> Result<(), String> + Clone + Send + Sync + 'static,
+{
+    let (kick, client) = (kick.clone(), id.clone());
+    let kicked = tokio::task::spawn_blocking(move || kick(&client))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    match kicked {
+        Ok(()) => metrics.emit(Event::DeviceKicked {
+            device: &id,
+            transport: Transport::Mqtt,
+        }),
+        // The router is gone when the gateway stops: nothing left to close.
+        Err(_) if shutdown.is_cancelled() => {}
+        Err(e) => tracing::error!(device = &*id, error = %e, "could not close MQTT connection"),
     }
 }
 

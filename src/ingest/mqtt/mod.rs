@@ -303,6 +303,12 @@ impl MqttIngest {
                 .map_err(|e| e.to_string())?;
             kick::release_link(tx)
         };
+        let kicks = tokio::spawn(kick::kick_requested(
+            self.registry.clone(),
+            kick.clone(),
+            metrics_for_kicker.clone(),
+            shutdown.clone(),
+        ));
         let kicker = tokio::spawn(kick::kick_revoked(
             self.registry.clone(),
             sessions,
@@ -314,6 +320,7 @@ impl MqttIngest {
 
         shutdown.cancelled().await;
         let _ = kicker.await;
+        let _ = kicks.await;
         // Stop accepting and close device connections first, so that what the broker
         // has acknowledged is final; then let the consumer drain it.
         stopping.store(true, Ordering::Release);

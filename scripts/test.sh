@@ -43,3 +43,6 @@ cargo nextest run --workspace --locked --no-fail-fast
 
 log "doc tests"
 cargo test --workspace --doc --locked
+
+log "schemathesis (property-based REST tests against a live gateway)"
+scripts/schemathesis.sh

@@ -19,7 +19,7 @@ use super::auth::{Admin, Viewer};
 use super::error::ApiError;
 use super::extract::{DevicePath, IfMatch, device_id, if_match, json_body, rfc3339};
 use super::problem::{
-    AdminErrors, DeviceNotFound, EtagMismatch, JsonBodyErrors, Problem, Unauthorized,
+    AdminErrors, BadDeviceId, DeviceNotFound, EtagMismatch, JsonBodyErrors, Problem, Unauthorized,
 };
 use super::state::AppState;
 use crate::registry::{DeviceFields, DeviceView, ListFilter, RegistryError};
@@ -38,11 +38,18 @@ const MAX_PAGE: usize = 1_000;
 #[serde(deny_unknown_fields)]
 pub struct DeviceCreate {
     /// `[A-Za-z0-9_.-]{1,64}`.
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$", min_length = 1, max_length = 64)]
     id: String,
-    /// Display name; defaults to the id.
+    /// Display name; defaults to the id. 1 to 128 characters, no control characters.
+    #[schema(
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$",
+        min_length = 1,
+        max_length = 128
+    )]
     name: Option<String>,
     /// Labels, e.g. `{"site": "berlin"}`.
     #[serde(default)]
+    #[schema(schema_with = labels_schema)]
     labels: BTreeMap<String, String>,
     /// Defaults to true.
     enabled: Option<bool>,
@@ -63,9 +70,15 @@ impl DeviceCreate {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceReplace {
-    /// Display name.
+    /// Display name: 1 to 128 characters, no control characters.
+    #[schema(
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$",
+        min_length = 1,
+        max_length = 128
+    )]
     name: String,
     /// Labels.
+    #[schema(schema_with = labels_schema)]
     labels: BTreeMap<String, String>,
     /// Whether the device may connect and send.
     enabled: bool,
@@ -76,7 +89,93 @@ pub struct DeviceReplace {
 #[serde(deny_unknown_fields)]
 pub struct BulkCreate {
     /// Up to 10,000 devices.
+    #[schema(max_items = 10_000, value_type = Vec<BulkDevice>)]
     devices: Vec<DeviceCreate>,
+}
+
+/// One device of a bulk request (documentation of [`DeviceCreate`] in a bulk body): its
+/// values are checked per item, and an item the registry refuses is reported in
+/// `results` with status 422 while the others are created, so the document leaves the
+/// values unconstrained here.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct BulkDevice {
+    /// `[A-Za-z0-9_.-]{1,64}`.
+    id: String,
+    /// Display name; defaults to the id.
+    name: Option<String>,
+    /// Labels, e.g. `{"site": "berlin"}`.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    /// Defaults to true.
+    enabled: Option<bool>,
+}
+
+/// The labels of a request: at most 32, keys `[A-Za-z0-9_.-]{1,64}`, values 1 to 128
+/// characters without control characters (what the registry accepts, so that the
+/// document does not call valid what the server refuses).
+fn labels_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let key = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some("^[A-Za-z0-9_.-]{1,64}$"));
+    let value = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(crate::registry::MAX_TEXT))
+        .pattern(Some(r"^[^\u0000-\u001F\u007F-\u009F]*$"));
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(key))
+        .additional_properties(Some(value))
+        .max_properties(Some(crate::registry::MAX_LABELS))
+        .build()
+}
+
+/// A JSON merge patch (RFC 7396) of a device's mutable fields (documentation only: the
+/// handler applies the patch to the current fields and validates the result). A label
+/// set to null is removed; `labels: null` removes them all.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct DevicePatch {
+    /// Display name: 1 to 128 characters, no control characters.
+    #[schema(
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$",
+        min_length = 1,
+        max_length = 128,
+        nullable = false
+    )]
+    #[serde(default)]
+    name: Option<String>,
+    /// Labels to set (a string) or remove (null).
+    #[schema(schema_with = label_patch_schema)]
+    #[serde(default)]
+    labels: Option<BTreeMap<String, Option<String>>>,
+    /// Whether the device may connect and send.
+    #[schema(nullable = false)]
+    #[serde(default)]
+    enabled: Option<bool>,
+}
+
+/// Like [`labels_schema`], with null values (remove that label) and null itself.
+fn label_patch_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::SchemaType;
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let key = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some("^[A-Za-z0-9_.-]{1,64}$"));
+    let value = ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .min_length(Some(1))
+        .max_length(Some(crate::registry::MAX_TEXT))
+        .pattern(Some(r"^[^\u0000-\u001F\u007F-\u009F]*$"));
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
+        .property_names(Some(key))
+        .additional_properties(Some(value))
+        .build()
 }
 
 /// A device resource.
@@ -174,14 +273,19 @@ pub struct DevicePage {
 #[allow(dead_code)]
 pub struct ListParams {
     /// `key=value`; repeat for several (all must match).
+    #[param(pattern = "^[^=]*=.*$")]
     label: Option<String>,
     /// `true` or `false`.
     online: Option<bool>,
     /// Only ids starting with this.
     prefix: Option<String>,
-    /// From `next_cursor` of the previous page.
+    /// From `next_cursor` of the previous page (unpadded base64url).
+    #[param(
+        pattern = "^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-][AQgw]|[A-Za-z0-9_-]{2}[AEIMQUYcgkosw048])?$"
+    )]
     cursor: Option<String>,
     /// Page size, 1..=1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
@@ -357,14 +461,13 @@ pub async fn list(
             }
             "prefix" => filter.prefix = Some(value.into_owned()),
             "cursor" => {
+                // A cursor is only a position among the ids (compared as strings), so
+                // any decodable one is a position; bytes that are not UTF-8 cannot
+                // match an id and are replaced rather than refused.
                 let raw = URL_SAFE_NO_PAD
                     .decode(value.as_bytes())
-                    .ok()
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .ok_or_else(|| {
-                        ApiError::bad_request("`cursor` is not a cursor from this API")
-                    })?;
-                after = Some(raw);
+                    .map_err(|_| ApiError::bad_request("`cursor` is not a cursor from this API"))?;
+                after = Some(String::from_utf8_lossy(&raw).into_owned());
             }
             "limit" => {
                 limit = value
@@ -397,6 +500,7 @@ pub async fn list(
     responses(
         (status = 200, description = "The device; `ETag` header", body = DeviceOut),
         Unauthorized,
+        BadDeviceId,
         DeviceNotFound,
     ),
     security(("api_key" = [])))]
@@ -467,6 +571,11 @@ fn merge_patch(
             ("labels", serde_json::Value::Null) => out.labels.clear(),
             ("labels", serde_json::Value::Object(labels)) => {
                 for (k, v) in labels {
+                    // Checked for removals too: a key no label can have is a mistake in
+                    // the patch, not a no-op.
+                    if let Err(e) = fluxgate_proto::validate_metric_name(&k) {
+                        return Err(bad("labels", &format!("invalid label key: {e}")));
+                    }
                     match v {
                         serde_json::Value::Null => {
                             out.labels.remove(&k);
@@ -488,7 +597,7 @@ fn merge_patch(
 }
 
 /// Change some fields with a JSON merge patch.
-#[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices", request_body(content = serde_json::Value, content_type = "application/merge-patch+json", description = "RFC 7396 merge patch of {name, labels, enabled}"),
+#[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices", request_body(content = DevicePatch, content_type = "application/merge-patch+json", description = "RFC 7396 merge patch of {name, labels, enabled}"),
     params(DevicePath, IfMatch),
     responses(
         (status = 200, description = "The changed device", body = DeviceOut),
@@ -528,6 +637,7 @@ pub async fn patch(
     responses(
         (status = 204, description = "Deleted"),
         AdminErrors,
+        BadDeviceId,
         DeviceNotFound,
         EtagMismatch,
     ),
@@ -551,6 +661,7 @@ pub async fn delete(
     responses(
         (status = 200, description = "The new token (shown only here)", body = TokenRotated),
         AdminErrors,
+        BadDeviceId,
         DeviceNotFound,
         EtagMismatch,
     ),

@@ -93,6 +93,7 @@ pub fn rfc3339(ms: i64) -> String {
 pub struct DevicePath {
     /// Device id
     #[allow(dead_code)]
+    #[param(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     id: String,
 }
 

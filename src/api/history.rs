@@ -10,7 +10,7 @@ use serde::ser::{SerializeMap, Serializer};
 use super::auth::Viewer;
 use super::error::ApiError;
 use super::extract::{DevicePath, device_id};
-use super::problem::{Problem, Unauthorized};
+use super::problem::{BadDeviceId, Problem, Unauthorized};
 use super::state::AppState;
 use crate::model::JsonValue;
 use crate::observe::Event;
@@ -80,8 +80,9 @@ impl Serialize for Latest {
     params(DevicePath),
     responses(
         (status = 200, description = "`{\"device\": id, \"metrics\": {name: {\"ts\": ms, \"value\": v}}}`", body = serde_json::Value),
+        BadDeviceId,
         Unauthorized,
-        (status = 404, description = "Nothing stored for this device", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Neither a registered device nor readings stored for it", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Too many store queries at once (`store_busy`, with `Retry-After`) or the store is disabled", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
@@ -95,7 +96,10 @@ pub async fn latest(
         .latest(id.clone())
         .await
         .map_err(|e| query_failed(&st, e))?;
-    if values.is_empty() {
+    // A registered device without readings has an empty answer; 404 is for an id that
+    // is neither registered nor has readings (a deleted device's readings stay readable
+    // until retention removes them). The registry answers from its in-memory cache.
+    if values.is_empty() && st.registry.get(&id).is_none() {
         return Err(ApiError::not_found(format!(
             "no readings stored for device `{id}`"
         )));
@@ -166,12 +170,12 @@ fn parse_time(field: &str, raw: &str) -> Result<i64, ApiError> {
 /// `truncated` is false to get every point exactly once.
 #[utoipa::path(get, path = "/api/v1/devices/{id}/readings", tag = "telemetry",
     params(
-        ("id" = String, Path, description = "Device id"),
-        ("metric" = String, Query, description = "Metric name"),
+        ("id" = String, Path, description = "Device id", pattern = "^[A-Za-z0-9_.-]{1,64}$"),
+        ("metric" = String, Query, description = "Metric name", pattern = "^[A-Za-z0-9_.-]{1,64}$"),
         ("from" = Option<String>, Query, description = "Inclusive start: ms since the epoch or RFC 3339; default one hour ago"),
         ("to" = Option<String>, Query, description = "Exclusive end: ms or RFC 3339; default now"),
         ("step" = Option<String>, Query, description = "Bucket width, e.g. `1m`"),
-        ("agg" = Option<String>, Query, description = "min, max, avg (default with step) or last"),
+        ("agg" = Option<String>, Query, description = "min, max, avg (default with step) or last", pattern = "^(min|max|avg|last)$"),
         ("limit" = Option<usize>, Query, description = "Most points (default and maximum `store.max_query_points`)"),
     ),
     responses(

@@ -22,11 +22,28 @@ const MAX_BODY: usize = 64 * 1024;
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyCreate {
-    /// Human name.
+    /// Human name: 1 to 128 characters, no control characters.
+    #[schema(
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$",
+        min_length = 1,
+        max_length = 128
+    )]
     name: String,
     /// `admin` or `viewer`.
-    #[schema(value_type = String)]
+    #[schema(value_type = RoleName)]
     role: Role,
+}
+
+/// An operator role, as the API spells it (documentation of `Role`, which lives in the
+/// registry and knows nothing of the document).
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum RoleName {
+    /// May read and change everything.
+    Admin,
+    /// May read.
+    Viewer,
 }
 
 /// An API key (without its secret).
@@ -37,7 +54,7 @@ pub struct KeyOut {
     /// Name.
     name: String,
     /// `admin` or `viewer`.
-    #[schema(value_type = String)]
+    #[schema(value_type = RoleName)]
     role: Role,
     /// RFC 3339.
     created_at: String,

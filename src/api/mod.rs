@@ -22,42 +22,91 @@ pub mod state;
 pub mod throttle;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::handler::Handler;
+use axum::http::Method;
+use axum::routing::{MethodFilter, MethodRouter, on};
 
 pub use error::ApiError;
 pub use state::{ApiSettings, AppState};
 
 use crate::{ingest, live};
 
+/// One route of the router: its method and path, and the handler bound to that method.
+/// The router is built from [`routes`], and the test of the OpenAPI document compares the
+/// document with the same list, so neither can name a route the other lacks.
+pub struct Route {
+    /// The HTTP method (a WebSocket upgrade is a GET).
+    pub method: Method,
+    /// The path in axum's (and OpenAPI's) template syntax, e.g. `/api/v1/devices/{id}`.
+    pub path: &'static str,
+    handler: MethodRouter<AppState>,
+}
+
+/// A route whose handler answers exactly `method`: the method is named once, so the table
+/// cannot list one method and route another.
+fn route<H, T>(method: Method, path: &'static str, handler: H) -> Route
+where
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    // Only the methods below are used, and each has a filter; an unknown one would be
+    // a programming error caught by every test that builds the router.
+    let filter = match method {
+        Method::GET => MethodFilter::GET,
+        Method::POST => MethodFilter::POST,
+        Method::PUT => MethodFilter::PUT,
+        Method::PATCH => MethodFilter::PATCH,
+        Method::DELETE => MethodFilter::DELETE,
+        _ => unreachable!("no route uses {method}"),
+    };
+    Route {
+        method,
+        path,
+        handler: on(filter, handler),
+    }
+}
+
+/// Every route of the API and the operational endpoints (the dashboard's routes are
+/// `web::router`'s).
+pub fn routes() -> Vec<Route> {
+    use Method as M;
+    vec![
+        route(M::GET, "/healthz", ops::healthz),
+        route(M::GET, "/readyz", ops::readyz),
+        route(M::GET, "/metrics", ops::metrics),
+        route(M::GET, "/api/v1/openapi.json", openapi::openapi_json),
+        route(M::POST, "/api/v1/devices", devices::create),
+        route(M::GET, "/api/v1/devices", devices::list),
+        route(M::POST, "/api/v1/devices:bulk", devices::bulk),
+        route(M::GET, "/api/v1/devices/{id}", devices::get_one),
+        route(M::PUT, "/api/v1/devices/{id}", devices::replace),
+        route(M::PATCH, "/api/v1/devices/{id}", devices::patch),
+        route(M::DELETE, "/api/v1/devices/{id}", devices::delete),
+        route(M::POST, "/api/v1/devices/{id}/token", devices::rotate),
+        route(M::POST, "/api/v1/keys", keys::create_key),
+        route(M::GET, "/api/v1/keys", keys::list_keys),
+        route(M::DELETE, "/api/v1/keys/{id}", keys::revoke_key),
+        route(M::POST, "/api/v1/stream-tokens", keys::stream_token),
+        route(M::GET, "/api/v1/devices/{id}/latest", history::latest),
+        route(M::GET, "/api/v1/devices/{id}/readings", history::readings),
+        route(
+            M::POST,
+            "/api/v1/devices/{id}/telemetry",
+            ingest::http::telemetry,
+        ),
+        route(M::GET, "/api/v1/ingest/ws", ingest::ws::upgrade),
+        route(M::GET, "/api/v1/live", live::ws::upgrade),
+        route(M::GET, "/api/v1/live/sse", live::sse::stream),
+    ]
+}
+
 /// Build the router.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/api/v1/openapi.json", get(openapi::openapi_json))
-        .route("/api/v1/devices", post(devices::create).get(devices::list))
-        .route("/api/v1/devices:bulk", post(devices::bulk))
-        .route(
-            "/api/v1/devices/{id}",
-            get(devices::get_one)
-                .put(devices::replace)
-                .patch(devices::patch)
-                .delete(devices::delete),
-        )
-        .route("/api/v1/devices/{id}/token", post(devices::rotate))
-        .route("/api/v1/keys", post(keys::create_key).get(keys::list_keys))
-        .route("/api/v1/keys/{id}", axum::routing::delete(keys::revoke_key))
-        .route("/api/v1/stream-tokens", post(keys::stream_token))
-        .route("/api/v1/devices/{id}/latest", get(history::latest))
-        .route("/api/v1/devices/{id}/readings", get(history::readings))
-        .route(
-            "/api/v1/devices/{id}/telemetry",
-            post(ingest::http::telemetry),
-        )
-        .route("/api/v1/ingest/ws", get(ingest::ws::upgrade))
-        .route("/api/v1/live", get(live::ws::upgrade))
-        .route("/api/v1/live/sse", get(live::sse::stream))
+    // axum merges the method routers of routes that share a path.
+    let router = routes()
+        .into_iter()
+        .fold(Router::new(), |r, route| r.route(route.path, route.handler));
+    router
         .merge(crate::web::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

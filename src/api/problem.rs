@@ -102,6 +102,16 @@ pub enum JsonBodyErrors {
 )]
 pub struct DeviceNotFound(pub Problem);
 
+/// 400 for a device id in the path that breaks the name rules (a well-formed unknown
+/// id is a 404).
+#[derive(IntoResponses)]
+#[response(
+    status = 400,
+    description = "Not a valid device id",
+    content_type = "application/problem+json"
+)]
+pub struct BadDeviceId(pub Problem);
+
 /// 412 when `If-Match` names another version.
 #[derive(IntoResponses)]
 #[response(

@@ -384,7 +384,9 @@ impl DiskBuffer {
     }
 
     /// Delete the oldest segment with whatever it still holds (`drop_oldest`). Returns
-    /// the unacknowledged records deleted.
+    /// the records deleted that were never read: a record already read is in a writer's
+    /// request, which still delivers it (and counts it as written or dead-lettered), so
+    /// counting it here too would count one line twice.
     fn drop_oldest_segment(&mut self) -> Result<u64, BufferError> {
         if self.segments.len() <= 1 {
             self.roll()?;
@@ -400,10 +402,16 @@ impl DiskBuffer {
         let records = s.records - s.acked_records;
         self.unacked_records -= records;
         self.unacked_bytes -= s.len - acked_off;
+        let mut lost = 0;
         if self.read.seg == s.id {
             let unread = s.records - s.read_records;
             self.unread_records -= unread;
             self.unread_bytes -= (s.len - self.read.off) - RECORD_OVERHEAD * unread;
+            lost = unread;
+        } else if self.read.seg < s.id {
+            // Not reached by the reader yet (cannot happen for the oldest segment, but
+            // the count stays right if it did).
+            lost = records;
         }
         for m in &mut self.outstanding {
             if m.end.seg == s.id {
@@ -421,7 +429,7 @@ impl DiskBuffer {
         let path = self.seg_path(s.id);
         std::fs::remove_file(&path).map_err(io("remove", &path))?;
         self.write_cursor()?;
-        Ok(records)
+        Ok(lost)
     }
 
     /// Delete segments (never the last) that the cursor has passed.

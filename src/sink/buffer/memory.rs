@@ -57,8 +57,13 @@ impl Buffer for MemoryBuffer {
             match self.limits.when_full {
                 WhenFull::Block => return Err(BufferError::Full),
                 WhenFull::DropOldest => {
-                    self.pop_front();
-                    dropped += 1;
+                    // A record already read is in a writer's request, which still
+                    // delivers it (counted as written or dead-lettered there); only a
+                    // record never read is lost here.
+                    let was_unread = self.read <= self.first;
+                    if self.pop_front().is_some() && was_unread {
+                        dropped += 1;
+                    }
                 }
             }
         }

@@ -209,6 +209,37 @@ fn block_refuses_and_drop_oldest_deletes_whole_segments() {
     assert_eq!(lines(&out), rec[10..30].to_vec());
 }
 
+/// Records already handed to a writer (read, not acknowledged) are still delivered by
+/// it when `drop_oldest` deletes them from the buffer, so they are not counted as
+/// dropped: a line must not be counted both written and dropped.
+#[test]
+fn drop_oldest_counts_only_records_never_read() {
+    let rec: Vec<Vec<u8>> = (0..100).map(|i| format!("{i:040}").into_bytes()).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut b, _) =
+        DiskBuffer::open(dir.path(), limits(8192, 4096, WhenFull::DropOldest)).expect("open");
+    b.append(&batch(&rec)).expect("append");
+    // 10 of the first segment's 86 records are in flight.
+    let mut out = Vec::new();
+    assert_eq!(b.read(10, usize::MAX, &mut out).expect("read"), 10);
+    let a = b.append(&batch(&rec)).expect("append");
+    assert_eq!(a.dropped, 76, "the first segment's unread records");
+    // The writer's acknowledgement of the deleted records changes nothing.
+    b.ack_oldest().expect("ack");
+    assert_eq!(b.stats().unacked_records, 114);
+
+    let mut m = MemoryBuffer::new(limits(960, 4096, WhenFull::DropOldest));
+    m.append(&batch(&rec[..20])).expect("append");
+    let mut out = Vec::new();
+    assert_eq!(m.read(4, usize::MAX, &mut out).expect("read"), 4);
+    let a = m.append(&batch(&rec[20..30])).expect("append");
+    assert_eq!(a.dropped, 6, "10 deleted, 4 of them in flight");
+    m.ack_oldest().expect("ack");
+    let mut out = Vec::new();
+    m.read(usize::MAX, usize::MAX, &mut out).expect("read");
+    assert_eq!(lines(&out), rec[10..30].to_vec());
+}
+
 #[test]
 fn corruption_in_the_middle_is_skipped_and_the_rest_kept() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -341,6 +341,14 @@ async fn database_outage_loses_and_duplicates_nothing() {
         }
         vm.wait_for_exactly(&expected, Duration::from_secs(90))
             .await;
+        // Duplicate-sensitive: every line (one point each) was accepted exactly once. The
+        // export is a set, so a line written twice would only show here.
+        gw.wait_metric(
+            "fluxgate_influxdb_points_written_total",
+            expected.len() as f64,
+            Duration::from_secs(10),
+        )
+        .await;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let (status, _, _) = gw.get_json("/readyz").await;
@@ -1013,6 +1021,21 @@ async fn restart_during_outage(signal: &str) {
     expected.extend(p.send_acked("rs-2", 0, 100, base).await);
     vm.wait_for_exactly(&expected, Duration::from_secs(60))
         .await;
+    // Duplicate-sensitive: the restarted process writes exactly the 500 lines of the
+    // outage (replayed from the buffer) and the 100 new ones. The 300 written before the
+    // outage are behind the saved cursor; had it not been saved, they would be written
+    // again (and the set above would not notice).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut written = 0.0;
+    while written < 600.0 && Instant::now() < deadline {
+        written = p.metric("fluxgate_influxdb_points_written_total").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        p.metric("fluxgate_influxdb_points_written_total").await,
+        600.0
+    );
     assert_eq!(
         p.metric("fluxgate_influxdb_buffer_corrupt_total").await,
         0.0

@@ -41,6 +41,12 @@ fn last_pos(data: &str) -> Option<String> {
         .map(|r| r["pos"].as_str().unwrap().to_owned())
 }
 
+/// POST one message of `values` (server time) for `device`.
+async fn send_dyn(gw: &TestGateway, device: &str, token: &str, values: Json) {
+    let r = gw.telemetry(device, Some(token), &values.to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 /// POST readings `v = i` with timestamps `base + i` for i in `from..from + n`.
 async fn post_values(gw: &TestGateway, device: &str, token: &str, base: i64, from: i64, n: i64) {
     for i in from..from + n {
@@ -410,24 +416,56 @@ async fn filters_by_id_glob_label_and_metric_with_snapshots() {
             assert_eq!(snap.event, "snapshot");
             let want: BTreeSet<String> = want.into_iter().map(str::to_owned).collect();
             assert_eq!(devices_in(&snap.data), want, "snapshot of {query}");
-            // New readings from every device: only the selected ones arrive.
+            // New readings from every device, then a sentinel from a selected device on
+            // a selected metric: everything the filter lets through arrives before it,
+            // so reading up to it gives the exact (device, metric) set delivered.
             send("sensor-1", json!({"temp": 10, "hum": 10})).await;
             send("sensor-2", json!({"temp": 20})).await;
             send("pump-1", json!({"temp": 30})).await;
+            let metric_filter = query.split('&').find_map(|kv| kv.strip_prefix("metric="));
+            let sentinel_device = want.iter().next().unwrap().clone();
+            let sentinel_metric = metric_filter.unwrap_or("sentinel").to_owned();
+            send_dyn(
+                &gw,
+                &sentinel_device,
+                &tokens[sentinel_device.as_str()],
+                json!({sentinel_metric.clone(): 999}),
+            )
+            .await;
+            let sent = [
+                ("sensor-1", "temp"),
+                ("sensor-1", "hum"),
+                ("sensor-2", "temp"),
+                ("pump-1", "temp"),
+            ];
+            let passing: Vec<(String, String)> = sent
+                .iter()
+                .filter(|(d, m)| want.contains(*d) && metric_filter.is_none_or(|f| f == *m))
+                .map(|(d, m)| ((*d).to_owned(), (*m).to_owned()))
+                .collect();
+            let mut expected: BTreeSet<(String, String)> = passing.iter().cloned().collect();
+            expected.insert((sentinel_device.clone(), sentinel_metric.clone()));
             let mut seen = BTreeSet::new();
-            while seen != want {
+            let mut deliveries = 0;
+            loop {
                 let e = tokio::time::timeout(Duration::from_secs(10), sse.next_event())
                     .await
                     .unwrap()
                     .unwrap();
                 assert_eq!(e.event, "readings");
-                let devices = devices_in(&e.data);
-                assert!(devices.is_subset(&want), "{query} delivered {devices:?}");
-                if query.contains("metric=hum") {
-                    assert!(readings_of(&e.data).iter().all(|r| r.1 == "hum"));
+                let readings = readings_of(&e.data);
+                deliveries += readings.len();
+                let done = readings
+                    .iter()
+                    .any(|r| r.0 == sentinel_device && r.1 == sentinel_metric && r.3 == "999");
+                seen.extend(readings.into_iter().map(|r| (r.0, r.1)));
+                if done {
+                    break;
                 }
-                seen.extend(devices);
             }
+            assert_eq!(seen, expected, "{query}");
+            // Each reading once: no duplicates hidden by the set.
+            assert_eq!(deliveries, passing.len() + 1, "{query}");
         }
         gw.shutdown().await;
     })
@@ -440,6 +478,7 @@ async fn max_rate_holds_back_and_conflates_per_series() {
         let gw = TestGateway::spawn().await;
         let token = gw.provision("fast").await;
         let base = now_ms() - 60_000;
+        let started = std::time::Instant::now();
         let mut sse = gw.sse("/api/v1/live/sse?device=fast&max_rate=1").await;
         assert_eq!(sse.next_event().await.unwrap().event, "snapshot");
         post_values(&gw, "fast", &token, base, 0, 20).await;
@@ -468,6 +507,14 @@ async fn max_rate_holds_back_and_conflates_per_series() {
         assert!(
             delivered.len() < 20,
             "max_rate=1 sent {} of 20 readings",
+            delivered.len()
+        );
+        // The rate itself: one series at 1/s delivers at most elapsed x 1 + 1 readings
+        // (an upper bound, so a slow machine cannot fail it).
+        let elapsed = started.elapsed().as_secs_f64();
+        assert!(
+            delivered.len() as f64 <= elapsed * 1.0 + 1.0,
+            "{} readings in {elapsed:.2}s at max_rate=1",
             delivered.len()
         );
         assert_eq!(

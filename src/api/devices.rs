@@ -571,13 +571,13 @@ fn merge_patch(
             ("labels", serde_json::Value::Null) => out.labels.clear(),
             ("labels", serde_json::Value::Object(labels)) => {
                 for (k, v) in labels {
-                    // Checked for removals too: a key no label can have is a mistake in
-                    // the patch, not a no-op.
-                    if let Err(e) = fluxgate_proto::validate_metric_name(&k) {
-                        return Err(bad("labels", &format!("invalid label key: {e}")));
-                    }
                     match v {
                         serde_json::Value::Null => {
+                            // A key that no label can have is a mistake in the patch,
+                            // not a no-op (a set is checked with the result, below).
+                            if let Err(e) = fluxgate_proto::validate_metric_name(&k) {
+                                return Err(bad("labels", &format!("invalid label key: {e}")));
+                            }
                             out.labels.remove(&k);
                         }
                         serde_json::Value::String(s) => {

@@ -82,7 +82,7 @@ impl Serialize for Latest {
         (status = 200, description = "`{\"device\": id, \"metrics\": {name: {\"ts\": ms, \"value\": v}}}`", body = serde_json::Value),
         BadDeviceId,
         Unauthorized,
-        (status = 404, description = "Neither a registered device nor readings stored for it", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Nothing stored for this device", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Too many store queries at once (`store_busy`, with `Retry-After`) or the store is disabled", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])))]
@@ -96,10 +96,7 @@ pub async fn latest(
         .latest(id.clone())
         .await
         .map_err(|e| query_failed(&st, e))?;
-    // A registered device without readings has an empty answer; 404 is for an id that
-    // is neither registered nor has readings (a deleted device's readings stay readable
-    // until retention removes them). The registry answers from its in-memory cache.
-    if values.is_empty() && st.registry.get(&id).is_none() {
+    if values.is_empty() {
         return Err(ApiError::not_found(format!(
             "no readings stored for device `{id}`"
         )));

@@ -24,7 +24,7 @@ use fluxgate::Config;
 use fluxgate_proto::topic;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 // ---------------------------------------------------------------------------------------
@@ -387,38 +387,6 @@ struct Stub {
 /// Decides a request: the text it writes, and the 400 body if any line was refused.
 type Judge = Arc<dyn Fn(&str) -> (String, Option<String>) + Send + Sync>;
 
-async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Some((head, buf[head_end..head_end + len].to_vec()))
-}
-
 impl Stub {
     async fn start() -> Stub {
         Stub::judged(Arc::new(|text: &str| {
@@ -446,7 +414,7 @@ impl Stub {
                 };
                 let (acc, rej, judge) = (acc.clone(), rej.clone(), judge.clone());
                 tokio::spawn(async move {
-                    while let Some((head, body)) = read_request(&mut sock).await {
+                    while let Some((head, body)) = common::read_http_request(&mut sock).await {
                         let text = if head.to_ascii_lowercase().contains("content-encoding: gzip") {
                             let mut s = String::new();
                             flate2::read::GzDecoder::new(&body[..])

@@ -22,7 +22,7 @@ use fluxgate::Config;
 use fluxgate::config::WhenFull;
 use fluxgate_proto::topic;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 // ---------------------------------------------------------------------------------------
 // The scripted stub
@@ -63,38 +63,6 @@ struct Stub {
     opened: Arc<tokio::sync::Notify>,
 }
 
-async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Some((head, buf[head_end..head_end + len].to_vec()))
-}
-
 fn reason_phrase(status: u16) -> &'static str {
     match status {
         204 => "No Content",
@@ -131,7 +99,7 @@ impl Stub {
                 };
                 let (script, opened) = (sc.clone(), op.clone());
                 tokio::spawn(async move {
-                    while let Some((head, body)) = read_request(&mut sock).await {
+                    while let Some((head, body)) = common::read_http_request(&mut sock).await {
                         let arrived = Instant::now();
                         assert!(head.starts_with("POST /api/v2/write?"), "{head}");
                         let text = if head.to_ascii_lowercase().contains("content-encoding: gzip") {

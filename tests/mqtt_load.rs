@@ -10,9 +10,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Mqtt, TestGateway, bounded, now_ms, wait_for};
+use common::{TestGateway, bounded, now_ms, wait_for};
 use fluxgate::model::Value;
-use fluxgate_proto::topic;
 
 const CLIENTS: usize = 10;
 const PER_CLIENT: i64 = 10_000;
@@ -29,25 +28,16 @@ async fn hundred_thousand_qos1_messages_are_stored_exactly_once() {
         let base = now_ms() - 60_000;
         let started = Instant::now();
 
-        let mut publishers = Vec::new();
-        for id in &ids {
-            let mqtt = Mqtt::connect(gw.mqtt, id, &tokens[id]).await;
-            let topic = topic::telemetry(id);
-            publishers.push(tokio::spawn(async move {
-                for i in 0..PER_CLIENT {
-                    // One metric per message, so rows == messages.
-                    let payload = format!(r#"{{"ts":{},"values":{{"v":{i}}}}}"#, base + i);
-                    mqtt.publish(&topic, payload).await;
-                }
-                mqtt.wait_acks(u64::try_from(PER_CLIENT).unwrap(), Duration::from_secs(90))
-                    .await;
-                mqtt
-            }));
-        }
-        let mut clients = Vec::new();
-        for p in publishers {
-            clients.push(p.await.unwrap());
-        }
+        // One metric per message, so readings == messages.
+        let clients = common::publish_numbered(
+            gw.mqtt,
+            &ids,
+            &tokens,
+            PER_CLIENT,
+            base,
+            Duration::from_secs(90),
+        )
+        .await;
         let acked = started.elapsed();
 
         wait_for("all messages stored", Duration::from_secs(60), || {

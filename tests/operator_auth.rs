@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Mqtt, Resp, Sse, TestGateway, bearer, bounded, now_ms, ws_closed_with, ws_open};
-use fluxgate_proto::topic;
+use common::{Resp, Sse, TestGateway, bearer, bounded, now_ms, ws_closed_with, ws_open};
 use reqwest::Method;
 
 /// The default `auth.failure_burst`.
@@ -116,24 +115,16 @@ async fn a_flood_of_made_up_keys_does_not_disturb_mqtt_ingest() {
 
         let base = now_ms() - 60_000;
         let started = Instant::now();
-        let mut publishers = Vec::new();
-        for id in &ids {
-            let mqtt = Mqtt::connect(gw.mqtt, id, &tokens[id]).await;
-            let topic = topic::telemetry(id);
-            publishers.push(tokio::spawn(async move {
-                for i in 0..PER_CLIENT {
-                    let payload = format!(r#"{{"ts":{},"values":{{"v":{i}}}}}"#, base + i);
-                    mqtt.publish(&topic, payload).await;
-                }
-                mqtt.wait_acks(u64::try_from(PER_CLIENT).unwrap(), Duration::from_secs(90))
-                    .await;
-                mqtt
-            }));
-        }
-        let mut clients = Vec::new();
-        for p in publishers {
-            clients.push(p.await.unwrap());
-        }
+        // One metric per message, so readings == messages.
+        let clients = common::publish_numbered(
+            gw.mqtt,
+            &ids,
+            &tokens,
+            PER_CLIENT,
+            base,
+            Duration::from_secs(90),
+        )
+        .await;
         let acked = started.elapsed();
         stop.store(true, Ordering::SeqCst);
         let mut flood = 0;
@@ -478,22 +469,17 @@ async fn mqtt_ingest(gw: &TestGateway, prefix: &str, clients: usize, per_client:
     let tokens = gw.provision_many(&ids).await;
     let base = now_ms() - 60_000;
     let started = Instant::now();
-    let mut publishers = Vec::new();
-    for id in &ids {
-        let mqtt = Mqtt::connect(gw.mqtt, id, &tokens[id]).await;
-        let topic = topic::telemetry(id);
-        publishers.push(tokio::spawn(async move {
-            for i in 0..per_client {
-                let payload = format!(r#"{{"ts":{},"values":{{"v":{i}}}}}"#, base + i);
-                mqtt.publish(&topic, payload).await;
-            }
-            mqtt.wait_acks(u64::try_from(per_client).unwrap(), Duration::from_secs(300))
-                .await;
-            mqtt.assert_healthy();
-        }));
-    }
-    for p in publishers {
-        p.await.unwrap();
+    let clients = common::publish_numbered(
+        gw.mqtt,
+        &ids,
+        &tokens,
+        per_client,
+        base,
+        Duration::from_secs(300),
+    )
+    .await;
+    for client in &clients {
+        client.assert_healthy();
     }
     started.elapsed()
 }

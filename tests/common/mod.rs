@@ -1297,3 +1297,36 @@ pub async fn read_http_request(sock: &mut tokio::net::TcpStream) -> Option<(Stri
     }
     Some((head, buf[head_end..head_end + len].to_vec()))
 }
+
+/// Publish `per_client` QoS 1 messages from each device of `ids` (metric `v` = i at
+/// `base + i` ms, so every reading is distinct) on connections of its own, all at once,
+/// wait for every PUBACK, and return the clients, still connected.
+pub async fn publish_numbered(
+    mqtt: SocketAddr,
+    ids: &[String],
+    tokens: &HashMap<String, String>,
+    per_client: i64,
+    base: i64,
+    timeout: Duration,
+) -> Vec<Mqtt> {
+    let mut publishers = Vec::new();
+    for id in ids {
+        let client = Mqtt::connect(mqtt, id, &tokens[id]).await;
+        let topic = fluxgate_proto::topic::telemetry(id);
+        publishers.push(tokio::spawn(async move {
+            for i in 0..per_client {
+                let payload = format!(r#"{{"ts":{},"values":{{"v":{i}}}}}"#, base + i);
+                client.publish(&topic, payload).await;
+            }
+            client
+                .wait_acks(u64::try_from(per_client).unwrap(), timeout)
+                .await;
+            client
+        }));
+    }
+    let mut clients = Vec::new();
+    for p in publishers {
+        clients.push(p.await.unwrap());
+    }
+    clients
+}

@@ -1099,3 +1099,146 @@ async fn the_sink_works_without_the_embedded_store() {
     })
     .await;
 }
+
+impl Process {
+    /// Stream WebSocket messages (one reading `v` = i each, device timestamps) as fast as
+    /// the gateway takes them, and SIGKILL the gateway as soon as `kill_after` of them were
+    /// acknowledged. Acks come in message order, so the first `acked` messages are the
+    /// acknowledged ones; returns their samples.
+    async fn kill_mid_stream(
+        &mut self,
+        device: &str,
+        kill_after: i64,
+        base: i64,
+    ) -> BTreeSet<Sample> {
+        let token = self.device_token(device).await;
+        let url = format!("ws://{}/api/v1/ingest/ws", self.http);
+        let ws = common::ws_open(&url, Some(&token)).await.unwrap();
+        let (mut tx, mut rx) = ws.split();
+        // The writer keeps far more in flight than acknowledged when the kill comes, so the
+        // crash lands in the middle of the stream: queued, batched, committing.
+        let writer = tokio::spawn(async move {
+            for i in 0..kill_after * 10 {
+                let text = json!({"ts": base + i, "values": {"v": i}}).to_string();
+                if tx.send(Message::text(text)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut acked = 0;
+        while acked < kill_after {
+            match tokio::time::timeout(Duration::from_secs(20), rx.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    assert_eq!(v["type"], "ack", "{v}");
+                    acked += 1;
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("WebSocket ended after {acked} acks: {other:?}"),
+            }
+        }
+        self.signal("-KILL");
+        // Acks that were already on their way count too: they were sent, so the gateway
+        // promised them.
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
+            if let Message::Text(t) = m {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "ack" {
+                    acked += 1;
+                }
+            }
+        }
+        self.wait_exit(Duration::from_secs(30)).await;
+        writer.abort();
+        (0..acked)
+            .map(|i| sample("v", device, base + i, i as f64))
+            .collect()
+    }
+
+    /// Every stored reading of metric `v` of `device` from the embedded store, paging
+    /// with `next_from` (each point once).
+    async fn stored(&self, device: &str, from: i64, to: i64) -> BTreeSet<Sample> {
+        let client = reqwest::Client::new();
+        let auth = common::bearer(&self.admin_key);
+        let mut out = BTreeSet::new();
+        let mut start = from;
+        loop {
+            let body: serde_json::Value = client
+                .get(format!(
+                    "http://{}/api/v1/devices/{device}/readings?metric=v&from={start}&to={to}&limit=10000",
+                    self.http
+                ))
+                .header("authorization", &auth)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            for p in body["points"].as_array().unwrap() {
+                out.insert(sample(
+                    "v",
+                    device,
+                    p["ts"].as_i64().unwrap(),
+                    p["value"].as_f64().unwrap(),
+                ));
+            }
+            match body["next_from"].as_i64() {
+                Some(next) if body["truncated"] == true => start = next,
+                _ => return out,
+            }
+        }
+    }
+}
+
+/// kill -9 in the middle of a stream, at several points (a few acks in, and deep into
+/// a long stream), restarting on the same data directory each time: every reading a
+/// WebSocket sender saw acknowledged is in the embedded store and in InfluxDB after the
+/// restart, whatever else was in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_keeps_every_acknowledged_reading() {
+    bounded(240, async {
+        let vm = Vm::start().await;
+        let data = tempfile::tempdir().unwrap();
+        let base = now_ms() - 600_000;
+        let mut key: Option<String> = None;
+        let mut acked_all = BTreeSet::new();
+        for (round, kill_after) in [(0, 3i64), (1, 700), (2, 5_000)] {
+            let mut p = Process::start(data.path(), &vm.url(), key.as_deref());
+            key = Some(p.admin_key.clone());
+            let device = format!("mid-{round}");
+            let acked = p.kill_mid_stream(&device, kill_after, base).await;
+            assert!(acked.len() as i64 >= kill_after);
+            eprintln!("round {round}: killed after {} acks", acked.len());
+            acked_all.extend(acked.iter().cloned());
+            drop(p);
+
+            let p = Process::start(data.path(), &vm.url(), key.as_deref());
+            let stored = p.stored(&device, base, base + kill_after * 10).await;
+            let lost: Vec<_> = acked.difference(&stored).take(5).collect();
+            assert!(
+                lost.is_empty(),
+                "round {round}: {} of {} acknowledged readings missing from the store, e.g. {lost:?}",
+                acked.difference(&stored).count(),
+                acked.len()
+            );
+            // The sink catches up from its disk buffer: poll until every acknowledged
+            // reading of every round so far is in the database.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let exported = vm.export().await;
+                let missing = acked_all.difference(&exported).count();
+                if missing == 0 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: {missing} acknowledged readings never reached InfluxDB"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            drop(p);
+        }
+    })
+    .await;
+}

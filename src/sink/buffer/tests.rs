@@ -37,8 +37,10 @@ enum Op {
     Read(usize, usize),
     Ack,
     /// Drop without closing; `Some(k)`: also cut `k` bytes (fewer than the last
-    /// record's framed size) off the end of the newest segment.
-    Crash(Option<usize>),
+    /// record's framed size) off the end of the newest segment; `true`: the crash also
+    /// came while a new cursor was being written, leaving a torn `cursor.tmp` of that
+    /// many bytes (mod 21) behind, never renamed.
+    Crash(Option<usize>, Option<usize>),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -47,7 +49,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => proptest::collection::vec(record, 1..6).prop_map(Op::Append),
         3 => (1usize..8, 1usize..200).prop_map(|(n, b)| Op::Read(n, b)),
         3 => Just(Op::Ack),
-        1 => proptest::option::of(1usize..1000).prop_map(Op::Crash),
+        1 => (proptest::option::of(1usize..1000), proptest::option::of(0usize..1000))
+            .prop_map(|(cut, tmp)| Op::Crash(cut, tmp)),
     ]
 }
 
@@ -109,8 +112,14 @@ proptest! {
                         read -= n;
                     }
                 }
-                Op::Crash(cut) => {
+                Op::Crash(cut, stale_tmp) => {
                     drop(b);
+                    if let Some(n) = stale_tmp {
+                        // A cursor write that never reached its rename: the committed
+                        // cursor is the one that counts, so the model is unchanged.
+                        let garbage: Vec<u8> = (0..n % 21).map(|i| (i * 37 + n) as u8).collect();
+                        std::fs::write(dir.path().join("cursor.tmp"), garbage).expect("tmp");
+                    }
                     let mut expect_damage = 0;
                     if let (Some(cut), Some(rec)) = (cut, last.take()) {
                         let framed = rec.len() + RECORD_OVERHEAD as usize;
@@ -298,7 +307,7 @@ proptest! {
                         read -= n;
                     }
                 }
-                Op::Crash(_) => {}
+                Op::Crash(..) => {}
             }
             let s = b.stats();
             prop_assert_eq!(s.unacked_records, unacked.len() as u64);

@@ -903,18 +903,7 @@ impl Process {
             ws.send(Message::text(text)).await.unwrap();
             expected.insert(sample("v", device, base + i, i as f64));
         }
-        let mut acked = 0;
-        while acked < n {
-            match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                    assert_eq!(v["type"], "ack", "{v}");
-                    acked += 1;
-                }
-                Ok(Some(Ok(_))) => {}
-                other => panic!("WebSocket ended after {acked} acks: {other:?}"),
-            }
-        }
+        wait_acks(&mut ws, n).await;
         let _ = ws.close(None).await;
         expected
     }
@@ -951,6 +940,27 @@ impl Process {
             .await
             .unwrap();
         common::scrape(&text, series)
+    }
+}
+
+/// Read `n` acks from a WebSocket ingest stream (every message is answered in order);
+/// fails on anything else or a stream that ends first.
+async fn wait_acks<S, E>(ws: &mut S, n: i64)
+where
+    S: futures_util::Stream<Item = Result<Message, E>> + Unpin,
+    E: std::fmt::Debug,
+{
+    let mut acked = 0;
+    while acked < n {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                assert_eq!(v["type"], "ack", "{v}");
+                acked += 1;
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("WebSocket ended after {acked} acks: {other:?}"),
+        }
     }
 }
 
@@ -1125,18 +1135,8 @@ impl Process {
                 }
             }
         });
-        let mut acked = 0;
-        while acked < kill_after {
-            match tokio::time::timeout(Duration::from_secs(20), rx.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                    assert_eq!(v["type"], "ack", "{v}");
-                    acked += 1;
-                }
-                Ok(Some(Ok(_))) => {}
-                other => panic!("WebSocket ended after {acked} acks: {other:?}"),
-            }
-        }
+        let mut acked = kill_after;
+        wait_acks(&mut rx, kill_after).await;
         self.signal("-KILL");
         // Acks that were already on their way count too: they were sent, so the gateway
         // promised them.

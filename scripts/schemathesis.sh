@@ -20,6 +20,9 @@ examples=${1:-25}
 if ! command -v schemathesis >/dev/null 2>&1; then
   echo "installing schemathesis (PyPI)"
   python3 -m pip install --quiet --disable-pip-version-check schemathesis
+  # Under pyenv a new console script needs its shim before it is on PATH.
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+  hash -r
 fi
 
 target=${CARGO_TARGET_DIR:-target}

@@ -104,15 +104,7 @@ async fn counts(
     name: fn(&str) -> String,
     reasons: &[&str],
 ) -> BTreeMap<String, f64> {
-    let text = gw
-        .http_client
-        .get(gw.http_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics_text().await;
     reasons
         .iter()
         .map(|r| ((*r).to_owned(), scrape(&text, &name(r))))

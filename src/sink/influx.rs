@@ -196,7 +196,7 @@ impl InfluxWriter {
         loop {
             match self.attempt(&body, gzipped).await {
                 Attempt::Written => {
-                    self.health.set_failing(None);
+                    self.health.set_failing(false);
                     self.metrics.emit(Event::SinkWritten {
                         lines,
                         bytes: body.len(),
@@ -207,7 +207,7 @@ impl InfluxWriter {
                 }
                 Attempt::Rejected { status, reason } => {
                     // The server is up and answering: not a readiness problem.
-                    self.health.set_failing(None);
+                    self.health.set_failing(false);
                     return Some((status, reason));
                 }
                 Attempt::Retry {
@@ -216,10 +216,7 @@ impl InfluxWriter {
                     retry_after,
                 } => {
                     let delay = retry_after.unwrap_or_else(|| backoff(&self.retry, retries));
-                    self.health.set_failing(Some(match status {
-                        Some(s) => format!("last write failed: HTTP {s}: {error}"),
-                        None => format!("last write failed: {error}"),
-                    }));
+                    self.health.set_failing(true);
                     self.metrics.emit(Event::SinkRetry {
                         status,
                         error: &error,

@@ -27,8 +27,7 @@ pub mod spool;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::config::{BufferMode, InfluxConfig};
 use crate::observe::{Event, Metrics};
@@ -62,7 +61,9 @@ pub enum SinkError {
 #[derive(Debug)]
 pub struct SinkHealth {
     name: &'static str,
-    failing: Mutex<Option<String>>,
+    /// Whether the latest write attempt failed (the reason goes to the log and the
+    /// retry counter, never to the unauthenticated `/readyz`).
+    failing: AtomicBool,
     fill_permille: AtomicU64,
 }
 
@@ -71,7 +72,7 @@ impl SinkHealth {
     pub fn new(name: &'static str) -> Self {
         Self {
             name,
-            failing: Mutex::new(None),
+            failing: AtomicBool::new(false),
             fill_permille: AtomicU64::new(0),
         }
     }
@@ -81,16 +82,14 @@ impl SinkHealth {
         self.name
     }
 
-    /// Record the outcome of the latest write attempt (`None`: it succeeded).
-    pub fn set_failing(&self, reason: Option<String>) {
-        if let Ok(mut f) = self.failing.lock() {
-            *f = reason;
-        }
+    /// Record the outcome of the latest write attempt.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::Relaxed);
     }
 
     /// Whether the latest write attempt failed.
     pub fn is_failing(&self) -> bool {
-        self.failing.lock().map(|f| f.is_some()).unwrap_or(false)
+        self.failing.load(Ordering::Relaxed)
     }
 
     /// Record how full the buffer is.
@@ -107,15 +106,6 @@ impl SinkHealth {
         }
         let fill = self.fill_permille.load(Ordering::Relaxed);
         (fill >= UNREADY_FILL_PERMILLE).then_some("buffer_nearly_full")
-    }
-
-    /// Why the sink is not ready, if it is not, with details (server messages).
-    pub fn problem(&self) -> Option<String> {
-        if let Some(reason) = self.failing.lock().ok().and_then(|f| f.clone()) {
-            return Some(reason);
-        }
-        let fill = self.fill_permille.load(Ordering::Relaxed);
-        (fill >= UNREADY_FILL_PERMILLE).then(|| format!("buffer {}% full", fill / 10))
     }
 }
 

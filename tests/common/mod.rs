@@ -391,16 +391,19 @@ impl TestGateway {
     /// A value from `/metrics`; `series` is the name with its labels exactly as
     /// rendered, e.g. `fluxgate_ingest_messages_total{transport="mqtt"}`.
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = self
-            .http_client
+        scrape(&self.metrics_text().await, series)
+    }
+
+    /// The whole `/metrics` text, for reading several series from one scrape.
+    pub async fn metrics_text(&self) -> String {
+        self.http_client
             .get(self.http_url("/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        scrape(&text, series)
+            .unwrap()
     }
 
     /// A value from the metrics registry read in process, without an HTTP request (for

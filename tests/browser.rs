@@ -214,6 +214,10 @@ async fn assert_fits(browser: &Client, what: &str) {
 struct Feeder {
     sent: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    /// Asked to hold off (set by the test).
+    paused: Arc<AtomicBool>,
+    /// Holding off, with no post in flight (set by the task).
+    idle: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -221,10 +225,18 @@ impl Feeder {
     fn start(http: reqwest::Client, url: String, token: String) -> Feeder {
         let sent = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, st) = (sent.clone(), stop.clone());
+        let paused = Arc::new(AtomicBool::new(false));
+        let idle = Arc::new(AtomicBool::new(false));
+        let (s, st, p, i) = (sent.clone(), stop.clone(), paused.clone(), idle.clone());
         let task = tokio::spawn(async move {
             let mut n: u64 = 0;
             while !st.load(Ordering::Relaxed) {
+                if p.load(Ordering::SeqCst) {
+                    i.store(true, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                i.store(false, Ordering::SeqCst);
                 let phase = n as f64 / 8.0;
                 let body = json!({
                     "temp": 21.0 + 2.0 * phase.sin() + (n % 7) as f64 * 0.05,
@@ -246,7 +258,27 @@ impl Feeder {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
-        Feeder { sent, stop, task }
+        Feeder {
+            sent,
+            stop,
+            paused,
+            idle,
+            task,
+        }
+    }
+
+    /// Stop sending and wait until no post is in flight, so [`Feeder::last`] is final.
+    async fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + WAIT;
+        while !self.idle.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the feeder did not pause");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
     }
 
     /// The last `count` the gateway accepted.
@@ -337,14 +369,22 @@ async fn scenario(out: &Path) {
         }
     }
 
-    // Ten minutes of history, so the chart has a past to draw.
+    // Eight minutes of history, so the chart has a past to draw. One temp reading per
+    // 5 s: every 5 s bucket of the page's history query holds exactly one of them, so the
+    // chart must show each at its bucket's start with its exact value.
     let now = i64::try_from(fluxgate::model::now_ms()).unwrap();
-    let backfill: Vec<Json> = (1..=120)
+    let history: Vec<(i64, f64)> = (1..=96)
         .rev()
         .map(|i| {
             let phase = f64::from(i) / 20.0;
-            json!({"ts": now - i64::from(i) * 5_000,
-                   "values": {"temp": 20.0 + 1.5 * phase.sin(), "humidity": 52.0 + 3.0 * phase.cos()}})
+            (now - i64::from(i) * 5_000, 20.0 + 1.5 * phase.sin())
+        })
+        .collect();
+    let backfill: Vec<Json> = history
+        .iter()
+        .map(|(ts, temp)| {
+            let phase = (now - ts) as f64 / 100_000.0;
+            json!({"ts": ts, "values": {"temp": temp, "humidity": 52.0 + 3.0 * phase.cos()}})
         })
         .collect();
     let telemetry = format!("{base}/api/v1/devices/{DEVICE}/telemetry");
@@ -356,12 +396,28 @@ async fn scenario(out: &Path) {
         .await
         .unwrap();
     assert!(r.status().is_success(), "backfill: {}", r.status());
+    let scene = Scene {
+        telemetry: telemetry.clone(),
+        token: token.clone(),
+        history,
+        start_ms: now,
+    };
     let feeder = Feeder::start(http.clone(), telemetry, token);
 
     let driver = Chromedriver::start(&out.join("chromedriver.log"));
     let profile = tempfile::tempdir().unwrap();
     let browser = open_browser(&driver, profile.path()).await;
-    let gateway = browse(&browser, out, &base, &key, gateway, data.path(), &feeder).await;
+    let gateway = browse(
+        &browser,
+        out,
+        &base,
+        &key,
+        gateway,
+        data.path(),
+        &feeder,
+        &scene,
+    )
+    .await;
 
     // Clean up in order: browser session (quits Chromium), feeder, gateway.
     browser.close().await.expect("close the browser session");
@@ -370,6 +426,68 @@ async fn scenario(out: &Path) {
     gateway.shutdown().await;
 }
 
+/// What the scenario set up that the browsing part checks against.
+struct Scene {
+    /// The device's telemetry URL.
+    telemetry: String,
+    token: String,
+    /// The temp readings of the backfill, oldest first.
+    history: Vec<(i64, f64)>,
+    /// When the scenario started (ms since the epoch).
+    start_ms: i64,
+}
+
+/// The points a chart holds, as `[[ts, value], ...]`.
+async fn chart_points(browser: &Client, metric: &str) -> Vec<(i64, f64)> {
+    let script = format!(
+        "const c = document.querySelector('.chart-card[data-metric={metric}] canvas');
+         return c && c.lineChart ? c.lineChart.points : null;"
+    );
+    let v = browser.execute(&script, vec![]).await.unwrap();
+    let points = v
+        .as_array()
+        .unwrap_or_else(|| panic!("no {metric} chart: {v}"));
+    let points: Vec<(i64, f64)> = points
+        .iter()
+        .map(|p| (p[0].as_i64().unwrap(), p[1].as_f64().unwrap()))
+        .collect();
+    assert!(
+        points.windows(2).all(|w| w[0].0 < w[1].0),
+        "the {metric} chart's points go back in time: {points:?}"
+    );
+    points
+}
+
+/// Every `(ts, value)` of `expected` is in `points` at the start of its 5 s bucket.
+fn assert_bucketed(what: &str, points: &[(i64, f64)], expected: &[(i64, f64)]) {
+    assert!(!expected.is_empty(), "{what}: nothing to check");
+    for (ts, value) in expected {
+        let bucket = ts - ts.rem_euclid(5_000);
+        let found = points.iter().find(|(t, _)| *t == bucket);
+        assert!(
+            found.is_some_and(|(_, v)| (v - value).abs() < 1e-9),
+            "{what}: the chart has {found:?} for the reading ({ts}, {value}) (bucket {bucket})"
+        );
+    }
+}
+
+/// The device's latest value of `metric`, from the REST API.
+async fn latest_value(base: &str, key: &str, metric: &str) -> f64 {
+    let latest: Json = reqwest::Client::new()
+        .get(format!("{base}/api/v1/devices/{DEVICE}/latest"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    latest["metrics"][metric]["value"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {metric} in {latest}"))
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn browse(
     browser: &Client,
     out: &Path,
@@ -378,6 +496,7 @@ async fn browse(
     gateway: RunningGateway,
     data_dir: &Path,
     feeder: &Feeder,
+    scene: &Scene,
 ) -> RunningGateway {
     // Sign in through the form.
     browser.goto(&format!("{base}/")).await.expect("open");
@@ -548,6 +667,36 @@ async fn browse(
         v.as_str().is_some_and(|s| s.parse::<u64>().is_ok())
     })
     .await;
+    // Values, not only change: with the device holding off, the count card reaches the
+    // last count the gateway accepted, and the temp card shows what /latest says.
+    feeder.pause().await;
+    let last = feeder.last().to_string();
+    poll(
+        browser,
+        "the count card at the last count sent",
+        &text_of(counter),
+        |v| v.as_str() == Some(last.as_str()),
+    )
+    .await;
+    let want = latest_value(base, key, "temp").await;
+    let shown: f64 = browser
+        .execute(&text_of(temp), vec![])
+        .await
+        .unwrap()
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("a temp on the card");
+    assert!(
+        (shown - want).abs() <= want.abs() * 1e-5,
+        "the temp card shows {shown}, /latest says {want}"
+    );
+    // The chart holds the backfilled history, each reading in its bucket.
+    assert_bucketed(
+        "history",
+        &chart_points(browser, "temp").await,
+        &scene.history,
+    );
+    feeder.resume();
     screenshot(browser, out, "4-device.png").await;
 
     // Restart the gateway on the same port: the page must notice, then recover by itself.
@@ -563,6 +712,28 @@ async fn browse(
     screenshot(browser, out, "5-device-reconnecting.png").await;
     let gateway = start_gateway(data_dir, addr).await;
     assert!(gateway.bootstrap_admin_key.is_none(), "the key survives");
+    // Readings the page cannot get live: stored (right after the restart, before the
+    // page is back) at times older than anything the chart holds. The new epoch's
+    // snapshot carries only the newest value per metric, so only a history reload puts
+    // these on the chart (and if the page were back first, live delivery would).
+    let gap: Vec<(i64, f64)> = (0..12)
+        .map(|i| {
+            let ts = scene.start_ms - 600_000 + i * 5_000;
+            (ts - ts.rem_euclid(5_000), 30.0 + i as f64)
+        })
+        .collect();
+    let body: Vec<Json> = gap
+        .iter()
+        .map(|(ts, v)| json!({"ts": ts, "values": {"temp": v}}))
+        .collect();
+    let r = reqwest::Client::new()
+        .post(&scene.telemetry)
+        .bearer_auth(&scene.token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "gap readings: {}", r.status());
     let before = feeder.last();
     poll(browser, "the indicator back to `live`", conn_state(), |v| {
         v == "live"
@@ -584,6 +755,21 @@ async fn browse(
         v.as_str().is_some_and(|s| !s.is_empty()) && *v != changed
     })
     .await;
+    // History was reloaded for the new epoch: the old readings and the ones stored
+    // while the page was away are all on the chart, in time order.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let points = chart_points(browser, "temp").await;
+        let has_gap = gap
+            .iter()
+            .all(|(ts, _)| points.iter().any(|(t, _)| t == ts));
+        if has_gap || Instant::now() >= deadline {
+            assert_bucketed("readings stored while the page was away", &points, &gap);
+            assert_bucketed("history after the restart", &points, &scene.history);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     screenshot(browser, out, "6-device-recovered.png").await;
 
     // Sign out clears the key and shows the sign-in form.

@@ -503,6 +503,92 @@ async fn drop_oldest_counts_every_dropped_point() {
     .await;
 }
 
+/// A buffer append that fails drops the batch from the sink, counted per reading as
+/// `sink_buffer_failed`, and tells the waiting sender to retry (503); the store keeps its
+/// copy, and the buffer works again once the cause is gone. The failure is real: the
+/// names of the next segment files are taken by directories, so creating the next
+/// segment fails even for root (who ignores file permissions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_buffer_append_is_counted_and_refused_then_recovers() {
+    bounded(120, async {
+        let stub = Stub::start(Vec::new(), true).await;
+        let url = stub.url();
+        let gw = TestGateway::spawn_with(|c| {
+            enable_sink(c, &url);
+            c.sinks.influxdb.buffer.segment_bytes = 4096;
+            c.sinks.influxdb.buffer.max_bytes = 1024 * 1024;
+        })
+        .await;
+        let token = gw.provision("bf-1").await;
+        let dir = gw.data_dir().join("influxdb-buffer");
+        // Block the next eight segment names after the newest one present.
+        let newest = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                name.strip_suffix(".seg")?.parse::<u64>().ok()
+            })
+            .max();
+        let first = newest.map_or(0, |n| n + 1);
+        let blocked: Vec<_> = (first..first + 8)
+            .map(|id| dir.join(format!("{id:016}.seg")))
+            .collect();
+        for b in &blocked {
+            std::fs::create_dir(b).unwrap();
+        }
+
+        // One reading per message, sent one at a time: each is a batch of its own, so a
+        // failing roll takes the whole message and nothing of it reaches the segment.
+        let base = now_ms() - 600_000;
+        let mut sent = 0i64;
+        let mut refused = 0i64;
+        while refused < 3 {
+            assert!(sent < 200, "no append failed after {sent} messages");
+            let r = gw
+                .telemetry("bf-1", Some(&token), &fat_body(base + sent, sent))
+                .await;
+            sent += 1;
+            match r.status {
+                200 => assert_eq!(refused, 0, "an append succeeded after a failure"),
+                _ => {
+                    r.assert_problem(503, "unavailable");
+                    refused += 1;
+                }
+            }
+        }
+        let failed = r#"fluxgate_dropped_readings_total{reason="sink_buffer_failed"}"#;
+        assert_eq!(gw.metric(failed).await, refused as f64);
+        // The store committed every message, refused ones included (a resend is
+        // idempotent there).
+        assert_eq!(gw.store_count(), sent);
+
+        for b in &blocked {
+            std::fs::remove_dir(b).unwrap();
+        }
+        for i in sent..sent + 5 {
+            let r = gw
+                .telemetry("bf-1", Some(&token), &fat_body(base + i, i))
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+        }
+        sent += 5;
+        assert_eq!(gw.metric(failed).await, refused as f64);
+        // Every accepted line reaches the database once; the refused ones never do.
+        let expected = (sent - refused) as usize;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stub.accepted_lines().len() < expected {
+            assert!(Instant::now() < deadline, "lines not delivered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let accepted = stub.accepted_lines();
+        assert!(accepted.values().all(|n| *n == 1), "a line came twice");
+        assert_eq!(accepted.len(), expected);
+        assert_eq!(gw.store_count(), sent);
+        gw.shutdown().await;
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------
 // The MQTT spill behind a stalled pipeline
 

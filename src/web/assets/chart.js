@@ -21,6 +21,9 @@ export class LineChart {
     this.canvas.className = 'chart-canvas';
     this.canvas.setAttribute('role', 'img');
     container.append(this.canvas);
+    // The plotted points are reachable from the element, so the end-to-end test (and
+    // anyone in devtools) can check what the chart holds rather than how it looks.
+    this.canvas.lineChart = this;
     this.resizer = new ResizeObserver(() => this.draw());
     this.resizer.observe(container);
     this.canvas.addEventListener('pointermove', (e) => {

@@ -1,0 +1,118 @@
+//! The embedded store failing its commit, end to end: a real SQLite error in the middle of
+//! the writer's transaction (a trigger that another connection installs in the gateway's
+//! own database, the way a full disk or a corrupt page would surface). Waiting senders
+//! are told to retry (WS `unavailable`, HTTP 503), the readings are counted as
+//! `store_failed`, nothing of the failed batch is half-stored, and once the cause is gone
+//! the same messages are stored exactly once, under their own series.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestGateway, bounded, now_ms, ws_next_json};
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+const STORE_FAILED: &str = r#"fluxgate_dropped_readings_total{reason="store_failed"}"#;
+
+/// While `fail_inject.on_` is 1, make the second chunk insert of a transaction fail:
+/// each failing message below is a batch of its own with two readings of one timestamp,
+/// so its first chunk is already written when the second one fails, and a transaction
+/// that kept the first would half-store the message.
+fn install_failure(db: &std::path::Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE fail_inject (on_ INTEGER NOT NULL);
+         INSERT INTO fail_inject VALUES (1);
+         CREATE TRIGGER fail_second BEFORE INSERT ON chunks
+           WHEN (SELECT on_ FROM fail_inject) = 1
+            AND EXISTS (SELECT 1 FROM chunks WHERE start_ts = NEW.start_ts)
+           BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .unwrap();
+    conn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_commit_refuses_senders_and_stores_nothing_half() {
+    bounded(60, async {
+        // One attempt: a batch with waiting senders fails them at once anyway, and a
+        // single attempt keeps the counted drops equal to what this test sent.
+        let gw = TestGateway::spawn_with(|c| c.store.write_attempts = 1).await;
+        let tokens = gw.provision_many(&["sf-http", "sf-ws"]).await;
+        let ts = now_ms() - 60_000;
+        // Known series first, so the failure below is in a chunk insert, after the
+        // transaction has already written another chunk of the same message.
+        let body = json!({"ts": ts, "values": {"a": 1, "b": 2}}).to_string();
+        assert_eq!(
+            gw.telemetry("sf-http", Some(&tokens["sf-http"]), &body)
+                .await
+                .status,
+            200
+        );
+        let mut ws = gw.ws_ingest(&tokens["sf-ws"], "").await;
+        ws.send(Message::text(body.clone())).await.unwrap();
+        assert_eq!(
+            ws_next_json(&mut ws).await,
+            json!({"type": "ack", "seq": 1, "readings": 2})
+        );
+        let before = gw.store_rows();
+        assert_eq!(before.len(), 4);
+
+        let side = install_failure(&gw.db_path());
+        let failing = json!({"ts": ts + 1, "values": {"a": 10, "b": 20}}).to_string();
+        gw.telemetry("sf-http", Some(&tokens["sf-http"]), &failing)
+            .await
+            .assert_problem(503, "unavailable");
+        ws.send(Message::text(failing.clone())).await.unwrap();
+        let answer = ws_next_json(&mut ws).await;
+        assert_eq!(answer["type"], "error", "{answer}");
+        assert_eq!(answer["seq"], 2);
+        assert_eq!(answer["reason"], "unavailable");
+        // Counted per reading (the count follows the answers by a moment: senders are
+        // told first), and nothing of the failed messages is in the store.
+        gw.wait_metric(STORE_FAILED, 4.0, Duration::from_secs(10))
+            .await;
+        assert_eq!(gw.store_rows(), before);
+
+        // The cause is gone: the devices resend, and each reading is stored once.
+        side.execute("UPDATE fail_inject SET on_ = 0", []).unwrap();
+        assert_eq!(
+            gw.telemetry("sf-http", Some(&tokens["sf-http"]), &failing)
+                .await
+                .status,
+            200
+        );
+        ws.send(Message::text(failing)).await.unwrap();
+        assert_eq!(
+            ws_next_json(&mut ws).await,
+            json!({"type": "ack", "seq": 3, "readings": 2})
+        );
+        assert_eq!(gw.metric(STORE_FAILED).await, 4.0);
+        assert_eq!(
+            gw.metric("fluxgate_store_readings_written_total").await,
+            8.0,
+            "rows written, not only rows read back after the merge"
+        );
+        // Every reading is under its own series: the rolled-back transactions left no
+        // cached series id that another series could take.
+        for device in ["sf-http", "sf-ws"] {
+            let (status, _, latest) = gw
+                .get_json(&format!("/api/v1/devices/{device}/latest"))
+                .await;
+            assert_eq!(status, 200, "{latest}");
+            assert_eq!(latest["metrics"]["a"]["value"], 10, "{latest}");
+            assert_eq!(latest["metrics"]["b"]["value"], 20, "{latest}");
+            assert_eq!(latest["metrics"]["a"]["ts"], ts + 1, "{latest}");
+        }
+        let mut after = gw.store_rows();
+        after.retain(|r| !before.contains(r));
+        assert_eq!(after.len(), 4, "{after:?}");
+        gw.shutdown().await;
+    })
+    .await;
+}

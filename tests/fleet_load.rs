@@ -128,6 +128,11 @@ async fn two_thousand_devices_connect_with_their_tokens_and_every_reading_is_sto
         // Exactly once, complete per device.
         let rows = gw.store_rows();
         assert_eq!(rows.len(), total as usize);
+        assert_eq!(
+            common::points_held(&gw.db_path()),
+            total,
+            "points written, duplicates included"
+        );
         let mut per_device: BTreeMap<String, Vec<(i64, Value)>> = BTreeMap::new();
         for (device, metric, ts, value) in rows {
             assert_eq!(metric, "v");

@@ -56,6 +56,11 @@ async fn sigterm_keeps_every_pubacked_mqtt_message() {
             .map(|i| row("shutdown-dev", "v", base + i, Value::I64(i)))
             .collect();
         assert_eq!(store_rows(&p.db()), expected);
+        assert_eq!(
+            common::points_held(&p.db()),
+            expected.len() as u64,
+            "points written, duplicates included"
+        );
     })
     .await;
 }
@@ -123,6 +128,11 @@ async fn sigterm_keeps_every_websocket_acked_message() {
             .map(|i| row("shutdown-ws", "v", base + i, Value::I64(i)))
             .collect();
         assert_eq!(stored, acked_rows);
+        assert_eq!(
+            common::points_held(&p.db()),
+            u64::try_from(acked).unwrap(),
+            "points written, duplicates included"
+        );
         assert!(acked < SENT, "SIGTERM came after every message was acked");
         eprintln!("acked {acked}, stored {} of {SENT}", stored.len());
     })

@@ -228,6 +228,12 @@ pub fn dump_file(path: &Path) -> Result<Vec<StoredReading>, StoreError> {
     query::dump(&open(path, true)?)
 }
 
+/// The number of points the store file at `path` holds, duplicates included (tests
+/// compare it with what was sent, so a reading written twice shows).
+pub fn points_held_file(path: &Path) -> Result<u64, StoreError> {
+    query::points_held(&open(path, true)?)
+}
+
 /// Series ids by device, then metric.
 type SeriesIds = HashMap<DeviceId, HashMap<Arc<str>, i64>>;
 

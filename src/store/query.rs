@@ -484,6 +484,15 @@ pub(super) fn dump(c: &Connection) -> Result<Vec<StoredReading>, StoreError> {
     Ok(out)
 }
 
+/// Every point the store holds, duplicates included: [`dump`] merges a (series, ts)
+/// written twice into one reading, which would hide a double write.
+pub(super) fn points_held(c: &Connection) -> Result<u64, StoreError> {
+    let n: i64 = c.query_row("SELECT COALESCE(SUM(count), 0) FROM chunks", [], |r| {
+        r.get(0)
+    })?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -569,6 +569,15 @@ pub fn store_rows(path: &Path) -> Vec<Row> {
         .collect()
 }
 
+/// The number of points written to the store file at `path`, duplicates included
+/// (0 before it exists). [`store_rows`] merges a reading written twice into one.
+pub fn points_held(path: &Path) -> u64 {
+    if !path.exists() {
+        return 0;
+    }
+    fluxgate::store::points_held_file(path).unwrap()
+}
+
 /// The number of readings in the store file at `path` (0 before it exists).
 pub fn store_count(path: &Path) -> i64 {
     if !path.exists() {

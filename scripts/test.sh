@@ -46,3 +46,6 @@ cargo test --workspace --doc --locked
 
 log "schemathesis (property-based REST tests against a live gateway)"
 scripts/schemathesis.sh
+
+log "fuzzing (cargo fuzz, bounded: 45 s per target)"
+scripts/fuzz.sh 45

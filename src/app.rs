@@ -281,7 +281,7 @@ impl Gateway {
             })),
             shutdown: shutdown.clone(),
         };
-        let app = api::router(state);
+        let app = api::router(state, &config.http);
         let http_shutdown = shutdown.clone();
         let grace = config.http.shutdown_grace;
         let (http_config, m) = (config.http.clone(), metrics.clone());

@@ -15,6 +15,7 @@ pub mod error;
 pub mod extract;
 mod history;
 pub mod keys;
+mod layers;
 pub mod openapi;
 mod ops;
 pub mod problem;
@@ -100,15 +101,16 @@ pub fn routes() -> Vec<Route> {
     ]
 }
 
-/// Build the router.
-pub fn router(state: AppState) -> Router {
+/// Build the router, wrapped in the listener's CORS and compression layers.
+pub fn router(state: AppState, http: &crate::config::HttpConfig) -> Router {
     // axum merges the method routers of routes that share a path.
     let router = routes()
         .into_iter()
         .fold(Router::new(), |r, route| r.route(route.path, route.handler));
-    router
+    let router = router
         .merge(crate::web::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .with_state(state)
+        .with_state(state);
+    layers::apply(router, http)
 }

@@ -238,6 +238,59 @@ pub struct HttpConfig {
     /// is closed.
     #[serde(with = "humantime_serde")]
     pub ws_idle_timeout: Duration,
+    /// Cross-origin requests from browser apps served elsewhere (`[http.cors]`).
+    pub cors: CorsConfig,
+    /// Compress answers (gzip or br, as the client's `Accept-Encoding` asks) such as
+    /// device lists and readings; live streams and WebSockets are never compressed.
+    pub compression: bool,
+}
+
+/// `[http.cors]`: which browser origins may call the API with credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed to call every route, the live streams included, with the
+    /// `Authorization` header and credentials: exact `scheme://host[:port]` values.
+    /// Empty (the default) allows none: browsers then only reach the gateway from
+    /// its own origin (the built-in dashboard).
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_age: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Whether `origin` is a serialised browser origin (`http(s)://host[:port]`, nothing
+/// after it), the only form a browser sends in its `Origin` header.
+fn valid_origin(origin: &str) -> bool {
+    let Some(authority) = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    let host = match authority.rsplit_once(':') {
+        // A port, unless the colon belongs to a bracketed IPv6 address.
+        Some((host, port)) if !port.contains(']') => {
+            if port.parse::<u16>().is_err() {
+                return false;
+            }
+            host
+        }
+        _ => authority,
+    };
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
 }
 
 impl Default for HttpConfig {
@@ -253,6 +306,8 @@ impl Default for HttpConfig {
             keep_alive_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
             ws_idle_timeout: Duration::from_secs(120),
+            cors: CorsConfig::default(),
+            compression: true,
         }
     }
 }
@@ -565,6 +620,22 @@ impl Config {
         if self.mqtt.segment_bytes < 1024 {
             return Err(invalid("mqtt.segment_bytes", "must be at least 1024"));
         }
+        if let Some(bad) = self
+            .http
+            .cors
+            .allowed_origins
+            .iter()
+            .find(|o| !valid_origin(o))
+        {
+            return Err(invalid(
+                "http.cors.allowed_origins",
+                format!(
+                    "{bad:?} is not an origin: write scheme://host[:port] exactly as browsers \
+                     send it (no path, no trailing slash; `*` is refused because credentials \
+                     are allowed)"
+                ),
+            ));
+        }
         if self.limits.max_frame_bytes < self.limits.max_payload_bytes {
             return Err(invalid(
                 "limits.max_frame_bytes",
@@ -695,6 +766,7 @@ impl Config {
             ("http.keep_alive_timeout", self.http.keep_alive_timeout),
             ("http.write_timeout", self.http.write_timeout),
             ("http.ws_idle_timeout", self.http.ws_idle_timeout),
+            ("http.cors.max_age", self.http.cors.max_age),
             ("limits.max_past", self.limits.max_past),
             ("limits.max_future", self.limits.max_future),
             ("batch.max_age", self.batch.max_age),

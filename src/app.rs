@@ -39,14 +39,18 @@ use crate::registry::Registry;
 use crate::server;
 use crate::sink;
 use crate::store;
+use crate::tls::{ReloadableTls, TlsFiles};
 
 /// Entry point for starting a gateway.
 pub struct Gateway;
 
 /// A started gateway: its bound addresses and the handle to stop it.
 pub struct RunningGateway {
-    /// The HTTP listener's bound address.
+    /// The HTTP listener's bound address (the TLS listener's when `http.plaintext` is
+    /// off).
     pub http_addr: SocketAddr,
+    /// The HTTPS listener's bound address, when `http.tls` is enabled.
+    pub https_addr: Option<SocketAddr>,
     /// The MQTT listener's address, when the broker is enabled.
     pub mqtt_addr: Option<SocketAddr>,
     /// The data directory.
@@ -250,10 +254,39 @@ impl Gateway {
             None
         };
 
-        let listener = tokio::net::TcpListener::bind(config.http.listen)
-            .await
-            .with_context(|| format!("cannot bind HTTP listener {}", config.http.listen))?;
-        let http_addr = listener.local_addr()?;
+        // The plaintext and the TLS listener serve the same router; either may be off
+        // (validation keeps at least one).
+        let mut listeners = Vec::new();
+        if config.http.plaintext {
+            let listener = tokio::net::TcpListener::bind(config.http.listen)
+                .await
+                .with_context(|| format!("cannot bind HTTP listener {}", config.http.listen))?;
+            listeners.push((listener, None));
+        }
+        let mut https_addr = None;
+        if config.http.tls.enabled {
+            let t = &config.http.tls;
+            let tls = Arc::new(
+                ReloadableTls::load(TlsFiles {
+                    cert: t.cert.clone(),
+                    key: t.key.clone(),
+                })
+                .context("http.tls")?,
+            );
+            let listener = tokio::net::TcpListener::bind(t.listen)
+                .await
+                .with_context(|| format!("cannot bind HTTPS listener {}", t.listen))?;
+            https_addr = Some(listener.local_addr()?);
+            tasks.push(tokio::spawn(reload_on_sighup(
+                tls.clone(),
+                shutdown.clone(),
+            )));
+            listeners.push((listener, Some(tls)));
+        }
+        let http_addr = match listeners.first() {
+            Some((l, _)) => l.local_addr()?,
+            None => anyhow::bail!("no HTTP listener: http.plaintext and http.tls are both off"),
+        };
         let state = AppState {
             hub,
             registry,
@@ -282,26 +315,31 @@ impl Gateway {
             shutdown: shutdown.clone(),
         };
         let app = api::router(state, &config.http);
-        let http_shutdown = shutdown.clone();
-        let grace = config.http.shutdown_grace;
-        let (http_config, m) = (config.http.clone(), metrics.clone());
-        tasks.push(tokio::spawn(async move {
-            // Connections over `http.max_connections` are closed at accept (counted);
-            // the server's time limits are in `server`, which also hands handlers the
-            // client address (`ConnectInfo`) for the auth failure throttle.
-            let server = server::serve(listener, app, &http_config, m, http_shutdown.clone());
-            tokio::select! {
-                () = server => {}
-                // Graceful shutdown waits for open connections; past the grace period
-                // they are cut so that shutdown always completes.
-                () = async { http_shutdown.cancelled().await; tokio::time::sleep(grace).await } => {}
-            }
-        }));
+        for (listener, tls) in listeners {
+            let http_shutdown = shutdown.clone();
+            let grace = config.http.shutdown_grace;
+            let (http_config, m, app) = (config.http.clone(), metrics.clone(), app.clone());
+            tasks.push(tokio::spawn(async move {
+                // Connections over `http.max_connections` are closed at accept (counted,
+                // per listener); the server's time limits are in `server`, which also
+                // hands handlers the client address (`ConnectInfo`) for the auth throttle.
+                let server =
+                    server::serve(listener, app, &http_config, tls, m, http_shutdown.clone());
+                tokio::select! {
+                    () = server => {}
+                    // Graceful shutdown waits for open connections; past the grace period
+                    // they are cut so that shutdown always completes.
+                    () = async { http_shutdown.cancelled().await; tokio::time::sleep(grace).await } => {}
+                }
+            }));
+        }
 
         let mqtt_shown = mqtt_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string());
-        tracing::info!(data_dir = %config.data_dir.display(), "listening mqtt={mqtt_shown} http={http_addr}");
+        let https_shown = https_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string());
+        tracing::info!(data_dir = %config.data_dir.display(), "listening mqtt={mqtt_shown} http={http_addr} https={https_shown}");
         Ok(RunningGateway {
             http_addr,
+            https_addr,
             mqtt_addr,
             data_dir: config.data_dir,
             bootstrap_admin_key,
@@ -341,5 +379,27 @@ impl RunningGateway {
             let _ = done.await;
         }
         tracing::info!("gateway stopped");
+    }
+}
+
+/// Reload the TLS certificate on every SIGHUP until shutdown: new connections get the new
+/// certificate, open ones keep theirs; a bad file keeps the old certificate.
+async fn reload_on_sighup(tls: Arc<ReloadableTls>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: TLS certificates will not be reloaded");
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        match tls.reload() {
+            Ok(()) => tracing::info!(cert = %tls.cert_path().display(), "TLS certificate reloaded"),
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one stays in use")
+            }
+        }
     }
 }

@@ -34,6 +34,7 @@ pub mod server;
 pub mod sink;
 pub mod store;
 pub mod sync;
+pub mod tls;
 pub mod web;
 
 pub use app::{Gateway, RunningGateway};

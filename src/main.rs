@@ -39,6 +39,26 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a development CA (`ca.pem`), a server certificate for localhost, 127.0.0.1
+    /// and ::1 (`server.pem`, `server-key.pem`) and, per `--device`, a client
+    /// certificate with CN = the device id. For trying TLS, not for production.
+    Dev {
+        /// Directory to write into (created if missing; existing files are replaced).
+        #[arg(long)]
+        out: PathBuf,
+        /// A device id to issue a client certificate for (repeatable).
+        #[arg(long = "device")]
+        devices: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,7 +89,39 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Writing development certificates needs no configuration.
+    if let Some(Command::Certs {
+        command: CertsCommand::Dev { out, devices },
+    }) = &cli.command
+    {
+        return match fluxgate::tls::dev_certs::write_dev_certs(out, devices) {
+            Ok(written) => {
+                println!(
+                    "CA certificate (trust it in clients): {}",
+                    written.ca.display()
+                );
+                println!(
+                    "server certificate and key (http.tls / mqtt.tls): {} {}",
+                    written.server.0.display(),
+                    written.server.1.display()
+                );
+                for (cert, key) in &written.devices {
+                    println!(
+                        "device certificate and key: {} {}",
+                        cert.display(),
+                        key.display()
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match cli.command.unwrap_or(Command::Serve) {
+        Command::Certs { .. } => ExitCode::SUCCESS,
         Command::Config {
             command: ConfigCommand::Check,
         } => {

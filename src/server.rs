@@ -43,11 +43,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service as _;
 
 use crate::config::HttpConfig;
 use crate::observe::{Event, HttpCloseReason, Metrics};
+use crate::tls::ReloadableTls;
 
 /// The time limits every connection is held to (from `[http]`).
 #[derive(Debug, Clone, Copy)]
@@ -60,10 +62,14 @@ struct Timeouts {
 
 /// Serve `app` on `listener` until `shutdown` is cancelled and every connection has
 /// finished (see the module documentation for the limits).
+///
+/// With `tls`, every connection first completes a TLS handshake (within
+/// `header_read_timeout`) with the certificate current at that moment.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     config: &HttpConfig,
+    tls: Option<Arc<ReloadableTls>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -102,82 +108,121 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        connections.spawn(connection(
-            stream,
+        let watch = Arc::new(ConnWatch::new());
+        let io = TimedIo::new(stream, slot, timeouts.write, metrics.clone(), watch.clone());
+        let conn = Conn {
             peer,
-            slot,
-            app.clone(),
+            app: app.clone(),
             timeouts,
-            metrics.clone(),
-            shutdown.clone(),
-        ));
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            watch,
+        };
+        match &tls {
+            None => connections.spawn(conn.serve(io)),
+            Some(tls) => connections.spawn(conn.handshake(tls.acceptor(), io)),
+        };
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
 }
 
-/// Serve one connection until it ends, is upgraded (the upgraded socket then lives on in
-/// its handler) or overstays a time limit.
-async fn connection(
-    stream: TcpStream,
+/// One accepted connection and what serving it needs.
+struct Conn {
     peer: SocketAddr,
-    slot: OwnedSemaphorePermit,
     app: Router,
     timeouts: Timeouts,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) {
-    let watch = Arc::new(ConnWatch::new());
-    let io = TimedIo::new(stream, slot, timeouts.write, metrics.clone(), watch.clone());
-    let service = {
-        let (watch, metrics) = (watch.clone(), metrics.clone());
-        hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-            let guard = watch.begin();
-            let deadline = Instant::now() + timeouts.body;
-            let mut request =
-                request.map(|body| DeadlineBody::new(body, deadline, metrics.clone()));
-            // What axum's `into_make_service_with_connect_info` would add: handlers read
-            // the client address (the auth failure throttle keys on it).
-            request.extensions_mut().insert(ConnectInfo(peer));
-            let mut app = app.clone();
-            async move {
-                let response = app.call(request).await;
-                // The request counts as in progress until its answer is fully written,
-                // so a long live stream is never taken for an idle connection.
-                response.map(|r| {
-                    r.map(|body| GuardedBody {
-                        inner: body,
-                        _guard: guard,
+    watch: Arc<ConnWatch>,
+}
+
+impl Conn {
+    /// Complete the TLS handshake, bounded by the header timeout (a client that opens a
+    /// connection and stalls must not hold it), then serve HTTP over it.
+    async fn handshake(self, acceptor: TlsAcceptor, io: TimedIo) {
+        let accepted = tokio::select! {
+            accepted = tokio::time::timeout(self.timeouts.header, acceptor.accept(io)) => accepted,
+            () = self.shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok(Ok(stream)) => self.serve(stream).await,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
+                self.metrics.emit(Event::HttpConnectionClosed {
+                    reason: HttpCloseReason::TlsHandshake,
+                });
+            }
+            Err(_) => self.metrics.emit(Event::HttpConnectionClosed {
+                reason: HttpCloseReason::HeaderTimeout,
+            }),
+        }
+    }
+
+    /// Serve one connection until it ends, is upgraded (the upgraded socket then lives on
+    /// in its handler) or overstays a time limit.
+    async fn serve<I>(self, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            peer,
+            app,
+            timeouts,
+            metrics,
+            shutdown,
+            watch,
+        } = self;
+        let service = {
+            let (watch, metrics) = (watch.clone(), metrics.clone());
+            hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                let guard = watch.begin();
+                let deadline = Instant::now() + timeouts.body;
+                let mut request =
+                    request.map(|body| DeadlineBody::new(body, deadline, metrics.clone()));
+                // What axum's `into_make_service_with_connect_info` would add: handlers read
+                // the client address (the auth failure throttle keys on it).
+                request.extensions_mut().insert(ConnectInfo(peer));
+                let mut app = app.clone();
+                async move {
+                    let response = app.call(request).await;
+                    // The request counts as in progress until its answer is fully written,
+                    // so a long live stream is never taken for an idle connection.
+                    response.map(|r| {
+                        r.map(|body| GuardedBody {
+                            inner: body,
+                            _guard: guard,
+                        })
                     })
-                })
-            }
-        })
-    };
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    // The watchdog enforces the head timeouts; hyper's own would also cut idle
-    // kept-alive connections at the header timeout.
-    builder.timer(TokioTimer::new()).header_read_timeout(None);
-    let conn = builder
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
-    tokio::pin!(conn);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::trace!(error = %e, "HTTP connection ended with an error");
                 }
-                return;
-            }
-            reason = watch.expired(timeouts) => {
-                metrics.emit(Event::HttpConnectionClosed { reason });
-                return;
-            }
-            () = shutdown.cancelled(), if !draining => {
-                // Finish the request in progress, then close; idle connections close now.
-                conn.as_mut().graceful_shutdown();
-                draining = true;
+            })
+        };
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        // The watchdog enforces the head timeouts; hyper's own would also cut idle
+        // kept-alive connections at the header timeout.
+        builder.timer(TokioTimer::new()).header_read_timeout(None);
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::trace!(error = %e, "HTTP connection ended with an error");
+                    }
+                    return;
+                }
+                reason = watch.expired(timeouts) => {
+                    metrics.emit(Event::HttpConnectionClosed { reason });
+                    return;
+                }
+                () = shutdown.cancelled(), if !draining => {
+                    // Finish the request in progress, then close; idle connections close now.
+                    conn.as_mut().graceful_shutdown();
+                    draining = true;
+                }
             }
         }
     }

@@ -240,9 +240,38 @@ pub struct HttpConfig {
     pub ws_idle_timeout: Duration,
     /// Cross-origin requests from browser apps served elsewhere (`[http.cors]`).
     pub cors: CorsConfig,
+    /// Serve plaintext HTTP on `listen`. Turn it off to serve only HTTPS (`[http.tls]`).
+    pub plaintext: bool,
+    /// HTTPS and WSS (`[http.tls]`).
+    pub tls: HttpTlsConfig,
     /// Compress answers (gzip or br, as the client's `Accept-Encoding` asks) such as
     /// device lists and readings; live streams and WebSockets are never compressed.
     pub compression: bool,
+}
+
+/// `[http.tls]`: HTTPS and WSS on a listener of their own, with the same routes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpTlsConfig {
+    /// Serve HTTPS/WSS.
+    pub enabled: bool,
+    /// Listen address of the TLS listener; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// PEM certificate chain, leaf first (reloaded on SIGHUP).
+    pub cert: PathBuf,
+    /// PEM private key of the certificate (reloaded on SIGHUP).
+    pub key: PathBuf,
+}
+
+impl Default for HttpTlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+        }
+    }
 }
 
 /// `[http.cors]`: which browser origins may call the API with credentials.
@@ -307,6 +336,8 @@ impl Default for HttpConfig {
             write_timeout: Duration::from_secs(30),
             ws_idle_timeout: Duration::from_secs(120),
             cors: CorsConfig::default(),
+            plaintext: true,
+            tls: HttpTlsConfig::default(),
             compression: true,
         }
     }
@@ -619,6 +650,22 @@ impl Config {
         }
         if self.mqtt.segment_bytes < 1024 {
             return Err(invalid("mqtt.segment_bytes", "must be at least 1024"));
+        }
+        if self.http.tls.enabled
+            && (self.http.tls.cert.as_os_str().is_empty()
+                || self.http.tls.key.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "http.tls",
+                "enabled needs cert and key (PEM file paths; `fluxgate certs dev` writes a \
+                 development pair)",
+            ));
+        }
+        if !self.http.plaintext && !self.http.tls.enabled {
+            return Err(invalid(
+                "http.plaintext",
+                "false needs http.tls.enabled = true (otherwise nothing would listen)",
+            ));
         }
         if let Some(bad) = self
             .http

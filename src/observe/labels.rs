@@ -61,16 +61,20 @@ pub enum HttpCloseReason {
     WriteTimeout,
     /// A WebSocket ingest connection sent nothing for `http.ws_idle_timeout`.
     WsIdleTimeout,
+    /// A TLS handshake failed (a client that does not trust the certificate, or speaks
+    /// plaintext to the TLS port).
+    TlsHandshake,
 }
 
 impl HttpCloseReason {
     /// Every reason, in discriminant order.
-    pub(super) const ALL: [HttpCloseReason; 5] = [
+    pub(super) const ALL: [HttpCloseReason; 6] = [
         HttpCloseReason::HeaderTimeout,
         HttpCloseReason::BodyTimeout,
         HttpCloseReason::IdleTimeout,
         HttpCloseReason::WriteTimeout,
         HttpCloseReason::WsIdleTimeout,
+        HttpCloseReason::TlsHandshake,
     ];
 
     /// The metric label.
@@ -81,6 +85,7 @@ impl HttpCloseReason {
             HttpCloseReason::IdleTimeout => "idle_timeout",
             HttpCloseReason::WriteTimeout => "write_timeout",
             HttpCloseReason::WsIdleTimeout => "ws_idle_timeout",
+            HttpCloseReason::TlsHandshake => "tls_handshake",
         }
     }
 }

@@ -500,6 +500,11 @@ async fn select(
     let columns = column_names(s);
     let mut out = Vec::new();
     let mut rows_total = 0usize;
+    // Newest first reverses the order of the series too, as in InfluxDB.
+    let mut groups: Vec<(Vec<String>, Vec<usize>)> = groups.into_iter().collect();
+    if s.descending {
+        groups.reverse();
+    }
     for (values, devs) in groups
         .into_iter()
         .skip(s.soffset)

@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-45}
-targets=(proto_json proto_frame store_chunk sink_buffer)
+targets=(proto_json proto_frame store_chunk sink_buffer influxql)
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
   echo "SKIPPED: cargo fuzz needs a nightly toolchain, and this machine has none (rustup cannot download one here)"

@@ -29,22 +29,41 @@ struct ByReason {
 /// A registry shaped like fluxgate's `/metrics`: the two per-transport ingest counters,
 /// and enough other families (reason-labelled counters and scalar gauges) to render
 /// about as many series.
-fn registry() -> (Registry, Family<ByTransport, Counter>, Family<ByTransport, Counter>) {
+fn registry() -> (
+    Registry,
+    Family<ByTransport, Counter>,
+    Family<ByTransport, Counter>,
+) {
     let mut r = Registry::default();
     let messages = Family::<ByTransport, Counter>::default();
     let readings = Family::<ByTransport, Counter>::default();
-    r.register("fluxgate_ingest_messages", "Messages decoded successfully, by transport.", messages.clone());
-    r.register("fluxgate_ingest_readings", "Readings decoded, by transport.", readings.clone());
+    r.register(
+        "fluxgate_ingest_messages",
+        "Messages decoded successfully, by transport.",
+        messages.clone(),
+    );
+    r.register(
+        "fluxgate_ingest_readings",
+        "Readings decoded, by transport.",
+        readings.clone(),
+    );
     for t in ["mqtt", "ws", "http"] {
-        messages.get_or_create(&ByTransport { transport: t });
-        readings.get_or_create(&ByTransport { transport: t });
+        let _ = messages.get_or_create(&ByTransport { transport: t });
+        let _ = readings.get_or_create(&ByTransport { transport: t });
     }
     for f in 0..12 {
         let fam = Family::<ByReason, Counter>::default();
         for reason in 0..12 {
-            fam.get_or_create(&ByReason { reason: format!("reason_{reason}") }).inc_by(reason);
+            fam.get_or_create(&ByReason {
+                reason: format!("reason_{reason}"),
+            })
+            .inc_by(reason);
         }
-        r.register(format!("fluxgate_family_{f}"), "A reason-labelled counter.", fam);
+        r.register(
+            format!("fluxgate_family_{f}"),
+            "A reason-labelled counter.",
+            fam,
+        );
     }
     for g in 0..30 {
         let gauge = Gauge::<i64>::default();
@@ -58,8 +77,12 @@ fn increments(c: &mut Criterion) {
     let metrics = Metrics::default();
     let (_r, messages, readings) = registry();
     let (m_ws, r_ws) = (
-        messages.get_or_create(&ByTransport { transport: "ws" }).clone(),
-        readings.get_or_create(&ByTransport { transport: "ws" }).clone(),
+        messages
+            .get_or_create(&ByTransport { transport: "ws" })
+            .clone(),
+        readings
+            .get_or_create(&ByTransport { transport: "ws" })
+            .clone(),
     );
     let mut g = c.benchmark_group("ingested_event");
     g.bench_function("fluxgate_emit", |b| {
@@ -72,7 +95,9 @@ fn increments(c: &mut Criterion) {
     });
     g.bench_function("prometheus_client_family_lookup", |b| {
         b.iter(|| {
-            let t = ByTransport { transport: std::hint::black_box("ws") };
+            let t = ByTransport {
+                transport: std::hint::black_box("ws"),
+            };
             messages.get_or_create(&t).inc();
             readings.get_or_create(&t).inc_by(4);
         })

@@ -10,6 +10,7 @@
 //! Also here: unsupported InfluxQL is refused with InfluxDB's error shape naming the
 //! part (never a 5xx), credentials in every form Grafana sends them, the auth failure
 //! throttle, and the provisioned dashboards against Grafana's dashboard models.
+#![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
 

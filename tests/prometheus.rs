@@ -4,6 +4,7 @@
 //! Prometheus started on a free loopback port scrapes a test gateway under a bounded
 //! load, loads the rules, and every PromQL expression of the provisioned dashboards
 //! returns data through its HTTP API, as does every metric the alert rules read.
+#![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
 

@@ -69,7 +69,7 @@ impl Epoch {
         })
     }
 
-    fn from_ms(self, ms: i64) -> i64 {
+    fn convert(self, ms: i64) -> i64 {
         match self {
             Epoch::Ns => ms.saturating_mul(1_000_000),
             Epoch::Us => ms.saturating_mul(1_000),
@@ -103,7 +103,7 @@ fn cell(c: &Cell, epoch: Option<Epoch>) -> Json {
     match c {
         Cell::Null => Json::Null,
         Cell::Time(ms) => match epoch {
-            Some(e) => json!(e.from_ms(*ms)),
+            Some(e) => json!(e.convert(*ms)),
             None => json!(rfc3339(*ms)),
         },
         Cell::Float(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
@@ -176,8 +176,8 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_700_000_000_120), "2023-11-14T22:13:20.12Z");
         assert_eq!(rfc3339(1_700_000_000_001), "2023-11-14T22:13:20.001Z");
-        assert_eq!(Epoch::S.from_ms(1_999), 1);
-        assert_eq!(Epoch::Ns.from_ms(2), 2_000_000);
+        assert_eq!(Epoch::S.convert(1_999), 1);
+        assert_eq!(Epoch::Ns.convert(2), 2_000_000);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! the hot-path increment of `Event::Ingested` (two counters, one per unit, labelled by
 //! transport), and rendering a scrape of about the same size as `/metrics`.
 //!
-//! Run: `cargo bench --bench exposition`. With `-- --print` it also prints what
+//! Run: `cargo bench --bench exposition`. With `EXPOSITION_PRINT=1` it also prints what
 //! prometheus-client renders, to feed `promtool check metrics`.
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -126,7 +126,7 @@ fn render(c: &mut Criterion) {
         series(&theirs),
         theirs.len()
     );
-    if std::env::args().any(|a| a == "--print") {
+    if std::env::var_os("EXPOSITION_PRINT").is_some() {
         println!("{theirs}");
     }
     let mut g = c.benchmark_group("render");

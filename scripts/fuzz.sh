@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-60}
-targets=(proto_json proto_frame store_chunk sink_buffer)
+targets=(proto_json proto_frame store_chunk sink_buffer influxql)
 
 if cargo +nightly --version >/dev/null 2>&1; then
   toolchain=(+nightly)

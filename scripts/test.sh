@@ -13,7 +13,11 @@ log() { printf '\n==> %s\n' "$*"; }
 # - victoria-metrics: a real InfluxDB v2 write API for tests/influx.rs (each test starts
 #   its own instance on a free loopback port).
 # - chromium, chromium-driver: the dashboard's end-to-end test in a real headless browser.
-apt_packages=(victoria-metrics chromium chromium-driver)
+# - influxdb (1.6.7): the reference for the InfluxQL read API (tests/influxql.rs starts its
+#   own instance on free loopback ports).
+# - prometheus (2.42, with promtool): scrapes a test gateway, runs the dashboards' PromQL
+#   and checks /metrics and the alert rules (tests/prometheus.rs).
+apt_packages=(victoria-metrics chromium chromium-driver influxdb prometheus)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   missing=()
   for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -22,6 +26,13 @@ if [ "${#apt_packages[@]}" -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
   fi
+fi
+# Grafana's dashboard models (generated from its published schemas) and a YAML parser
+# for scripts/check_dashboards.py, which tests/influxql.rs runs.
+if ! python3 -c "import grafana_foundation_sdk, yaml" >/dev/null 2>&1; then
+  log "installing grafana-foundation-sdk and PyYAML (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check "grafana-foundation-sdk==1769699998!10.1.0" pyyaml
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"

@@ -305,6 +305,7 @@ impl Gateway {
                 max_gap_fill: config.live.max_gap_fill,
                 ws_idle_timeout: config.http.ws_idle_timeout,
                 max_subscribers_per_key: config.live.max_subscribers_per_key,
+                influxql_measurement: config.sinks.influxdb.measurement.clone(),
             }),
             // Bounded (max_tracked_addresses, oldest evicted); see api::throttle.
             throttle: Arc::new(FailureThrottle::new(ThrottleSettings {

@@ -13,6 +13,7 @@
 //! - [`pipeline`]: decode and batch.
 //! - [`store`]: the embedded SQLite store.
 //! - [`registry`]: devices, tokens and operator API keys.
+//! - [`influxql`]: the InfluxQL read API's engine (parser, planner, executor).
 //! - [`sink`]: the InfluxDB sink and its crash-safe buffer.
 //! - [`live`]: the live hub and its WS/SSE streams.
 //! - [`api`]: the axum router and problem+json errors.
@@ -24,6 +25,7 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod influxql;
 pub mod ingest;
 pub mod live;
 pub mod model;

@@ -117,12 +117,27 @@ fn operator_refused(st: &AppState, reason: OperatorRefusal, detail: &str) -> Api
 /// unknown key is answered by the negative cache or, once, by a database lookup off the
 /// async workers.
 async fn operator(parts: &Parts, st: &AppState) -> Result<ApiKey, ApiError> {
-    let Some(key) = bearer(parts) else {
-        return Err(operator_refused(
-            st,
-            OperatorRefusal::Missing,
-            "an operator API key is required: `Authorization: Bearer fgk_…`",
-        ));
+    operator_key(
+        parts,
+        st,
+        bearer(parts),
+        "an operator API key is required: `Authorization: Bearer fgk_…`",
+    )
+    .await
+}
+
+/// Authenticate an operator key that the caller found in `parts` (the InfluxQL API
+/// takes it from `p`, Basic or `Token` credentials too), with the same cache, negative
+/// cache and failure throttle as every other operator request; `missing` is the detail
+/// when there is no key.
+pub async fn operator_key(
+    parts: &Parts,
+    st: &AppState,
+    key: Option<&str>,
+    missing: &str,
+) -> Result<ApiKey, ApiError> {
+    let Some(key) = key else {
+        return Err(operator_refused(st, OperatorRefusal::Missing, missing));
     };
     let addr = client_ip(parts);
     let refuse = || operator_refused(st, OperatorRefusal::UnknownKey, "the API key is not valid");

@@ -83,6 +83,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The human detail (for answers in another error shape, such as InfluxDB's).
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
 }
 
 impl From<&DecodeError> for ApiError {

@@ -14,6 +14,7 @@ pub mod devices;
 pub mod error;
 pub mod extract;
 mod history;
+pub mod influxql;
 pub mod keys;
 mod layers;
 pub mod openapi;
@@ -75,6 +76,8 @@ pub fn routes() -> Vec<Route> {
         route(M::GET, "/healthz", ops::healthz),
         route(M::GET, "/readyz", ops::readyz),
         route(M::GET, "/metrics", ops::metrics),
+        route(M::GET, "/query", influxql::query),
+        route(M::POST, "/query", influxql::query),
         route(M::GET, "/api/v1/openapi.json", openapi::openapi_json),
         route(M::POST, "/api/v1/devices", devices::create),
         route(M::GET, "/api/v1/devices", devices::list),

@@ -40,6 +40,9 @@ pub struct ApiSettings {
     pub ws_idle_timeout: Duration,
     /// Most live streams one operator key may hold open.
     pub max_subscribers_per_key: usize,
+    /// The measurement `/query` serves (the InfluxDB sink's `measurement`, so the same
+    /// dashboards read both).
+    pub influxql_measurement: String,
 }
 
 /// Shared state of all handlers.

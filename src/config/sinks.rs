@@ -82,7 +82,8 @@ pub struct InfluxConfig {
     pub token: Secret,
     /// Read the token from this file instead (surrounding whitespace is trimmed).
     pub token_file: Option<PathBuf>,
-    /// Measurement of every point.
+    /// Measurement of every point; the InfluxQL read API (`/query`) serves the embedded
+    /// store under the same name, so the same dashboards read either.
     pub measurement: String,
     /// Device labels (from the registry) written as tags after `device` (which is always
     /// written), sorted by key; devices without a label get no such tag.

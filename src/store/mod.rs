@@ -565,6 +565,18 @@ impl StoreReader {
             .await
     }
 
+    /// The limits every query of this reader runs under (the InfluxQL read API sizes
+    /// its reads by the same decode budget as the REST history API).
+    pub fn limits(&self) -> QueryLimits {
+        self.inner.limits
+    }
+
+    /// Every series the store has ever held, as (device, metric), sorted. Retention
+    /// deletes points, not series, so a series can be listed with no points left.
+    pub async fn series(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.with_conn(query::series).await
+    }
+
     /// Every stored reading, deduplicated, sorted by (device, metric, ts). Meant for
     /// tests and export tools on small stores: it holds everything in memory.
     pub async fn dump(&self) -> Result<Vec<StoredReading>, StoreError> {

@@ -465,6 +465,14 @@ pub(super) fn window(
     Ok(Some(out))
 }
 
+pub(super) fn series(c: &Connection) -> Result<Vec<(String, String)>, StoreError> {
+    Ok(
+        c.prepare_cached("SELECT device, metric FROM series ORDER BY device, metric")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?,
+    )
+}
+
 pub(super) fn dump(c: &Connection) -> Result<Vec<StoredReading>, StoreError> {
     let series: Vec<(i64, String, String)> = c
         .prepare("SELECT id, device, metric FROM series ORDER BY device, metric")?

@@ -598,3 +598,53 @@ fn dashboards_fit_grafanas_models() {
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("3 dashboards OK"), "{out}");
 }
+
+/// `/query` runs under the history API's limits and says which one an answer exceeds,
+/// never answering in part.
+#[tokio::test]
+async fn query_limits_are_the_history_apis_and_refuse_whole_statements() {
+    bounded(60, async {
+        let gw = TestGateway::spawn_with(|c| {
+            c.store.max_query_points = 30;
+            c.store.max_decode_points = 100;
+        })
+        .await;
+        let token = gw.provision("d1").await;
+        // On a whole minute, so 20 s buckets hold 20 points each.
+        let t0 = (now_ms() / 60_000) * 60_000 - 3_600_000;
+        let msgs: Vec<Value> = (0..150)
+            .map(|i| json!({"ts": t0 + i * 1_000, "values": {"v": i}}))
+            .collect();
+        let r = gw.telemetry("d1", Some(&token), &Value::Array(msgs).to_string()).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let key = gw.admin_key.clone();
+        let tf = format!("time >= {t0}ms and time <= {}ms", t0 + 200_000);
+        let ask = |q: String| {
+            let (gw, key) = (&gw, key.clone());
+            async move { fluxgate_query(gw, &key, &q, Some("ms")).await }
+        };
+        // Within every limit: 20 raw rows, 5 buckets over 100 points.
+        let (s, b) = ask(format!(r#"SELECT "v" FROM "telemetry" WHERE {tf} LIMIT 20"#)).await;
+        assert_eq!((s, b["results"][0]["series"][0]["values"].as_array().map(Vec::len)), (200, Some(20)), "{b}");
+        let (s, b) = ask(format!(
+            r#"SELECT count("v") FROM "telemetry" WHERE time >= {t0}ms AND time < {}ms GROUP BY time(20s)"#,
+            t0 + 100_000
+        ))
+        .await;
+        assert_eq!(s, 200);
+        assert_eq!(b["results"][0]["series"][0]["values"][0][1], 20, "{b}");
+        // Over max_query_points in rows, in buckets; over max_decode_points in points read.
+        for (q, named) in [
+            (format!(r#"SELECT "v" FROM "telemetry" WHERE time >= {t0}ms AND time < {}ms"#, t0 + 50_000), "more than 30 rows"),
+            (format!(r#"SELECT mean("v") FROM "telemetry" WHERE {tf} GROUP BY time(1s)"#), "more than 30 (store.max_query_points)"),
+            (format!(r#"SELECT count("v") FROM "telemetry" WHERE {tf}"#), "more than 100 stored points (store.max_decode_points)"),
+        ] {
+            let (s, b) = ask(q.clone()).await;
+            assert_eq!(s, 200, "{q}: {b}");
+            assert!(b["results"][0].get("series").is_none(), "{q}: partial answer {b}");
+            let msg = b["results"][0]["error"].as_str().unwrap_or_else(|| panic!("{q}: {b}"));
+            assert!(msg.contains(named), "{q}: {msg}");
+        }
+    })
+    .await;
+}

@@ -362,6 +362,9 @@ struct Reader<'a> {
     store: &'a StoreReader,
     range: (i64, i64),
     budget: usize,
+    /// Most points any series can contribute to the answer (raw, oldest-first queries
+    /// with a LIMIT need no more than `OFFSET + LIMIT` per series); reading stops there.
+    cap: Option<usize>,
     cache: HashMap<(usize, String), Points>,
 }
 
@@ -384,11 +387,15 @@ impl Reader<'_> {
                 from_ms: self.range.0,
                 to_ms: self.range.1,
                 step: None,
-                limit: self.budget.saturating_add(1),
+                limit: self
+                    .cap
+                    .map_or(usize::MAX, |c| c)
+                    .min(self.budget.saturating_add(1)),
             })
             .await
             .map_err(store_error)?;
-        if page.next_from.is_some() || page.points.len() > self.budget {
+        let capped = self.cap.is_some_and(|c| page.points.len() >= c);
+        if (page.next_from.is_some() && !capped) || page.points.len() > self.budget {
             return Err(InfluxqlError::TooLarge(format!(
                 "this statement reads more than {max} stored points (store.max_decode_points); \
                  narrow the time range or select fewer devices"
@@ -495,6 +502,12 @@ async fn select(
         store,
         range: (from_ms, to_ms),
         budget: store.limits().max_decode_points,
+        cap: match s.limit {
+            Some(limit) if !aggregate && !s.descending => {
+                Some(s.offset.saturating_add(limit).max(1))
+            }
+            _ => None,
+        },
         cache: HashMap::new(),
     };
     let columns = column_names(s);

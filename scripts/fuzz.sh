@@ -2,8 +2,8 @@
 # Runs each cargo-fuzz target (fuzz/) for a bounded time: the JSON and postcard decoders,
 # the store's chunk codec, the sink buffer's record reader and the InfluxQL parser.
 # libFuzzer's instrumentation flags are nightly-only; this machine has only the stable
-# toolchain (rustup cannot download another), so without a nightly the script runs the stable compiler in its
-# bootstrap mode (RUSTC_BOOTSTRAP=1), which accepts them. It builds the targets with the
+# toolchain (rustup cannot download another), so without a nightly the script runs the
+# stable compiler in its bootstrap mode (RUSTC_BOOTSTRAP=1), which accepts them. It builds the targets with the
 # dev profile plus optimisation and without AddressSanitizer (safe Rust: the fuzzers hunt
 # panics, overflows and runaway allocations), which keeps the build a few minutes on two
 # cores instead of half an hour. cargo-fuzz is installed from crates.io when missing.

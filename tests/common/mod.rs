@@ -704,6 +704,15 @@ impl Connect {
     pub fn is_closed(&self) -> bool {
         matches!(self, Connect::Closed)
     }
+
+    /// The CONNACK refusal code, if the CONNECT was refused with one; the connection
+    /// must then be closed by the broker too.
+    pub fn refused(self) -> Option<u8> {
+        match self {
+            Connect::Refused(code) => Some(code),
+            Connect::Accepted(_) | Connect::Closed => None,
+        }
+    }
 }
 
 /// What a raw MQTT read got.

@@ -370,6 +370,16 @@ impl TestGateway {
 
     /// A connected MQTT client (client id = username = `id`, password = `token`) with
     /// its event loop polled in a background task.
+    /// The handle that sends commands to MQTT devices.
+    pub fn mqtt_commands(&self) -> fluxgate::ingest::mqtt::MqttCommands {
+        self.gateway
+            .as_ref()
+            .unwrap()
+            .mqtt_commands
+            .clone()
+            .unwrap()
+    }
+
     pub async fn mqtt_client(&self, id: &str, token: &str) -> Mqtt {
         Mqtt::connect(self.mqtt, id, token).await
     }

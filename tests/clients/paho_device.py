@@ -1,11 +1,11 @@
 """A device driven by paho-mqtt (PyPI), for tests/mqtt_clients.rs.
 
-Usage: paho_device.py HOST PORT DEVICE TOKEN MODE [N]
+Usage: paho_device.py HOST PORT DEVICE TOKEN MODE [N] [BASE_TS_MS]
 
 Prints one JSON object per line on stdout, then exits 0; anything unexpected exits 1.
 Modes:
   device            subscribe to the own command topic, publish N QoS 1 readings
-                    (metric "v" = i at ts = 1_700_000_000_000 + i), print {"ready": ...},
+                    (metric "v" = i at ts = BASE_TS_MS + i), print {"ready": ...},
                     wait for one command and print {"command": payload}, disconnect.
   foreign_subscribe subscribe to another device's command topic: the gateway closes
                     the connection; print {"disconnected": true}.
@@ -22,6 +22,7 @@ import paho.mqtt.client as mqtt
 
 host, port, device, token, mode = sys.argv[1:6]
 n = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+base = int(sys.argv[7]) if len(sys.argv) > 7 else 0
 TIMEOUT = 15
 
 connected = threading.Event()
@@ -87,7 +88,7 @@ if mode == "device":
     if not subscribed.wait(TIMEOUT):
         sys.exit("no SUBACK")
     for i in range(n):
-        body = json.dumps({"ts": 1_700_000_000_000 + i, "values": {"v": i}})
+        body = json.dumps({"ts": base + i, "values": {"v": i}})
         info = client.publish(f"devices/{device}/telemetry", body, qos=1)
         info.wait_for_publish(TIMEOUT)
         if not info.is_published():

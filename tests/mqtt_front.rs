@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Process, RawMqtt, TestGateway, bounded, now_ms, packet, push_str};
+use fluxgate::config::PubackPolicy;
 use fluxgate::ingest::mqtt::{CommandError, Delivery};
 use fluxgate_proto::topic;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
@@ -518,6 +519,48 @@ async fn idle_connections_cost_little_memory() {
         // They are all alive.
         for c in conns.iter_mut().step_by(500) {
             assert!(c.ping().await);
+        }
+    })
+    .await;
+}
+
+/// More QoS 1 PUBLISHes in one write than `mqtt.max_inflight`, under both PUBACK
+/// policies: every one is acknowledged, in order, with nothing more sent (the packets
+/// left in the read buffer when the window closed are served when it opens again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_the_puback_window_is_answered_in_full() {
+    bounded(60, async {
+        for policy in [PubackPolicy::Durable, PubackPolicy::Received] {
+            let gw = TestGateway::spawn_with(|c| {
+                c.mqtt.max_inflight = 8;
+                c.mqtt.puback = policy;
+            })
+            .await;
+            let token = gw.provision("burst-1").await;
+            let stream = TcpStream::connect(gw.mqtt).await.unwrap();
+            let (mut rx, mut tx) = stream.into_split();
+            tx.write_all(&connect_packet("burst-1", &token, true))
+                .await
+                .unwrap();
+            assert_eq!(read_packet(&mut rx).await.unwrap().0, 0x20);
+            const N: i64 = 200;
+            let base = now_ms() - 60_000;
+            let burst: Vec<u8> = (0..N)
+                .flat_map(|i| publish_qos1("burst-1", pkid_of(i), base, i))
+                .collect();
+            tx.write_all(&burst).await.unwrap();
+            for i in 0..N {
+                let (first, body) = tokio::time::timeout(Duration::from_secs(10), read_packet(&mut rx))
+                    .await
+                    .unwrap_or_else(|_| panic!("{policy:?}: PUBACK {i} of {N} never came"))
+                    .unwrap();
+                assert_eq!((first, body), (0x40, pkid_of(i).to_be_bytes().to_vec()), "{policy:?}");
+            }
+            common::wait_for("all stored", Duration::from_secs(10), || {
+                gw.store_count() == N
+            })
+            .await;
+            gw.shutdown().await;
         }
     })
     .await;

@@ -297,8 +297,14 @@ impl Connection<'_> {
         tokio::pin!(keepalive);
         let mut stopping = false;
         loop {
-            // Whatever is buffered, as far as the PUBACK window allows.
-            while !stopping && state.pending.len() < max_inflight {
+            // Whatever is buffered, as far as the PUBACK window allows. `buffered` stays
+            // true when the window stopped it with bytes left in the buffer.
+            let mut buffered = false;
+            while !stopping {
+                if state.pending.len() >= max_inflight {
+                    buffered = !self.rbuf.is_empty();
+                    break;
+                }
                 match codec::read(&mut self.rbuf, front.settings.max_frame_bytes) {
                     Ok(Some(packet)) => {
                         last_packet = Instant::now();
@@ -331,6 +337,10 @@ impl Connection<'_> {
             }
             if stopping && state.pending.is_empty() {
                 return Ended::normal(MqttCloseReason::Shutdown);
+            }
+            if buffered && state.pending.len() < max_inflight {
+                // The window opened again: the buffered packets come before any wait.
+                continue;
             }
             let reading = !stopping && state.pending.len() < max_inflight;
             if reading {

@@ -332,8 +332,10 @@ impl Connection<'_> {
                 return Ended::normal(MqttCloseReason::Takeover);
             }
             self.send_commands(device, link, state);
-            if !self.wbuf.is_empty() && self.flush(keep_alive).await.is_err() {
-                return Ended::abnormal(MqttCloseReason::PeerClosed);
+            if !self.wbuf.is_empty() {
+                if let Err(end) = self.flush_watching(link, keep_alive).await {
+                    return end;
+                }
             }
             if stopping && state.pending.is_empty() {
                 return Ended::normal(MqttCloseReason::Shutdown);
@@ -396,7 +398,7 @@ impl Connection<'_> {
         state: &mut State,
     ) -> Result<(), Ended> {
         match packet {
-            Packet::Publish(publish) => self.publish(device, publish, state).await,
+            Packet::Publish(publish) => self.publish(device, link, publish, state).await,
             Packet::PubAck(ack) => {
                 if let Some(i) = state
                     .in_flight
@@ -470,6 +472,7 @@ impl Connection<'_> {
     async fn publish(
         &mut self,
         device: &Arc<str>,
+        link: &Link,
         publish: Publish,
         state: &mut State,
     ) -> Result<(), Ended> {
@@ -511,7 +514,33 @@ impl Connection<'_> {
                 } else {
                     (None, Outcome::Ready(Ok(0)))
                 };
-                if !submit(front, device.clone(), encoding, payload, ack).await {
+                // The wait for room in the pipeline queue is the backpressure; a kick or a
+                // takeover still ends the connection meanwhile (the message is then not
+                // acknowledged, so the device sends it again).
+                let mut woken = false;
+                let queued = {
+                    let submit = submit(front, device.clone(), encoding, payload, ack);
+                    tokio::pin!(submit);
+                    loop {
+                        tokio::select! {
+                            queued = &mut submit => break queued,
+                            () = link.wake.notified() => {
+                                if link.fate.kicked() {
+                                    return Err(Ended::normal(MqttCloseReason::Kicked));
+                                }
+                                if link.fate.taken_over() {
+                                    return Err(Ended::normal(MqttCloseReason::Takeover));
+                                }
+                                woken = true;
+                            }
+                        }
+                    }
+                };
+                if woken {
+                    // The wake was for a queued command: the session loop sends it.
+                    link.wake.notify_one();
+                }
+                if !queued {
                     front.metrics.emit(Event::MessagesDropped {
                         reason: MessageDropReason::ShuttingDown,
                         count: 1,
@@ -627,6 +656,39 @@ impl Connection<'_> {
         match result {
             Ok(Ok(())) => Ok(()),
             _ => Err(()),
+        }
+    }
+
+    /// Write out the write buffer while watching the link: a device that does not read
+    /// can block the write, and a kick or takeover must still close it at once.
+    async fn flush_watching(&mut self, link: &Link, limit: Duration) -> Result<(), Ended> {
+        let mut woken = false;
+        let result = {
+            let write = tokio::time::timeout(limit, self.stream.write_all(&self.wbuf));
+            tokio::pin!(write);
+            loop {
+                tokio::select! {
+                    r = &mut write => break r,
+                    () = link.wake.notified() => {
+                        woken = true;
+                        if link.fate.kicked() {
+                            return Err(Ended::normal(MqttCloseReason::Kicked));
+                        }
+                        if link.fate.taken_over() {
+                            return Err(Ended::normal(MqttCloseReason::Takeover));
+                        }
+                    }
+                }
+            }
+        };
+        self.wbuf = BytesMut::new();
+        if woken {
+            // The wake may have been for a queued command: the session loop looks.
+            link.wake.notify_one();
+        }
+        match result {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Ended::abnormal(MqttCloseReason::PeerClosed)),
         }
     }
 

@@ -227,6 +227,7 @@ fn paho(
     token: &str,
     mode: &str,
     n: usize,
+    base: i64,
 ) -> tokio::process::Child {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/paho_device.py");
     let found = Command::new("python3")

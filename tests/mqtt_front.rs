@@ -550,11 +550,16 @@ async fn a_burst_beyond_the_puback_window_is_answered_in_full() {
                 .collect();
             tx.write_all(&burst).await.unwrap();
             for i in 0..N {
-                let (first, body) = tokio::time::timeout(Duration::from_secs(10), read_packet(&mut rx))
-                    .await
-                    .unwrap_or_else(|_| panic!("{policy:?}: PUBACK {i} of {N} never came"))
-                    .unwrap();
-                assert_eq!((first, body), (0x40, pkid_of(i).to_be_bytes().to_vec()), "{policy:?}");
+                let (first, body) =
+                    tokio::time::timeout(Duration::from_secs(10), read_packet(&mut rx))
+                        .await
+                        .unwrap_or_else(|_| panic!("{policy:?}: PUBACK {i} of {N} never came"))
+                        .unwrap();
+                assert_eq!(
+                    (first, body),
+                    (0x40, pkid_of(i).to_be_bytes().to_vec()),
+                    "{policy:?}"
+                );
             }
             common::wait_for("all stored", Duration::from_secs(10), || {
                 gw.store_count() == N

@@ -300,7 +300,10 @@ impl Connection<'_> {
             // Whatever is buffered, as far as the PUBACK window allows. `buffered` stays
             // true when the window stopped it with bytes left in the buffer.
             let mut buffered = false;
-            while !stopping {
+            loop {
+                if stopping {
+                    break;
+                }
                 if state.pending.len() >= max_inflight {
                     buffered = !self.rbuf.is_empty();
                     break;

@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 log() { printf '\n==> %s\n' "$*"; }
 
 # --- what the tests need -------------------------------------------------------------
-# SQLite is bundled (rusqlite), and the MQTT/WebSocket peers are real Rust clients
-# (rumqttc, tokio-tungstenite). System packages the suites need are listed here so a
-# fresh machine gets them from this one command:
+# SQLite is bundled (rusqlite); the MQTT/WebSocket peers are real clients (rumqttc,
+# tokio-tungstenite, Mosquitto's and paho's MQTT clients). System packages the suites
+# need are listed here so a fresh machine gets them from this one command:
 # - victoria-metrics: a real InfluxDB v2 write API for tests/influx.rs (each test starts
 #   its own instance on a free loopback port).
 # - chromium, chromium-driver: the dashboard's end-to-end test in a real headless browser.
@@ -17,7 +17,9 @@ log() { printf '\n==> %s\n' "$*"; }
 #   own instance on free loopback ports).
 # - prometheus (2.42, with promtool): scrapes a test gateway, runs the dashboards' PromQL
 #   and checks /metrics and the alert rules (tests/prometheus.rs).
-apt_packages=(victoria-metrics chromium chromium-driver influxdb prometheus)
+# - mosquitto-clients: mosquitto_pub/mosquitto_sub as third-party MQTT devices
+#   (tests/mqtt_clients.rs).
+apt_packages=(victoria-metrics chromium chromium-driver influxdb prometheus mosquitto-clients)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   missing=()
   for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -33,6 +35,11 @@ if ! python3 -c "import grafana_foundation_sdk, yaml" >/dev/null 2>&1; then
   log "installing grafana-foundation-sdk and PyYAML (PyPI)"
   python3 -m pip install --quiet --disable-pip-version-check "grafana-foundation-sdk==1769699998!10.1.0" pyyaml
   if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+fi
+# paho-mqtt (PyPI): the Python MQTT client of tests/clients/paho_device.py.
+if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
+  log "installing paho-mqtt (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check paho-mqtt
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"

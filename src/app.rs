@@ -2,7 +2,7 @@
 //! with its full-policy named here), starts every task, and owns shutdown.
 //!
 //! ```text
-//! mqtt consumer ─┐ try_send; full (messages or bytes) -> spill (bounded) -> drop, counted
+//! mqtt conns ────┐
 //! ws / http ─────┤ send().await; full (messages or bytes) -> backpressure to the device
 //!                v
 //!            pipeline ── publish (never waits) ──> live hub -> subscriber queues (conflate)
@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::throttle::{FailureThrottle, ThrottleSettings};
 use crate::api::{self, ApiSettings, AppState};
 use crate::config::Config;
-use crate::ingest::mqtt::MqttIngest;
+use crate::ingest::mqtt::{MqttCommands, MqttIngest};
 use crate::live::{Hub, HubLimits};
 use crate::model::DurableBatch;
 use crate::model::{QueueBudget, now_ms};
@@ -51,8 +51,10 @@ pub struct RunningGateway {
     pub http_addr: SocketAddr,
     /// The HTTPS listener's bound address, when `http.tls` is enabled.
     pub https_addr: Option<SocketAddr>,
-    /// The MQTT listener's address, when the broker is enabled.
+    /// The MQTT listener's address, when the MQTT front is enabled.
     pub mqtt_addr: Option<SocketAddr>,
+    /// The handle that sends commands to MQTT devices, when the MQTT front is enabled.
+    pub mqtt_commands: Option<MqttCommands>,
     /// The data directory.
     pub data_dir: PathBuf,
     /// On the first start only: the generated admin API key (stored as a hash; this is
@@ -67,7 +69,7 @@ pub struct RunningGateway {
 
 impl Gateway {
     /// Start every component from a validated config. Returns once all listeners are
-    /// bound and the broker answers.
+    /// bound.
     pub async fn start(config: Config) -> anyhow::Result<RunningGateway> {
         let metrics = Arc::new(Metrics::default());
         let shutdown = CancellationToken::new();
@@ -211,9 +213,10 @@ impl Gateway {
 
         // Ingest -> pipeline, bounded in messages (the channel) and in bytes (the budget
         // every envelope takes its size from before it is queued, and returns when the
-        // pipeline has decoded it). Full-policy, for either bound: WS/HTTP wait
-        // (backpressure to the device), MQTT spills (then drops, counted); waits and
-        // spills for want of bytes are counted (`fluxgate_ingest_budget_waits_total`).
+        // pipeline has decoded it). Full-policy, for either bound: every transport
+        // waits (backpressure to the device: an MQTT connection stops reading its
+        // socket); waits for want of bytes are counted
+        // (`fluxgate_ingest_budget_waits_total`).
         let (pipe_tx, pipe_rx) = mpsc::channel(config.pipeline.queue_capacity);
         let ingest_budget = QueueBudget::new(config.pipeline.queue_bytes);
         let pipeline = Pipeline {
@@ -232,23 +235,17 @@ impl Gateway {
             config.http.shutdown_grace,
         )));
 
+        let mut mqtt_commands = None;
         let mqtt_addr = if config.mqtt.enabled {
-            let mqtt = MqttIngest::new(
-                config.mqtt.clone(),
-                config.limits.max_frame_bytes,
-                registry.clone(),
-            )?;
-            let (ready_tx, ready_rx) = oneshot::channel();
+            let mqtt = MqttIngest::new(config.mqtt.clone(), &config.limits, registry.clone())?;
+            let addr = mqtt.listen_addr();
+            mqtt_commands = Some(mqtt.commands());
             tasks.push(tokio::spawn(mqtt.run(
                 pipe_tx.clone(),
                 ingest_budget.clone(),
                 metrics.clone(),
                 shutdown.clone(),
-                ready_tx,
             )));
-            let addr = ready_rx
-                .await
-                .context("the MQTT component stopped during start")??;
             Some(addr)
         } else {
             None
@@ -342,6 +339,7 @@ impl Gateway {
             http_addr,
             https_addr,
             mqtt_addr,
+            mqtt_commands,
             data_dir: config.data_dir,
             bootstrap_admin_key,
             metrics,

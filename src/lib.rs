@@ -1,7 +1,7 @@
 //! fluxgate: a single-binary IoT telemetry gateway.
 //!
-//! Devices send telemetry over MQTT (an embedded rumqttd broker), WebSocket or HTTP; the
-//! gateway decodes it, fans it out live to dashboards (WebSocket and SSE) and batches it
+//! Devices send telemetry over MQTT (the built-in MQTT 3.1.1 device front), WebSocket or
+//! HTTP; the gateway decodes it, fans it out live to dashboards (WebSocket and SSE) and batches it
 //! into an embedded SQLite store and/or an InfluxDB sink (v2 write API, through a
 //! crash-safe disk buffer).
 //!

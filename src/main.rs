@@ -7,9 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use fluxgate::config::{Config, LogFormat};
-use fluxgate::ingest::mqtt::BrokerChurnFilter;
 use fluxgate::registry::Role;
-use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::prelude::*;
 
 /// fluxgate: IoT telemetry gateway (MQTT broker + WebSocket/HTTP ingest + SQLite store +
@@ -175,19 +174,8 @@ fn role_name(role: Role) -> &'static str {
 }
 
 fn init_tracing(config: &Config) {
-    // rumqttd logs every accepted connection at info; that is noise at fleet scale.
-    // Its normal churn (disconnects, keep-alive timeouts, duplicate client ids, kicks,
-    // refused logins) it logs at ERROR, from the same targets and level as its real
-    // errors, so no per-target directive can separate the two: `BrokerChurnFilter`
-    // drops exactly those lines (by target and message), which fluxgate counts and
-    // logs itself at debug, and every other rumqttd warning and error stays visible.
-    let default = format!("{},rumqttd=warn", config.log.level);
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    // rumqttd opens error-level spans around every packet batch with the topic and
-    // payload as fields; the fmt layer formats those fields eagerly, which measured as a
-    // large share of the broker thread's CPU under load. Its events still get through.
-    let no_broker_spans =
-        filter_fn(|meta| !(meta.is_span() && meta.target().starts_with("rumqttd")));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
     // Logs go to stderr; stdout carries only what a user or script asked for (the
     // one-time admin key), so secrets never end up in a log stream.
     let layer = tracing_subscriber::fmt::layer()
@@ -196,16 +184,8 @@ fn init_tracing(config: &Config) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let registry = tracing_subscriber::registry();
     match config.log.format {
-        LogFormat::Text => registry
-            .with(layer.with_filter(filter.and(no_broker_spans).and(BrokerChurnFilter)))
-            .init(),
-        LogFormat::Json => registry
-            .with(
-                layer
-                    .json()
-                    .with_filter(filter.and(no_broker_spans).and(BrokerChurnFilter)),
-            )
-            .init(),
+        LogFormat::Text => registry.with(layer.with_filter(filter)).init(),
+        LogFormat::Json => registry.with(layer.json().with_filter(filter)).init(),
     }
 }
 

@@ -366,7 +366,7 @@ async fn mqtt_counts_each_bad_payload_and_keeps_the_client() {
             }
             published += 2;
         }
-        // The broker took every publish, including the 1 MiB one (under the 2 MiB
+        // The front took every publish, including the 1 MiB one (under the 2 MiB
         // transport cap), on one connection that never dropped.
         mqtt.wait_acks(published, Duration::from_secs(20)).await;
 
@@ -393,13 +393,6 @@ async fn mqtt_counts_each_bad_payload_and_keeps_the_client() {
                 .await,
             expected.len() as f64
         );
-        // The status topic is not subscribed by the consumer at all: nothing reached it
-        // as an unknown topic either.
-        assert_eq!(
-            gw.metric(r#"fluxgate_dropped_messages_total{reason="unknown_topic"}"#)
-                .await,
-            0.0
-        );
         mqtt.assert_healthy();
     })
     .await;
@@ -413,7 +406,6 @@ async fn messages_over_the_transport_cap_close_only_their_connection() {
         let gw = TestGateway::spawn_with(|c| {
             c.limits.max_payload_bytes = PAYLOAD_MAX;
             c.limits.max_frame_bytes = FRAME_MAX;
-            c.mqtt.segment_bytes = 64 * 1024;
         })
         .await;
         let base = now_ms() - 60_000;

@@ -20,7 +20,7 @@ use reqwest::Method;
 use serde_json::json;
 
 /// Every reason of `fluxgate_mqtt_protocol_violations_total`.
-const VIOLATIONS: [&str; 11] = [
+const VIOLATIONS: [&str; 12] = [
     "second_connect",
     "before_connect",
     "unexpected_packet",
@@ -30,12 +30,13 @@ const VIOLATIONS: [&str; 11] = [
     "invalid_topic",
     "foreign_will",
     "foreign_subscribe",
+    "unsupported_qos",
     "malformed",
     "too_large",
 ];
 
 /// Every reason of `fluxgate_mqtt_connections_closed_total`.
-const CLOSES: [&str; 9] = [
+const CLOSES: [&str; 12] = [
     "client_disconnect",
     "peer_closed",
     "keepalive_timeout",
@@ -45,6 +46,9 @@ const CLOSES: [&str; 9] = [
     "refused",
     "no_connect",
     "shutdown",
+    "over_capacity",
+    "connect_rate_limited",
+    "unavailable",
 ];
 
 /// How long a closed connection may take to show it.
@@ -236,6 +240,12 @@ async fn every_abuse_closes_the_connection_is_counted_and_stores_nothing() {
                 reason: "wildcard_topic",
             },
             Abuse {
+                name: "QoS 2 (unsupported)",
+                logged_in: true,
+                bytes: publish_packet(0x34, own.as_bytes(), &body),
+                reason: "unsupported_qos",
+            },
+            Abuse {
                 name: "QoS 3",
                 logged_in: true,
                 bytes: publish_packet(0x36, own.as_bytes(), &body),
@@ -395,7 +405,7 @@ async fn every_abuse_closes_the_connection_is_counted_and_stores_nothing() {
 }
 
 /// Normal device churn on the real binary: every kind is counted under its reason, and
-/// none of it (rumqttd's own lines included) reaches the log at ERROR or WARN.
+/// none of it reaches the log at ERROR or WARN.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn normal_churn_is_counted_and_never_logged_as_an_error() {
     bounded(90, async {

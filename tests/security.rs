@@ -13,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Connect, Process, RawMqtt, Sse, TestGateway, bounded, now_ms, refused, row, ws_closed_with,
+    Process, RawMqtt, Sse, TestGateway, bounded, now_ms, refused, row, ws_closed_with,
     ws_next_json, ws_open,
 };
 use fluxgate::model::Value;
@@ -174,21 +174,23 @@ async fn bad_credentials_are_refused_on_every_transport_with_their_reason() {
             &tokens["cred-other"],
         );
 
-        // MQTT: the socket is closed without a CONNACK; the reason is counted.
-        let mqtt_cases: [(&str, Login<'_>, &str); 7] = [
-            ("cred-ok", Some(("cred-ok", forged)), "bad_token"),
-            ("cred-ok", Some(("cred-ok", other)), "bad_token"),
-            ("cred-ok", Some(("cred-ok", &gw.admin_key)), "bad_token"),
-            ("ghost", Some(("ghost", ok)), "unknown"),
-            ("cred-off", Some(("cred-off", off)), "disabled"),
-            ("cred-ok", Some(("cred-other", ok)), "identity_mismatch"),
-            ("cred-ok", None, "missing_credentials"),
+        // MQTT: CONNACK 4 ("bad user name or password") or 5 ("not authorized"), then
+        // the socket is closed; the reason is counted.
+        let mqtt_cases: [(&str, Login<'_>, &str, u8); 7] = [
+            ("cred-ok", Some(("cred-ok", forged)), "bad_token", 4),
+            ("cred-ok", Some(("cred-ok", other)), "bad_token", 4),
+            ("cred-ok", Some(("cred-ok", &gw.admin_key)), "bad_token", 4),
+            ("ghost", Some(("ghost", ok)), "unknown", 4),
+            ("cred-off", Some(("cred-off", off)), "disabled", 5),
+            ("cred-ok", Some(("cred-other", ok)), "identity_mismatch", 4),
+            ("cred-ok", None, "missing_credentials", 5),
         ];
-        for (client_id, login, reason) in mqtt_cases {
+        for (client_id, login, reason, code) in mqtt_cases {
             let answer = RawMqtt::connect(gw.mqtt, client_id, login, None).await;
-            assert!(
-                answer.is_closed(),
-                "{client_id} {login:?} ({reason}): {answer:?}"
+            assert_eq!(
+                answer.refused(),
+                Some(code),
+                "{client_id} {login:?} ({reason})"
             );
         }
         for (reason, n) in [
@@ -417,8 +419,15 @@ async fn revocation_closes_live_connections_within_a_second() {
             assert!(revoked_at.elapsed() <= Duration::from_secs(1), "{case:?}");
 
             // The old token is refused from now on, on both transports.
-            assert!(
-                RawMqtt::device(gw.mqtt, &id, &old).await.is_closed(),
+            // CONNACK 5 ("not authorized") for a disabled device, 4 ("bad user name or
+            // password") for a token that is no longer its device's.
+            let code = match case {
+                Revocation::DisableByPatch | Revocation::DisableByPut => 5,
+                Revocation::Rotate | Revocation::Delete => 4,
+            };
+            assert_eq!(
+                RawMqtt::device(gw.mqtt, &id, &old).await.refused(),
+                Some(code),
                 "{case:?}: old token accepted on MQTT"
             );
             let (status, _) = gw.try_ws_ingest(Some(&old), "").await.err().unwrap();
@@ -451,7 +460,7 @@ async fn revocation_closes_live_connections_within_a_second() {
             assert_eq!(ws_next_json(&mut ws).await["type"], "ack");
             if matches!(case, Revocation::Delete) {
                 // Re-created with a new token: the old one stays refused.
-                assert!(RawMqtt::device(gw.mqtt, &id, &old).await.is_closed());
+                assert_eq!(RawMqtt::device(gw.mqtt, &id, &old).await.refused(), Some(4));
             }
         }
         assert_eq!(
@@ -524,7 +533,7 @@ async fn no_secret_appears_in_the_debug_log() {
             ("nobody", token_c.as_str()),
         ] {
             let c = RawMqtt::connect(p.mqtt, "log-a", Some(login), None).await;
-            assert!(c.is_closed(), "{c:?}");
+            assert_eq!(c.refused(), Some(4));
         }
         let ws_url = format!("ws://{}/api/v1/ingest/ws", p.http);
         let mut ws = ws_open(&ws_url, Some(&tokens["log-b"])).await.unwrap();
@@ -586,10 +595,12 @@ async fn no_secret_appears_in_the_debug_log() {
         secrets.push(rotated.clone());
         assert!(a.closed_within(Duration::from_secs(1)).await);
         RawMqtt::device(p.mqtt, "log-a", &rotated).await.accepted();
-        assert!(matches!(
-            RawMqtt::device(p.mqtt, "log-a", &tokens["log-a"]).await,
-            Connect::Closed
-        ));
+        assert_eq!(
+            RawMqtt::device(p.mqtt, "log-a", &tokens["log-a"])
+                .await
+                .refused(),
+            Some(4)
+        );
         // An ACL violation and a revoked key.
         let mut b = RawMqtt::device(p.mqtt, "log-b", &tokens["log-b"])
             .await
@@ -659,13 +670,14 @@ async fn no_secret_appears_in_the_debug_log() {
 
 /// Kicks used to register a local link under the revoked device's client id and leave
 /// it there: every revoked device that never came back kept a broker connection slot.
-/// With `mqtt.max_connections = 2` the router has 4 slots (2 spare for the gateway's
-/// consumer and probe), 3 of them free for devices.
+/// With `mqtt.max_connections = 2`, after four kicks both slots are free again, and a
+/// third connection is closed at accept (`over_capacity`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_device_that_never_reconnects_frees_its_broker_slot() {
     bounded(60, async {
         let gw = TestGateway::spawn_with(|c| c.mqtt.max_connections = 2).await;
         let ids: Vec<String> = (0..7).map(|i| format!("slot-{i}")).collect();
+        let over = r#"fluxgate_mqtt_connections_closed_total{reason="over_capacity"}"#;
         let tokens = gw.provision_many(&ids).await;
         for id in &ids[..4] {
             let mut conn = RawMqtt::device(gw.mqtt, id, &tokens[id]).await.accepted();
@@ -685,13 +697,21 @@ async fn a_revoked_device_that_never_reconnects_frees_its_broker_slot() {
                 .await,
             4.0
         );
-        // Every slot is free again: three devices connect and stay connected.
+        // Every slot is free again: two devices connect and stay connected.
         let mut held = Vec::new();
-        for id in &ids[4..] {
+        for id in &ids[4..6] {
             let mut conn = RawMqtt::device(gw.mqtt, id, &tokens[id]).await.accepted();
             assert!(conn.ping().await, "{id}");
             held.push(conn);
         }
+        assert_eq!(gw.metric(over).await, 0.0);
+        // A third is one too many: closed at accept, without a CONNACK, and counted.
+        assert!(
+            RawMqtt::device(gw.mqtt, &ids[6], &tokens[&ids[6]])
+                .await
+                .is_closed()
+        );
+        gw.wait_metric(over, 1.0, Duration::from_secs(5)).await;
         for conn in &mut held {
             assert!(conn.ping().await);
         }

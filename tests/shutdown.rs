@@ -1,5 +1,5 @@
-//! The real binary: SIGTERM drains and flushes (every MQTT message the broker PUBACKed
-//! and every WebSocket message the gateway acked is in the store after a clean exit),
+//! The real binary: SIGTERM drains and flushes (every MQTT message the gateway PUBACKed
+//! from memory and every WebSocket message the gateway acked is in the store after a clean exit),
 //! the start-up log line (on stderr) names the bound ports, the first start prints the
 //! admin key on stdout, and `fluxgate config check` validates files and environment
 //! overrides, naming the offending key. Devices are provisioned through the REST API
@@ -23,14 +23,16 @@ use tokio_tungstenite::tungstenite::Message;
 async fn sigterm_keeps_every_pubacked_mqtt_message() {
     bounded(90, async {
         const N: i64 = 5_000;
-        // Batches are due only by size (20,000 rows by default, more than N) or after an
-        // hour, so nothing is written before the SIGTERM: all N readings are in flight
-        // when it arrives and only the shutdown drain and final flush can store them. A
-        // one-message pipeline queue also makes the MQTT consumer spill, so the spill is
-        // drained on the way.
+        // PUBACKs from memory (`mqtt.puback = "received"`; the durable default would
+        // wait for the commit). Batches are due only by size (50,000 rows by default,
+        // more than N) or after an hour, so nothing is written before the SIGTERM: all N
+        // readings are in flight when it arrives and only the shutdown drain and final
+        // flush can store them. A one-message pipeline queue also keeps the connection
+        // waiting on the pipeline (backpressure) on the way.
         let mut p = Process::start(&[
             ("FLUXGATE_BATCH__MAX_AGE", "1h"),
             ("FLUXGATE_PIPELINE__QUEUE_CAPACITY", "1"),
+            ("FLUXGATE_MQTT__PUBACK", "received"),
         ]);
         let base = now_ms() - 60_000;
         let token = p.admin.provision("shutdown-dev").await;

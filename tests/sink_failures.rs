@@ -1,7 +1,7 @@
 //! The InfluxDB sink's failure paths, against a scripted stub server: the answers a
 //! real database gives only when something is wrong (5xx, 408, 429 with `Retry-After`,
 //! 401/403/404), a database that holds requests (the buffer fills: `when_full` policies,
-//! `/readyz` at 90 % fill), and the MQTT spill behind a stalled pipeline.
+//! `/readyz` at 90 % fill), and MQTT's backpressure behind a stalled pipeline.
 //!
 //! The stub records every request (arrival time, gunzipped body) and answers from a
 //! script; once the script is used up it answers 204, or holds the request while it is
@@ -590,20 +590,23 @@ async fn a_failing_buffer_append_is_counted_and_refused_then_recovers() {
 }
 
 // ---------------------------------------------------------------------------------------
-// The MQTT spill behind a stalled pipeline
+// MQTT behind a stalled pipeline: backpressure, nothing dropped
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt_spill_full_drops_are_counted_exactly() {
+async fn mqtt_waits_behind_a_stalled_pipeline_and_drops_nothing() {
     bounded(120, async {
         // The pipeline stalls behind a blocked sink (a database that holds every request
-        // and a small `block` buffer); MQTT then fills the ingest queue and a tiny spill.
+        // and a small `block` buffer); MQTT then fills the tiny ingest queue. The MQTT
+        // front stops reading instead of dropping: no PUBACK goes out for what is not
+        // durable, and once the database answers, everything is stored once.
         let stub = Stub::start(Vec::new(), false).await;
         let url = stub.url();
         let gw = TestGateway::spawn_with(|c| {
             enable_sink(c, &url);
             small_buffer(c, WhenFull::Block);
             c.pipeline.queue_capacity = 4;
-            c.mqtt.spill_bytes = 2048;
+            // Small batches, so the buffer fills to the brim before one does not fit.
+            c.batch.max_rows = 8;
         })
         .await;
         let token = gw.provision("sp-1").await;
@@ -611,52 +614,64 @@ async fn mqtt_spill_full_drops_are_counted_exactly() {
         let t = topic::telemetry("sp-1");
         let base = now_ms() - 600_000;
         const N: u64 = 600;
-        for i in 0..N {
-            mqtt.publish(&t, fat_body(base + i as i64, i as i64)).await;
-        }
-        // The broker acknowledges every publish; the consumer never blocks.
-        mqtt.wait_acks(N, Duration::from_secs(30)).await;
-        let spill_full = r#"fluxgate_dropped_messages_total{reason="mqtt_spill_full"}"#;
+        let publisher = {
+            let client = mqtt.client.clone();
+            tokio::spawn(async move {
+                for i in 0..N {
+                    client
+                        .publish(
+                            &t,
+                            rumqttc::QoS::AtLeastOnce,
+                            false,
+                            fat_body(base + i as i64, i as i64),
+                        )
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        // Stalled: the database holds every request, and the sink buffer fills.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while gw.metric(spill_full).await == 0.0 {
-            assert!(Instant::now() < deadline, "nothing was dropped");
+        while gw.metric("fluxgate_influxdb_buffer_bytes").await < 0.9 * 8192.0 {
+            assert!(Instant::now() < deadline, "the sink buffer never filled");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The 8 KiB buffer holds about 80 of these lines: whatever more was sent is not
+        // durable, so it was not acknowledged.
+        let acked_while_stalled = mqtt.acks.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            acked_while_stalled < 200,
+            "{acked_while_stalled} PUBACKs while stalled"
+        );
         stub.open();
-        // Everything not dropped is stored, once: stored + dropped == published.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let dropped = gw.metric(spill_full).await as i64;
-            let stored = gw.store_count();
-            let ingested = gw.metric(r#"fluxgate_store_readings_written_total"#).await as i64;
-            if stored + dropped == N as i64 && ingested == stored {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "stored {stored} (written {ingested}) + dropped {dropped} != published {N}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let stored = gw.store_count();
-        assert!(stored > 0);
+        publisher.await.unwrap();
+        mqtt.wait_acks(N, Duration::from_secs(60)).await;
+        // Everything is stored, once, and reached the database once.
+        wait_for("all stored", Duration::from_secs(30), || {
+            gw.store_count() == N as i64
+        })
+        .await;
+        assert_eq!(
+            gw.metric("fluxgate_store_readings_written_total").await,
+            N as f64
+        );
         gw.wait_metric(
             "fluxgate_influxdb_points_written_total",
-            stored as f64,
+            N as f64,
             Duration::from_secs(30),
         )
         .await;
         let accepted = stub.accepted_lines();
-        assert_eq!(accepted.len() as i64, stored);
+        assert_eq!(accepted.len() as u64, N);
         assert!(accepted.values().all(|n| *n == 1), "a line came twice");
-        for other in ["unknown_topic", "shutting_down", "mqtt_cursor_jump"] {
+        for reason in ["shutting_down", "rate_limited"] {
             assert_eq!(
                 gw.metric(&format!(
-                    "fluxgate_dropped_messages_total{{reason=\"{other}\"}}"
+                    "fluxgate_dropped_messages_total{{reason=\"{reason}\"}}"
                 ))
                 .await,
                 0.0,
-                "{other}"
+                "{reason}"
             );
         }
         mqtt.assert_healthy();

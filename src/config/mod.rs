@@ -164,27 +164,53 @@ pub enum LogFormat {
     Json,
 }
 
-/// Embedded MQTT broker options.
+/// The MQTT device front's options.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// Run the embedded broker at all.
+    /// Run the MQTT device front at all.
     pub enabled: bool,
     /// Listen address; port 0 picks a free port (logged at start).
     pub listen: SocketAddr,
-    /// Maximum concurrent MQTT connections.
+    /// Length of the kernel's queue of connections not yet accepted (capped by the
+    /// system's `net.core.somaxconn`); a reconnect storm overflows a short one.
+    pub listen_backlog: u32,
+    /// Maximum concurrent MQTT connections; beyond it a new connection is closed at
+    /// accept and counted (`over_capacity`).
     pub max_connections: usize,
     /// Time a new connection may take to send CONNECT.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Size of one broker log segment in bytes; memory per topic filter is at most
-    /// `segment_bytes * segment_count`.
-    pub segment_bytes: usize,
-    /// Number of segments kept per topic filter before the oldest is dropped.
-    pub segment_count: usize,
-    /// Bytes of decoded-but-not-yet-accepted MQTT messages the consumer may hold when the
-    /// pipeline is busy ("spill"); beyond it messages are dropped and counted.
-    pub spill_bytes: usize,
+    /// CONNECTs per second the gateway authenticates, over all devices (token bucket);
+    /// 0 = no limit. A CONNECT over it is answered CONNACK 3 ("server unavailable") and
+    /// counted (`connect_rate_limited`); devices retry with their backoff.
+    pub connect_rate: f64,
+    /// Burst of the connect-rate bucket.
+    pub connect_burst: u32,
+    /// The longest keep-alive the gateway honours: a client asking for more, or for 0
+    /// (none), is closed after 1.5 times this much silence.
+    #[serde(with = "humantime_serde")]
+    pub max_keep_alive: Duration,
+    /// When a QoS 1 PUBLISH is acknowledged: `durable` (after every enabled durable
+    /// destination confirmed it, like WebSocket/HTTP acks) or `received` (once it is
+    /// queued for the pipeline: faster, but a crash can lose acknowledged messages).
+    pub puback: PubackPolicy,
+    /// QoS 1 PUBLISHes one connection may have waiting for their durable PUBACK; at
+    /// the limit the gateway stops reading that connection until the oldest is answered.
+    pub max_inflight: usize,
+    /// Commands (QoS 1 PUBLISHes to `devices/{id}/commands`) one device may have
+    /// queued or unacknowledged; more are refused to the caller.
+    pub max_outbound: usize,
+}
+
+/// When the MQTT front acknowledges a QoS 1 PUBLISH (`mqtt.puback`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PubackPolicy {
+    /// After every enabled durable destination confirmed the message.
+    Durable,
+    /// As soon as the message is queued for the pipeline (in memory).
+    Received,
 }
 
 impl Default for MqttConfig {
@@ -192,11 +218,15 @@ impl Default for MqttConfig {
         Self {
             enabled: true,
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            listen_backlog: 4096,
             max_connections: 10_000,
             connect_timeout: Duration::from_secs(5),
-            segment_bytes: 16 * 1024 * 1024,
-            segment_count: 4,
-            spill_bytes: 256 * 1024 * 1024,
+            connect_rate: 10_000.0,
+            connect_burst: 10_000,
+            max_keep_alive: Duration::from_secs(3600),
+            puback: PubackPolicy::Durable,
+            max_inflight: 64,
+            max_outbound: 16,
         }
     }
 }
@@ -428,7 +458,7 @@ impl LimitsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
     /// Capacity (messages) of the queue from ingest to the pipeline. When full, WS and
-    /// HTTP ingest wait (backpressure) and MQTT spills into `mqtt.spill_bytes`.
+    /// HTTP ingest and MQTT connections wait (backpressure to the device).
     pub queue_capacity: usize,
     /// Bytes (payloads plus a small per-message overhead) the same queue may hold; the
     /// same full-policy applies when it is reached. Must leave room for one message of
@@ -451,8 +481,8 @@ impl Default for PipelineConfig {
 pub struct BatchConfig {
     /// Flush when this many readings are pending.
     pub max_rows: usize,
-    /// Flush when the oldest pending reading is this old. Bounds how much MQTT data (which
-    /// is not acknowledged by the store) a crash can lose after the broker's PUBACK.
+    /// Flush when the oldest pending reading is this old. Bounds how much unacknowledged
+    /// data (MQTT QoS 0, QoS 1 with `mqtt.puback = "received"`) a crash can lose.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
     /// Flush sooner, this long after the first pending message that waits for an
@@ -611,7 +641,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
             ("mqtt.max_connections", self.mqtt.max_connections),
-            ("mqtt.segment_count", self.mqtt.segment_count),
+            ("mqtt.max_inflight", self.mqtt.max_inflight),
+            ("mqtt.max_outbound", self.mqtt.max_outbound),
+            ("mqtt.listen_backlog", self.mqtt.listen_backlog as usize),
             ("http.ws_max_inflight", self.http.ws_max_inflight),
             ("limits.max_payload_bytes", self.limits.max_payload_bytes),
             ("limits.max_readings", self.limits.max_readings),
@@ -647,9 +679,6 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
-        }
-        if self.mqtt.segment_bytes < 1024 {
-            return Err(invalid("mqtt.segment_bytes", "must be at least 1024"));
         }
         if self.http.tls.enabled
             && (self.http.tls.cert.as_os_str().is_empty()
@@ -689,10 +718,25 @@ impl Config {
                 "must be at least limits.max_payload_bytes",
             ));
         }
-        if self.mqtt.segment_bytes < self.limits.max_frame_bytes + 1024 {
+        let connect_rate = self.mqtt.connect_rate;
+        if !connect_rate.is_finite() || !(0.0..=1_000_000.0).contains(&connect_rate) {
             return Err(invalid(
-                "mqtt.segment_bytes",
-                "must exceed limits.max_frame_bytes by at least 1024 so one packet fits",
+                "mqtt.connect_rate",
+                "must be between 0 (no limit) and 1000000 connects per second",
+            ));
+        }
+        if connect_rate > 0.0 && self.mqtt.connect_burst == 0 {
+            return Err(invalid(
+                "mqtt.connect_burst",
+                "must be greater than 0 when mqtt.connect_rate is set",
+            ));
+        }
+        if self.mqtt.max_keep_alive < Duration::from_secs(1)
+            || self.mqtt.max_keep_alive > Duration::from_secs(u64::from(u16::MAX))
+        {
+            return Err(invalid(
+                "mqtt.max_keep_alive",
+                "must be between 1s and 65535s (the largest MQTT keep-alive)",
             ));
         }
         if self.limits.max_frame_bytes > 64 * 1024 * 1024 {
@@ -806,6 +850,7 @@ impl Config {
         let i = &self.sinks.influxdb;
         vec![
             ("mqtt.connect_timeout", self.mqtt.connect_timeout),
+            ("mqtt.max_keep_alive", self.mqtt.max_keep_alive),
             ("http.shutdown_grace", self.http.shutdown_grace),
             ("http.stream_token_ttl", self.http.stream_token_ttl),
             ("http.header_read_timeout", self.http.header_read_timeout),

@@ -47,8 +47,8 @@ pub enum Precision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenFull {
-    /// Stop taking new batches: the pipeline waits, which backpressures WS/HTTP ingest,
-    /// makes MQTT spill, and also stalls the embedded store. Nothing is dropped here.
+    /// Stop taking new batches: the pipeline waits, which backpressures WS/HTTP/MQTT
+    /// ingest, and also stalls the embedded store. Nothing is dropped here.
     Block,
     /// Delete the oldest segment (counted as `sink_buffer_full` drops); ingest and the
     /// embedded store never wait for the database.

@@ -1,12 +1,12 @@
 //! Ingest: turns bytes from devices into [`Envelope`]s for the pipeline.
 //!
-//! - `mqtt`: the embedded rumqttd broker and its local-link consumer (the only module
-//!   that imports rumqttd);
+//! - `mqtt`: the MQTT 3.1.1 device front (one task per connection; the only module that
+//!   imports an MQTT codec);
 //! - `ws`: `GET /api/v1/ingest/ws`, one acknowledgement or error frame per message;
 //! - `http`: `POST /api/v1/devices/{id}/telemetry`.
 //!
-//! Every ingest path authenticates the device: MQTT in the broker's auth handler
-//! (client id = username = device id, password = token) plus a topic ACL, WS and HTTP
+//! Every ingest path authenticates the device: MQTT at CONNECT (client id = username =
+//! device id, password = token) plus the exact-topic rules, WS and HTTP
 //! with the device token as `Authorization: Bearer` (`api::auth::DeviceAuth`).
 
 pub mod http;

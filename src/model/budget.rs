@@ -6,7 +6,7 @@
 //! [`BudgetPermit`] it gets travels inside its `Envelope`: the bytes return to the budget
 //! when the pipeline has decoded the message and drops the envelope. What a transport
 //! does when the budget is used up is its full-policy, named where the queue is created
-//! (WS/HTTP wait, MQTT spills).
+//! (every transport waits: backpressure to the device).
 
 use std::sync::Arc;
 

@@ -173,11 +173,12 @@ pub struct Envelope {
     pub payload: Bytes,
     /// Server time at receipt, ms since the Unix epoch (used for readings without `ts`).
     pub received_at_ms: u64,
-    /// Set when the sender waits for durability (WS and HTTP); `None` for MQTT.
+    /// Set when the sender waits for durability (WS, HTTP, and MQTT QoS 1 with
+    /// `mqtt.puback = "durable"`); `None` for fire-and-forget messages.
     pub ack: Option<AckSender>,
     /// The bytes this message holds of the queue's [`QueueBudget`], returned when the
-    /// envelope is dropped after decoding. `None` only while an MQTT message waits in the
-    /// consumer's spill, which has a budget of its own (`mqtt.spill_bytes`).
+    /// envelope is dropped after decoding. `None` only for envelopes built outside the
+    /// ingest queue (tests, benchmarks).
     pub budget: Option<BudgetPermit>,
 }
 

@@ -1,6 +1,6 @@
 //! Why something was dropped, with one reason type per counted unit.
 //!
-//! A drop is counted in the unit that was lost where it happened: the MQTT consumer loses
+//! A drop is counted in the unit that was lost where it happened: the pipeline refuses
 //! whole messages, the durable destinations lose readings of a batch, and the InfluxDB
 //! buffer loses line-protocol points (one line groups the readings of one device and
 //! timestamp). Adding those numbers would be meaningless, so each unit has its own
@@ -13,15 +13,8 @@
 /// Why whole device messages were dropped (`fluxgate_dropped_messages_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageDropReason {
-    /// The MQTT spill buffer was full while the pipeline was busy.
-    MqttSpillFull,
-    /// An MQTT message arrived on a topic the gateway does not consume.
-    UnknownTopic,
     /// The pipeline was gone (shutdown) when a message arrived.
     ShuttingDown,
-    /// rumqttd skipped messages that rolled out of its segments before the consumer
-    /// read them.
-    MqttCursorJump,
     /// The device sent faster than `limits.device_rate` allows (its token bucket was
     /// empty): the message was refused before it was decoded.
     RateLimited,
@@ -29,21 +22,15 @@ pub enum MessageDropReason {
 
 impl MessageDropReason {
     /// Every reason, in discriminant order, so that each label is exported from the start.
-    pub(super) const ALL: [MessageDropReason; 5] = [
-        MessageDropReason::MqttSpillFull,
-        MessageDropReason::UnknownTopic,
+    pub(super) const ALL: [MessageDropReason; 2] = [
         MessageDropReason::ShuttingDown,
-        MessageDropReason::MqttCursorJump,
         MessageDropReason::RateLimited,
     ];
 
     /// The metric label.
     pub(super) fn as_str(self) -> &'static str {
         match self {
-            MessageDropReason::MqttSpillFull => "mqtt_spill_full",
-            MessageDropReason::UnknownTopic => "unknown_topic",
             MessageDropReason::ShuttingDown => "shutting_down",
-            MessageDropReason::MqttCursorJump => "mqtt_cursor_jump",
             MessageDropReason::RateLimited => "rate_limited",
         }
     }

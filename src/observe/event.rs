@@ -186,7 +186,7 @@ pub enum Event<'a> {
         /// Which limit.
         reason: HttpCloseReason,
     },
-    /// A WS or HTTP message waited, or an MQTT message was spilled, because the ingest
+    /// A WS, HTTP or MQTT message waited because the ingest
     /// -> pipeline queue's byte budget (`pipeline.queue_bytes`) was used up.
     IngestBudgetFull {
         /// Its transport.

@@ -17,8 +17,6 @@ pub enum Queue {
     Pipeline,
     /// Batcher -> store writer batches.
     Store,
-    /// MQTT messages held by the consumer while the pipeline is busy.
-    MqttSpill,
     /// Readings queued for live subscribers, summed over all of them.
     Live,
     /// Batcher -> InfluxDB sink buffer batches.
@@ -27,20 +25,13 @@ pub enum Queue {
 
 impl Queue {
     /// Every queue, in discriminant order.
-    pub(super) const ALL: [Queue; 5] = [
-        Queue::Pipeline,
-        Queue::Store,
-        Queue::MqttSpill,
-        Queue::Live,
-        Queue::Sink,
-    ];
+    pub(super) const ALL: [Queue; 4] = [Queue::Pipeline, Queue::Store, Queue::Live, Queue::Sink];
 
     /// The metric label.
     pub(super) fn as_str(self) -> &'static str {
         match self {
             Queue::Pipeline => "pipeline",
             Queue::Store => "store",
-            Queue::MqttSpill => "mqtt_spill",
             Queue::Live => "live",
             Queue::Sink => "sink",
         }
@@ -139,6 +130,8 @@ pub enum MqttViolation {
     ForeignWill,
     /// A SUBSCRIBE to anything but the device's own command topic.
     ForeignSubscribe,
+    /// A QoS 2 PUBLISH or will: the device front supports QoS 0 and 1 only.
+    UnsupportedQos,
     /// A packet the MQTT 3.1.1 codec rejects (bad QoS, flags, lengths, strings).
     Malformed,
     /// A packet whose remaining length is beyond `limits.max_frame_bytes`.
@@ -147,7 +140,7 @@ pub enum MqttViolation {
 
 impl MqttViolation {
     /// Every reason, in discriminant order.
-    pub(super) const ALL: [MqttViolation; 11] = [
+    pub(super) const ALL: [MqttViolation; 12] = [
         MqttViolation::SecondConnect,
         MqttViolation::BeforeConnect,
         MqttViolation::UnexpectedPacket,
@@ -157,6 +150,7 @@ impl MqttViolation {
         MqttViolation::InvalidTopic,
         MqttViolation::ForeignWill,
         MqttViolation::ForeignSubscribe,
+        MqttViolation::UnsupportedQos,
         MqttViolation::Malformed,
         MqttViolation::TooLarge,
     ];
@@ -173,6 +167,7 @@ impl MqttViolation {
             MqttViolation::InvalidTopic => "invalid_topic",
             MqttViolation::ForeignWill => "foreign_will",
             MqttViolation::ForeignSubscribe => "foreign_subscribe",
+            MqttViolation::UnsupportedQos => "unsupported_qos",
             MqttViolation::Malformed => "malformed",
             MqttViolation::TooLarge => "too_large",
         }
@@ -190,8 +185,8 @@ impl MqttViolation {
     }
 }
 
-/// How an MQTT connection ended. Every accepted TCP connection (except the gateway's
-/// own readiness probe) ends exactly once, with one of these.
+/// How an MQTT connection ended. Every accepted TCP connection ends exactly once, with
+/// one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MqttCloseReason {
     /// The client sent DISCONNECT.
@@ -206,17 +201,26 @@ pub enum MqttCloseReason {
     Kicked,
     /// It broke the protocol discipline (counted by reason as a violation too).
     ProtocolViolation,
-    /// It sent a CONNECT that was refused (credentials, keep-alive 0).
+    /// It sent a CONNECT that was refused (credentials, protocol version): CONNACK
+    /// with a refusal code.
     Refused,
     /// It never sent a CONNECT (connect timeout, or closed first).
     NoConnect,
     /// The gateway stopped.
     Shutdown,
+    /// It connected while `mqtt.max_connections` were open: closed at accept.
+    OverCapacity,
+    /// Its CONNECT came while the gateway was over `mqtt.connect_rate`: CONNACK
+    /// "server unavailable" (3), before authentication.
+    ConnectRateLimited,
+    /// A QoS 1 PUBLISH could not be made durable (a destination failed): the connection
+    /// is closed without its PUBACK, so the device sends it again after reconnecting.
+    Unavailable,
 }
 
 impl MqttCloseReason {
     /// Every reason, in discriminant order.
-    pub(super) const ALL: [MqttCloseReason; 9] = [
+    pub(super) const ALL: [MqttCloseReason; 12] = [
         MqttCloseReason::ClientDisconnect,
         MqttCloseReason::PeerClosed,
         MqttCloseReason::KeepaliveTimeout,
@@ -226,6 +230,9 @@ impl MqttCloseReason {
         MqttCloseReason::Refused,
         MqttCloseReason::NoConnect,
         MqttCloseReason::Shutdown,
+        MqttCloseReason::OverCapacity,
+        MqttCloseReason::ConnectRateLimited,
+        MqttCloseReason::Unavailable,
     ];
 
     /// The metric label.
@@ -240,6 +247,9 @@ impl MqttCloseReason {
             MqttCloseReason::Refused => "refused",
             MqttCloseReason::NoConnect => "no_connect",
             MqttCloseReason::Shutdown => "shutdown",
+            MqttCloseReason::OverCapacity => "over_capacity",
+            MqttCloseReason::ConnectRateLimited => "connect_rate_limited",
+            MqttCloseReason::Unavailable => "unavailable",
         }
     }
 }

@@ -81,7 +81,7 @@ impl Metrics {
         counter_by_transport(
             &mut out,
             "fluxgate_ingest_budget_waits_total",
-            "Messages that found the ingest queue's byte budget used up (WS/HTTP waited, MQTT spilled), by transport.",
+            "Messages that found the ingest queue's byte budget used up (the sender waited), by transport.",
             &self.budget_full,
         );
         let name = "fluxgate_queue_depth";
@@ -161,7 +161,7 @@ impl Metrics {
         let name = "fluxgate_mqtt_connections_closed_total";
         let _ = writeln!(
             out,
-            "# HELP {name} MQTT connections that ended, by how (the gateway's own probe excluded).\n# TYPE {name} counter"
+            "# HELP {name} MQTT connections that ended, by how.\n# TYPE {name} counter"
         );
         for (reason, v) in MqttCloseReason::ALL.iter().zip(&self.mqtt_closed) {
             let _ = writeln!(
@@ -373,7 +373,7 @@ mod tests {
             readings: 4,
         });
         m.emit(Event::MessagesDropped {
-            reason: MessageDropReason::MqttSpillFull,
+            reason: MessageDropReason::RateLimited,
             count: 3,
         });
         m.emit(Event::BatchWritten {
@@ -383,7 +383,7 @@ mod tests {
         let text = m.render();
         assert!(text.contains("fluxgate_ingest_messages_total{transport=\"ws\"} 1\n"));
         assert!(text.contains("fluxgate_ingest_readings_total{transport=\"ws\"} 4\n"));
-        assert!(text.contains("fluxgate_dropped_messages_total{reason=\"mqtt_spill_full\"} 3\n"));
+        assert!(text.contains("fluxgate_dropped_messages_total{reason=\"rate_limited\"} 3\n"));
         assert!(text.contains("fluxgate_batch_readings_bucket{le=\"10\"} 1\n"));
         assert!(text.contains("fluxgate_store_write_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(text.contains("fluxgate_store_readings_written_total 7\n"));

@@ -259,7 +259,7 @@ impl Pipeline {
                 acks,
             };
             // Full-policy: block. A slow destination backpressures the pipeline, which
-            // backpressures WS/HTTP ingest and makes MQTT spill; the live hub was
+            // backpressures WS/HTTP/MQTT ingest; the live hub was
             // already served. (The InfluxDB sink's buffer takes batches at disk speed,
             // whatever the database does.)
             if let Err(flume::SendError(batch)) = dest.tx.send_async(batch).await {

@@ -370,6 +370,16 @@ impl TestGateway {
 
     /// A connected MQTT client (client id = username = `id`, password = `token`) with
     /// its event loop polled in a background task.
+    /// The handle that sends commands to MQTT devices.
+    pub fn mqtt_commands(&self) -> fluxgate::ingest::mqtt::MqttCommands {
+        self.gateway
+            .as_ref()
+            .unwrap()
+            .mqtt_commands
+            .clone()
+            .unwrap()
+    }
+
     pub async fn mqtt_client(&self, id: &str, token: &str) -> Mqtt {
         Mqtt::connect(self.mqtt, id, token).await
     }
@@ -703,6 +713,15 @@ impl Connect {
 
     pub fn is_closed(&self) -> bool {
         matches!(self, Connect::Closed)
+    }
+
+    /// The CONNACK refusal code, if the CONNECT was refused with one; the connection
+    /// must then be closed by the broker too.
+    pub fn refused(self) -> Option<u8> {
+        match self {
+            Connect::Refused(code) => Some(code),
+            Connect::Accepted(_) | Connect::Closed => None,
+        }
     }
 }
 

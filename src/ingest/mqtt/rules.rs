@@ -1,5 +1,5 @@
-//! The MQTT front's protocol discipline as pure functions over plain values (no broker
-//! types), so the same rules hold whatever MQTT implementation later replaces rumqttd:
+//! The MQTT front's protocol discipline as pure functions over plain values (no codec
+//! types), so the same rules hold whatever codec or front carries them:
 //!
 //! - identity is fixed by the first CONNECT; a second CONNECT or any packet before it
 //!   is a violation (MQTT 3.1.1, 3.1.0-1 and 3.1.0-2);

@@ -116,21 +116,32 @@ fn hub_publish(c: &mut Criterion) {
 fn store_write(c: &mut Criterion) {
     // 20,000 points per batch (the default batch.max_rows), spread over few or many
     // series: the number of series touched per commit is what the write cost depends on.
+    // With 200,000 series (50,000 devices of 4 metrics) one batch holds 5,000 devices'
+    // points, and consecutive batches move on through the fleet, as a steady fleet does.
     let mut g = c.benchmark_group("store");
     g.throughput(Throughput::Elements(20_000));
     g.sample_size(20);
     g.measurement_time(Duration::from_secs(10));
-    for (devices, per_device) in [(10usize, 500usize), (1_000, 5)] {
+    for (devices, per_device, fleet) in [
+        (10usize, 500usize, 10usize),
+        (1_000, 5, 1_000),
+        (5_000, 1, 50_000),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let (mut writer, _reader) =
             fluxgate::store::open_store(dir.path(), Default::default()).unwrap();
         let mut t0 = 0i64;
-        let name = format!("write_batch_20000_points_{}_series", devices * 4);
+        let mut offset = 0usize;
+        let name = format!("write_batch_20000_points_{}_series", fleet * 4);
         g.bench_function(name, |b| {
             b.iter_batched(
                 || {
-                    t0 += per_device as i64;
-                    readings(devices, per_device, t0)
+                    if offset == 0 {
+                        t0 += per_device as i64;
+                    }
+                    let batch = fleet_readings(offset, devices, per_device, t0);
+                    offset = (offset + devices) % fleet;
+                    batch
                 },
                 |batch| writer.write(&batch).unwrap(),
                 BatchSize::LargeInput,
@@ -138,6 +149,29 @@ fn store_write(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// `per_device` points of each of the 4 metrics of devices `offset..offset + devices`.
+fn fleet_readings(offset: usize, devices: usize, per_device: usize, t0: i64) -> Vec<Reading> {
+    let metrics: Vec<Arc<str>> = ["temp", "humidity", "pressure", "battery"]
+        .iter()
+        .map(|m| Arc::from(*m))
+        .collect();
+    let mut out = Vec::with_capacity(devices * per_device * 4);
+    for i in 0..per_device {
+        for d in offset..offset + devices {
+            let device: Arc<str> = Arc::from(format!("dev-{d:05}"));
+            for (k, m) in metrics.iter().enumerate() {
+                out.push(Reading {
+                    device: device.clone(),
+                    metric: m.clone(),
+                    ts_ms: t0 + i as i64,
+                    value: Value::F64(k as f64 + i as f64 * 0.01),
+                });
+            }
+        }
+    }
+    out
 }
 
 criterion_group!(benches, decode, hub_publish, store_write);

@@ -41,6 +41,8 @@
 
 pub mod chunk;
 pub mod log;
+#[cfg(test)]
+mod model_tests;
 mod query;
 mod schema;
 pub mod tail;

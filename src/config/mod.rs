@@ -528,7 +528,7 @@ impl Default for StoreConfig {
             write_attempts: 3,
             write_retry_backoff: Duration::from_millis(200),
             compact_interval: Duration::from_secs(10),
-            tail_max_bytes: 64 * 1024 * 1024,
+            tail_max_bytes: 32 * 1024 * 1024,
         }
     }
 }

@@ -535,66 +535,65 @@ impl StoreWriter {
     /// Move the tail into chunks of a new generation and delete the log rows, in one
     /// transaction; the tail is cleared once it committed. On failure nothing changed.
     pub fn compact(&mut self) -> Result<Compaction, StoreError> {
-        // Only this thread changes the tail, so it cannot change while the chunks are
-        // built; readers keep reading it meanwhile.
-        let (points, mut chunks) = {
-            let tail = crate::sync::read(&self.tail);
-            if tail.is_empty() {
-                return Ok(Compaction::default());
-            }
-            let mut chunks: Vec<(i64, i64, i64, Vec<u8>)> = Vec::new();
-            for series in tail.series_ids() {
-                let pts = tail.points(series)?;
-                for run in pts.chunk_by(|a, b| part_of(a.0) == part_of(b.0)) {
-                    let refs: Vec<(i64, &Value)> = run.iter().map(|(t, v)| (*t, v)).collect();
-                    let mut blob = Vec::new();
-                    chunk::encode(run[0].0, &refs, &mut blob);
-                    chunks.push((part_of(run[0].0), series, run[0].0, blob));
-                }
-            }
-            (tail.len(), chunks)
-        };
-        // In key order, so every insert lands at the right edge of its partition.
-        chunks.sort_unstable_by_key(|c| (c.0, c.1));
+        // Only this thread changes the tail, so it cannot change while the transaction
+        // runs; readers keep reading it meanwhile. Chunks are encoded and inserted one
+        // at a time, so a compaction needs no second copy of the tail in memory.
+        let tail_lock = self.tail.clone();
+        let tail = crate::sync::read(&tail_lock);
+        if tail.is_empty() {
+            return Ok(Compaction::default());
+        }
+        let mut ids: Vec<i64> = tail.series_ids().collect();
+        // In series order, so the inserts of each partition this compaction touches (one,
+        // or two across a partition boundary) all land at the right edge of it.
+        ids.sort_unstable();
         let generation = self.generation + 1;
         let mut moved_up: Vec<(i64, i64)> = Vec::new();
+        let mut chunks = 0;
         let tx = self.conn.transaction()?;
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO chunks (part, generation, series_id, start_ts, data) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
-            let mut part_row =
-                tx.prepare_cached("INSERT INTO parts (part, generation) VALUES (?1, ?2)")?;
             let mut last_part =
                 tx.prepare_cached("UPDATE series SET last_part = ?2 WHERE id = ?1")?;
-            let mut prev_part = None;
-            for (part, series, start_ts, blob) in &chunks {
-                insert.execute(params![part, generation, series, start_ts, blob])?;
-                if prev_part != Some(*part) {
-                    part_row.execute(params![part, generation])?;
-                    prev_part = Some(*part);
+            let mut parts = std::collections::BTreeSet::new();
+            let mut blob = Vec::new();
+            for series in ids {
+                let pts = tail.points(series)?;
+                let mut refs: Vec<(i64, &Value)> = Vec::with_capacity(pts.len());
+                for run in pts.chunk_by(|a, b| part_of(a.0) == part_of(b.0)) {
+                    let part = part_of(run[0].0);
+                    refs.clear();
+                    refs.extend(run.iter().map(|(t, v)| (*t, v)));
+                    blob.clear();
+                    chunk::encode(run[0].0, &refs, &mut blob);
+                    insert.execute(params![part, generation, series, run[0].0, &blob])?;
+                    chunks += 1;
+                    parts.insert(part);
                 }
-                if self.last_part.get(series).is_none_or(|p| p < part) {
-                    moved_up.push((*series, *part));
+                // Points come by ascending time, so the last one is in the newest part.
+                if let Some(newest) = pts.last().map(|p| part_of(p.0)) {
+                    if self.last_part.get(&series).is_none_or(|p| *p < newest) {
+                        last_part.execute(params![series, newest])?;
+                        moved_up.push((series, newest));
+                    }
                 }
             }
-            // Chunks come by ascending part, so the last entry per series is its newest.
-            moved_up.sort_by_key(|(s, _)| *s);
-            moved_up.reverse();
-            moved_up.dedup_by_key(|(s, _)| *s);
-            for (series, part) in &moved_up {
-                last_part.execute(params![series, part])?;
+            let mut part_row =
+                tx.prepare_cached("INSERT INTO parts (part, generation) VALUES (?1, ?2)")?;
+            for part in parts {
+                part_row.execute(params![part, generation])?;
             }
             tx.execute("DELETE FROM log", [])?;
         }
         tx.commit()?;
+        let points = tail.len();
+        drop(tail);
         self.generation = generation;
         self.last_part.extend(moved_up);
         crate::sync::write(&self.tail).clear();
-        Ok(Compaction {
-            points,
-            chunks: chunks.len(),
-        })
+        Ok(Compaction { points, chunks })
     }
 
     /// Delete every partition that lies wholly before `cutoff_ms`; points therefore

@@ -237,6 +237,12 @@ pub async fn fleet(
     let gateway_rss_before = pid.and_then(procfs::rss_kib);
     let gateway_cpu_start = pid.and_then(procfs::cpu_ticks);
     let own_cpu_start = procfs::own_cpu_ticks();
+    // Devices send as soon as they are online, so what is stored counts from here.
+    let stored_base = if settings.shape == Shape::Fleet {
+        stored_readings(&settings.http).await
+    } else {
+        None
+    };
     let start = Instant::now();
     let cfg = Arc::new(TaskCfg {
         server,
@@ -313,14 +319,17 @@ pub async fn fleet(
     });
 
     if settings.shape == Shape::Fleet {
-        // Phase 2: the steady state, one line per second.
-        let stored0 = stored_readings(&settings.http).await;
+        // Phase 2: the steady state, one line per second. Lag counts from the start of
+        // the run: messages sent minus messages stored.
+        let base = stored_base.unwrap_or(0);
+        let stored_msgs = |readings: u64| readings.saturating_sub(base) / READINGS_PER_MESSAGE;
         let sent0 = shared.sent.load(Relaxed);
+        let stored0 = stored_readings(&settings.http).await.unwrap_or(base);
         let steady = Instant::now();
         let gw0 = pid.and_then(procfs::cpu_ticks);
         let own0 = procfs::own_cpu_ticks();
         let mut min_online = usize::MAX;
-        let mut last = (sent0, stored0.unwrap_or(0));
+        let mut last = (sent0, stored0);
         eprintln!("   t  online     sent/s   stored/s        lag");
         let mut second = 0u64;
         while steady.elapsed() < settings.duration {
@@ -330,8 +339,7 @@ pub async fn fleet(
             min_online = min_online.min(online);
             let sent = shared.sent.load(Relaxed);
             let stored = stored_readings(&settings.http).await.unwrap_or(last.1);
-            let lag = (sent - sent0) as i64
-                - (stored.saturating_sub(stored0.unwrap_or(0)) / READINGS_PER_MESSAGE) as i64;
+            let lag = sent as i64 - stored_msgs(stored) as i64;
             eprintln!(
                 "{second:>4} {online:>7} {:>10} {:>10} {lag:>10}",
                 sent - last.0,
@@ -343,16 +351,15 @@ pub async fn fleet(
         let gateway_cpu = procfs::cpu_percent(gw0, pid.and_then(procfs::cpu_ticks), secs);
         let own_cpu = procfs::cpu_percent(own0, procfs::own_cpu_ticks(), secs);
         let rss = pid.and_then(procfs::rss_kib);
-        let sent = shared.sent.load(Relaxed) - sent0;
+        let steady_sent = last.0 - sent0;
+        let steady_stored = last.1.saturating_sub(stored0) / READINGS_PER_MESSAGE;
         // Stop sending, then give the gateway a moment to store what is in flight.
         let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        let sent = shared.sent.load(Relaxed);
         let mut stored = 0;
         for _ in 0..50 {
-            stored = stored_readings(&settings.http)
-                .await
-                .unwrap_or(0)
-                .saturating_sub(stored0.unwrap_or(0))
-                / READINGS_PER_MESSAGE;
+            stored = stored_msgs(stored_readings(&settings.http).await.unwrap_or(0));
             if stored >= sent {
                 break;
             }
@@ -363,9 +370,9 @@ pub async fn fleet(
             "duration_s": secs,
             "min_online": if min_online == usize::MAX { 0 } else { min_online },
             "sent": sent,
-            "sent_per_s": sent as f64 / secs,
+            "sent_per_s": steady_sent as f64 / secs,
             "stored_messages": stored,
-            "stored_per_s": stored as f64 / secs,
+            "stored_per_s": steady_stored as f64 / secs,
             "unstored_at_end": sent as i64 - stored as i64,
             "disconnects": shared.disconnects.load(Relaxed),
             "gateway_cpu_percent": gateway_cpu,

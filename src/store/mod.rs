@@ -40,12 +40,12 @@
 //! again to another series.
 
 pub mod chunk;
-pub mod log;
+mod log;
 #[cfg(test)]
 mod model_tests;
 mod query;
 mod schema;
-pub mod tail;
+mod tail;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -40,7 +40,8 @@ pub(super) fn get_varint(data: &[u8], pos: &mut usize) -> Result<u64, CorruptChu
     Err(CorruptChunk("varint too long"))
 }
 
-/// Encode points sorted by strictly ascending timestamp, all `>= start_ts`.
+/// Encode points sorted by ascending timestamp, all `>= start_ts`. A repeated timestamp
+/// (a duplicate write) is kept; readers keep the last of them.
 pub fn encode(start_ts: i64, points: &[(i64, &Value)], out: &mut Vec<u8>) {
     let mut prev = start_ts;
     for (ts, value) in points {

@@ -560,7 +560,7 @@ impl StoreWriter {
             let mut parts = std::collections::BTreeSet::new();
             let mut blob = Vec::new();
             for series in ids {
-                let pts = tail.points(series)?;
+                let pts = tail.writes(series)?;
                 let mut refs: Vec<(i64, &Value)> = Vec::with_capacity(pts.len());
                 for run in pts.chunk_by(|a, b| part_of(a.0) == part_of(b.0)) {
                     let part = part_of(run[0].0);

@@ -577,10 +577,25 @@ pub(super) fn dump(c: &Connection) -> Result<Vec<StoredReading>, StoreError> {
 /// Every point the store holds, duplicates included: [`dump`] merges a (series, ts)
 /// written twice into one reading, which would hide a double write.
 pub(super) fn points_held(c: &Connection) -> Result<u64, StoreError> {
-    let n: i64 = c.query_row("SELECT COALESCE(SUM(count), 0) FROM chunks", [], |r| {
-        r.get(0)
-    })?;
-    Ok(u64::try_from(n).unwrap_or(0))
+    // One read transaction, so the chunks and the log are of the same commit.
+    let tx = c.unchecked_transaction()?;
+    let mut n = 0u64;
+    {
+        let mut stmt = tx.prepare("SELECT start_ts, data FROM chunks")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let start: i64 = row.get(0)?;
+            let data = row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+            chunk::decode(start, data, |_, _| n += 1)?;
+        }
+        let mut stmt = tx.prepare("SELECT data FROM log")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let data = row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+            log::decode(data, |_, _, _| n += 1)?;
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

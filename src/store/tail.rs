@@ -60,6 +60,19 @@ impl Tail {
         }
     }
 
+    /// The points of `series` by ascending timestamp, every write kept (a repeated
+    /// timestamp appears once per write, in write order): what a compaction stores, so
+    /// that a duplicate write stays countable (reads keep the last one).
+    pub fn writes(&self, series: i64) -> Result<Vec<(i64, Value)>, CorruptChunk> {
+        let Some(s) = self.series.get(&series) else {
+            return Ok(Vec::new());
+        };
+        let mut out = decode_all(&s.data)?;
+        // Stable: writes of one timestamp stay in write order.
+        out.sort_by_key(|p| p.0);
+        Ok(out)
+    }
+
     /// Every series id held.
     pub fn series_ids(&self) -> impl Iterator<Item = i64> + '_ {
         self.series.keys().copied()
@@ -90,13 +103,18 @@ impl Tail {
 }
 
 fn decode(data: &[u8]) -> Result<Vec<(i64, Value)>, CorruptChunk> {
+    let mut out = decode_all(data)?;
+    last_wins(&mut out);
+    Ok(out)
+}
+
+fn decode_all(data: &[u8]) -> Result<Vec<(i64, Value)>, CorruptChunk> {
     let mut out = Vec::new();
     let (mut pos, mut ts) = (0, 0i64);
     while pos < data.len() {
         ts = ts.wrapping_add(chunk::unzigzag(chunk::get_varint(data, &mut pos)?));
         out.push((ts, chunk::get_value(data, &mut pos)?));
     }
-    last_wins(&mut out);
     Ok(out)
 }
 
@@ -135,6 +153,14 @@ mod tests {
         );
         assert_eq!(t.points(8).unwrap(), vec![(1_000, Value::Bool(true))]);
         assert!(t.points(9).unwrap().is_empty());
+        assert_eq!(
+            t.writes(7).unwrap(),
+            vec![
+                (1_000, Value::F64(0.5)),
+                (2_000, Value::I64(1)),
+                (2_000, Value::Str("again".into()))
+            ]
+        );
         assert_eq!(t.len(), 4);
         assert!(t.bytes() >= 2 * SERIES_OVERHEAD);
         t.clear();

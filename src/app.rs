@@ -126,6 +126,8 @@ impl Gateway {
                 retention_interval: config.store.retention_interval,
                 write_attempts: config.store.write_attempts,
                 write_retry_backoff: config.store.write_retry_backoff,
+                compact_interval: config.store.compact_interval,
+                tail_max_bytes: config.store.tail_max_bytes,
             };
             std::thread::Builder::new()
                 .name("store-writer".to_owned())

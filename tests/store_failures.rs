@@ -18,19 +18,18 @@ use tokio_tungstenite::tungstenite::Message;
 
 const STORE_FAILED: &str = r#"fluxgate_dropped_readings_total{reason="store_failed"}"#;
 
-/// While `fail_inject.on_` is 1, make the second chunk insert of a transaction fail:
-/// each failing message below is a batch of its own with two readings of one timestamp,
-/// so its first chunk is already written when the second one fails, and a transaction
-/// that kept the first would half-store the message.
+/// While `fail_inject.on_` is 1, make the write-log insert of a transaction fail: it
+/// comes after the transaction looked up (and, for new series, inserted) the series of
+/// the batch, so a transaction that kept what it did before the failure would leave
+/// series rows or cached ids behind.
 fn install_failure(db: &std::path::Path) -> rusqlite::Connection {
     let conn = rusqlite::Connection::open(db).unwrap();
     conn.busy_timeout(Duration::from_secs(10)).unwrap();
     conn.execute_batch(
         "CREATE TABLE fail_inject (on_ INTEGER NOT NULL);
          INSERT INTO fail_inject VALUES (1);
-         CREATE TRIGGER fail_second BEFORE INSERT ON chunks
+         CREATE TRIGGER fail_log BEFORE INSERT ON log
            WHEN (SELECT on_ FROM fail_inject) = 1
-            AND EXISTS (SELECT 1 FROM chunks WHERE start_ts = NEW.start_ts)
            BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
     )
     .unwrap();
@@ -45,8 +44,8 @@ async fn a_failing_commit_refuses_senders_and_stores_nothing_half() {
         let gw = TestGateway::spawn_with(|c| c.store.write_attempts = 1).await;
         let tokens = gw.provision_many(&["sf-http", "sf-ws"]).await;
         let ts = now_ms() - 60_000;
-        // Known series first, so the failure below is in a chunk insert, after the
-        // transaction has already written another chunk of the same message.
+        // Known series first; the failing messages below add a new series `c`, so the
+        // failed transaction has inserted a series row before its log insert fails.
         let body = json!({"ts": ts, "values": {"a": 1, "b": 2}}).to_string();
         assert_eq!(
             gw.telemetry("sf-http", Some(&tokens["sf-http"]), &body)
@@ -64,7 +63,7 @@ async fn a_failing_commit_refuses_senders_and_stores_nothing_half() {
         assert_eq!(before.len(), 4);
 
         let side = install_failure(&gw.db_path());
-        let failing = json!({"ts": ts + 1, "values": {"a": 10, "b": 20}}).to_string();
+        let failing = json!({"ts": ts + 1, "values": {"a": 10, "b": 20, "c": 30}}).to_string();
         gw.telemetry("sf-http", Some(&tokens["sf-http"]), &failing)
             .await
             .assert_problem(503, "unavailable");
@@ -75,7 +74,7 @@ async fn a_failing_commit_refuses_senders_and_stores_nothing_half() {
         assert_eq!(answer["reason"], "unavailable");
         // Counted per reading (the count follows the answers by a moment: senders are
         // told first), and nothing of the failed messages is in the store.
-        gw.wait_metric(STORE_FAILED, 4.0, Duration::from_secs(10))
+        gw.wait_metric(STORE_FAILED, 6.0, Duration::from_secs(10))
             .await;
         assert_eq!(gw.store_rows(), before);
 
@@ -90,12 +89,12 @@ async fn a_failing_commit_refuses_senders_and_stores_nothing_half() {
         ws.send(Message::text(failing)).await.unwrap();
         assert_eq!(
             ws_next_json(&mut ws).await,
-            json!({"type": "ack", "seq": 3, "readings": 2})
+            json!({"type": "ack", "seq": 3, "readings": 3})
         );
-        assert_eq!(gw.metric(STORE_FAILED).await, 4.0);
+        assert_eq!(gw.metric(STORE_FAILED).await, 6.0);
         assert_eq!(
             gw.metric("fluxgate_store_readings_written_total").await,
-            8.0,
+            10.0,
             "rows written, not only rows read back after the merge"
         );
         // Every reading is under its own series: the rolled-back transactions left no
@@ -107,11 +106,12 @@ async fn a_failing_commit_refuses_senders_and_stores_nothing_half() {
             assert_eq!(status, 200, "{latest}");
             assert_eq!(latest["metrics"]["a"]["value"], 10, "{latest}");
             assert_eq!(latest["metrics"]["b"]["value"], 20, "{latest}");
+            assert_eq!(latest["metrics"]["c"]["value"], 30, "{latest}");
             assert_eq!(latest["metrics"]["a"]["ts"], ts + 1, "{latest}");
         }
         let mut after = gw.store_rows();
         after.retain(|r| !before.contains(r));
-        assert_eq!(after.len(), 4, "{after:?}");
+        assert_eq!(after.len(), 6, "{after:?}");
         gw.shutdown().await;
     })
     .await;

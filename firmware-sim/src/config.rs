@@ -42,6 +42,17 @@ impl Transport {
     }
 }
 
+/// The load shape of `bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    /// A fixed number of messages as fast as possible over a few connections.
+    Burst,
+    /// Many slow devices at a steady rate: the user's everyday load.
+    Fleet,
+    /// Every device connects at once to a running gateway (a restart's reconnect storm).
+    Storm,
+}
+
 /// How each message is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]

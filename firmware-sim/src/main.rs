@@ -7,7 +7,9 @@
 //!   WebSocket, until a duration elapses or Ctrl-C, with a live rate display.
 //! * `bench` pushes a fixed number of messages as fast as possible and reports send
 //!   throughput, end-to-end ingest throughput (from the gateway's `/metrics`) and
-//!   acknowledgement latency, as a table and as one JSON line.
+//!   acknowledgement latency, as a table and as one JSON line (`--shape burst`, the
+//!   default); `--shape fleet` runs many slow devices at a steady rate and `--shape
+//!   storm` connects every device at once (see `fleet`).
 //! * `watch` opens many live-stream (SSE) subscribers for a fixed duration and reports
 //!   fan-out: delivered readings per second, publish-to-subscriber latency and, given the
 //!   gateway's pid, its CPU use and resident memory, as a table and as one JSON line.
@@ -17,11 +19,13 @@
 //! From the top down:
 //!
 //! 1. `main` (this file): command-line parsing and output.
-//! 2. `run`, `bench`: the subcommand drivers that spawn device tasks.
-//! 3. `mqtt`, `ws`, `provision`: the transports and token provisioning.
+//! 2. `run`, `bench`, `fleet`: the subcommand drivers that spawn device tasks (`fleet`
+//!    runs `bench --shape fleet|storm`).
+//! 3. `mqtt`, `ws`, `raw_mqtt`, `provision`: the transports (`raw_mqtt` is the small
+//!    client of the fleet shapes) and token provisioning.
 //! 4. `device`, `bench_ctx`: devices and their messages; the state shared by a benchmark.
 //! 5. `config`, `stats`, `watch`: options; counters and reports; the `watch` subcommand.
-//! 6. `backoff`, `clock`, `ids`, `metrics`, `signal`, `stop`, `ticker`: leaf modules
+//! 6. `backoff`, `clock`, `ids`, `metrics`, `procfs`, `signal`, `stop`, `ticker`: leaf modules
 //!    that import nothing from the crate.
 //!
 //! Something that two modules of one layer both need belongs in a lower layer, not in
@@ -39,10 +43,13 @@ mod bench_ctx;
 mod clock;
 mod config;
 mod device;
+mod fleet;
 mod ids;
 mod metrics;
 mod mqtt;
+mod procfs;
 mod provision;
+mod raw_mqtt;
 mod run;
 mod signal;
 mod stats;
@@ -51,7 +58,7 @@ mod ticker;
 mod watch;
 mod ws;
 
-use config::{DEFAULT_HTTP, DEFAULT_MQTT, Encoding, Qos, RunFile, RunSettings, Transport};
+use config::{DEFAULT_HTTP, DEFAULT_MQTT, Encoding, Qos, RunFile, RunSettings, Shape, Transport};
 use provision::Provisioning;
 
 /// Exit code of a benchmark that finished but lost or failed to send messages, so that
@@ -187,6 +194,34 @@ impl RunArgs {
 
 #[derive(Debug, Args)]
 struct BenchArgs {
+    /// Load shape: `burst` (fixed messages as fast as possible over --devices
+    /// connections), `fleet` (--devices slow devices at --rate for --duration, one line
+    /// per second) or `storm` (--devices devices connect at once; time until all online).
+    #[arg(long, value_enum, default_value = "burst")]
+    shape: Shape,
+    /// Messages per second per device (fleet).
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Steady phase of the fleet shape.
+    #[arg(long, default_value = "60s", value_parser = config::parse_duration)]
+    duration: Duration,
+    /// Index of the first device of this process (fleet, storm): processes with
+    /// disjoint ranges together simulate a fleet larger than one process's file limit.
+    #[arg(long, default_value_t = 0)]
+    offset: u64,
+    /// Spread connections over the source addresses 127.0.0.1 ..= 127.0.0.N (fleet,
+    /// storm; loopback gateways only), so that they do not run out of ephemeral ports.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=254))]
+    source_addrs: u8,
+    /// Longest wait for every device to be online (fleet, storm).
+    #[arg(long, default_value = "120s", value_parser = config::parse_duration)]
+    online_timeout: Duration,
+    /// Timeout of one connection attempt, TCP connect to CONNACK (fleet, storm).
+    #[arg(long, default_value = "10s", value_parser = config::parse_duration)]
+    connect_timeout: Duration,
+    /// The gateway's process id, to report its CPU use and resident memory.
+    #[arg(long)]
+    gateway_pid: Option<u32>,
     /// Transport under test.
     #[arg(long, value_enum, default_value = "mqtt")]
     transport: Transport,
@@ -308,7 +343,47 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 ExitCode::from(EXIT_INCOMPLETE)
             })
         }
+        Command::Bench(args) if args.shape != Shape::Burst => {
+            let report = fleet::fleet(
+                fleet::FleetSettings {
+                    shape: args.shape,
+                    devices: usize::try_from(args.devices)?,
+                    offset: usize::try_from(args.offset)?,
+                    rate: args.rate,
+                    duration: args.duration,
+                    online_timeout: args.online_timeout,
+                    connect_timeout: args.connect_timeout,
+                    mqtt: args.mqtt,
+                    http: args.http,
+                    prefix: args.prefix,
+                    source_addrs: args.source_addrs,
+                    gateway_pid: args.gateway_pid,
+                    period: config::DEFAULT_PERIOD,
+                },
+                args.provisioning.into_provisioning(),
+            )
+            .await?;
+            if !args.json {
+                println!("{}", fleet::summary_line(&report));
+            }
+            println!("json: {report}");
+            let complete = report["online"] == report["devices"]
+                && report
+                    .get("unstored_at_end")
+                    .is_none_or(|u| u.as_i64() == Some(0));
+            Ok(if complete {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_INCOMPLETE)
+            })
+        }
         Command::Bench(args) => {
+            let pid = args.gateway_pid;
+            let (gw0, own0, t0) = (
+                pid.and_then(procfs::cpu_ticks),
+                procfs::own_cpu_ticks(),
+                std::time::Instant::now(),
+            );
             let settings = bench::BenchSettings {
                 transport: args.transport,
                 encoding: args.encoding,
@@ -325,6 +400,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             };
             let json_only = settings.json;
             let report = bench::bench(settings, args.provisioning.into_provisioning()).await?;
+            let secs = t0.elapsed().as_secs_f64();
+            let gateway_cpu = procfs::cpu_percent(gw0, pid.and_then(procfs::cpu_ticks), secs);
+            let sim_cpu = procfs::cpu_percent(own0, procfs::own_cpu_ticks(), secs);
+            let gateway_rss = pid.and_then(procfs::rss_kib).map(|k| k as f64 / 1024.0);
+            eprintln!(
+                "burst: gateway_cpu={} gateway_rss_mib={} sim_cpu={} over {secs:.1} s",
+                gateway_cpu.map_or("-".into(), |c| format!("{c:.0}%")),
+                gateway_rss.map_or("-".into(), |r| format!("{r:.0}")),
+                sim_cpu.map_or("-".into(), |c| format!("{c:.0}%")),
+            );
             if json_only {
                 println!("{}", report.to_json());
             } else {

@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::clock::now_ms;
+use crate::procfs;
 
 /// Latencies are counted per whole millisecond up to this; larger ones land in the last
 /// bucket.
@@ -124,20 +125,8 @@ fn histogram_percentile(buckets: &[u64], p: f64) -> Option<u64> {
     Some((buckets.len() - 1) as u64)
 }
 
-/// CPU ticks (user + system) of a process, from /proc.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
 fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    procfs::rss_kib(pid).map(|kib| kib as f64 / 1024.0)
 }
 
 /// Run the subscribers for the configured duration and report.
@@ -167,8 +156,7 @@ pub async fn watch(settings: WatchSettings) -> anyhow::Result<WatchReport> {
             }
         });
     }
-    let ticks_per_sec = 100.0; // USER_HZ on Linux.
-    let cpu_start = settings.gateway_pid.and_then(cpu_ticks);
+    let cpu_start = settings.gateway_pid.and_then(procfs::cpu_ticks);
     let started = Instant::now();
     // Progress once per second on stderr.
     let progress = {
@@ -204,11 +192,11 @@ pub async fn watch(settings: WatchSettings) -> anyhow::Result<WatchReport> {
             histogram_percentile(&buckets, 100.0)?,
         ))
     })();
-    let gateway_cpu_percent = match (settings.gateway_pid, cpu_start) {
-        (Some(pid), Some(start)) => cpu_ticks(pid)
-            .map(|end| (end.saturating_sub(start)) as f64 / ticks_per_sec / secs * 100.0),
-        _ => None,
-    };
+    let gateway_cpu_percent = procfs::cpu_percent(
+        cpu_start,
+        settings.gateway_pid.and_then(procfs::cpu_ticks),
+        secs,
+    );
     Ok(WatchReport {
         connected: stats.connected.load(Relaxed),
         readings: stats.readings.load(Relaxed),

@@ -535,6 +535,14 @@ pub struct StoreConfig {
     /// times this. The store queue backs up meanwhile.
     #[serde(with = "humantime_serde")]
     pub write_retry_backoff: Duration,
+    /// How often readings move from the write log (and its in-memory tail) into
+    /// per-series chunks. Longer means fewer, larger chunks and faster history reads over
+    /// many series, and more memory held in the tail.
+    #[serde(with = "humantime_serde")]
+    pub compact_interval: Duration,
+    /// Memory budget of the tail (readings in the write log, not yet in chunks): a
+    /// compaction starts early when the tail holds this many bytes.
+    pub tail_max_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -549,6 +557,8 @@ impl Default for StoreConfig {
             query_wait: Duration::from_secs(1),
             write_attempts: 3,
             write_retry_backoff: Duration::from_millis(200),
+            compact_interval: Duration::from_secs(10),
+            tail_max_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -658,6 +668,7 @@ impl Config {
             ("batch.queue_capacity", self.batch.queue_capacity),
             ("store.max_query_points", self.store.max_query_points),
             ("store.max_decode_points", self.store.max_decode_points),
+            ("store.tail_max_bytes", self.store.tail_max_bytes),
             (
                 "store.max_concurrent_queries",
                 self.store.max_concurrent_queries,
@@ -785,6 +796,11 @@ impl Config {
                 "must be at most 1024",
             ));
         }
+        if self.store.compact_interval.is_zero()
+            || self.store.compact_interval > Duration::from_secs(3_600)
+        {
+            return Err(invalid("store.compact_interval", "must be within 1ms..=1h"));
+        }
         if self.store.retention_interval.is_zero() {
             return Err(invalid(
                 "store.retention_interval",
@@ -865,6 +881,7 @@ impl Config {
             ("batch.ack_max_age", self.batch.ack_max_age),
             ("store.retention", self.store.retention),
             ("store.retention_interval", self.store.retention_interval),
+            ("store.compact_interval", self.store.compact_interval),
             ("live.heartbeat", self.live.heartbeat),
             ("devices.online_timeout", self.devices.online_timeout),
             ("sinks.influxdb.timeout", i.timeout),

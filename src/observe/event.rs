@@ -47,6 +47,20 @@ pub enum Event<'a> {
         /// What failed.
         error: &'a str,
     },
+    /// The store moved its tail into chunks.
+    StoreCompacted {
+        /// Readings moved (duplicates included).
+        points: usize,
+        /// Chunk rows written.
+        chunks: usize,
+        /// Time the compaction took.
+        elapsed: Duration,
+    },
+    /// A store compaction failed; the tail and the write log stay as they were.
+    StoreCompactionFailed {
+        /// What failed.
+        error: &'a str,
+    },
     /// A store batch failed and will be written again after a backoff.
     StoreWriteRetried {
         /// The attempt that failed (1 for the first).

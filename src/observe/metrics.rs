@@ -52,6 +52,16 @@ pub struct Metrics {
     pub(super) store_queries_rejected: AtomicU64,
     /// Chunks deleted by retention.
     pub(super) retention_deleted: AtomicU64,
+    /// Readings moved from the store's tail into chunks.
+    pub(super) store_compacted_points: AtomicU64,
+    /// Chunk rows written by compactions.
+    pub(super) store_compacted_chunks: AtomicU64,
+    /// Compactions that failed (and left tail and log as they were).
+    pub(super) store_compaction_errors: AtomicU64,
+    /// Seconds per compaction.
+    pub(super) store_compaction: Histogram,
+    /// Bytes held by the store's tail (readings not yet compacted).
+    pub(super) store_tail_bytes: AtomicI64,
     /// Connected live subscribers.
     pub(super) live_subscribers: AtomicI64,
     /// Frames sent to live subscribers.
@@ -154,6 +164,11 @@ impl Default for Metrics {
             store_retries: AtomicU64::new(0),
             store_queries_rejected: AtomicU64::new(0),
             retention_deleted: AtomicU64::new(0),
+            store_compacted_points: AtomicU64::new(0),
+            store_compacted_chunks: AtomicU64::new(0),
+            store_compaction_errors: AtomicU64::new(0),
+            store_compaction: Histogram::new(SECONDS_BOUNDS, 1e6),
+            store_tail_bytes: AtomicI64::new(0),
             live_subscribers: AtomicI64::new(0),
             live_frames: AtomicU64::new(0),
             live_readings: AtomicU64::new(0),
@@ -221,6 +236,22 @@ impl Metrics {
                 self.dropped_readings[ReadingDropReason::StoreFailed as usize]
                     .fetch_add(rows as u64, Relaxed);
                 tracing::error!(rows, error, "store write failed; batch dropped");
+            }
+            Event::StoreCompacted {
+                points,
+                chunks,
+                elapsed,
+            } => {
+                self.store_compacted_points
+                    .fetch_add(points as u64, Relaxed);
+                self.store_compacted_chunks
+                    .fetch_add(chunks as u64, Relaxed);
+                self.store_compaction.observe(elapsed.as_secs_f64());
+                tracing::debug!(points, chunks, ?elapsed, "store tail compacted");
+            }
+            Event::StoreCompactionFailed { error } => {
+                self.store_compaction_errors.fetch_add(1, Relaxed);
+                tracing::error!(error, "store compaction failed; the tail stays in the log");
             }
             Event::StoreWriteRetried { attempt, error } => {
                 self.store_retries.fetch_add(1, Relaxed);
@@ -498,6 +529,11 @@ impl Metrics {
         s.buffer_bytes.store(bytes as i64, Relaxed);
         s.buffer_segments.store(segments as i64, Relaxed);
         s.buffer_lines.store(lines as i64, Relaxed);
+    }
+
+    /// Set the gauge of bytes held by the store's tail.
+    pub fn set_store_tail_bytes(&self, bytes: usize) {
+        self.store_tail_bytes.store(bytes as i64, Relaxed);
     }
 
     /// Set the depth gauge of a queue.

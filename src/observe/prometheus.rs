@@ -107,6 +107,11 @@ impl Metrics {
             "fluxgate_store_write_seconds",
             "Time to write and commit one batch.",
         );
+        self.store_compaction.render(
+            &mut out,
+            "fluxgate_store_compaction_seconds",
+            "Time to compact the store's tail into chunks.",
+        );
         let name = "fluxgate_auth_refused_total";
         let _ = writeln!(
             out,
@@ -177,7 +182,7 @@ impl Metrics {
             "Time from the first attempt of an InfluxDB write request to its success.",
         );
         let s = &self.sink;
-        let scalars: [(&str, &str, &str, i64); 24] = [
+        let scalars: [(&str, &str, &str, i64); 28] = [
             (
                 "fluxgate_http_connections",
                 "gauge",
@@ -289,8 +294,32 @@ impl Metrics {
             (
                 "fluxgate_store_retention_chunks_deleted_total",
                 "counter",
-                "Chunks (one series, one batch) deleted by retention.",
+                "Chunks (one series, one compaction, one partition) deleted by retention.",
                 self.retention_deleted.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_store_compacted_readings_total",
+                "counter",
+                "Readings moved from the store's tail (write log) into chunks.",
+                self.store_compacted_points.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_store_compacted_chunks_total",
+                "counter",
+                "Chunk rows written by store compactions.",
+                self.store_compacted_chunks.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_store_compaction_errors_total",
+                "counter",
+                "Store compactions that failed (tail and write log kept; retried later).",
+                self.store_compaction_errors.load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_store_tail_bytes",
+                "gauge",
+                "Bytes held in memory by the store's tail (readings not yet compacted).",
+                self.store_tail_bytes.load(Relaxed),
             ),
             (
                 "fluxgate_live_subscribers",

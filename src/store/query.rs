@@ -1,17 +1,27 @@
 //! History queries on the embedded store: latest values, time ranges with optional step
-//! aggregation, and a full dump. Chunks are read by index range, decoded, and merged:
-//! sorted by (timestamp, write sequence) so that for a repeated timestamp the reading
-//! written last wins, which is what makes retried messages idempotent.
+//! aggregation, and a full dump. A series' points come from its chunks (one index seek
+//! per generation of each partition in range) and from the in-memory tail, and are
+//! merged: sorted by (timestamp, generation, tail last) so that for a repeated timestamp
+//! the reading written last wins, which is what makes retried messages idempotent.
 //!
-//! Range and gap-fill reads are bounded ([`scan`]): chunks come in `start_ts` order and a
-//! chunk's first point is at its `start_ts`, so every point before the next chunk's start
-//! is final. The scan stops as soon as enough final points are collected, or when the
-//! decode budget is spent, and reports up to where its answer is complete so the caller
-//! can say where to continue.
+//! A query copies the tail points it needs before it runs a statement. The writer clears
+//! the tail only after the compaction that moved those points into chunks committed, so
+//! a statement that starts after the copy sees either the points still in the copy or
+//! the committed chunks (or both, which the merge folds into one): never neither.
+//!
+//! Range and gap-fill reads are bounded ([`scan`]): partitions come in time order and
+//! every point of a partition lies before the next one, so once a partition is read all
+//! points before the next partition's start are final. The scan stops as soon as enough
+//! final points are collected, or when the decode budget is spent, and reports up to
+//! where its answer is complete so the caller can say where to continue.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{CHUNK_SPAN_MS, StoreError, chunk};
+use super::tail::Tail;
+use super::{PART_MS, StoreError, chunk, log, part_of};
 use crate::model::Value;
 
 /// The latest value of one metric.
@@ -119,38 +129,18 @@ fn series_id(c: &Connection, device: &str, metric: &str) -> Result<Option<i64>, 
     )
 }
 
-/// Decode the chunks of one series that start in `[from_start, to_start)` and return the
-/// points with `from <= ts < to`, deduplicated, in timestamp order. Unbounded: for
-/// `latest` (one chunk span per series) and `dump` (tests and tools).
-fn points(
-    c: &Connection,
-    series: i64,
-    (from_start, to_start): (i64, i64),
-    (from, to): (i64, i64),
-) -> Result<Vec<(i64, Value)>, StoreError> {
-    let mut stmt = c.prepare_cached(
-        "SELECT start_ts, seq, data FROM chunks
-          WHERE series_id = ?1 AND start_ts >= ?2 AND start_ts < ?3",
-    )?;
-    let mut rows = stmt.query(params![series, from_start, to_start])?;
-    let mut out: Vec<(i64, i64, Value)> = Vec::new();
-    while let Some(row) = rows.next()? {
-        let (start, seq): (i64, i64) = (row.get(0)?, row.get(1)?);
-        let data = row.get_ref(2)?.as_blob().map_err(rusqlite::Error::from)?;
-        chunk::decode(start, data, |ts, v| {
-            if (from..to).contains(&ts) {
-                out.push((ts, seq, v));
-            }
-        })?;
-    }
-    merge(&mut out);
-    Ok(out.into_iter().map(|(ts, _, v)| (ts, v)).collect())
+/// The write order of tail points: after every generation.
+const TAIL_GEN: i64 = i64::MAX;
+
+/// The tail points of one series, copied under the lock.
+fn tail_points(tail: &RwLock<Tail>, series: i64) -> Result<Vec<(i64, Value)>, StoreError> {
+    Ok(crate::sync::read(tail).points(series)?)
 }
 
-/// Sort points by (timestamp, write sequence) and keep, per timestamp, the one written
+/// Sort points by (timestamp, write order) and keep, per timestamp, the one written
 /// last.
 fn merge(points: &mut Vec<(i64, i64, Value)>) {
-    points.sort_by_key(|(ts, seq, _)| (*ts, *seq));
+    points.sort_by_key(|(ts, generation, _)| (*ts, *generation));
     points.dedup_by(|later, earlier| {
         if later.0 == earlier.0 {
             std::mem::swap(later, earlier);
@@ -161,6 +151,24 @@ fn merge(points: &mut Vec<(i64, i64, Value)>) {
     });
 }
 
+/// The chunk of `series` in (`part`, `generation`), if it has one: one index seek.
+fn probe(
+    c: &Connection,
+    (part, generation, series): (i64, i64, i64),
+    mut f: impl FnMut(i64, Value),
+) -> Result<(), StoreError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT start_ts, data FROM chunks WHERE part = ?1 AND generation = ?2 AND series_id = ?3",
+    )?;
+    let mut rows = stmt.query(params![part, generation, series])?;
+    if let Some(row) = rows.next()? {
+        let start: i64 = row.get(0)?;
+        let data = row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+        chunk::decode(start, data, &mut f)?;
+    }
+    Ok(())
+}
+
 /// What a bounded [`scan`] of one series found.
 struct Scan {
     /// Deduplicated points with `from <= ts < complete_until`, in timestamp order: every
@@ -168,77 +176,104 @@ struct Scan {
     points: Vec<(i64, Value)>,
     /// Where the complete part ends: the scan's `to` when it read the range to its end.
     complete_until: i64,
-    /// Points decoded, duplicates included.
+    /// Points decoded (duplicates included) plus chunks probed.
     decoded: usize,
 }
 
-/// Read the points of one series with `from <= ts < to` in chunk order, stopping early.
-/// `key` maps a timestamp to its answer unit (itself for raw points, its bucket start
-/// when aggregating; it must be monotone, and `key(ts) <= ts`). Before each chunk the
-/// scan may stop: when at least `want` distinct units are complete (all their points lie
-/// before the chunk's start, so no later chunk can add to them), or when `budget` points
-/// have been decoded and at least one unit is complete. A spent budget with no complete
-/// unit is [`StoreError::DecodeBudget`]. The budget is checked between chunks, so a scan
-/// decodes at most one chunk (one batch's points of this series) beyond it.
+/// Read the points of one series with `from <= ts < to`, partition by partition, stopping
+/// early; `tail` holds the series' tail points (from [`tail_points`], copied before this
+/// runs). `key` maps a timestamp to its answer unit (itself for raw points, its bucket
+/// start when aggregating; it must be monotone, and `key(ts) <= ts`). Before each
+/// partition the scan may stop: when at least `want` distinct units are complete (all
+/// their points lie before the partition's start, so nothing later can add to them), or
+/// when `budget` points have been decoded and at least one unit is complete. A spent
+/// budget with no complete unit is [`StoreError::DecodeBudget`]. The budget is checked
+/// between partitions, so a scan decodes at most one partition of the series (ten
+/// minutes of it) beyond it.
 fn scan(
     c: &Connection,
+    tail: Vec<(i64, Value)>,
     series: i64,
     (from, to): (i64, i64),
     key: &dyn Fn(i64) -> i64,
     want: usize,
     budget: usize,
 ) -> Result<Scan, StoreError> {
-    // `end_ts` skips, without decoding, the chunks of the span before `from` that end
-    // before it; the index range is still `(series_id, start_ts)`.
-    let mut stmt = c.prepare_cached(
-        "SELECT start_ts, seq, data FROM chunks
-          WHERE series_id = ?1 AND start_ts >= ?2 AND start_ts < ?3 AND end_ts >= ?4
-          ORDER BY start_ts, seq",
+    if from >= to {
+        return Ok(Scan {
+            points: Vec::new(),
+            complete_until: to,
+            decoded: 0,
+        });
+    }
+    let mut generations = c.prepare_cached(
+        "SELECT part, generation FROM parts WHERE part >= ?1 AND part <= ?2 ORDER BY part, generation",
     )?;
-    let mut rows = stmt.query(params![
-        series,
-        from.saturating_sub(CHUNK_SPAN_MS),
-        to,
-        from
-    ])?;
+    let mut gen_rows = generations.query(params![part_of(from), part_of(to - 1)])?;
+    let mut next_gen = || -> Result<Option<(i64, i64)>, StoreError> {
+        Ok(match gen_rows.next()? {
+            Some(r) => Some((r.get(0)?, r.get(1)?)),
+            None => None,
+        })
+    };
+    let mut tail = tail
+        .into_iter()
+        .filter(|p| (from..to).contains(&p.0))
+        .peekable();
+    let mut pending = next_gen()?;
+    let mut current: Option<i64> = None;
     let mut pts: Vec<(i64, i64, Value)> = Vec::new();
     let mut decoded = 0usize;
     // Counting complete units needs the points merged; doing that only when the point
     // count has doubled since the last count keeps the scan O(n log n) however the
-    // chunks are cut, at the price of decoding at most twice what was needed.
+    // partitions are filled, at the price of decoding at most twice what was needed.
     let mut next_check = want.max(1);
     let mut complete_until = to;
-    while let Some(row) = rows.next()? {
-        let (start, seq): (i64, i64) = (row.get(0)?, row.get(1)?);
-        let over_budget = decoded >= budget;
-        if over_budget || pts.len() >= next_check {
-            merge(&mut pts);
-            let boundary = key(start);
-            let mut units = 0usize;
-            let mut last_unit = None;
-            for &(ts, _, _) in pts.iter().take_while(|p| p.0 < boundary) {
-                let unit = key(ts);
-                if last_unit != Some(unit) {
-                    units += 1;
-                    last_unit = Some(unit);
+    loop {
+        let next_part = match (pending.map(|g| g.0), tail.peek().map(|p| part_of(p.0))) {
+            (None, None) => break,
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+        };
+        if current != Some(next_part) {
+            let over_budget = decoded >= budget;
+            if over_budget || pts.len() >= next_check {
+                merge(&mut pts);
+                let boundary = key(next_part.saturating_mul(PART_MS).max(from));
+                let mut units = 0usize;
+                let mut last_unit = None;
+                for &(ts, _, _) in pts.iter().take_while(|p| p.0 < boundary) {
+                    let unit = key(ts);
+                    if last_unit != Some(unit) {
+                        units += 1;
+                        last_unit = Some(unit);
+                    }
                 }
+                if units >= want || (over_budget && units > 0) {
+                    complete_until = boundary;
+                    break;
+                }
+                if over_budget {
+                    return Err(StoreError::DecodeBudget { max: budget });
+                }
+                next_check = pts.len().saturating_mul(2).max(want);
             }
-            if units >= want || (over_budget && units > 0) {
-                complete_until = boundary;
-                break;
+            current = Some(next_part);
+            while let Some((ts, v)) = tail.next_if(|p| part_of(p.0) == next_part) {
+                decoded += 1;
+                pts.push((ts, TAIL_GEN, v));
             }
-            if over_budget {
-                return Err(StoreError::DecodeBudget { max: budget });
-            }
-            next_check = pts.len().saturating_mul(2).max(want);
         }
-        let data = row.get_ref(2)?.as_blob().map_err(rusqlite::Error::from)?;
-        chunk::decode(start, data, |ts, v| {
+        if let Some((part, generation)) = pending.filter(|g| g.0 == next_part) {
             decoded += 1;
-            if (from..to).contains(&ts) {
-                pts.push((ts, seq, v));
-            }
-        })?;
+            probe(c, (part, generation, series), |ts, v| {
+                decoded += 1;
+                if (from..to).contains(&ts) {
+                    pts.push((ts, generation, v));
+                }
+            })?;
+            pending = next_gen()?;
+        }
     }
     merge(&mut pts);
     pts.retain(|p| p.0 < complete_until);
@@ -249,26 +284,39 @@ fn scan(
     })
 }
 
-pub(super) fn latest(c: &Connection, device: &str) -> Result<Vec<LatestValue>, StoreError> {
-    let mut series = c.prepare_cached(
-        "SELECT s.id, s.metric, (SELECT max(start_ts) FROM chunks WHERE series_id = s.id)
-           FROM series s WHERE s.device = ?1 ORDER BY s.metric",
-    )?;
-    let list: Vec<(i64, String, Option<i64>)> = series
-        .query_map(params![device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+pub(super) fn latest(
+    c: &Connection,
+    tail: &RwLock<Tail>,
+    device: &str,
+) -> Result<Vec<LatestValue>, StoreError> {
+    let list: Vec<(i64, String)> = c
+        .prepare_cached("SELECT id, metric FROM series WHERE device = ?1 ORDER BY metric")?
+        .query_map(params![device], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
+    let mut last_part = c.prepare_cached("SELECT last_part FROM series WHERE id = ?1")?;
+    let mut generations = c.prepare_cached("SELECT generation FROM parts WHERE part = ?1")?;
     let mut out = Vec::new();
-    for (id, metric, max_start) in list {
-        let Some(max_start) = max_start else { continue };
-        // The newest point is in a chunk that starts at most one span before the last
-        // chunk start (a chunk never spans more), so that window is enough.
-        let pts = points(
-            c,
-            id,
-            (max_start - CHUNK_SPAN_MS, i64::MAX),
-            (i64::MIN, i64::MAX),
-        )?;
-        if let Some((ts_ms, value)) = pts.into_iter().next_back() {
+    for (id, metric) in list {
+        // The tail first, then the newest partition of the series, read after the copy
+        // (see the module docs): every later point is in the tail copy, every earlier one
+        // is older.
+        let mut pts: Vec<(i64, i64, Value)> = tail_points(tail, id)?
+            .into_iter()
+            .map(|(ts, v)| (ts, TAIL_GEN, v))
+            .collect();
+        let part: Option<i64> = last_part.query_row(params![id], |r| r.get(0))?;
+        if let Some(part) = part {
+            let list: Vec<i64> = generations
+                .query_map(params![part], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for generation in list {
+                probe(c, (part, generation, id), |ts, v| {
+                    pts.push((ts, generation, v))
+                })?;
+            }
+        }
+        merge(&mut pts);
+        if let Some((ts_ms, _, value)) = pts.pop() {
             out.push(LatestValue {
                 metric,
                 ts_ms,
@@ -281,6 +329,7 @@ pub(super) fn latest(c: &Connection, device: &str) -> Result<Vec<LatestValue>, S
 
 pub(super) fn range(
     c: &Connection,
+    tail: &RwLock<Tail>,
     q: &RangeQuery,
     budget: usize,
 ) -> Result<RangePage, StoreError> {
@@ -297,7 +346,8 @@ pub(super) fn range(
         Some((step, _)) => ts - ts.rem_euclid(step),
         None => ts,
     };
-    let scan = scan(c, id, (q.from_ms, q.to_ms), &key, limit, budget)?;
+    let tail = tail_points(tail, id)?;
+    let scan = scan(c, tail, id, (q.from_ms, q.to_ms), &key, limit, budget)?;
     let mut out: Vec<SeriesPoint> = match q.step {
         None => scan
             .points
@@ -423,6 +473,7 @@ impl Bucket {
 /// points (over all series) would have to be decoded to know.
 pub(super) fn window(
     c: &Connection,
+    tail: &RwLock<Tail>,
     select: &dyn Fn(&str, &str) -> bool,
     (from, to): (i64, i64),
     limit: usize,
@@ -443,7 +494,8 @@ pub(super) fn window(
         };
         // One more than still fits: finding it is enough to know the gap is too large.
         let want = limit.saturating_sub(out.len()).saturating_add(1);
-        let scan = match scan(c, id, (from, to), &|ts| ts, want, left) {
+        let points = tail_points(tail, id)?;
+        let scan = match scan(c, points, id, (from, to), &|ts| ts, want, left) {
             Ok(scan) => scan,
             Err(StoreError::DecodeBudget { .. }) => return Ok(None),
             Err(e) => return Err(e),
@@ -474,13 +526,43 @@ pub(super) fn series(c: &Connection) -> Result<Vec<(String, String)>, StoreError
 }
 
 pub(super) fn dump(c: &Connection) -> Result<Vec<StoredReading>, StoreError> {
-    let series: Vec<(i64, String, String)> = c
+    // One read transaction, so the chunks and the log are of the same commit.
+    let tx = c.unchecked_transaction()?;
+    let mut by_series: HashMap<i64, Vec<(i64, i64, Value)>> = HashMap::new();
+    {
+        let mut stmt = tx.prepare("SELECT series_id, generation, start_ts, data FROM chunks")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let (series, generation, start): (i64, i64, i64) =
+                (row.get(0)?, row.get(1)?, row.get(2)?);
+            let data = row.get_ref(3)?.as_blob().map_err(rusqlite::Error::from)?;
+            let pts = by_series.entry(series).or_default();
+            chunk::decode(start, data, |ts, v| pts.push((ts, generation, v)))?;
+        }
+        // Log rows are newer than every generation, and in write order among themselves.
+        let mut stmt = tx.prepare("SELECT id, data FROM log ORDER BY id")?;
+        let mut rows = stmt.query([])?;
+        let mut order = TAIL_GEN - (1 << 40);
+        while let Some(row) = rows.next()? {
+            let _id: i64 = row.get(0)?;
+            let data = row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+            log::decode(data, |series, ts, v| {
+                order += 1;
+                by_series.entry(series).or_default().push((ts, order, v));
+            })?;
+        }
+    }
+    let series: Vec<(i64, String, String)> = tx
         .prepare("SELECT id, device, metric FROM series ORDER BY device, metric")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
     let mut out = Vec::new();
     for (id, device, metric) in series {
-        for (ts_ms, value) in points(c, id, (i64::MIN, i64::MAX), (i64::MIN, i64::MAX))? {
+        let Some(mut pts) = by_series.remove(&id) else {
+            continue;
+        };
+        merge(&mut pts);
+        for (ts_ms, _, value) in pts {
             out.push(StoredReading {
                 device: device.clone(),
                 metric: metric.clone(),
@@ -495,10 +577,25 @@ pub(super) fn dump(c: &Connection) -> Result<Vec<StoredReading>, StoreError> {
 /// Every point the store holds, duplicates included: [`dump`] merges a (series, ts)
 /// written twice into one reading, which would hide a double write.
 pub(super) fn points_held(c: &Connection) -> Result<u64, StoreError> {
-    let n: i64 = c.query_row("SELECT COALESCE(SUM(count), 0) FROM chunks", [], |r| {
-        r.get(0)
-    })?;
-    Ok(u64::try_from(n).unwrap_or(0))
+    // One read transaction, so the chunks and the log are of the same commit.
+    let tx = c.unchecked_transaction()?;
+    let mut n = 0u64;
+    {
+        let mut stmt = tx.prepare("SELECT start_ts, data FROM chunks")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let start: i64 = row.get(0)?;
+            let data = row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+            chunk::decode(start, data, |_, _| n += 1)?;
+        }
+        let mut stmt = tx.prepare("SELECT data FROM log")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let data = row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+            log::decode(data, |_, _, _| n += 1)?;
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -600,9 +697,11 @@ mod tests {
     async fn later_writes_win_and_chunks_split_by_span() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut w, r) = open_store(dir.path(), QueryLimits::default()).expect("open");
-        let hour = CHUNK_SPAN_MS;
-        // One batch spanning three hours becomes several chunks; a later batch
-        // overwrites one timestamp and backfills an older one.
+        let hour = 3_600_000;
+        // One batch spanning three hours becomes several chunks (one per partition) once
+        // compacted; a later batch, still in the tail, overwrites one timestamp and
+        // backfills an older one. After the second compaction the same answers come
+        // from chunks of two generations.
         w.write(&[
             reading("t", 0, Value::I64(1)),
             reading("t", hour, Value::I64(2)),
@@ -610,43 +709,64 @@ mod tests {
             reading("t", 3 * hour, Value::I64(4)),
         ])
         .expect("first");
+        assert_eq!(w.compact().expect("compact").chunks, 3);
         w.write(&[
             reading("t", hour, Value::F64(2.5)),
             reading("t", 2 * hour, Value::Bool(false)),
         ])
         .expect("second");
-        let all = r.dump().await.expect("dump");
-        let got: Vec<_> = all.iter().map(|s| (s.ts_ms, s.value.clone())).collect();
-        assert_eq!(
-            got,
-            vec![
-                (0, Value::I64(1)),
-                (hour, Value::F64(2.5)),
-                (2 * hour, Value::Bool(false)),
-                (3 * hour, Value::I64(4)),
-            ]
-        );
-        // A range starting inside the first chunk's span still finds its points.
-        let mid = r
-            .range(RangeQuery {
-                device: "d1".into(),
-                metric: "t".into(),
-                from_ms: hour,
-                to_ms: 2 * hour + 1,
-                step: None,
-                limit: 10,
-            })
-            .await
-            .expect("range")
-            .points;
-        assert_eq!(mid.len(), 2);
-        let latest = r.latest("d1".into()).await.expect("latest");
-        assert_eq!(latest[0].value, Value::I64(4));
+        for round in ["tail", "compacted"] {
+            if round == "compacted" {
+                assert_eq!(w.compact().expect("compact").points, 2);
+                assert_eq!(w.tail_len(), 0);
+            }
+            let all = r.dump().await.expect("dump");
+            let got: Vec<_> = all.iter().map(|s| (s.ts_ms, s.value.clone())).collect();
+            assert_eq!(
+                got,
+                vec![
+                    (0, Value::I64(1)),
+                    (hour, Value::F64(2.5)),
+                    (2 * hour, Value::Bool(false)),
+                    (3 * hour, Value::I64(4)),
+                ]
+            );
+            // A range starting inside the first chunk's span still finds its points.
+            let mid = r
+                .range(RangeQuery {
+                    device: "d1".into(),
+                    metric: "t".into(),
+                    from_ms: hour,
+                    to_ms: 2 * hour + 1,
+                    step: None,
+                    limit: 10,
+                })
+                .await
+                .expect("range")
+                .points;
+            assert_eq!(
+                mid,
+                vec![
+                    SeriesPoint {
+                        ts_ms: hour,
+                        value: Value::F64(2.5)
+                    },
+                    SeriesPoint {
+                        ts_ms: 2 * hour,
+                        value: Value::Bool(false)
+                    }
+                ],
+                "{round}"
+            );
+            let latest = r.latest("d1".into()).await.expect("latest");
+            assert_eq!(latest[0].value, Value::I64(4));
+        }
     }
 
-    /// 100 batches of 100 points each (a chunk per batch, 1 s apart), then a batch that
-    /// rewrites every third point of the first half with a later value, so chunks overlap
-    /// and paging must apply last-write-wins across pages.
+    /// 100 batches of 100 points each (1 s apart), compacted every 7 batches, so
+    /// generations cross partition boundaries; then a batch, left in the tail, that
+    /// rewrites every third point of the first half with a later value, so writes
+    /// overlap and paging must apply last-write-wins across pages.
     fn dense_series(w: &mut crate::store::StoreWriter) -> Vec<(i64, Value)> {
         let mut expected = Vec::new();
         for b in 0..100i64 {
@@ -654,6 +774,9 @@ mod tests {
                 .map(|i| reading("v", (b * 100 + i) * 1_000, Value::I64(b * 100 + i)))
                 .collect();
             w.write(&batch).expect("write");
+            if b % 7 == 6 {
+                w.compact().expect("compact");
+            }
         }
         for i in 0..10_000i64 {
             expected.push((i * 1_000, Value::I64(i)));
@@ -673,6 +796,7 @@ mod tests {
     /// points and all but the last say where to continue.
     fn page_all(
         c: &Connection,
+        tail: &RwLock<Tail>,
         limit: usize,
         budget: usize,
         step: Option<(i64, Agg)>,
@@ -688,7 +812,7 @@ mod tests {
                 step,
                 limit,
             };
-            let page = range(c, &q, budget).expect("range");
+            let page = range(c, tail, &q, budget).expect("range");
             assert!(page.points.len() <= limit);
             pages += 1;
             got.extend(page.points.into_iter().map(|p| (p.ts_ms, p.value)));
@@ -709,27 +833,61 @@ mod tests {
         let expected = dense_series(&mut w);
         let c = crate::store::open(&dir.path().join(crate::store::FILE_NAME), true).expect("c");
 
-        // The scan stops once `limit` points are final: on a series of 100 chunks of 100
-        // points, 250 points need three chunks, never the whole range.
-        for b in 0..100i64 {
-            let batch: Vec<Reading> = (0..100i64)
-                .map(|i| reading("plain", (b * 100 + i) * 1_000, Value::I64(i)))
-                .collect();
-            w.write(&batch).expect("write");
-        }
+        // The scan stops once `limit` points are final: on a series of 10,000 points,
+        // 1 s apart, compacted once, 250 points need the first partition (600 points, and
+        // two chunks probed: the partition has this compaction's generation and one of
+        // `v`), never the whole range.
+        let plain: Vec<Reading> = (0..10_000i64)
+            .map(|i| reading("plain", i * 1_000, Value::I64(i)))
+            .collect();
+        w.write(&plain).expect("write");
+        w.compact().expect("compact");
         let plain = series_id(&c, "d1", "plain").expect("id").expect("series");
-        let s = scan(&c, plain, (0, 10_000_000), &|ts| ts, 250, usize::MAX).expect("scan");
+        let s = scan(
+            &c,
+            Vec::new(),
+            plain,
+            (0, 10_000_000),
+            &|ts| ts,
+            250,
+            usize::MAX,
+        )
+        .expect("scan");
         assert_eq!(
             (s.decoded, s.complete_until, s.points.len()),
-            (300, 300_000, 300)
+            (602, 600_000, 600)
         );
-        // Starting mid-range, the chunks that end before `from` are not decoded.
-        let s = scan(&c, plain, (5_000_000, 10_000_000), &|ts| ts, 50, usize::MAX).expect("s");
-        assert_eq!((s.decoded, s.complete_until), (100, 5_100_000));
+        // Starting mid-range, the partitions before `from` are not read (partition 8 has
+        // three generations: two of `v`, one of `plain`).
+        let s = scan(
+            &c,
+            Vec::new(),
+            plain,
+            (5_000_000, 10_000_000),
+            &|ts| ts,
+            50,
+            usize::MAX,
+        )
+        .expect("s");
+        assert_eq!(
+            (s.decoded, s.complete_until, s.points.len()),
+            (603, 5_400_000, 400)
+        );
+        // Points of the tail count like those of a partition.
+        let tail: Vec<(i64, Value)> = (0..700i64)
+            .map(|i| (i * 1_000, Value::Bool(true)))
+            .collect();
+        let s = scan(&c, tail, plain, (0, 10_000_000), &|ts| ts, 250, usize::MAX).expect("scan");
+        assert_eq!((s.decoded, s.complete_until), (1_202, 600_000));
+        assert!(
+            s.points.iter().all(|p| p.1 == Value::Bool(true)),
+            "the tail is newer than every chunk"
+        );
 
         // Limited by `limit`: exactly `limit` points, truncated, `next_from` just past.
         let first = range(
             &c,
+            &w.tail,
             &RangeQuery {
                 device: "d1".into(),
                 metric: "v".into(),
@@ -744,28 +902,28 @@ mod tests {
         assert_eq!(first.points.len(), 250);
         assert_eq!(first.points[3].value, Value::F64(-3.0));
         assert_eq!(first.next_from, Some(250_000));
-        let (all, pages) = page_all(&c, 250, usize::MAX, None);
+        let (all, pages) = page_all(&c, &w.tail, 250, usize::MAX, None);
         assert_eq!(pages, 40);
         assert_eq!(all, expected);
 
-        // Limited by the decode budget (smaller than `limit`, larger than the 1,201 points
-        // of the rewrite's chunk that overlaps the first hour's pages): shorter pages,
-        // same points.
-        let (all, pages) = page_all(&c, 100_000, 1_500, None);
+        // Limited by the decode budget (smaller than `limit`, larger than the about 850
+        // points and probes of one partition): shorter pages, same points.
+        let (all, pages) = page_all(&c, &w.tail, 100_000, 1_500, None);
         assert_eq!(all, expected);
-        assert!(pages > 10, "{pages} pages");
+        assert!(pages > 5, "{pages} pages");
 
         // Aggregated: pages of buckets equal the unpaged answer.
         let step = Some((7_000, Agg::Max));
-        let (whole, pages) = page_all(&c, 100_000, usize::MAX, step);
+        let (whole, pages) = page_all(&c, &w.tail, 100_000, usize::MAX, step);
         assert_eq!(pages, 1);
         assert_eq!(whole.len(), 10_000usize.div_ceil(7));
-        assert_eq!(page_all(&c, 100, usize::MAX, step).0, whole);
-        assert_eq!(page_all(&c, 100_000, 1_500, step).0, whole);
+        assert_eq!(page_all(&c, &w.tail, 100, usize::MAX, step).0, whole);
+        assert_eq!(page_all(&c, &w.tail, 100_000, 1_500, step).0, whole);
 
         // A budget smaller than one step's points cannot answer at all.
         let err = range(
             &c,
+            &w.tail,
             &RangeQuery {
                 device: "d1".into(),
                 metric: "v".into(),
@@ -787,22 +945,22 @@ mod tests {
         let c = crate::store::open(&dir.path().join(crate::store::FILE_NAME), true).expect("c");
         let all = |_: &str, _: &str| true;
         // Everything fits: every reading, once.
-        let rows = window(&c, &all, (0, 10_000_000), 10_000, usize::MAX)
+        let rows = window(&c, &w.tail, &all, (0, 10_000_000), 10_000, usize::MAX)
             .expect("window")
             .expect("fits");
         let got: Vec<_> = rows.into_iter().map(|r| (r.ts_ms, r.value)).collect();
         assert_eq!(got, expected);
         // One more than the limit, or a budget too small: too large, without an error.
         assert_eq!(
-            window(&c, &all, (0, 10_000_000), 9_999, usize::MAX).expect("w"),
+            window(&c, &w.tail, &all, (0, 10_000_000), 9_999, usize::MAX).expect("w"),
             None
         );
         assert_eq!(
-            window(&c, &all, (0, 10_000_000), 10_000, 5_000).expect("w"),
+            window(&c, &w.tail, &all, (0, 10_000_000), 10_000, 5_000).expect("w"),
             None
         );
         // A window inside the range is served from the chunks around it.
-        let rows = window(&c, &all, (500_000, 600_000), 100, 5_000)
+        let rows = window(&c, &w.tail, &all, (500_000, 600_000), 100, 5_000)
             .expect("window")
             .expect("fits");
         assert_eq!(rows.len(), 100);

@@ -33,7 +33,7 @@ use crate::ingest::mqtt::{MqttCommands, MqttIngest};
 use crate::live::{Hub, HubLimits};
 use crate::model::DurableBatch;
 use crate::model::{QueueBudget, now_ms};
-use crate::observe::{Metrics, Queue, ReadingDropReason};
+use crate::observe::{Event, Metrics, Queue, ReadingDropReason};
 use crate::pipeline::{Destination, Pipeline};
 use crate::registry::Registry;
 use crate::server;
@@ -278,6 +278,7 @@ impl Gateway {
             https_addr = Some(listener.local_addr()?);
             tasks.push(tokio::spawn(reload_on_sighup(
                 tls.clone(),
+                metrics.clone(),
                 shutdown.clone(),
             )));
             listeners.push((listener, Some(tls)));
@@ -385,7 +386,11 @@ impl RunningGateway {
 
 /// Reload the TLS certificate on every SIGHUP until shutdown: new connections get the new
 /// certificate, open ones keep theirs; a bad file keeps the old certificate.
-async fn reload_on_sighup(tls: Arc<ReloadableTls>, shutdown: CancellationToken) {
+async fn reload_on_sighup(
+    tls: Arc<ReloadableTls>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP: TLS certificates will not be reloaded");
@@ -396,11 +401,11 @@ async fn reload_on_sighup(tls: Arc<ReloadableTls>, shutdown: CancellationToken) 
             () = shutdown.cancelled() => return,
             got = hup.recv() => if got.is_none() { return },
         }
-        match tls.reload() {
-            Ok(()) => tracing::info!(cert = %tls.cert_path().display(), "TLS certificate reloaded"),
-            Err(e) => {
-                tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one stays in use")
-            }
-        }
+        let result = tls.reload();
+        let error = result.err().map(|e| e.to_string());
+        metrics.emit(Event::TlsReloaded {
+            cert: tls.cert_path(),
+            error: error.as_deref(),
+        });
     }
 }

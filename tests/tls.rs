@@ -257,6 +257,19 @@ async fn https_and_wss_with_dev_certificates_and_reload_on_sighup() {
             200
         );
 
+        let metrics = reqwest::get(format!("http://{}/metrics", p.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for series in [
+            "fluxgate_tls_reloads_total",
+            "fluxgate_tls_reload_failures_total",
+        ] {
+            assert_eq!(common::scrape(&metrics, series), 1.0, "{series}");
+        }
+
         p.sigterm();
         assert!(p.wait_exit(Duration::from_secs(30)).await.success());
     })

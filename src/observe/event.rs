@@ -194,6 +194,14 @@ pub enum Event<'a> {
     /// The HTTP server refused a connection because `http.max_connections` were open: it
     /// was closed right after it was accepted.
     HttpConnectionRefused,
+    /// A TLS certificate reload (SIGHUP) finished: new connections get the new
+    /// certificate, or, on `error`, the previous one stays in use.
+    TlsReloaded {
+        /// The certificate file.
+        cert: &'a std::path::Path,
+        /// Why the new files were refused, if they were.
+        error: Option<&'a str>,
+    },
     /// The HTTP server closed a connection (or an upgraded WebSocket) that overstayed
     /// one of its time limits.
     HttpConnectionClosed {

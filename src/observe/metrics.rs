@@ -93,6 +93,8 @@ pub struct Metrics {
     pub(super) http_connections: AtomicI64,
     /// HTTP connections refused over `http.max_connections`.
     pub(super) http_refused: AtomicU64,
+    /// TLS certificate reloads: `[succeeded, refused]`.
+    pub(super) tls_reloads: [AtomicU64; 2],
     /// HTTP connections closed by a time limit, by reason.
     pub(super) http_closed: [AtomicU64; HttpCloseReason::ALL.len()],
     /// Ingest messages that found the pipeline queue's byte budget used up, by transport.
@@ -184,6 +186,7 @@ impl Default for Metrics {
             sink: SinkMetrics::default(),
             http_connections: AtomicI64::new(0),
             http_refused: AtomicU64::new(0),
+            tls_reloads: Default::default(),
             http_closed: Default::default(),
             budget_full: Default::default(),
             auth: AuthMetrics::default(),
@@ -447,6 +450,20 @@ impl Metrics {
                     "influxdb buffer: skipped damaged data: {detail}"
                 );
             }
+            Event::TlsReloaded { cert, error } => match error {
+                None => {
+                    self.tls_reloads[0].fetch_add(1, Relaxed);
+                    tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
+                }
+                Some(error) => {
+                    self.tls_reloads[1].fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        cert = %cert.display(),
+                        error,
+                        "TLS certificate not reloaded; the previous one stays in use"
+                    );
+                }
+            },
             Event::HttpConnectionRefused => {
                 self.http_refused.fetch_add(1, Relaxed);
                 if let Some(suppressed) = self.log_budgets.take(LogClass::HttpRefused) {

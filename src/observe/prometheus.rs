@@ -182,7 +182,19 @@ impl Metrics {
             "Time from the first attempt of an InfluxDB write request to its success.",
         );
         let s = &self.sink;
-        let scalars: [(&str, &str, &str, i64); 28] = [
+        let scalars: [(&str, &str, &str, i64); 30] = [
+            (
+                "fluxgate_tls_reloads_total",
+                "counter",
+                "TLS certificate reloads (SIGHUP) that took effect.",
+                self.tls_reloads[0].load(Relaxed) as i64,
+            ),
+            (
+                "fluxgate_tls_reload_failures_total",
+                "counter",
+                "TLS certificate reloads (SIGHUP) refused: the previous certificate stays in use.",
+                self.tls_reloads[1].load(Relaxed) as i64,
+            ),
             (
                 "fluxgate_http_connections",
                 "gauge",

@@ -102,6 +102,16 @@ async fn healthz<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mu
     text.lines().next().unwrap_or_default().to_owned()
 }
 
+/// The gateway's `/metrics` page, over plaintext HTTP.
+async fn metrics_text(p: &Process) -> String {
+    reqwest::get(format!("http://{}/metrics", p.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 fn sighup(p: &Process) {
     let ok = Command::new("kill")
         .args(["-HUP", &p.child.id().to_string()])
@@ -165,12 +175,7 @@ async fn https_and_wss_with_dev_certificates_and_reload_on_sighup() {
         assert!(stranger.get(url("/healthz")).send().await.is_err());
         let plain = reqwest::get(format!("http://{tls}/healthz")).await;
         assert!(plain.is_err() || plain.unwrap().status() != 200);
-        let metrics = reqwest::get(format!("http://{}/metrics", p.http))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics_text(&p).await;
         let failed = common::scrape(
             &metrics,
             r#"fluxgate_http_connections_closed_total{reason="tls_handshake"}"#,
@@ -257,12 +262,7 @@ async fn https_and_wss_with_dev_certificates_and_reload_on_sighup() {
             200
         );
 
-        let metrics = reqwest::get(format!("http://{}/metrics", p.http))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics_text(&p).await;
         for series in [
             "fluxgate_tls_reloads_total",
             "fluxgate_tls_reload_failures_total",

@@ -142,9 +142,11 @@ fn name_matches(filter: &NameFilter, name: &str) -> Result<bool, InfluxqlError> 
     })
 }
 
-fn one_column(
+/// A SHOW answer: one series with `columns`, or no series at all when nothing matched
+/// (InfluxDB omits the series rather than sending it empty).
+fn listing(
     name: Option<&str>,
-    column: &str,
+    columns: &[&str],
     rows: impl IntoIterator<Item = Vec<Cell>>,
 ) -> Vec<Series> {
     let values: Vec<Vec<Cell>> = rows.into_iter().collect();
@@ -154,7 +156,7 @@ fn one_column(
     vec![Series {
         name: name.map(str::to_owned),
         tags: Vec::new(),
-        columns: vec![column.to_owned()],
+        columns: columns.iter().map(|c| (*c).to_owned()).collect(),
         values,
     }]
 }
@@ -172,9 +174,9 @@ pub async fn execute(
     now_ns: i64,
 ) -> Result<Vec<Series>, InfluxqlError> {
     match stmt {
-        Statement::ShowDatabases => Ok(one_column(
+        Statement::ShowDatabases => Ok(listing(
             Some("databases"),
-            "name",
+            &["name"],
             [vec![Cell::Str(src.database.clone())]],
         )),
         Statement::ShowRetentionPolicies => Ok(vec![Series {
@@ -205,9 +207,9 @@ pub async fn execute(
                     None => true,
                 };
             let rows = listed.then(|| vec![Cell::Str(src.measurement.clone())]);
-            Ok(one_column(
+            Ok(listing(
                 Some("measurements"),
-                "name",
+                &["name"],
                 take(rows.into_iter(), *limit),
             ))
         }
@@ -217,9 +219,9 @@ pub async fn execute(
                 return Ok(Vec::new());
             }
             let rows = catalog.tag_keys.iter().map(|k| vec![Cell::Str(k.clone())]);
-            Ok(one_column(
+            Ok(listing(
                 Some(&src.measurement),
-                "tagKey",
+                &["tagKey"],
                 take(rows, *limit),
             ))
         }
@@ -233,16 +235,11 @@ pub async fn execute(
                 let t = types.get(f).copied().unwrap_or("float");
                 vec![Cell::Str(f.clone()), Cell::Str(t.to_owned())]
             });
-            let rows = take(rows, *limit);
-            if rows.is_empty() {
-                return Ok(Vec::new());
-            }
-            Ok(vec![Series {
-                name: Some(src.measurement.clone()),
-                tags: Vec::new(),
-                columns: vec!["fieldKey".into(), "fieldType".into()],
-                values: rows,
-            }])
+            Ok(listing(
+                Some(&src.measurement),
+                &["fieldKey", "fieldType"],
+                take(rows, *limit),
+            ))
         }
         Statement::ShowTagValues {
             from,
@@ -282,16 +279,11 @@ pub async fn execute(
             let rows = pairs
                 .into_iter()
                 .map(|(k, v)| vec![Cell::Str(k), Cell::Str(v)]);
-            let rows = take(rows, *limit);
-            if rows.is_empty() {
-                return Ok(Vec::new());
-            }
-            Ok(vec![Series {
-                name: Some(src.measurement.clone()),
-                tags: Vec::new(),
-                columns: vec!["key".into(), "value".into()],
-                values: rows,
-            }])
+            Ok(listing(
+                Some(&src.measurement),
+                &["key", "value"],
+                take(rows, *limit),
+            ))
         }
         Statement::Select(s) => {
             let catalog = catalog.ok_or(InfluxqlError::NoStore)?;

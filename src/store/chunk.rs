@@ -139,12 +139,13 @@ pub(super) fn get_value(data: &[u8], pos: &mut usize) -> Result<Value, CorruptCh
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::store) mod tests {
     use proptest::prelude::*;
 
     use super::*;
 
-    fn value() -> impl Strategy<Value = Value> {
+    /// Any storable value (the write log's tests encode the same ones).
+    pub(in crate::store) fn value() -> impl Strategy<Value = Value> {
         prop_oneof![
             any::<f64>()
                 .prop_filter("finite", |f| f.is_finite())

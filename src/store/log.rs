@@ -44,17 +44,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-
-    fn value() -> impl Strategy<Value = Value> {
-        prop_oneof![
-            any::<f64>()
-                .prop_filter("finite", |f| f.is_finite())
-                .prop_map(Value::F64),
-            any::<i64>().prop_map(Value::I64),
-            any::<bool>().prop_map(Value::Bool),
-            ".{0,20}".prop_map(Value::Str),
-        ]
-    }
+    use crate::store::chunk::tests::value;
 
     proptest! {
         #[test]

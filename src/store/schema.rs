@@ -16,7 +16,8 @@ use super::{PART_MS, StoreError, part_of};
 /// The schema version this build writes.
 pub const VERSION: i64 = 2;
 
-const SCHEMA: &str = "
+/// The series table of version 2 (version 1 lacks `last_part`, which the upgrade adds).
+const SERIES_TABLE: &str = "
 CREATE TABLE series (
     id        INTEGER PRIMARY KEY,
     device    TEXT NOT NULL,
@@ -24,6 +25,11 @@ CREATE TABLE series (
     last_part INTEGER,
     UNIQUE (device, metric)
 ) STRICT;
+";
+
+/// The tables version 2 added: a new file and the upgrade of a version-1 file create the
+/// same ones.
+const LOG_AND_CHUNK_TABLES: &str = "
 CREATE TABLE log (
     id   INTEGER PRIMARY KEY,
     data BLOB NOT NULL
@@ -65,7 +71,8 @@ pub fn prepare(conn: &mut Connection) -> Result<(), StoreError> {
         VERSION => Ok(()),
         0 if !table_exists(conn, "series")? && !table_exists(conn, "chunks")? => {
             let tx = conn.transaction()?;
-            tx.execute_batch(SCHEMA)?;
+            tx.execute_batch(SERIES_TABLE)?;
+            tx.execute_batch(LOG_AND_CHUNK_TABLES)?;
             tx.pragma_update(None, "user_version", VERSION)?;
             Ok(tx.commit()?)
         }
@@ -85,25 +92,9 @@ fn upgrade_from_v1(conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
     tx.execute_batch(
         "ALTER TABLE chunks RENAME TO chunks_v1;
-         ALTER TABLE series ADD COLUMN last_part INTEGER;
-         CREATE TABLE log (
-             id   INTEGER PRIMARY KEY,
-             data BLOB NOT NULL
-         ) STRICT;
-         CREATE TABLE parts (
-             part INTEGER NOT NULL,
-             generation  INTEGER NOT NULL,
-             PRIMARY KEY (part, generation)
-         ) WITHOUT ROWID, STRICT;
-         CREATE TABLE chunks (
-             part      INTEGER NOT NULL,
-             generation       INTEGER NOT NULL,
-             series_id INTEGER NOT NULL,
-             start_ts  INTEGER NOT NULL,
-             data      BLOB NOT NULL,
-             PRIMARY KEY (part, generation, series_id)
-         ) WITHOUT ROWID, STRICT;",
+         ALTER TABLE series ADD COLUMN last_part INTEGER;",
     )?;
+    tx.execute_batch(LOG_AND_CHUNK_TABLES)?;
     {
         let mut old = tx.prepare(
             "SELECT series_id, seq, start_ts, data FROM chunks_v1 ORDER BY series_id, seq, start_ts",

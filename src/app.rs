@@ -36,7 +36,7 @@ use crate::model::{QueueBudget, now_ms};
 use crate::observe::{Event, Metrics, Queue, ReadingDropReason};
 use crate::pipeline::{Destination, Pipeline};
 use crate::registry::Registry;
-use crate::server;
+use crate::server::{self, ServerTls};
 use crate::sink;
 use crate::store;
 use crate::tls::{ReloadableTls, TlsFiles};
@@ -51,8 +51,11 @@ pub struct RunningGateway {
     pub http_addr: SocketAddr,
     /// The HTTPS listener's bound address, when `http.tls` is enabled.
     pub https_addr: Option<SocketAddr>,
-    /// The MQTT listener's address, when the MQTT front is enabled.
+    /// The plaintext MQTT listener's address, when the MQTT front is enabled and
+    /// `mqtt.plaintext` is on.
     pub mqtt_addr: Option<SocketAddr>,
+    /// The mqtts listener's address, when the MQTT front and `mqtt.tls` are enabled.
+    pub mqtts_addr: Option<SocketAddr>,
     /// The handle that sends commands to MQTT devices, when the MQTT front is enabled.
     pub mqtt_commands: Option<MqttCommands>,
     /// The data directory.
@@ -237,10 +240,26 @@ impl Gateway {
             config.http.shutdown_grace,
         )));
 
+        // TLS configurations, each reloaded on SIGHUP and, with its `reload_poll`, when
+        // its files change (one task below).
+        let mut reloadable = Vec::new();
         let mut mqtt_commands = None;
-        let mqtt_addr = if config.mqtt.enabled {
-            let mqtt = MqttIngest::new(config.mqtt.clone(), &config.limits, registry.clone())?;
-            let addr = mqtt.listen_addr();
+        let (mut mqtt_addr, mut mqtts_addr) = (None, None);
+        if config.mqtt.enabled {
+            let tls = if config.mqtt.tls.enabled {
+                // No ALPN: MQTT clients rarely offer one, and an offer is ignored.
+                let tls = Arc::new(
+                    ReloadableTls::load(TlsFiles::of(&config.mqtt.tls.listener(), &[]))
+                        .context("mqtt.tls")?,
+                );
+                reloadable.push((tls.clone(), config.mqtt.tls.reload_poll));
+                Some(tls)
+            } else {
+                None
+            };
+            let mqtt = MqttIngest::new(config.mqtt.clone(), &config.limits, registry.clone(), tls)?;
+            mqtt_addr = mqtt.listen_addr();
+            mqtts_addr = mqtt.tls_listen_addr();
             mqtt_commands = Some(mqtt.commands());
             tasks.push(tokio::spawn(mqtt.run(
                 pipe_tx.clone(),
@@ -248,10 +267,7 @@ impl Gateway {
                 metrics.clone(),
                 shutdown.clone(),
             )));
-            Some(addr)
-        } else {
-            None
-        };
+        }
 
         // The plaintext and the TLS listener serve the same router; either may be off
         // (validation keeps at least one).
@@ -264,24 +280,31 @@ impl Gateway {
         }
         let mut https_addr = None;
         if config.http.tls.enabled {
-            let t = &config.http.tls;
-            let tls = Arc::new(
-                ReloadableTls::load(TlsFiles {
-                    cert: t.cert.clone(),
-                    key: t.key.clone(),
-                })
-                .context("http.tls")?,
-            );
+            let t = &config.http.tls.listener();
+            // HTTP/1.1 only: the server loop runs hyper's HTTP/1 (WebSocket upgrades
+            // need it).
+            let tls =
+                Arc::new(ReloadableTls::load(TlsFiles::of(t, &[b"http/1.1"])).context("http.tls")?);
             let listener = tokio::net::TcpListener::bind(t.listen)
                 .await
                 .with_context(|| format!("cannot bind HTTPS listener {}", t.listen))?;
             https_addr = Some(listener.local_addr()?);
-            tasks.push(tokio::spawn(reload_on_sighup(
-                tls.clone(),
+            reloadable.push((tls.clone(), t.reload_poll));
+            listeners.push((
+                listener,
+                Some(ServerTls {
+                    config: tls,
+                    identity: t.identity,
+                    handshake_timeout: t.handshake_timeout,
+                }),
+            ));
+        }
+        if !reloadable.is_empty() {
+            tasks.push(tokio::spawn(reload_tls(
+                reloadable,
                 metrics.clone(),
                 shutdown.clone(),
             )));
-            listeners.push((listener, Some(tls)));
         }
         let http_addr = match listeners.first() {
             Some((l, _)) => l.local_addr()?,
@@ -335,13 +358,16 @@ impl Gateway {
             }));
         }
 
-        let mqtt_shown = mqtt_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string());
-        let https_shown = https_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string());
-        tracing::info!(data_dir = %config.data_dir.display(), "listening mqtt={mqtt_shown} http={http_addr} https={https_shown}");
+        let shown =
+            |a: Option<SocketAddr>| a.map_or_else(|| "disabled".to_owned(), |a| a.to_string());
+        let (mqtt_shown, mqtts_shown) = (shown(mqtt_addr), shown(mqtts_addr));
+        let https_shown = shown(https_addr);
+        tracing::info!(data_dir = %config.data_dir.display(), "listening mqtt={mqtt_shown} http={http_addr} https={https_shown} mqtts={mqtts_shown}");
         Ok(RunningGateway {
             http_addr,
             https_addr,
             mqtt_addr,
+            mqtts_addr,
             mqtt_commands,
             data_dir: config.data_dir,
             bootstrap_admin_key,
@@ -384,28 +410,58 @@ impl RunningGateway {
     }
 }
 
-/// Reload the TLS certificate on every SIGHUP until shutdown: new connections get the new
-/// certificate, open ones keep theirs; a bad file keeps the old certificate.
-async fn reload_on_sighup(
-    tls: Arc<ReloadableTls>,
+/// Reload the TLS certificates on every SIGHUP until shutdown, and each configuration
+/// whose `reload_poll` is set when its files changed: new connections get the new
+/// certificate, open ones keep theirs; a bad file keeps the old certificate (and is not
+/// tried again until it changes).
+async fn reload_tls(
+    configs: Vec<(Arc<ReloadableTls>, std::time::Duration)>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP: TLS certificates will not be reloaded");
-        return;
-    };
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            got = hup.recv() => if got.is_none() { return },
-        }
+    let reload = |tls: &ReloadableTls| {
         let result = tls.reload();
         let error = result.err().map(|e| e.to_string());
         metrics.emit(Event::TlsReloaded {
             cert: tls.cert_path(),
             error: error.as_deref(),
         });
+    };
+    let mut hup = signal(SignalKind::hangup()).ok();
+    if hup.is_none() {
+        tracing::warn!("cannot listen for SIGHUP: TLS certificates reload only on file change");
+    }
+    // One poll tick at the shortest interval asked for: a stat of a few files.
+    let poll = configs
+        .iter()
+        .map(|(_, p)| *p)
+        .filter(|p| !p.is_zero())
+        .min();
+    let mut tick = poll.map(|p| {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            got = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                if got.is_none() {
+                    hup = None;
+                    continue;
+                }
+                for (tls, _) in &configs {
+                    reload(tls);
+                }
+            }
+            _ = async { match tick.as_mut() { Some(t) => t.tick().await, None => std::future::pending().await } } => {
+                for (tls, poll) in &configs {
+                    if !poll.is_zero() && tls.files_changed() {
+                        reload(tls);
+                    }
+                }
+            }
+        }
     }
 }

@@ -19,6 +19,11 @@
 //!   WebSocket, so the same rule drops a live stream (SSE or WebSocket) or an ingest
 //!   WebSocket whose client stopped reading.
 //!
+//! On the HTTPS listener each connection first completes its TLS handshake in its own
+//! task (within `http.tls.handshake_timeout`); with `http.tls.client_ca`, the names of
+//! a verified client certificate travel with every request of the connection (a
+//! [`PeerIdentity`] request extension) for device authentication.
+//!
 //! Every close by a limit is counted in `fluxgate_http_connections_closed_total`.
 //! Shutdown is graceful as with axum: on the token the loop stops accepting, every
 //! connection finishes its request in progress and closes, and the loop returns when all
@@ -47,9 +52,20 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service as _;
 
-use crate::config::HttpConfig;
-use crate::observe::{Event, HttpCloseReason, Metrics};
-use crate::tls::ReloadableTls;
+use crate::config::{CertIdentity, HttpConfig};
+use crate::observe::{Event, HttpCloseReason, Metrics, TlsFailure, TlsListener};
+use crate::tls::{PeerIdentity, ReloadableTls};
+
+/// The HTTPS listener's TLS.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// The current server configuration (reloadable).
+    pub config: Arc<ReloadableTls>,
+    /// Which name of a client certificate is the device id.
+    pub identity: CertIdentity,
+    /// Time a new connection may take to complete its handshake.
+    pub handshake_timeout: Duration,
+}
 
 /// The time limits every connection is held to (from `[http]`).
 #[derive(Debug, Clone, Copy)]
@@ -63,13 +79,13 @@ struct Timeouts {
 /// Serve `app` on `listener` until `shutdown` is cancelled and every connection has
 /// finished (see the module documentation for the limits).
 ///
-/// With `tls`, every connection first completes a TLS handshake (within
-/// `header_read_timeout`) with the certificate current at that moment.
+/// With `tls`, every connection first completes a TLS handshake (within its
+/// `handshake_timeout`) with the certificate current at that moment.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     config: &HttpConfig,
-    tls: Option<Arc<ReloadableTls>>,
+    tls: Option<ServerTls>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -117,10 +133,11 @@ pub async fn serve(
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
             watch,
+            peer_identity: None,
         };
         match &tls {
             None => connections.spawn(conn.serve(io)),
-            Some(tls) => connections.spawn(conn.handshake(tls.acceptor(), io)),
+            Some(tls) => connections.spawn(conn.handshake(tls.clone(), io)),
         };
     }
     drop(listener);
@@ -135,28 +152,40 @@ struct Conn {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     watch: Arc<ConnWatch>,
+    /// The names of the client certificate the handshake verified, if any.
+    peer_identity: Option<PeerIdentity>,
 }
 
 impl Conn {
-    /// Complete the TLS handshake, bounded by the header timeout (a client that opens a
-    /// connection and stalls must not hold it), then serve HTTP over it.
-    async fn handshake(self, acceptor: TlsAcceptor, io: TimedIo) {
+    /// Complete the TLS handshake, bounded by the handshake timeout (a client that
+    /// opens a connection and stalls must not hold it), then serve HTTP over it.
+    async fn handshake(mut self, tls: ServerTls, io: TimedIo) {
+        let acceptor: TlsAcceptor = tls.config.acceptor();
         let accepted = tokio::select! {
-            accepted = tokio::time::timeout(self.timeouts.header, acceptor.accept(io)) => accepted,
+            accepted = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(io)) => accepted,
             () = self.shutdown.cancelled() => return,
         };
-        match accepted {
-            Ok(Ok(stream)) => self.serve(stream).await,
-            Ok(Err(e)) => {
-                tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
-                self.metrics.emit(Event::HttpConnectionClosed {
-                    reason: HttpCloseReason::TlsHandshake,
-                });
+        let (reason, detail) = match accepted {
+            Ok(Ok(stream)) => {
+                self.peer_identity = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(|leaf| PeerIdentity::of(leaf, tls.identity));
+                return self.serve(stream).await;
             }
-            Err(_) => self.metrics.emit(Event::HttpConnectionClosed {
-                reason: HttpCloseReason::HeaderTimeout,
-            }),
-        }
+            Ok(Err(e)) => (crate::tls::classify(&e), e.to_string()),
+            Err(_) => (
+                TlsFailure::Timeout,
+                "no handshake within http.tls.handshake_timeout".to_owned(),
+            ),
+        };
+        self.metrics.emit(Event::TlsHandshakeFailed {
+            listener: TlsListener::Https,
+            reason,
+            detail: &detail,
+        });
     }
 
     /// Serve one connection until it ends, is upgraded (the upgraded socket then lives on
@@ -172,6 +201,7 @@ impl Conn {
             metrics,
             shutdown,
             watch,
+            peer_identity,
         } = self;
         let service = {
             let (watch, metrics) = (watch.clone(), metrics.clone());
@@ -183,6 +213,9 @@ impl Conn {
                 // What axum's `into_make_service_with_connect_info` would add: handlers read
                 // the client address (the auth failure throttle keys on it).
                 request.extensions_mut().insert(ConnectInfo(peer));
+                if let Some(identity) = &peer_identity {
+                    request.extensions_mut().insert(identity.clone());
+                }
                 let mut app = app.clone();
                 async move {
                     let response = app.call(request).await;

@@ -71,6 +71,8 @@ pub struct BenchSettings {
     pub period: Duration,
     /// Print only the JSON line on stdout.
     pub json: bool,
+    /// TLS for every connection (`--tls`).
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl BenchSettings {
@@ -166,6 +168,7 @@ impl BenchReport {
         let s = &self.settings;
         json!({
             "transport": s.transport.as_str(),
+            "tls": s.tls.is_some(),
             "encoding": s.encoding.as_str(),
             "qos": s.qos.level(),
             "devices": s.devices,
@@ -205,9 +208,15 @@ impl BenchReport {
         let mut line = |label: &str, value: String| {
             out.push_str(&format!("  {label:<16} {value}\n"));
         };
-        let target = match s.transport {
-            Transport::Mqtt => format!("mqtt://{} qos{}", s.mqtt, s.qos.level()),
-            Transport::Ws => format!("ws://{} max-inflight {}", s.http, s.max_inflight),
+        let target = match (s.transport, &s.tls) {
+            (Transport::Mqtt, None) => format!("mqtt://{} qos{}", s.mqtt, s.qos.level()),
+            (Transport::Mqtt, Some(_)) => format!("mqtts://{} qos{}", s.mqtt, s.qos.level()),
+            (Transport::Ws, None) => format!("ws://{} max-inflight {}", s.http, s.max_inflight),
+            (Transport::Ws, Some(tls)) => format!(
+                "wss://{} max-inflight {}",
+                tls.https.as_deref().unwrap_or(&s.http),
+                s.max_inflight
+            ),
         };
         line(
             "target",
@@ -323,6 +332,7 @@ pub async fn bench(
         mqtt_addr: settings.mqtt.clone(),
         http_addr: settings.http.clone(),
         max_inflight: settings.max_inflight,
+        tls: settings.tls.clone(),
         deadline,
         go: go_rx,
         shutdown: stop_rx.clone(),
@@ -523,6 +533,7 @@ mod tests {
             prefix: "bench".into(),
             period: Duration::from_secs(600),
             json: false,
+            tls: None,
         }
     }
 

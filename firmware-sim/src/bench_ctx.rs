@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::{Encoding, Qos};
 use crate::stats::Counters;
+use crate::tls::TlsSettings;
 
 /// State shared by the benchmark driver and every device task.
 #[derive(Debug)]
@@ -38,6 +39,8 @@ pub struct BenchCtx {
     pub http_addr: String,
     /// Unacknowledged WebSocket messages allowed per connection.
     pub max_inflight: usize,
+    /// TLS for every connection (`--tls`).
+    pub tls: Option<TlsSettings>,
     /// No message is sent after this instant.
     pub deadline: Instant,
     /// Becomes true when all devices should start sending.

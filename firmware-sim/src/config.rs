@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::commands::CommandSettings;
 use crate::ids::validate_fleet;
+use crate::tls::TlsSettings;
 
 /// Default MQTT listener of the gateway.
 pub const DEFAULT_MQTT: &str = "127.0.0.1:1883";
@@ -189,6 +191,10 @@ pub struct RunSettings {
     pub prefix: String,
     /// Length of one simulated day.
     pub period: Duration,
+    /// TLS for every connection (`--tls`), command line only.
+    pub tls: Option<TlsSettings>,
+    /// How devices answer commands, command line only.
+    pub commands: CommandSettings,
 }
 
 impl RunSettings {
@@ -223,6 +229,8 @@ impl RunSettings {
                 .or(file.prefix)
                 .unwrap_or_else(|| DEFAULT_PREFIX.to_string()),
             period,
+            tls: None,
+            commands: CommandSettings::default(),
         };
         settings.validate()?;
         Ok(settings)

@@ -25,8 +25,9 @@
 //!    client of the fleet shapes) and token provisioning.
 //! 4. `device`, `bench_ctx`: devices and their messages; the state shared by a benchmark.
 //! 5. `config`, `stats`, `watch`: options; counters and reports; the `watch` subcommand.
-//! 6. `backoff`, `clock`, `ids`, `metrics`, `procfs`, `signal`, `stop`, `ticker`: leaf modules
-//!    that import nothing from the crate.
+//! 6. `backoff`, `clock`, `commands`, `ids`, `metrics`, `procfs`, `signal`, `stop`,
+//!    `ticker`, `tls`: leaf modules that import nothing from the crate (`commands`: how a
+//!    device answers commands; `tls`: the `--tls` client configuration).
 //!
 //! Something that two modules of one layer both need belongs in a lower layer, not in
 //! either of them.
@@ -41,6 +42,7 @@ mod backoff;
 mod bench;
 mod bench_ctx;
 mod clock;
+mod commands;
 mod config;
 mod device;
 mod fleet;
@@ -55,6 +57,7 @@ mod signal;
 mod stats;
 mod stop;
 mod ticker;
+mod tls;
 mod watch;
 mod ws;
 
@@ -152,6 +155,56 @@ struct RunArgs {
     period: Option<String>,
     #[command(flatten)]
     provisioning: ProvisionArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Time a device takes to answer a command.
+    #[arg(long, default_value = "0s", value_parser = config::parse_duration)]
+    reply_latency: Duration,
+    /// Probability (0 to 1) that a device fails a known command (answers ok:false).
+    #[arg(long, default_value_t = 0.0, value_parser = failure_rate)]
+    reply_failure_rate: f64,
+}
+
+/// `--tls`: connect with TLS (mqtts, wss).
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// Connect with TLS (mqtts to --mqtt, wss to --https or --http), trusting only --ca.
+    #[arg(long, requires = "ca")]
+    tls: bool,
+    /// PEM file of the CA the gateway's certificate must chain to.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate (device authentication by certificate; then no token is
+    /// sent). `{id}` becomes the device id: `certs/device-{id}.pem`.
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "key"])]
+    cert: Option<String>,
+    /// PEM private key of --cert (`{id}` as there).
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "cert"])]
+    key: Option<String>,
+    /// The gateway's HTTPS listener HOST:PORT for wss ingest [default: --http].
+    #[arg(long, value_name = "HOST:PORT", requires = "tls")]
+    https: Option<String>,
+}
+
+impl TlsArgs {
+    fn settings(self) -> anyhow::Result<Option<tls::TlsSettings>> {
+        match (self.tls, self.ca) {
+            (true, Some(ca)) => {
+                let identity = self.cert.zip(self.key);
+                tls::TlsSettings::new(ca, identity, self.https).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+fn failure_rate(s: &str) -> Result<f64, String> {
+    let rate: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!("{rate} is not a probability (0 to 1)"))
+    }
 }
 
 /// How the fleet gets its device tokens.
@@ -175,6 +228,22 @@ impl ProvisionArgs {
 }
 
 impl RunArgs {
+    /// The options only the command line sets: TLS and how devices answer commands.
+    fn split_cli_only(self) -> (Self, TlsArgs, commands::CommandSettings) {
+        let commands = commands::CommandSettings {
+            reply_latency: self.reply_latency,
+            failure_rate: self.reply_failure_rate,
+        };
+        let tls = TlsArgs {
+            tls: self.tls.tls,
+            ca: self.tls.ca.clone(),
+            cert: self.tls.cert.clone(),
+            key: self.tls.key.clone(),
+            https: self.tls.https.clone(),
+        };
+        (self, tls, commands)
+    }
+
     fn into_file(self) -> (Option<PathBuf>, RunFile, Provisioning) {
         let file = RunFile {
             transport: self.transport,
@@ -258,6 +327,8 @@ struct BenchArgs {
     json: bool,
     #[command(flatten)]
     provisioning: ProvisionArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// Validates a duration argument but keeps it as text, so that it merges with the
@@ -297,12 +368,16 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => {
+            let (args, tls, commands) = args.split_cli_only();
             let (config, cli, provisioning) = args.into_file();
             let file = match config {
                 Some(path) => RunFile::load(&path)?,
                 None => RunFile::default(),
             };
-            run::run(RunSettings::resolve(cli, file)?, provisioning).await?;
+            let mut settings = RunSettings::resolve(cli, file)?;
+            settings.tls = tls.settings()?;
+            settings.commands = commands;
+            run::run(settings, provisioning).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch(args) => {
@@ -344,6 +419,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Bench(args) if args.shape != Shape::Burst => {
+            anyhow::ensure!(
+                !args.tls.tls,
+                "--tls is supported by --shape burst (rumqttc, WebSocket), not by the fleet shapes"
+            );
             let report = fleet::fleet(
                 fleet::FleetSettings {
                     shape: args.shape,
@@ -397,6 +476,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 prefix: args.prefix,
                 period: config::DEFAULT_PERIOD,
                 json: args.json,
+                tls: args.tls.settings()?,
             };
             let json_only = settings.json;
             let report = bench::bench(settings, args.provisioning.into_provisioning()).await?;

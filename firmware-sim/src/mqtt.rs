@@ -6,6 +6,13 @@
 //! and [`drive`], which polls the event loop, counts what actually went over the wire
 //! and reconnects with jittered backoff.
 //!
+//! `run` devices subscribe to their command topic after every CONNACK and answer the
+//! commands that arrive (see `commands`): the reply goes out `--reply-latency` later, and
+//! `set_period` changes the publisher's sending period through a watch channel.
+//!
+//! With `--tls` the connection is mqtts (rumqttc with rustls), trusting only `--ca`; a
+//! device with a client certificate sends no username or password.
+//!
 //! "Sent" is counted on `Outgoing::Publish` events, i.e. when the event loop has written
 //! and flushed the PUBLISH packet, not when it was queued in the client; only that number
 //! is comparable with what the gateway receives.
@@ -15,17 +22,22 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS,
+    TlsConfiguration,
+};
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::bench_ctx::BenchCtx;
 use crate::clock::now_ms;
+use crate::commands::{self, CommandSettings, Effect};
 use crate::config::{Encoding, Qos, RunSettings, validate_host_port};
 use crate::device::{Device, MessageSource};
 use crate::stats::{ConnectedGuard, Counters, micros};
 use crate::stop::stopped;
-use crate::ticker::device_ticker;
+use crate::ticker::{device_ticker, ticker_every};
+use crate::tls::TlsSettings;
 
 /// Keep-alive interval; short enough to notice a dead gateway within a minute.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -56,6 +68,7 @@ pub fn client_for(
     addr: &str,
     inflight: u16,
     queue: usize,
+    tls: Option<&TlsSettings>,
 ) -> anyhow::Result<(AsyncClient, EventLoop)> {
     let (host, port) = validate_host_port(addr)?;
     // The gateway identifies devices by MQTT client id, so it must be the device id.
@@ -66,8 +79,16 @@ pub fn client_for(
         // devices between runs; the simulator does not need queued messages redelivered.
         .set_clean_session(true)
         .set_inflight(inflight.max(1));
-    if let Some(credentials) = &device.credentials {
+    // A client certificate names the device; it then needs no token.
+    let cert_auth = tls.is_some_and(TlsSettings::client_certs);
+    if let (Some(credentials), false) = (&device.credentials, cert_auth) {
         options.set_credentials(credentials.username.clone(), credentials.password.clone());
+    }
+    if let Some(tls) = tls {
+        let config = tls.config_for(&device.id)?;
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            TlsConfiguration::Rustls(config),
+        ));
     }
     let (client, mut eventloop) = AsyncClient::new(options, queue);
     let mut network = NetworkOptions::new();
@@ -93,6 +114,7 @@ pub async fn drive(
     counters: &Arc<Counters>,
     shutdown: watch::Receiver<bool>,
     track_latency: bool,
+    mut commands: Option<CommandHandler>,
 ) -> Vec<u32> {
     let mut guard = ConnectedGuard::new(counters.clone());
     let mut backoff = Backoff::default();
@@ -115,6 +137,21 @@ pub async fn drive(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 guard.up();
                 backoff.reset();
+                // A clean session forgets subscriptions: subscribe on every connection.
+                if let Some(handler) = &commands {
+                    if handler
+                        .client
+                        .try_subscribe(handler.topic.clone(), QoS::AtLeastOnce)
+                        .is_err()
+                    {
+                        counters.error(|| format!("{device_id}: cannot subscribe to commands"));
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                if let Some(handler) = &mut commands {
+                    handler.handle(&publish.topic, &publish.payload, counters);
+                }
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
                 Counters::inc(&counters.acked);
@@ -159,12 +196,26 @@ pub async fn run_device(
     counters: Arc<Counters>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let (client, eventloop) = match client_for(&device, &settings.mqtt, BENCH_INFLIGHT, RUN_QUEUE) {
+    let (client, eventloop) = match client_for(
+        &device,
+        &settings.mqtt,
+        BENCH_INFLIGHT,
+        RUN_QUEUE,
+        settings.tls.as_ref(),
+    ) {
         Ok(pair) => pair,
         Err(e) => {
             counters.error(|| format!("{}: {e:#}", device.id));
             return;
         }
+    };
+    let (period_tx, period_rx) = watch::channel(None);
+    let handler = CommandHandler {
+        client: client.clone(),
+        topic: fluxgate_proto::topic::commands(&device.id),
+        device_id: device.id.clone(),
+        settings: settings.commands,
+        period: period_tx,
     };
     let publisher = tokio::spawn(run_publisher(
         client,
@@ -172,8 +223,17 @@ pub async fn run_device(
         settings,
         counters.clone(),
         shutdown.clone(),
+        period_rx,
     ));
-    drive(eventloop, &device.id, &counters, shutdown, false).await;
+    drive(
+        eventloop,
+        &device.id,
+        &counters,
+        shutdown,
+        false,
+        Some(handler),
+    )
+    .await;
     // The publisher normally ended by itself on shutdown; this only matters if the event
     // loop gave up first.
     publisher.abort();
@@ -187,6 +247,7 @@ async fn run_publisher(
     settings: Arc<RunSettings>,
     counters: Arc<Counters>,
     mut shutdown: watch::Receiver<bool>,
+    mut period: watch::Receiver<Option<Duration>>,
 ) {
     let period_ms = u64::try_from(settings.period.as_millis()).unwrap_or(u64::MAX);
     let mut source = MessageSource::new(&device, period_ms, settings.encoding);
@@ -197,6 +258,15 @@ async fn run_publisher(
         tokio::select! {
             _ = ticker.tick() => {}
             () = stopped(&mut shutdown) => break,
+            changed = period.changed() => {
+                // `set_period`: the new period applies from now on.
+                if changed.is_ok() {
+                    if let Some(every) = *period.borrow_and_update() {
+                        ticker = ticker_every(every);
+                    }
+                }
+                continue;
+            }
         }
         let payload = match source.next_message(now_ms()) {
             Ok(payload) => payload,
@@ -224,8 +294,13 @@ async fn run_publisher(
 ///
 /// Returns PUBACK latencies in microseconds for QoS 1.
 pub async fn bench_device(device: Device, messages: u64, ctx: Arc<BenchCtx>) -> Vec<u32> {
-    let (client, eventloop) = match client_for(&device, &ctx.mqtt_addr, BENCH_INFLIGHT, BENCH_QUEUE)
-    {
+    let (client, eventloop) = match client_for(
+        &device,
+        &ctx.mqtt_addr,
+        BENCH_INFLIGHT,
+        BENCH_QUEUE,
+        ctx.tls.as_ref(),
+    ) {
         Ok(pair) => pair,
         Err(e) => {
             ctx.counters.error(|| format!("{}: {e:#}", device.id));
@@ -246,6 +321,7 @@ pub async fn bench_device(device: Device, messages: u64, ctx: Arc<BenchCtx>) -> 
         &ctx.counters,
         ctx.shutdown.clone(),
         track_latency,
+        None,
     )
     .await;
     publisher.abort();
@@ -296,6 +372,53 @@ async fn publish_burst(client: &AsyncClient, device: &Device, messages: u64, ctx
     }
 }
 
+/// Answers the commands of one `run` device (see the module docs).
+pub struct CommandHandler {
+    client: AsyncClient,
+    /// `devices/{id}/commands`.
+    topic: String,
+    device_id: String,
+    settings: CommandSettings,
+    /// The publisher's sending period, set by `set_period`.
+    period: watch::Sender<Option<Duration>>,
+}
+
+impl CommandHandler {
+    /// A PUBLISH from the gateway: a command on the device's own topic is answered
+    /// after the reply latency (on a task of its own, so the event loop keeps running).
+    fn handle(&mut self, topic: &str, payload: &[u8], counters: &Counters) {
+        if topic != self.topic {
+            counters.error(|| format!("{}: unexpected PUBLISH on {topic}", self.device_id));
+            return;
+        }
+        let command = match commands::parse_mqtt(payload) {
+            Ok(command) => command,
+            Err(e) => {
+                counters.error(|| format!("{}: {e}", self.device_id));
+                return;
+            }
+        };
+        let (outcome, effect) = commands::execute(&command, &self.settings, fastrand::f64());
+        if let Effect::SetPeriod(every) = effect {
+            let _ = self.period.send(Some(every));
+        }
+        let client = self.client.clone();
+        let topic = commands::reply_topic(&self.device_id, &command.id);
+        let latency = self.settings.reply_latency;
+        tokio::spawn(async move {
+            tokio::time::sleep(latency).await;
+            // A full queue or a closed client: the device is going away, like a real
+            // one that reboots before answering.
+            let _ = client.try_publish(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                commands::mqtt_reply(&outcome),
+            );
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,7 +438,8 @@ mod tests {
     #[test]
     fn client_options_use_device_id_and_credentials() {
         let mut device = crate::device::fleet("sim", 1).remove(0);
-        let (_client, eventloop) = client_for(&device, "127.0.0.1:1883", 100, 8).expect("options");
+        let (_client, eventloop) =
+            client_for(&device, "127.0.0.1:1883", 100, 8, None).expect("options");
         assert_eq!(eventloop.mqtt_options.client_id(), "sim-00000");
         assert_eq!(eventloop.mqtt_options.credentials(), None);
         assert!(eventloop.mqtt_options.clean_session());
@@ -324,7 +448,8 @@ mod tests {
             username: "sim-00000".into(),
             password: "token".into(),
         });
-        let (_client, eventloop) = client_for(&device, "[::1]:1884", 100, 8).expect("options");
+        let (_client, eventloop) =
+            client_for(&device, "[::1]:1884", 100, 8, None).expect("options");
         let login = eventloop
             .mqtt_options
             .credentials()
@@ -335,6 +460,6 @@ mod tests {
             eventloop.mqtt_options.broker_address(),
             ("::1".to_string(), 1884)
         );
-        assert!(client_for(&device, "no-port", 100, 8).is_err());
+        assert!(client_for(&device, "no-port", 100, 8, None).is_err());
     }
 }

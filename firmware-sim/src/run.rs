@@ -24,9 +24,24 @@ pub async fn run(settings: RunSettings, provisioning: Provisioning) -> anyhow::R
     let mut fleet = fleet(&settings.prefix, settings.devices);
     provision(&settings.http, &provisioning, &mut fleet).await?;
     let settings = Arc::new(settings);
+    let scheme = |plain: &'static str, tls: &'static str| {
+        if settings.tls.is_some() { tls } else { plain }
+    };
     let target = match settings.transport {
-        Transport::Mqtt => format!("mqtt://{} qos{}", settings.mqtt, settings.qos.level()),
-        Transport::Ws => format!("ws://{}", settings.http),
+        Transport::Mqtt => format!(
+            "{}://{} qos{}",
+            scheme("mqtt", "mqtts"),
+            settings.mqtt,
+            settings.qos.level()
+        ),
+        Transport::Ws => {
+            let https = settings.tls.as_ref().and_then(|t| t.https.as_deref());
+            format!(
+                "{}://{}",
+                scheme("ws", "wss"),
+                https.unwrap_or(&settings.http)
+            )
+        }
     };
     eprintln!(
         "firmware-sim run: {} devices ({}-00000..) -> {target}, {} encoding, {} msg/s per device, {}",

@@ -26,6 +26,15 @@ pub fn device_ticker(rate: f64) -> Interval {
     ticker
 }
 
+/// A ticker firing every `period` (at least 1 ms), starting one period from now: the
+/// schedule after a `set_period` command.
+pub fn ticker_every(period: Duration) -> Interval {
+    let period = period.max(Duration::from_millis(1));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    ticker
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,14 @@
 //! lets the benchmark pipeline messages and still attribute each reply (and its latency)
 //! to the right message without any id in the payload: replies are matched first in,
 //! first out, and `seq` is only used to detect a gateway that breaks the contract.
+//!
+//! A `run` device also answers commands (`{"type":"command",..}` frames, see
+//! `commands`): `received` at once, the reply `--reply-latency` later, in order.
+//!
+//! With `--tls` the URL is `wss://` on the HTTPS listener (tokio-tungstenite with
+//! rustls), trusting only `--ca`; a device with a client certificate sends no token.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -17,16 +24,18 @@ use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, TryAcquireError, mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::backoff::Backoff;
 use crate::bench_ctx::BenchCtx;
 use crate::clock::now_ms;
+use crate::commands::{self, CommandSettings, Effect};
 use crate::config::RunSettings;
 use crate::device::{Device, MessageSource, Payload};
 use crate::stats::{ConnectedGuard, Counters, micros};
 use crate::stop::stopped;
-use crate::ticker::device_ticker;
+use crate::ticker::{device_ticker, ticker_every};
+use crate::tls::TlsSettings;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -45,6 +54,17 @@ const REPLY_GRACE: Duration = Duration::from_secs(5);
 /// Device ids are restricted to `[A-Za-z0-9_.-]`, which needs no percent-encoding.
 pub fn ingest_url(http_addr: &str, device_id: &str) -> String {
     format!("ws://{http_addr}/api/v1/ingest/ws?device={device_id}")
+}
+
+/// The ingest URL with `tls`: `wss://` on the HTTPS listener (`--https`, else `--http`).
+fn device_url(http_addr: &str, device_id: &str, tls: Option<&TlsSettings>) -> String {
+    match tls {
+        None => ingest_url(http_addr, device_id),
+        Some(tls) => {
+            let addr = tls.https.as_deref().unwrap_or(http_addr);
+            format!("wss://{addr}/api/v1/ingest/ws?device={device_id}")
+        }
+    }
 }
 
 /// A reply frame from the gateway. Unknown fields are ignored so that the gateway may
@@ -94,10 +114,18 @@ fn to_message(payload: Payload) -> Message {
     }
 }
 
-async fn connect(url: &str, device: &Device) -> Result<Ws, String> {
+async fn connect(url: &str, device: &Device, tls: Option<&TlsSettings>) -> Result<Ws, String> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let mut request = url.into_client_request().map_err(|e| e.to_string())?;
-    if let Some(c) = &device.credentials {
+    // A client certificate names the device; it then needs no token.
+    let cert_auth = tls.is_some_and(TlsSettings::client_certs);
+    let connector = match tls {
+        Some(tls) => Some(Connector::Rustls(
+            tls.config_for(&device.id).map_err(|e| format!("{e:#}"))?,
+        )),
+        None => None,
+    };
+    if let (Some(c), false) = (&device.credentials, cert_auth) {
         let value = format!("Bearer {}", c.password)
             .parse()
             .map_err(|_| "the device token is not a valid header value".to_string())?;
@@ -106,7 +134,7 @@ async fn connect(url: &str, device: &Device) -> Result<Ws, String> {
     // Nagle off: small frames, and the benchmark measures per-message latency.
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(request, None, true),
+        tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector),
     )
     .await
     {
@@ -178,7 +206,7 @@ pub async fn run_device(
     counters: Arc<Counters>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let url = ingest_url(&settings.http, &device.id);
+    let url = device_url(&settings.http, &device.id, settings.tls.as_ref());
     let period_ms = u64::try_from(settings.period.as_millis()).unwrap_or(u64::MAX);
     let mut source = MessageSource::new(&device, period_ms, settings.encoding);
     let mut ticker = device_ticker(settings.rate);
@@ -187,7 +215,7 @@ pub async fn run_device(
 
     loop {
         let connected = tokio::select! {
-            result = connect(&url, &device) => result,
+            result = connect(&url, &device, settings.tls.as_ref()) => result,
             () = stopped(&mut shutdown) => return,
         };
         let failure = match connected {
@@ -201,6 +229,7 @@ pub async fn run_device(
                     &mut ticker,
                     &counters,
                     &mut shutdown,
+                    &settings.commands,
                 )
                 .await;
                 guard.down();
@@ -234,12 +263,22 @@ async fn run_connection(
     ticker: &mut tokio::time::Interval,
     counters: &Counters,
     shutdown: &mut watch::Receiver<bool>,
+    command_settings: &CommandSettings,
 ) -> Result<(), String> {
     let (mut sink, mut stream) = ws.split();
     let mut replies = ReplyTracker::new(device_id, counters);
     let mut sent = 0u64;
+    // Command replies waiting for their latency, in the order they are due (the
+    // latency is the same for all).
+    let mut answers: VecDeque<(tokio::time::Instant, String)> = VecDeque::new();
     loop {
+        let next_answer = answers.front().map(|(due, _)| *due);
         tokio::select! {
+            () = async { if let Some(due) = next_answer { tokio::time::sleep_until(due).await } }, if next_answer.is_some() => {
+                if let Some((_, reply)) = answers.pop_front() {
+                    sink.send(Message::text(reply)).await.map_err(|e| e.to_string())?;
+                }
+            }
             _ = ticker.tick() => {
                 let payload = match source.next_message(now_ms()) {
                     Ok(payload) => payload,
@@ -253,7 +292,18 @@ async fn run_connection(
                 Counters::inc(&counters.sent);
             }
             frame = stream.next() => {
-                handle_frame(frame, &mut replies)?;
+                if let Frame::Command(command) = handle_frame(frame, &mut replies)? {
+                    sink.send(Message::text(commands::ws_received(&command.id)))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let (outcome, effect) =
+                        commands::execute(&command, command_settings, fastrand::f64());
+                    if let Effect::SetPeriod(every) = effect {
+                        *ticker = ticker_every(every);
+                    }
+                    let due = tokio::time::Instant::now() + command_settings.reply_latency;
+                    answers.push_back((due, commands::ws_reply(&command.id, &outcome)));
+                }
             }
             () = stopped(shutdown) => break,
         }
@@ -267,25 +317,51 @@ async fn run_connection(
                 break;
             }
         }
+        for (due, reply) in answers {
+            tokio::time::sleep_until(due).await;
+            if sink.send(Message::text(reply)).await.is_err() {
+                break;
+            }
+        }
     })
     .await;
     let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
     Ok(())
 }
 
+/// What a frame from the gateway was.
+enum Frame {
+    /// A reply to a message, or anything else that is no command.
+    Other,
+    /// A command for the device.
+    Command(commands::Command),
+}
+
 /// Handles one item from the WebSocket stream; `Err` means the connection is over.
 fn handle_frame(
     frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
     replies: &mut ReplyTracker<'_>,
-) -> Result<bool, String> {
+) -> Result<Frame, String> {
     match frame {
-        Some(Ok(Message::Text(text))) => Ok(replies.handle(text.as_str())),
+        Some(Ok(Message::Text(text))) => match commands::parse_ws(text.as_str()) {
+            Ok(Some(command)) => Ok(Frame::Command(command)),
+            Ok(None) => {
+                replies.handle(text.as_str());
+                Ok(Frame::Other)
+            }
+            Err(e) => {
+                replies
+                    .counters
+                    .error(|| format!("{}: {e}", replies.device_id));
+                Ok(Frame::Other)
+            }
+        },
         // Pings are answered by tungstenite itself; binary frames carry no replies.
         Some(Ok(Message::Close(close))) => Err(match close {
             Some(frame) => format!("closed by gateway: {} {}", frame.code, frame.reason),
             None => "closed by gateway".to_string(),
         }),
-        Some(Ok(_)) => Ok(false),
+        Some(Ok(_)) => Ok(Frame::Other),
         Some(Err(e)) => Err(e.to_string()),
         None => Err("connection closed".to_string()),
     }
@@ -304,8 +380,8 @@ pub async fn bench_device(device: Device, messages: u64, ctx: Arc<BenchCtx>) -> 
 }
 
 async fn bench_connection(device: &Device, messages: u64, ctx: &Arc<BenchCtx>) -> Vec<u32> {
-    let url = ingest_url(&ctx.http_addr, &device.id);
-    let ws = match connect(&url, device).await {
+    let url = device_url(&ctx.http_addr, &device.id, ctx.tls.as_ref());
+    let ws = match connect(&url, device, ctx.tls.as_ref()).await {
         Ok(ws) => ws,
         Err(e) => {
             ctx.counters

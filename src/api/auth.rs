@@ -2,7 +2,8 @@
 //! [`Viewer`] accepts any role, [`Admin`] only admins. Live streams also accept a
 //! short-lived stream token in `?access_token=` ([`StreamViewer`]), because a browser's
 //! EventSource cannot send headers and long-lived keys do not belong in URLs. Devices
-//! present their token as `Authorization: Bearer` ([`DeviceAuth`]).
+//! present their token as `Authorization: Bearer` ([`DeviceAuth`]) or, on the HTTPS
+//! listener with `http.tls.client_ca`, a client certificate that names them.
 //!
 //! Extractors run before the body is read, so an unauthenticated request gets 401 before
 //! any body validation. Secrets are never logged.
@@ -26,8 +27,9 @@ use super::state::AppState;
 use crate::model::AuthFailure;
 use crate::model::Transport;
 use crate::observe::{AuthTable, Credential, Event, OperatorRefusal};
-use crate::registry::secret::{self, Hash};
-use crate::registry::{ApiKey, KeyCheck, LeaseError, Role, StreamLease};
+use crate::registry::secret;
+use crate::registry::{ApiKey, DeviceCredential, KeyCheck, LeaseError, Role, StreamLease};
+use crate::tls::PeerIdentity;
 
 fn bearer(parts: &Parts) -> Option<&str> {
     bearer_of(&parts.headers)
@@ -257,15 +259,20 @@ impl FromRequestParts<AppState> for StreamViewer {
 pub struct DeviceAuth {
     /// The device.
     pub device: Arc<str>,
-    /// The hash of the token it presented (to re-check after revocations).
-    pub token_hash: Hash,
+    /// What it authenticated with (to re-check after revocations).
+    pub credential: DeviceCredential,
 }
 
 impl DeviceAuth {
-    /// Authenticate a device's bearer token for `transport`, counting refusals. A bad
-    /// token from an address that failed too often gets 429 instead of 401.
+    /// Authenticate a device for `transport`, counting refusals: its bearer token, or
+    /// else the client certificate of the connection (`cert`), which must name the
+    /// device `claimed` (the path's id; for a WebSocket `?device=`, or the certificate's
+    /// only name when not given). A bad credential from an address that failed too
+    /// often gets 429 instead of 401.
     pub fn check(
         headers: &HeaderMap,
+        cert: Option<&PeerIdentity>,
+        claimed: Option<&str>,
         st: &AppState,
         transport: Transport,
         addr: Option<IpAddr>,
@@ -277,20 +284,45 @@ impl DeviceAuth {
                 reason,
             });
             let detail = match reason {
-                AuthFailure::Missing => "a device token is required: `Authorization: Bearer fgd_…`",
+                AuthFailure::Missing => {
+                    "a device token is required: `Authorization: Bearer fgd_…` (or a client certificate)"
+                }
                 AuthFailure::Disabled => "the device is disabled",
+                AuthFailure::CertificateMismatch => {
+                    "the client certificate does not name this device"
+                }
+                AuthFailure::Unknown if cert.is_some() => "the device does not exist",
                 _ => "the device token is not valid",
             };
             unauthorized(detail)
         };
-        let token = bearer_of(headers).ok_or_else(|| refuse(AuthFailure::Missing))?;
-        let device = st
-            .registry
-            .authenticate_token(token)
+        if let Some(token) = bearer_of(headers) {
+            let device = st
+                .registry
+                .authenticate_token(token)
+                .map_err(|reason| failed(st, addr, Credential::DeviceToken, || refuse(reason)))?;
+            return Ok(DeviceAuth {
+                device,
+                credential: DeviceCredential::Token(secret::hash(token)),
+            });
+        }
+        let Some(cert) = cert else {
+            return Err(refuse(AuthFailure::Missing));
+        };
+        let device = claimed
+            .or_else(|| cert.single())
+            .filter(|d| cert.names(d))
+            .ok_or_else(|| {
+                failed(st, addr, Credential::DeviceToken, || {
+                    refuse(AuthFailure::CertificateMismatch)
+                })
+            })?;
+        st.registry
+            .authenticate_certificate(device)
             .map_err(|reason| failed(st, addr, Credential::DeviceToken, || refuse(reason)))?;
         Ok(DeviceAuth {
-            device,
-            token_hash: secret::hash(token),
+            device: Arc::from(device),
+            credential: DeviceCredential::Certificate,
         })
     }
 }

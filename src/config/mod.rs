@@ -13,8 +13,10 @@ use serde::Deserialize;
 
 mod auth;
 mod sinks;
+mod tls;
 
 pub use auth::AuthConfig;
+pub use tls::{CertIdentity, ClientAuth, HttpTlsConfig, MqttTlsConfig, TlsListenerConfig};
 
 pub use sinks::{
     BufferConfig, BufferMode, InfluxBatchConfig, InfluxConfig, Precision, RetryConfig, Secret,
@@ -201,6 +203,11 @@ pub struct MqttConfig {
     /// Commands (QoS 1 PUBLISHes to `devices/{id}/commands`) one device may have
     /// queued or unacknowledged; more are refused to the caller.
     pub max_outbound: usize,
+    /// Serve plaintext MQTT on `listen`. Turn it off to serve only mqtts (`[mqtt.tls]`).
+    pub plaintext: bool,
+    /// MQTT over TLS, with optional client-certificate device authentication
+    /// (`[mqtt.tls]`).
+    pub tls: MqttTlsConfig,
 }
 
 /// When the MQTT front acknowledges a QoS 1 PUBLISH (`mqtt.puback`).
@@ -227,6 +234,8 @@ impl Default for MqttConfig {
             puback: PubackPolicy::Durable,
             max_inflight: 64,
             max_outbound: 16,
+            plaintext: true,
+            tls: MqttTlsConfig::default(),
         }
     }
 }
@@ -277,31 +286,6 @@ pub struct HttpConfig {
     /// Compress answers (gzip or br, as the client's `Accept-Encoding` asks) such as
     /// device lists and readings; live streams and WebSockets are never compressed.
     pub compression: bool,
-}
-
-/// `[http.tls]`: HTTPS and WSS on a listener of their own, with the same routes.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpTlsConfig {
-    /// Serve HTTPS/WSS.
-    pub enabled: bool,
-    /// Listen address of the TLS listener; port 0 picks a free port.
-    pub listen: SocketAddr,
-    /// PEM certificate chain, leaf first (reloaded on SIGHUP).
-    pub cert: PathBuf,
-    /// PEM private key of the certificate (reloaded on SIGHUP).
-    pub key: PathBuf,
-}
-
-impl Default for HttpTlsConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
-            cert: PathBuf::new(),
-            key: PathBuf::new(),
-        }
-    }
 }
 
 /// `[http.cors]`: which browser origins may call the API with credentials.
@@ -691,14 +675,12 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
-        if self.http.tls.enabled
-            && (self.http.tls.cert.as_os_str().is_empty()
-                || self.http.tls.key.as_os_str().is_empty())
-        {
+        self.http.tls.listener().validate("http.tls")?;
+        self.mqtt.tls.listener().validate("mqtt.tls")?;
+        if self.mqtt.enabled && !self.mqtt.plaintext && !self.mqtt.tls.enabled {
             return Err(invalid(
-                "http.tls",
-                "enabled needs cert and key (PEM file paths; `fluxgate certs dev` writes a \
-                 development pair)",
+                "mqtt.plaintext",
+                "false needs mqtt.tls.enabled = true (or mqtt.enabled = false)",
             ));
         }
         if !self.http.plaintext && !self.http.tls.enabled {

@@ -3,16 +3,17 @@
 //! `application/x-fluxgate-frame`). The answer comes once the readings are durable:
 //! `200 {"accepted": N}`, or a problem+json naming what was wrong.
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
 
 use super::submit;
 use crate::api::auth::{ClientAddr, DeviceAuth};
 use crate::api::error::ApiError;
 use crate::api::state::AppState;
 use crate::model::{DecodeError, Encoding, Transport};
+use crate::tls::PeerIdentity;
 
 fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
     let (ct, mime) = crate::api::extract::content_type(headers);
@@ -50,9 +51,12 @@ pub async fn telemetry(
     ClientAddr(addr): ClientAddr,
     Path(id): Path<String>,
     headers: HeaderMap,
+    cert: Option<Extension<PeerIdentity>>,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let DeviceAuth { device, .. } = DeviceAuth::check(&headers, &st, Transport::Http, addr)?;
+    let cert = cert.as_ref().map(|Extension(c)| c);
+    let DeviceAuth { device, .. } =
+        DeviceAuth::check(&headers, cert, Some(&id), &st, Transport::Http, addr)?;
     if *device != *id {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

@@ -12,6 +12,7 @@
 //! it is queued. A connection that sends nothing, not even a ping, for
 //! `http.ws_idle_timeout` is closed (code 1001, counted as `ws_idle_timeout`).
 
+use axum::Extension;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -26,6 +27,8 @@ use crate::api::error::ApiError;
 use crate::api::state::AppState;
 use crate::model::{AckResult, DecodeError, DeviceId, Encoding, Rejection, Transport};
 use crate::observe::{Event, HttpCloseReason};
+use crate::registry::DeviceCredential;
+use crate::tls::PeerIdentity;
 
 /// Upgrade a device connection.
 #[utoipa::path(get, path = "/api/v1/ingest/ws", tag = "telemetry", operation_id = "ingest_ws",
@@ -41,12 +44,15 @@ pub async fn upgrade(
     ClientAddr(addr): ClientAddr,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    cert: Option<Extension<PeerIdentity>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let DeviceAuth { device, token_hash } = DeviceAuth::check(&headers, &st, Transport::Ws, addr)?;
     let claimed = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .find(|(k, _)| k == "device")
         .map(|(_, v)| v.into_owned());
+    let cert = cert.as_ref().map(|Extension(c)| c);
+    let DeviceAuth { device, credential } =
+        DeviceAuth::check(&headers, cert, claimed.as_deref(), &st, Transport::Ws, addr)?;
     if claimed.is_some_and(|c| *c != *device) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -57,7 +63,7 @@ pub async fn upgrade(
     Ok(ws
         .max_message_size(st.settings.max_frame_bytes)
         .max_frame_size(st.settings.max_frame_bytes)
-        .on_upgrade(move |socket| serve(socket, st, device, token_hash)))
+        .on_upgrade(move |socket| serve(socket, st, device, credential)))
 }
 
 fn ack_text(seq: u64, outcome: AckResult) -> String {
@@ -82,17 +88,12 @@ fn error_text(seq: u64, rejection: &Rejection) -> String {
     frame.to_string()
 }
 
-async fn serve(
-    socket: WebSocket,
-    st: AppState,
-    device: DeviceId,
-    token_hash: crate::registry::secret::Hash,
-) {
+async fn serve(socket: WebSocket, st: AppState, device: DeviceId, credential: DeviceCredential) {
     // Subscribe, then check once: a revocation between the upgrade's authentication and
     // the subscription is caught by the check, any later one by the subscription.
     let mut revocations = st.registry.revocations();
     let mut kicks = st.registry.kicks();
-    if !st.registry.still_valid(&device, &token_hash) {
+    if !st.registry.credential_valid(&device, &credential) {
         return;
     }
     st.registry.connected(&device, Transport::Ws);
@@ -100,7 +101,7 @@ async fn serve(
         revocations: &mut revocations,
         kicks: &mut kicks,
     };
-    serve_connected(socket, &st, &device, subscriptions, &token_hash).await;
+    serve_connected(socket, &st, &device, subscriptions, &credential).await;
     st.registry.disconnected(&device);
 }
 
@@ -116,7 +117,7 @@ async fn serve_connected(
     st: &AppState,
     device: &DeviceId,
     subscriptions: Subscriptions<'_>,
-    token_hash: &crate::registry::secret::Hash,
+    credential: &DeviceCredential,
 ) {
     let Subscriptions { revocations, kicks } = subscriptions;
     let (mut sink, mut stream) = socket.split();
@@ -206,7 +207,7 @@ async fn serve_connected(
                         Ok(id) => **id == **device,
                         Err(_) => true,
                     };
-                    if check && !st.registry.still_valid(device, token_hash) {
+                    if check && !st.registry.credential_valid(device, credential) {
                         revoked.store(true, std::sync::atomic::Ordering::Relaxed);
                         st.metrics.emit(Event::DeviceKicked { device, transport: Transport::Ws });
                         shutting_down = true;

@@ -14,16 +14,20 @@ pub enum AuthFailure {
     BadToken,
     /// MQTT username and client id differ.
     IdentityMismatch,
+    /// A client certificate the verifier accepted names another device than the one
+    /// claimed (its CN or SAN, see `identity`, is not the device id).
+    CertificateMismatch,
 }
 
 impl AuthFailure {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [AuthFailure; 5] = [
+    pub const ALL: [AuthFailure; 6] = [
         AuthFailure::Missing,
         AuthFailure::Unknown,
         AuthFailure::Disabled,
         AuthFailure::BadToken,
         AuthFailure::IdentityMismatch,
+        AuthFailure::CertificateMismatch,
     ];
 
     /// The metric label.
@@ -34,6 +38,7 @@ impl AuthFailure {
             AuthFailure::Disabled => "disabled",
             AuthFailure::BadToken => "bad_token",
             AuthFailure::IdentityMismatch => "identity_mismatch",
+            AuthFailure::CertificateMismatch => "certificate_mismatch",
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::auth_metrics::{AuthTable, Credential, KeyMiss, OperatorRefusal};
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::labels::{HttpCloseReason, MqttCloseReason, MqttViolation, ResumeSource};
+use super::tls_metrics::{TlsFailure, TlsListener};
 use crate::model::{AuthFailure, Transport};
 
 /// Something that happened and is counted (and maybe logged).
@@ -201,6 +202,17 @@ pub enum Event<'a> {
         cert: &'a std::path::Path,
         /// Why the new files were refused, if they were.
         error: Option<&'a str>,
+    },
+    /// A TLS handshake failed and the connection was closed (on the HTTPS listener it
+    /// also counts as an HTTP connection closed with reason `tls_handshake`; on mqtts
+    /// as an MQTT connection closed with reason `tls_handshake`).
+    TlsHandshakeFailed {
+        /// Which listener.
+        listener: TlsListener,
+        /// Why.
+        reason: TlsFailure,
+        /// rustls' or the socket's message, for the log line.
+        detail: &'a str,
     },
     /// The HTTP server closed a connection (or an upgraded WebSocket) that overstayed
     /// one of its time limits.

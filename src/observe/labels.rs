@@ -216,11 +216,14 @@ pub enum MqttCloseReason {
     /// A QoS 1 PUBLISH could not be made durable (a destination failed): the connection
     /// is closed without its PUBACK, so the device sends it again after reconnecting.
     Unavailable,
+    /// Its TLS handshake failed (mqtts; counted by reason in
+    /// `fluxgate_tls_handshake_failures_total`).
+    TlsHandshake,
 }
 
 impl MqttCloseReason {
     /// Every reason, in discriminant order.
-    pub(super) const ALL: [MqttCloseReason; 12] = [
+    pub(super) const ALL: [MqttCloseReason; 13] = [
         MqttCloseReason::ClientDisconnect,
         MqttCloseReason::PeerClosed,
         MqttCloseReason::KeepaliveTimeout,
@@ -233,6 +236,7 @@ impl MqttCloseReason {
         MqttCloseReason::OverCapacity,
         MqttCloseReason::ConnectRateLimited,
         MqttCloseReason::Unavailable,
+        MqttCloseReason::TlsHandshake,
     ];
 
     /// The metric label.
@@ -250,6 +254,7 @@ impl MqttCloseReason {
             MqttCloseReason::OverCapacity => "over_capacity",
             MqttCloseReason::ConnectRateLimited => "connect_rate_limited",
             MqttCloseReason::Unavailable => "unavailable",
+            MqttCloseReason::TlsHandshake => "tls_handshake",
         }
     }
 }

@@ -17,6 +17,7 @@ use super::labels::{
     HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource, transport_index,
 };
 use super::log_budget::{LogBudgets, LogClass};
+use super::tls_metrics::{TlsListener, TlsMetrics};
 use crate::model::{AuthFailure, Transport};
 
 /// The gateway's metrics registry. Shared as `Arc<Metrics>`.
@@ -95,6 +96,8 @@ pub struct Metrics {
     pub(super) http_refused: AtomicU64,
     /// TLS certificate reloads: `[succeeded, refused]`.
     pub(super) tls_reloads: [AtomicU64; 2],
+    /// Failed TLS handshakes.
+    pub(super) tls: TlsMetrics,
     /// HTTP connections closed by a time limit, by reason.
     pub(super) http_closed: [AtomicU64; HttpCloseReason::ALL.len()],
     /// Ingest messages that found the pipeline queue's byte budget used up, by transport.
@@ -187,6 +190,7 @@ impl Default for Metrics {
             http_connections: AtomicI64::new(0),
             http_refused: AtomicU64::new(0),
             tls_reloads: Default::default(),
+            tls: TlsMetrics::default(),
             http_closed: Default::default(),
             budget_full: Default::default(),
             auth: AuthMetrics::default(),
@@ -470,6 +474,41 @@ impl Metrics {
                     tracing::warn!(
                         suppressed,
                         "HTTP connection refused: http.max_connections are open"
+                    );
+                }
+            }
+            Event::TlsHandshakeFailed {
+                listener,
+                reason,
+                detail,
+            } => {
+                self.tls.handshake_failures[listener as usize][reason as usize]
+                    .fetch_add(1, Relaxed);
+                match listener {
+                    TlsListener::Https => self.http_closed[HttpCloseReason::TlsHandshake as usize]
+                        .fetch_add(1, Relaxed),
+                    TlsListener::Mqtts => self.mqtt_closed[MqttCloseReason::TlsHandshake as usize]
+                        .fetch_add(1, Relaxed),
+                };
+                // A refused client certificate is a device failing to authenticate:
+                // worth a line (rate-limited with the other refusals). Everything else
+                // (scanners, plaintext clients, timeouts) is everyday noise.
+                if reason.is_client_cert() {
+                    if let Some(suppressed) = self.log_budgets.take(LogClass::AuthRefused) {
+                        tracing::warn!(
+                            listener = listener.as_str(),
+                            reason = reason.as_str(),
+                            detail,
+                            suppressed,
+                            "client certificate refused"
+                        );
+                    }
+                } else {
+                    tracing::debug!(
+                        listener = listener.as_str(),
+                        reason = reason.as_str(),
+                        detail,
+                        "TLS handshake failed"
                     );
                 }
             }

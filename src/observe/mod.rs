@@ -17,6 +17,8 @@
 //! - `histogram`: fixed-bucket histograms.
 //! - `prometheus`: the text exposition of the registry.
 //! - `log_budget`: per-class rate limits for log lines caused by outside input.
+//! - `tls_metrics`: failed TLS handshakes by listener and reason ([`TlsListener`],
+//!   [`TlsFailure`]), refused client certificates included.
 //! - `auth_metrics`: operator authentication and its defences (refusals, key cache
 //!   misses, throttling, table evictions, live streams per key), with their label sets.
 
@@ -28,9 +30,11 @@ mod labels;
 mod log_budget;
 mod metrics;
 mod prometheus;
+mod tls_metrics;
 
 pub use auth_metrics::{AuthTable, Credential, KeyMiss, OperatorRefusal};
 pub use drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 pub use event::Event;
 pub use labels::{HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource};
 pub use metrics::Metrics;
+pub use tls_metrics::{TlsFailure, TlsListener};

@@ -366,6 +366,7 @@ impl Metrics {
             );
         }
         self.auth.render(&mut out);
+        self.tls.render(&mut out);
         out
     }
 }

@@ -1,11 +1,24 @@
 //! The hot-path credential checks, answered from the cache alone: device tokens (WS,
-//! HTTP), MQTT CONNECT credentials, and the re-check after a revocation.
+//! HTTP), MQTT CONNECT credentials, client certificates (the TLS layer verified the
+//! certificate and its name; here only the device's existence and state count), and the
+//! re-check after a revocation.
 
 use std::sync::Arc;
 
 use super::Registry;
 use super::secret::{self, Hash};
 use crate::model::AuthFailure;
+
+/// What a device connection authenticated with, kept to re-check it after a
+/// revocation: a token stops being valid when the device is disabled, deleted or
+/// re-keyed; a client certificate when the device is disabled or deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceCredential {
+    /// The hash of the device token presented.
+    Token(Hash),
+    /// A client certificate naming the device (verified in the TLS handshake).
+    Certificate,
+}
 
 impl Registry {
     /// The device a bearer token belongs to, if it is valid and the device enabled.
@@ -39,6 +52,25 @@ impl Registry {
             return Err(AuthFailure::Disabled);
         }
         Ok(())
+    }
+
+    /// A device named by a verified client certificate: it must exist and be enabled.
+    pub fn authenticate_certificate(&self, device: &str) -> Result<(), AuthFailure> {
+        let state = self.read();
+        let entry = state.devices.get(device).ok_or(AuthFailure::Unknown)?;
+        if !entry.record.fields.enabled {
+            return Err(AuthFailure::Disabled);
+        }
+        Ok(())
+    }
+
+    /// Whether `device` may still use its connection authenticated with `credential`
+    /// (after a revocation event).
+    pub fn credential_valid(&self, device: &str, credential: &DeviceCredential) -> bool {
+        match credential {
+            DeviceCredential::Token(hash) => self.still_valid(device, hash),
+            DeviceCredential::Certificate => self.authenticate_certificate(device).is_ok(),
+        }
     }
 
     /// Whether `device` may still use its connection authenticated with `token_hash`

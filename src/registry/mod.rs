@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use rusqlite::Connection;
 use tokio::sync::broadcast;
 
+pub use auth::DeviceCredential;
 pub use devices::{
     CreateResult, DeviceFields, DeviceRecord, DeviceView, ListFilter, MAX_LABELS, MAX_TEXT,
     validate_fields,

@@ -2,6 +2,15 @@
 //! codes), the session (PUBLISH QoS 0/1 straight into the pipeline, PUBACK, SUBSCRIBE
 //! to the own command topic, PINGREQ, DISCONNECT, commands out with their PUBACKs),
 //! keep-alive, kicks and takeovers, and the end (will, presence, the close reason).
+//! On the mqtts listener the TLS handshake comes first, here in the connection's task
+//! (bounded by `mqtt.tls.handshake_timeout`), so a slow or hostile handshake never holds
+//! up the accept loop.
+//!
+//! Authentication: a device names itself with its client id. It proves it either with
+//! its token (username = client id, password = token) or, on mqtts with `client_ca`, with
+//! a client certificate the handshake verified and whose name (`mqtt.tls.identity`) is
+//! the client id; then no password is needed. Either way the device must exist and be
+//! enabled.
 //!
 //! Memory per idle connection is what MQTT needs and little more: the read buffer is
 //! released whenever it is empty, the write buffer after each flush, and the queues
@@ -26,7 +35,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use fluxgate_proto::topic;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -39,17 +47,17 @@ use super::codec::{
 use super::connect_rate::ConnectRate;
 use super::rules;
 use super::sessions::{Delivery, Link, Outbound, Sessions};
-use crate::config::PubackPolicy;
+use super::stream::DeviceStream;
+use crate::config::{CertIdentity, PubackPolicy};
 use crate::model::{
     AckResult, AuthFailure, DecodeError, Encoding, Envelope, QueueBudget, Rejection, Transport,
     now_ms,
 };
-use crate::observe::{Event, MessageDropReason, Metrics, MqttCloseReason, MqttViolation};
-use crate::registry::Registry;
-use crate::registry::secret;
-
-/// Bytes read from the socket at a time (more when a packet needs it).
-const READ_CHUNK: usize = 16 * 1024;
+use crate::observe::{
+    Event, MessageDropReason, Metrics, MqttCloseReason, MqttViolation, TlsFailure, TlsListener,
+};
+use crate::registry::{DeviceCredential, Registry, secret};
+use crate::tls::{PeerIdentity, ReloadableTls};
 
 /// What every connection shares.
 pub(super) struct Front {
@@ -61,7 +69,58 @@ pub(super) struct Front {
     /// `None` without `mqtt.connect_rate`.
     pub(super) connect_rate: Option<Mutex<ConnectRate>>,
     pub(super) settings: Settings,
+    /// The mqtts listener's TLS, when it is enabled.
+    pub(super) tls: Option<FrontTls>,
     pub(super) shutdown: CancellationToken,
+}
+
+/// What the mqtts listener's connections need for their handshake.
+pub(super) struct FrontTls {
+    pub(super) config: Arc<ReloadableTls>,
+    pub(super) identity: CertIdentity,
+    pub(super) handshake_timeout: Duration,
+}
+
+/// How a handshake ended without a connection.
+enum NoHandshake {
+    Failed(TlsFailure, String),
+    Shutdown,
+}
+
+impl FrontTls {
+    /// The TLS handshake of a connection to the mqtts listener, with the certificate
+    /// current now; the identity of a verified client certificate, if one was presented.
+    async fn handshake(
+        &self,
+        stream: TcpStream,
+        shutdown: &CancellationToken,
+    ) -> Result<(DeviceStream, Option<PeerIdentity>), NoHandshake> {
+        let accept = self.config.acceptor().accept(stream);
+        let accepted = tokio::select! {
+            accepted = tokio::time::timeout(self.handshake_timeout, accept) => accepted,
+            () = shutdown.cancelled() => return Err(NoHandshake::Shutdown),
+        };
+        match accepted {
+            Ok(Ok(stream)) => {
+                let identity = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(|leaf| PeerIdentity::of(leaf, self.identity));
+                let stream = DeviceStream::Tls {
+                    stream: Box::new(stream),
+                    more: false,
+                };
+                Ok((stream, identity))
+            }
+            Ok(Err(e)) => Err(NoHandshake::Failed(crate::tls::classify(&e), e.to_string())),
+            Err(_) => Err(NoHandshake::Failed(
+                TlsFailure::Timeout,
+                "no handshake within mqtt.tls.handshake_timeout".to_owned(),
+            )),
+        }
+    }
 }
 
 /// The settings a connection needs.
@@ -76,14 +135,39 @@ pub(super) struct Settings {
 
 /// Serve one accepted socket until it ends, then count how. `slot` (its place among
 /// `mqtt.max_connections`) is given back before the socket closes, so a device that
-/// sees its connection end can connect again at once.
-pub(super) async fn serve<S: Send>(stream: TcpStream, front: Arc<Front>, slot: S) {
+/// sees its connection end can connect again at once. `tls`: it came to the mqtts
+/// listener, so the TLS handshake comes first.
+pub(super) async fn serve<S: Send>(stream: TcpStream, tls: bool, front: Arc<Front>, slot: S) {
+    let (stream, cert) = match front.tls.as_ref().filter(|_| tls) {
+        None => (DeviceStream::Plain(stream), None),
+        Some(front_tls) => match front_tls.handshake(stream, &front.shutdown).await {
+            Ok(accepted) => accepted,
+            Err(NoHandshake::Failed(reason, detail)) => {
+                drop(slot);
+                front.metrics.emit(Event::TlsHandshakeFailed {
+                    listener: TlsListener::Mqtts,
+                    reason,
+                    detail: &detail,
+                });
+                return;
+            }
+            Err(NoHandshake::Shutdown) => {
+                drop(slot);
+                front.metrics.emit(Event::MqttClosed {
+                    device: "",
+                    reason: MqttCloseReason::Shutdown,
+                });
+                return;
+            }
+        },
+    };
     let mut conn = Connection {
         front: &front,
         stream,
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         device: None,
+        cert,
     };
     let reason = match conn.login().await {
         Ok(session) => conn.run(session).await,
@@ -145,11 +229,14 @@ impl Ended {
 
 struct Connection<'a> {
     front: &'a Front,
-    stream: TcpStream,
+    stream: DeviceStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     /// The client id of the first CONNECT, once read (fixed from then on).
     device: Option<Arc<str>>,
+    /// The names of the verified client certificate (mqtts with `client_ca`), if the
+    /// device presented one.
+    cert: Option<PeerIdentity>,
 }
 
 impl Connection<'_> {
@@ -204,19 +291,37 @@ impl Connection<'_> {
             }
             None => None,
         };
-        let Some(login) = connect.login else {
-            return Err(self.refuse(&id, AuthFailure::Missing).await);
+        let credential = match (self.cert.take(), connect.login) {
+            // A verified certificate proves the identity it names; a username, if
+            // sent, must still be the client id, and no password is needed.
+            (Some(cert), login) => {
+                let checked = if !cert.names(&id) {
+                    Err(AuthFailure::CertificateMismatch)
+                } else if login.is_some_and(|l| *l.username != *id) {
+                    Err(AuthFailure::IdentityMismatch)
+                } else {
+                    front.registry.authenticate_certificate(&id)
+                };
+                if let Err(reason) = checked {
+                    return Err(self.refuse(&id, reason).await);
+                }
+                DeviceCredential::Certificate
+            }
+            (None, Some(login)) => {
+                if let Err(reason) =
+                    front
+                        .registry
+                        .authenticate_mqtt(&id, &login.username, &login.password)
+                {
+                    return Err(self.refuse(&id, reason).await);
+                }
+                DeviceCredential::Token(secret::hash(&login.password))
+            }
+            (None, None) => return Err(self.refuse(&id, AuthFailure::Missing).await),
         };
-        if let Err(reason) = front
-            .registry
-            .authenticate_mqtt(&id, &login.username, &login.password)
-        {
-            return Err(self.refuse(&id, reason).await);
-        }
-        let token_hash = secret::hash(&login.password);
         let registered = front
             .sessions
-            .register(id.clone(), token_hash, !connect.clean_session);
+            .register(id.clone(), credential, !connect.clean_session);
         self.connack(ConnectReturnCode::Success, registered.session_present)
             .await;
         front.registry.connected(&id, Transport::Mqtt);
@@ -224,7 +329,7 @@ impl Connection<'_> {
         // A revocation between the authentication above and the registration found
         // nothing to kick; the registry updates its cache before it broadcasts, so either
         // this check sees the revocation or the kicker sees this connection.
-        if !front.registry.still_valid(&id, &token_hash) {
+        if !front.registry.credential_valid(&id, &credential) {
             front.sessions.request_recheck();
         }
         let max = front.settings.max_keep_alive;
@@ -634,21 +739,7 @@ impl Connection<'_> {
 
     /// Read more bytes into the read buffer: `Ok(false)` at end of stream.
     async fn fill(&mut self) -> Result<bool, ()> {
-        loop {
-            self.rbuf.reserve(READ_CHUNK);
-            match self.stream.try_read_buf(&mut self.rbuf) {
-                Ok(0) => return Ok(false),
-                Ok(_) => return Ok(true),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Nothing there: release the buffer while waiting, if it is empty.
-                    if self.rbuf.is_empty() {
-                        self.rbuf = BytesMut::new();
-                    }
-                    self.stream.readable().await.map_err(|_| ())?;
-                }
-                Err(_) => return Err(()),
-            }
-        }
+        self.stream.fill(&mut self.rbuf).await
     }
 
     /// Write out the write buffer; a device that does not read for `limit` is gone.
@@ -713,7 +804,9 @@ impl Connection<'_> {
             reason,
         });
         let code = match reason {
-            AuthFailure::Disabled | AuthFailure::Missing => ConnectReturnCode::NotAuthorized,
+            AuthFailure::Disabled | AuthFailure::Missing | AuthFailure::CertificateMismatch => {
+                ConnectReturnCode::NotAuthorized
+            }
             _ => ConnectReturnCode::BadUserNamePassword,
         };
         self.connack(code, false).await;

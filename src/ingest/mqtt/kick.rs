@@ -86,8 +86,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::registry::DeviceFields;
     use crate::registry::secret::hash;
+    use crate::registry::{DeviceCredential, DeviceFields};
 
     fn registry(dir: &std::path::Path, ids: &[&str]) -> (Arc<Registry>, Vec<String>) {
         let reg =
@@ -149,7 +149,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (registry, tokens) = registry(dir.path(), &["d1", "d2"]);
         let sessions = Arc::new(Sessions::new(100, 4));
-        let bystander = sessions.register(Arc::from("d2"), hash(&tokens[1]), false);
+        let bystander = sessions.register(
+            Arc::from("d2"),
+            DeviceCredential::Token(hash(&tokens[1])),
+            false,
+        );
         let kicker = start_kicker(&registry, &sessions, registry.revocations());
         // d1 authenticated here; now it is disabled before it registers.
         registry
@@ -165,7 +169,11 @@ mod tests {
             )
             .unwrap();
         settle().await;
-        let conn = sessions.register(Arc::from("d1"), hash(&tokens[0]), false);
+        let conn = sessions.register(
+            Arc::from("d1"),
+            DeviceCredential::Token(hash(&tokens[0])),
+            false,
+        );
         assert!(!conn.link.fate.kicked());
         if !registry.still_valid("d1", &hash(&tokens[0])) {
             sessions.request_recheck();
@@ -187,8 +195,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (registry, tokens) = registry(dir.path(), &["d1", "d2", "noisy"]);
         let sessions = Arc::new(Sessions::new(100, 4));
-        let conn = sessions.register(Arc::from("d1"), hash(&tokens[0]), false);
-        let bystander = sessions.register(Arc::from("d2"), hash(&tokens[1]), false);
+        let conn = sessions.register(
+            Arc::from("d1"),
+            DeviceCredential::Token(hash(&tokens[0])),
+            false,
+        );
+        let bystander = sessions.register(
+            Arc::from("d2"),
+            DeviceCredential::Token(hash(&tokens[1])),
+            false,
+        );
         let revocations = registry.revocations();
         registry.rotate_token("d1", None).unwrap();
         // The channel holds 1,024 revocations; these push d1's out of it.
@@ -209,8 +225,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (registry, tokens) = registry(dir.path(), &["d1"]);
         let sessions = Sessions::new(100, 4);
-        let old = sessions.register(Arc::from("d1"), hash(&tokens[0]), false);
-        let new = sessions.register(Arc::from("d1"), hash(&tokens[0]), false);
+        let old = sessions.register(
+            Arc::from("d1"),
+            DeviceCredential::Token(hash(&tokens[0])),
+            false,
+        );
+        let new = sessions.register(
+            Arc::from("d1"),
+            DeviceCredential::Token(hash(&tokens[0])),
+            false,
+        );
         assert!(old.link.fate.taken_over());
         assert!(!new.link.fate.taken_over());
         registry.rotate_token("d1", None).unwrap();

@@ -3,13 +3,16 @@
 //! between), and receive their own commands; nothing else is offered, so nothing else
 //! has to be kept per connection.
 //!
-//! This file owns the listener: it accepts (over `mqtt.max_connections` a connection is
-//! closed at once, counted), starts one task per connection, and the two kick tasks;
+//! This file owns the listeners, plaintext (`mqtt.listen`, unless `mqtt.plaintext` is
+//! off) and mqtts (`[mqtt.tls]`): it accepts (over `mqtt.max_connections`, counted over
+//! both, a connection is closed at once, counted), starts one task per connection (which
+//! does the TLS handshake itself), and the two kick tasks;
 //! at shutdown it stops accepting and waits until every connection has answered what it
 //! took and closed. One concept per file:
 //! - `codec`: framing and packets, on rumqttc's maintained MQTT 3.1.1 codec (the only
 //!   importer of rumqttc);
-//! - `connection`: one connection's life (login, session, end);
+//! - `connection`: one connection's life (TLS handshake, login, session, end);
+//! - `stream`: plain or TLS bytes, read without holding an idle buffer;
 //! - `rules`: the protocol discipline, pure (exact device topics, no retain, no
 //!   wildcards, identity fixed by the first CONNECT);
 //! - `sessions`: the open connections, their credentials, links and outboxes, and the
@@ -25,6 +28,7 @@ mod connection;
 mod kick;
 mod rules;
 mod sessions;
+mod stream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,9 +44,10 @@ use crate::config::{LimitsConfig, MqttConfig};
 use crate::model::{Envelope, QueueBudget};
 use crate::observe::{Event, Metrics, MqttCloseReason};
 use crate::registry::Registry;
+use crate::tls::ReloadableTls;
 pub use commands::MqttCommands;
 use connect_rate::ConnectRate;
-use connection::{Front, Settings};
+use connection::{Front, FrontTls, Settings};
 use sessions::Sessions;
 pub use sessions::{CommandError, Delivery};
 
@@ -64,48 +69,85 @@ pub struct MqttIngest {
     config: MqttConfig,
     max_frame_bytes: usize,
     max_payload_bytes: usize,
-    listener: TcpListener,
-    listen: SocketAddr,
+    /// The plaintext listener, unless `mqtt.plaintext` is off.
+    plain: Option<Listener>,
+    /// The mqtts listener and its TLS configuration, with `mqtt.tls.enabled`.
+    tls: Option<(Listener, Arc<ReloadableTls>)>,
     registry: Arc<Registry>,
     sessions: Arc<Sessions>,
 }
 
+struct Listener {
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+/// Bind a listener with `backlog`, address reuse on.
+fn bind(addr: SocketAddr, backlog: u32) -> Result<Listener, MqttError> {
+    let bind = |source| MqttError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(bind)?;
+    // A restarted gateway rebinds its port while the old connections' sockets are
+    // still in TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(bind)?;
+    socket.bind(addr).map_err(bind)?;
+    let listener = socket.listen(backlog).map_err(bind)?;
+    let addr = listener.local_addr().map_err(bind)?;
+    Ok(Listener { listener, addr })
+}
+
+/// The next connection of `listener`; never, without one.
+async fn accept(
+    listener: Option<&Listener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl MqttIngest {
-    /// Bind the listener (with `mqtt.listen_backlog`). Must be called on the runtime.
+    /// Bind the listeners (with `mqtt.listen_backlog`): plaintext unless
+    /// `mqtt.plaintext` is off, mqtts when `tls` is given. Must be called on the runtime.
     pub fn new(
         config: MqttConfig,
         limits: &LimitsConfig,
         registry: Arc<Registry>,
+        tls: Option<Arc<ReloadableTls>>,
     ) -> Result<Self, MqttError> {
-        let addr = config.listen;
-        let bind = |source| MqttError::Bind { addr, source };
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()
+        let plain = if config.plaintext {
+            Some(bind(config.listen, config.listen_backlog)?)
         } else {
-            TcpSocket::new_v6()
-        }
-        .map_err(bind)?;
-        // A restarted gateway rebinds its port while the old connections' sockets are
-        // still in TIME_WAIT.
-        socket.set_reuseaddr(true).map_err(bind)?;
-        socket.bind(addr).map_err(bind)?;
-        let listener = socket.listen(config.listen_backlog).map_err(bind)?;
-        let listen = listener.local_addr().map_err(bind)?;
+            None
+        };
+        let tls = match tls {
+            Some(tls) => Some((bind(config.tls.listen, config.listen_backlog)?, tls)),
+            None => None,
+        };
         let sessions = Arc::new(Sessions::new(config.max_connections, config.max_outbound));
         Ok(Self {
             max_frame_bytes: limits.max_frame_bytes,
             max_payload_bytes: limits.max_payload_bytes,
             config,
-            listener,
-            listen,
+            plain,
+            tls,
             registry,
             sessions,
         })
     }
 
-    /// The address the front listens on.
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.listen
+    /// The plaintext listener's address, unless `mqtt.plaintext` is off.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.plain.as_ref().map(|l| l.addr)
+    }
+
+    /// The mqtts listener's address, with `mqtt.tls.enabled`.
+    pub fn tls_listen_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(l, _)| l.addr)
     }
 
     /// The handle that sends commands to connected devices.
@@ -159,14 +201,22 @@ impl MqttIngest {
                 puback: self.config.puback,
                 max_inflight: self.config.max_inflight,
             },
+            tls: self.tls.as_ref().map(|(_, tls)| FrontTls {
+                config: tls.clone(),
+                identity: self.config.tls.identity,
+                handshake_timeout: self.config.tls.handshake_timeout,
+            }),
             shutdown: shutdown.clone(),
         });
         let open = Arc::new(AtomicUsize::new(0));
         let tracker = TaskTracker::new();
         loop {
-            let accepted = tokio::select! {
+            let plain = self.plain.as_ref();
+            let tls = self.tls.as_ref().map(|(l, _)| l);
+            let (accepted, is_tls) = tokio::select! {
                 () = shutdown.cancelled() => break,
-                r = self.listener.accept() => r,
+                r = accept(plain) => (r, false),
+                r = accept(tls) => (r, true),
             };
             let stream = match accepted {
                 Ok((stream, _peer)) => stream,
@@ -191,9 +241,10 @@ impl MqttIngest {
             let _ = stream.set_nodelay(true);
             let slot = Slot::take(&open);
             let front = front.clone();
-            tracker.spawn(connection::serve(stream, front, slot));
+            tracker.spawn(connection::serve(stream, is_tls, front, slot));
         }
-        drop(self.listener);
+        drop(self.plain);
+        drop(self.tls);
         tracker.close();
         tracker.wait().await;
         let _ = kicker.await;

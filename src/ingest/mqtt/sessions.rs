@@ -25,8 +25,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{Notify, oneshot};
 
-use crate::registry::Registry;
-use crate::registry::secret::Hash;
+use crate::registry::{DeviceCredential, Registry};
 use crate::sync::lock;
 
 /// What became of a connection, decided by someone other than the connection itself.
@@ -97,7 +96,7 @@ pub(super) struct Link {
 }
 
 struct Session {
-    token_hash: Hash,
+    credential: DeviceCredential,
     link: Arc<Link>,
     /// Whether this connection keeps its session (`clean_session = false`).
     persistent: bool,
@@ -161,14 +160,14 @@ impl Sessions {
         }
     }
 
-    /// A connection of `device` logged in with `token_hash`: it becomes the device's
+    /// A connection of `device` logged in with `credential`: it becomes the device's
     /// connection, and an older one is told to close (MQTT's rule for duplicate client
     /// ids). With `persistent` (`clean_session = false`) it takes over what a kept
     /// session holds; without, any kept session is discarded.
     pub(super) fn register(
         &self,
         device: Arc<str>,
-        token_hash: Hash,
+        credential: DeviceCredential,
         persistent: bool,
     ) -> Registered {
         let link = Arc::new(Link::default());
@@ -189,7 +188,7 @@ impl Sessions {
         let old = lock(&self.open).insert(
             device,
             Session {
-                token_hash,
+                credential,
                 link: link.clone(),
                 persistent,
             },
@@ -312,7 +311,7 @@ impl Sessions {
     pub(super) fn kick_revoked(&self, registry: &Registry, device: Option<&str>) -> Vec<Arc<str>> {
         let open = lock(&self.open);
         let check = |(id, s): (&Arc<str>, &Session)| {
-            (!registry.still_valid(id, &s.token_hash) && kick(&s.link)).then(|| id.clone())
+            (!registry.credential_valid(id, &s.credential) && kick(&s.link)).then(|| id.clone())
         };
         match device {
             Some(d) => open.get_key_value(d).and_then(check).into_iter().collect(),

@@ -267,6 +267,10 @@ impl Operator {
 pub struct TestGateway {
     pub http: SocketAddr,
     pub mqtt: SocketAddr,
+    /// The mqtts listener, with `mqtt.tls.enabled`.
+    pub mqtts: Option<SocketAddr>,
+    /// The HTTPS listener, with `http.tls.enabled`.
+    pub https: Option<SocketAddr>,
     /// A client without credentials (for `/metrics` and for refusals).
     pub http_client: reqwest::Client,
     /// The admin API key created at the first start.
@@ -306,6 +310,8 @@ impl TestGateway {
         Self {
             http: gateway.http_addr,
             mqtt: gateway.mqtt_addr.unwrap(),
+            mqtts: gateway.mqtts_addr,
+            https: gateway.https_addr,
             http_client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -561,12 +567,13 @@ pub fn refused(transport: &str, reason: &str) -> String {
 }
 
 /// Every `fluxgate_auth_refused_total` reason.
-pub const REFUSAL_REASONS: [&str; 5] = [
+pub const REFUSAL_REASONS: [&str; 6] = [
     "missing_credentials",
     "unknown",
     "disabled",
     "bad_token",
     "identity_mismatch",
+    "certificate_mismatch",
 ];
 
 /// Every reading in the store file at `path`, sorted by (device, metric, ts), read

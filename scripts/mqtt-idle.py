@@ -8,13 +8,16 @@ plain socket and leaves it idle. After each step of connections (default 1000, 5
 RSS added per connection since the baseline (taken after one warm-up login).
 
 Usage: scripts/mqtt-idle.py --mqtt HOST:PORT --http HOST:PORT --key ADMIN_KEY --pid PID
-           [--steps 1000,5000,10000] [--prefix idle]
+           [--steps 1000,5000,10000] [--prefix idle] [--cafile certs/ca.pem]
+With --cafile the connections are mqtts (TLS, trusting only that CA; --mqtt is then the
+mqtts listener), so the figure includes the gateway's TLS state per connection.
 The process needs one file descriptor per connection (ulimit -n).
 """
 
 import argparse
 import json
 import socket
+import ssl
 import struct
 import time
 import urllib.request
@@ -64,8 +67,10 @@ def provision(http, key, ids):
     return tokens
 
 
-def login(addr, device, token):
+def login(addr, device, token, tls=None):
     s = socket.create_connection(addr, timeout=30)
+    if tls is not None:
+        s = tls.wrap_socket(s, server_hostname="localhost")
     s.sendall(connect_packet(device, token))
     ack = b""
     while len(ack) < 4:
@@ -86,7 +91,9 @@ def main():
     ap.add_argument("--pid", required=True, type=int)
     ap.add_argument("--steps", default="1000,5000,10000")
     ap.add_argument("--prefix", default="idle")
+    ap.add_argument("--cafile", help="connect with TLS, trusting only this CA")
     a = ap.parse_args()
+    tls = ssl.create_default_context(cafile=a.cafile) if a.cafile else None
     steps = [int(s) for s in a.steps.split(",")]
     host, port = a.mqtt.rsplit(":", 1)
     addr = (host, int(port))
@@ -94,7 +101,7 @@ def main():
     tokens = provision(a.http, a.key, ids)
     if len(tokens) != len(ids):
         raise SystemExit(f"provisioned {len(tokens)} of {len(ids)} devices")
-    login(addr, ids[-1], tokens[ids[-1]]).close()
+    login(addr, ids[-1], tokens[ids[-1]], tls).close()
     time.sleep(2)
     base = rss(a.pid)
     print(f"baseline RSS {base / 1e6:.1f} MB")
@@ -102,7 +109,7 @@ def main():
     for step in steps:
         while len(conns) < step:
             d = ids[len(conns)]
-            conns.append(login(addr, d, tokens[d]))
+            conns.append(login(addr, d, tokens[d], tls))
         time.sleep(3)
         now = rss(a.pid)
         print(

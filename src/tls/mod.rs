@@ -218,3 +218,55 @@ fn build(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     config.alpn_protocols = files.alpn.clone();
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn files(dir: &Path, client_ca: Option<PathBuf>) -> TlsFiles {
+        TlsFiles {
+            cert: dir.join("server.pem"),
+            key: dir.join("server-key.pem"),
+            client_ca,
+            client_required: false,
+            alpn: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_changed_file_is_noticed_once_and_a_bad_one_keeps_the_old_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        dev_certs::write_dev_certs(dir.path(), &[]).unwrap();
+        let tls = ReloadableTls::load(files(dir.path(), Some(dir.path().join("ca.pem")))).unwrap();
+        assert!(tls.client_certs());
+        assert!(!tls.files_changed());
+        let before = Arc::as_ptr(&sync::read(&tls.current).clone());
+        // A larger file: the size differs even within the file system's time resolution.
+        std::fs::write(
+            dir.path().join("server.pem"),
+            "not a certificate, and longer than one",
+        )
+        .unwrap();
+        assert!(tls.files_changed());
+        assert!(tls.reload().is_err());
+        assert!(
+            !tls.files_changed(),
+            "a failed reload is not retried until the next change"
+        );
+        assert_eq!(Arc::as_ptr(&sync::read(&tls.current).clone()), before);
+    }
+
+    #[test]
+    fn a_client_ca_without_certificates_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        dev_certs::write_dev_certs(dir.path(), &[]).unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let err = ReloadableTls::load(files(dir.path(), Some(empty)))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("empty.pem"), "{err}");
+    }
+}

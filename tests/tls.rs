@@ -1041,3 +1041,86 @@ async fn required_client_certificates_and_san_identities() {
     })
     .await;
 }
+
+/// A CONNECT written in the same TCP write as the client's last handshake flight (with
+/// a client certificate): the gateway may decrypt it while finishing the handshake, so
+/// the connection must read what TLS already holds before it waits for the socket.
+/// Whether the gateway's handshake read takes the CONNECT too depends on timing, so this
+/// test does not always take that path (firmware-sim with client certificates hung on it
+/// before the fix, every time); it checks the whole exchange at the byte level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_in_the_last_handshake_flight_is_answered() {
+    bounded(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path(), "fleet CA");
+        let (server, server_key) = pki.leaf(
+            "server",
+            "localhost",
+            &["localhost", "127.0.0.1"],
+            true,
+            false,
+        );
+        let f1 = pki.leaf("f1", "f1", &[], false, false);
+        let ca = pki.ca();
+        let gw = TestGateway::spawn_with(move |c| {
+            c.mqtt.tls.enabled = true;
+            c.mqtt.tls.listen = "127.0.0.1:0".parse().unwrap();
+            c.mqtt.tls.cert = server;
+            c.mqtt.tls.key = server_key;
+            // With client certificates the server's handshake ends only with the
+            // client's last flight, so the CONNECT arrives inside the handshake.
+            c.mqtt.tls.client_ca = ca;
+        })
+        .await;
+        let addr = gw.mqtts.unwrap();
+        let token = gw.provision("f1").await;
+        let config = client_config(&pki.ca(), Some((&f1.0, &f1.1)));
+        let connack = tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let mut conn = tokio_rustls::rustls::ClientConnection::new(
+                config,
+                ServerName::try_from("localhost").unwrap(),
+            )
+            .unwrap();
+            let mut sock = std::net::TcpStream::connect(addr).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            // Returns once the server's flight is processed, with the client's Finished
+            // still queued.
+            conn.complete_io(&mut sock).unwrap();
+            assert!(!conn.is_handshaking());
+            let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 30];
+            for s in ["f1", "f1", token.as_str()] {
+                body.extend_from_slice(&(s.len() as u16).to_be_bytes());
+                body.extend_from_slice(s.as_bytes());
+            }
+            conn.writer()
+                .write_all(&common::packet(0x10, &body))
+                .unwrap();
+            let mut flight = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut flight).unwrap();
+            }
+            sock.write_all(&flight).unwrap();
+            let mut answer = [0u8; 4];
+            let mut got = 0;
+            while got < 4 {
+                if conn.read_tls(&mut sock).unwrap() == 0 {
+                    break;
+                }
+                conn.process_new_packets().unwrap();
+                match conn.reader().read(&mut answer[got..]) {
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            answer
+        })
+        .await
+        .unwrap();
+        assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+        gw.shutdown().await;
+    })
+    .await;
+}

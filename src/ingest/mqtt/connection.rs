@@ -108,9 +108,11 @@ impl FrontTls {
                     .peer_certificates()
                     .and_then(|chain| chain.first())
                     .map(|leaf| PeerIdentity::of(leaf, self.identity));
+                // The client's first packet (CONNECT) may have come with the end of
+                // the handshake and already be decrypted: read before waiting.
                 let stream = DeviceStream::Tls {
                     stream: Box::new(stream),
-                    more: false,
+                    more: true,
                 };
                 Ok((stream, identity))
             }

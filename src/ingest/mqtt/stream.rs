@@ -27,8 +27,9 @@ pub(super) enum DeviceStream {
     /// mqtts. Boxed: the TLS state is large and only some connections have it.
     Tls {
         stream: Box<TlsStream<TcpStream>>,
-        /// The last read filled the buffer: rustls may hold more plaintext, so read
-        /// again before waiting for the socket.
+        /// rustls may hold plaintext already (after the handshake, or after a read
+        /// that filled the buffer): read before waiting for the socket. Waiting first
+        /// would never wake for bytes rustls took off the socket already.
         more: bool,
     },
 }
@@ -69,7 +70,10 @@ impl DeviceStream {
                         *more = full;
                         return Ok(true);
                     }
-                    Some(Err(_)) => return Err(()),
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "mqtts read failed");
+                        return Err(());
+                    }
                 }
             },
         }

@@ -6,6 +6,7 @@
 # (`--tls --ca`). Then the RSS per idle MQTT connection, plaintext and mqtts, each on a
 # fresh gateway (scripts/mqtt-idle.py, with --cafile for mqtts).
 # Usage: scripts/bench-tls.sh GATEWAY_BIN FIRMWARE_SIM_BIN [mqtt messages] [rounds] [idle steps]
+# (PARTS=idle runs only the idle measurement, PARTS=bench only the rates.)
 set -euo pipefail
 gw_bin=$1
 sim_bin=$2
@@ -24,7 +25,7 @@ start() {
     FLUXGATE_MQTT__TLS__CERT="$data/certs/server.pem" FLUXGATE_MQTT__TLS__KEY="$data/certs/server-key.pem" \
     FLUXGATE_HTTP__TLS__ENABLED=true FLUXGATE_HTTP__TLS__LISTEN=127.0.0.1:0 \
     FLUXGATE_HTTP__TLS__CERT="$data/certs/server.pem" FLUXGATE_HTTP__TLS__KEY="$data/certs/server-key.pem" \
-    "$gw_bin" >"$log" 2>&1 &
+    env -u FLUXGATE_API_KEY "$gw_bin" >"$log" 2>&1 &
   gw=$!
   for _ in $(seq 200); do grep -q 'listening mqtt=' "$log" 2>/dev/null && break; sleep 0.1; done
   mqtt=$(grep -o ' mqtt=[0-9.:]*' "$log" | head -1 | cut -d= -f2)
@@ -49,6 +50,8 @@ bench() { # label, then firmware-sim bench arguments
     --gateway-pid "$gw" "$@" | tail -1
 }
 
+parts=${PARTS:-bench,idle}
+if [[ $parts == *bench* ]]; then
 start
 export FLUXGATE_API_KEY=$key
 echo "load before: $(uptime)"
@@ -63,7 +66,9 @@ for round in $(seq "$rounds"); do
 done
 echo "load after: $(uptime)"
 stop
+fi
 
+[[ $parts == *idle* ]] || exit 0
 echo "== idle connections, plaintext"
 start
 python3 "$here/mqtt-idle.py" --mqtt "$mqtt" --http "$http" --key "$key" --pid "$gw" --steps "$steps"

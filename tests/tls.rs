@@ -898,8 +898,8 @@ async fn client_certificates_authenticate_devices_over_mqtts_wss_and_https() {
             .unwrap();
         ws_send_acked(&mut ws).await;
         // Without ?device=, the certificate's one name is the device.
-        let mut ws = wss_ingest(https, "", None, with(&c1)).await.unwrap();
-        ws_send_acked(&mut ws).await;
+        let mut ws_cert = wss_ingest(https, "", None, with(&c1)).await.unwrap();
+        ws_send_acked(&mut ws_cert).await;
         let wrong = wss_ingest(https, "?device=c2", None, with(&c1)).await;
         assert!(wrong.err().unwrap().contains("401"));
         assert!(wss_ingest(https, "", None, with(&expired)).await.is_err());
@@ -979,7 +979,39 @@ async fn client_certificates_authenticate_devices_over_mqtts_wss_and_https() {
                 .await,
             1.0
         );
-        drop((m, t, ws));
+        // Disabling the device closes its certificate-authenticated connections (the
+        // registry re-checks their credential), and only those.
+        let off = gw
+            .admin
+            .call(
+                reqwest::Method::PATCH,
+                "/api/v1/devices/c1",
+                Some(serde_json::json!({"enabled": false})),
+            )
+            .await;
+        assert_eq!(off.status, 200, "{}", off.body);
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if m.eventloop.poll().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the mqtts connection of c1 stayed open");
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match ws_cert.next().await {
+                    None | Some(Err(_)) => return,
+                    Some(Ok(m)) if m.is_close() => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the wss connection of c1 stayed open");
+        t.publish("c2", 5.0).await;
+        drop((t, ws));
         gw.shutdown().await;
     })
     .await;

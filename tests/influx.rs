@@ -943,9 +943,10 @@ impl Process {
     }
 }
 
-/// Read `n` acks from a WebSocket ingest stream (every message is answered in order);
-/// fails on anything else or a stream that ends first.
-async fn wait_acks<S, E>(ws: &mut S, n: i64)
+/// Read acks from a WebSocket ingest stream (every message is answered in order) until
+/// at least `n` messages are acknowledged; fails on anything else or a stream that ends
+/// first. Returns the messages acknowledged.
+async fn wait_acks<S, E>(ws: &mut S, n: i64) -> i64
 where
     S: futures_util::Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Debug,
@@ -955,12 +956,25 @@ where
         match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => {
                 let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                assert_eq!(v["type"], "ack", "{v}");
-                acked += 1;
+                acked = acked_by(&v, acked);
             }
             Ok(Some(Ok(_))) => {}
             other => panic!("WebSocket ended after {acked} acks: {other:?}"),
         }
+    }
+    acked
+}
+
+/// The messages acknowledged after reply `v` when `acked` were before: one more for a
+/// per-message ack, everything up to `upto` for a cumulative one.
+fn acked_by(v: &serde_json::Value, acked: i64) -> i64 {
+    assert_eq!(v["type"], "ack", "{v}");
+    match v["upto"].as_i64() {
+        Some(upto) => {
+            assert!(upto > acked, "{v}");
+            upto
+        }
+        None => acked + 1,
     }
 }
 
@@ -1120,9 +1134,10 @@ impl Process {
         device: &str,
         kill_after: i64,
         base: i64,
+        query: &str,
     ) -> BTreeSet<Sample> {
         let token = self.device_token(device).await;
-        let url = format!("ws://{}/api/v1/ingest/ws", self.http);
+        let url = format!("ws://{}/api/v1/ingest/ws{query}", self.http);
         let ws = common::ws_open(&url, Some(&token)).await.unwrap();
         let (mut tx, mut rx) = ws.split();
         // The writer keeps far more in flight than acknowledged when the kill comes, so the
@@ -1135,8 +1150,7 @@ impl Process {
                 }
             }
         });
-        let mut acked = kill_after;
-        wait_acks(&mut rx, kill_after).await;
+        let mut acked = wait_acks(&mut rx, kill_after).await;
         self.signal("-KILL");
         // Acks that were already on their way count too: they were sent, so the gateway
         // promised them.
@@ -1144,7 +1158,7 @@ impl Process {
             if let Message::Text(t) = m {
                 let v: serde_json::Value = serde_json::from_str(&t).unwrap();
                 if v["type"] == "ack" {
-                    acked += 1;
+                    acked = acked_by(&v, acked);
                 }
             }
         }
@@ -1197,17 +1211,27 @@ impl Process {
 /// restart, whatever else was in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_keeps_every_acknowledged_reading() {
-    bounded(240, async {
+    bounded(240, kill_9_rounds(&[(0, 3), (1, 700), (2, 5_000)], "")).await;
+}
+
+/// The same with cumulative acknowledgements: every message up to an `upto` the sender
+/// saw is in the store and in InfluxDB after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_keeps_every_cumulatively_acknowledged_reading() {
+    bounded(240, kill_9_rounds(&[(0, 700), (1, 5_000)], "?ack=cumulative")).await;
+}
+
+async fn kill_9_rounds(rounds: &[(usize, i64)], query: &str) {
         let vm = Vm::start().await;
         let data = tempfile::tempdir().unwrap();
         let base = now_ms() - 600_000;
         let mut key: Option<String> = None;
         let mut acked_all = BTreeSet::new();
-        for (round, kill_after) in [(0, 3i64), (1, 700), (2, 5_000)] {
+        for &(round, kill_after) in rounds {
             let mut p = Process::start(data.path(), &vm.url(), key.as_deref());
             key = Some(p.admin_key.clone());
             let device = format!("mid-{round}");
-            let acked = p.kill_mid_stream(&device, kill_after, base).await;
+            let acked = p.kill_mid_stream(&device, kill_after, base, query).await;
             assert!(acked.len() as i64 >= kill_after);
             eprintln!("round {round}: killed after {} acks", acked.len());
             acked_all.extend(acked.iter().cloned());
@@ -1239,6 +1263,4 @@ async fn kill_9_mid_stream_keeps_every_acknowledged_reading() {
             }
             drop(p);
         }
-    })
-    .await;
 }

@@ -116,3 +116,52 @@ async fn a_failing_commit_refuses_senders_and_stores_nothing_half() {
     })
     .await;
 }
+
+/// Cumulative acknowledgements over a failing commit: the messages of the failed batch
+/// get `unavailable` error frames, and no ack frame covers them before those errors; the
+/// messages resent after the cause is gone are acknowledged and stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_commit_is_never_covered_by_a_cumulative_ack() {
+    bounded(60, async {
+        let gw = TestGateway::spawn_with(|c| c.store.write_attempts = 1).await;
+        let token = gw.provision("sf-cum").await;
+        let ts = now_ms() - 60_000;
+        let msg = |i: i64| json!({"ts": ts + i, "values": {"a": i}}).to_string();
+        let mut ws = gw.ws_ingest(&token, "?ack=cumulative").await;
+        ws.send(Message::text(msg(0))).await.unwrap();
+        assert_eq!(
+            ws_next_json(&mut ws).await,
+            json!({"type": "ack", "upto": 1, "readings": 1})
+        );
+
+        let side = install_failure(&gw.db_path());
+        for i in 1..=3 {
+            ws.send(Message::text(msg(i))).await.unwrap();
+        }
+        // Seqs 2..=4 failed: each gets its error frame, in order, and nothing acks them.
+        for seq in 2..=4 {
+            let answer = ws_next_json(&mut ws).await;
+            assert_eq!(answer["type"], "error", "{answer}");
+            assert_eq!(answer["seq"], seq, "{answer}");
+            assert_eq!(answer["reason"], "unavailable", "{answer}");
+        }
+        assert_eq!(gw.store_count(), 1);
+
+        side.execute("UPDATE fail_inject SET on_ = 0", []).unwrap();
+        for i in 1..=3 {
+            ws.send(Message::text(msg(i))).await.unwrap();
+        }
+        let mut answered = 4;
+        while answered < 7 {
+            let answer = ws_next_json(&mut ws).await;
+            assert_eq!(answer["type"], "ack", "{answer}");
+            let upto = answer["upto"].as_u64().unwrap();
+            assert!(upto > answered && upto <= 7, "{answer}");
+            answered = upto;
+        }
+        assert_eq!(gw.store_count(), 4);
+        assert_eq!(common::points_held(&gw.db_path()), 4, "stored once each");
+        gw.shutdown().await;
+    })
+    .await;
+}

@@ -63,6 +63,8 @@ pub struct BenchSettings {
     pub http: String,
     /// Unacknowledged WebSocket messages allowed per connection.
     pub max_inflight: usize,
+    /// Ask for cumulative WebSocket acknowledgements (`--ack cumulative`).
+    pub cumulative_acks: bool,
     /// Upper bound for connecting and sending.
     pub timeout: Duration,
     /// Device id prefix.
@@ -208,12 +210,19 @@ impl BenchReport {
         let mut line = |label: &str, value: String| {
             out.push_str(&format!("  {label:<16} {value}\n"));
         };
+        let acks = if s.cumulative_acks {
+            " cumulative acks"
+        } else {
+            ""
+        };
         let target = match (s.transport, &s.tls) {
             (Transport::Mqtt, None) => format!("mqtt://{} qos{}", s.mqtt, s.qos.level()),
             (Transport::Mqtt, Some(_)) => format!("mqtts://{} qos{}", s.mqtt, s.qos.level()),
-            (Transport::Ws, None) => format!("ws://{} max-inflight {}", s.http, s.max_inflight),
+            (Transport::Ws, None) => {
+                format!("ws://{} max-inflight {}{acks}", s.http, s.max_inflight)
+            }
             (Transport::Ws, Some(tls)) => format!(
-                "wss://{} max-inflight {}",
+                "wss://{} max-inflight {}{acks}",
                 tls.https.as_deref().unwrap_or(&s.http),
                 s.max_inflight
             ),
@@ -333,6 +342,7 @@ pub async fn bench(
         http_addr: settings.http.clone(),
         max_inflight: settings.max_inflight,
         tls: settings.tls.clone(),
+        cumulative_acks: settings.cumulative_acks,
         deadline,
         go: go_rx,
         shutdown: stop_rx.clone(),
@@ -529,6 +539,7 @@ mod tests {
             mqtt: "127.0.0.1:1883".into(),
             http: "127.0.0.1:8080".into(),
             max_inflight: 64,
+            cumulative_acks: false,
             timeout: Duration::from_secs(120),
             prefix: "bench".into(),
             period: Duration::from_secs(600),

@@ -41,6 +41,8 @@ pub struct BenchCtx {
     pub max_inflight: usize,
     /// TLS for every connection (`--tls`).
     pub tls: Option<TlsSettings>,
+    /// Ask the gateway for cumulative WebSocket acknowledgements (`?ack=cumulative`).
+    pub cumulative_acks: bool,
     /// No message is sent after this instant.
     pub deadline: Instant,
     /// Becomes true when all devices should start sending.

@@ -315,6 +315,10 @@ struct BenchArgs {
     /// Unacknowledged messages allowed per WebSocket connection.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     max_inflight: u64,
+    /// WebSocket acknowledgements: `each` (one per message) or `cumulative` (the gateway
+    /// acks every ready message up to a sequence number in one frame).
+    #[arg(long, default_value = "each", value_parser = ["each", "cumulative"])]
+    ack: String,
     /// Give up sending after this long (the drain wait adds at most a few seconds).
     #[arg(long, default_value = "120s", value_parser = config::parse_duration)]
     timeout: Duration,
@@ -472,6 +476,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 mqtt: args.mqtt,
                 http: args.http,
                 max_inflight: usize::try_from(args.max_inflight)?,
+                cumulative_acks: args.ack == "cumulative",
                 timeout: args.timeout,
                 prefix: args.prefix,
                 period: config::DEFAULT_PERIOD,

@@ -12,6 +12,10 @@
 //!
 //! With `--tls` the URL is `wss://` on the HTTPS listener (tokio-tungstenite with
 //! rustls), trusting only `--ca`; a device with a client certificate sends no token.
+//!
+//! With cumulative acknowledgements (`?ack=cumulative`, `bench --ack cumulative`) an ack
+//! is `{"type":"ack","upto":N,"readings":K}` and answers every message up to `N` that had
+//! no error frame before it; errors stay one frame per message.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -67,16 +71,31 @@ fn device_url(http_addr: &str, device_id: &str, tls: Option<&TlsSettings>) -> St
     }
 }
 
+/// `url` (an ingest URL, which has a query already) asking for cumulative
+/// acknowledgements when `cumulative` is set.
+fn with_ack_mode(url: String, cumulative: bool) -> String {
+    if cumulative {
+        url + "&ack=cumulative"
+    } else {
+        url
+    }
+}
+
 /// A reply frame from the gateway. Unknown fields are ignored so that the gateway may
 /// add information without breaking older simulators.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Reply {
-    /// The message was ingested.
+    /// The message was ingested (`seq`), or every message up to `upto` that got no
+    /// error frame was (cumulative acknowledgements).
     Ack {
         /// 1-based position of the message on the connection.
-        seq: u64,
-        /// Number of readings the message produced.
+        #[serde(default)]
+        seq: Option<u64>,
+        /// The last message a cumulative ack covers.
+        #[serde(default)]
+        upto: Option<u64>,
+        /// Number of readings the message (or the covered messages) produced.
         readings: u64,
     },
     /// The message was rejected.
@@ -97,11 +116,17 @@ impl Reply {
         serde_json::from_str(text).map_err(|e| format!("unexpected reply {text:?}: {e}"))
     }
 
-    /// The message position this reply refers to.
+    /// The last message position this reply answers (0 for an ack that names none).
     pub fn seq(&self) -> u64 {
         match self {
-            Reply::Ack { seq, .. } | Reply::Error { seq, .. } => *seq,
+            Reply::Ack { seq, upto, .. } => upto.or(*seq).unwrap_or(0),
+            Reply::Error { seq, .. } => *seq,
         }
+    }
+
+    /// Whether this is a cumulative ack, which may answer several messages at once.
+    pub fn is_cumulative(&self) -> bool {
+        matches!(self, Reply::Ack { upto: Some(_), .. })
     }
 }
 
@@ -148,6 +173,7 @@ async fn connect(url: &str, device: &Device, tls: Option<&TlsSettings>) -> Resul
 struct ReplyTracker<'a> {
     device_id: &'a str,
     counters: &'a Counters,
+    /// Messages answered so far (the last position a reply covered).
     received: u64,
 }
 
@@ -170,18 +196,25 @@ impl<'a> ReplyTracker<'a> {
                 return false;
             }
         };
-        self.received += 1;
-        if reply.seq() != self.received {
-            let (got, want) = (reply.seq(), self.received);
-            self.counters.error(|| {
-                format!(
-                    "{}: reply seq {got}, expected {want} (gateway broke ordering)",
-                    self.device_id
-                )
-            });
-        }
+        let (got, want) = (reply.seq(), self.received + 1);
+        let covered = if reply.is_cumulative() && got >= want {
+            got - self.received
+        } else {
+            if got != want {
+                self.counters.error(|| {
+                    format!(
+                        "{}: reply seq {got}, expected {want} (gateway broke ordering)",
+                        self.device_id
+                    )
+                });
+            }
+            1
+        };
+        self.received += covered;
         match reply {
-            Reply::Ack { .. } => Counters::inc(&self.counters.acked),
+            Reply::Ack { .. } => {
+                self.counters.acked.fetch_add(covered, Ordering::Relaxed);
+            }
             Reply::Error {
                 seq,
                 reason,
@@ -380,7 +413,10 @@ pub async fn bench_device(device: Device, messages: u64, ctx: Arc<BenchCtx>) -> 
 }
 
 async fn bench_connection(device: &Device, messages: u64, ctx: &Arc<BenchCtx>) -> Vec<u32> {
-    let url = device_url(&ctx.http_addr, &device.id, ctx.tls.as_ref());
+    let url = with_ack_mode(
+        device_url(&ctx.http_addr, &device.id, ctx.tls.as_ref()),
+        ctx.cumulative_acks,
+    );
     let ws = match connect(&url, device, ctx.tls.as_ref()).await {
         Ok(ws) => ws,
         Err(e) => {
@@ -516,10 +552,12 @@ async fn bench_reader(
 ) -> (Vec<u32>, bool) {
     let mut latencies = Vec::new();
     let mut replies = ReplyTracker::new(device_id, &ctx.counters);
+    // Messages whose reply has been accounted for; a cumulative ack may already have
+    // answered several messages ahead of this count.
+    let mut accounted = 0u64;
     while let Some(sent_at) = sent_rx.recv().await {
         let limit = (Instant::now() + REPLY_STALL).min(ctx.deadline + REPLY_GRACE);
-        let before = replies.received;
-        while replies.received == before {
+        while replies.received <= accounted {
             let frame = match tokio::time::timeout_at(limit.into(), stream.next()).await {
                 Ok(frame) => frame,
                 Err(_) => {
@@ -534,6 +572,7 @@ async fn bench_reader(
                 return (latencies, false);
             }
         }
+        accounted += 1;
         latencies.push(micros(sent_at.elapsed()));
         ctx.replies.fetch_add(1, Ordering::Relaxed);
         window.add_permits(1);
@@ -558,10 +597,14 @@ mod tests {
         assert_eq!(
             Reply::parse(r#"{"type":"ack","seq":3,"readings":4}"#),
             Ok(Reply::Ack {
-                seq: 3,
+                seq: Some(3),
+                upto: None,
                 readings: 4
             })
         );
+        let cumulative = Reply::parse(r#"{"type":"ack","upto":9,"readings":20}"#).unwrap();
+        assert!(cumulative.is_cumulative());
+        assert_eq!(cumulative.seq(), 9);
         assert_eq!(
             Reply::parse(
                 r#"{"type":"error","seq":1,"reason":"invalid_json","detail":"eof","extra":true}"#
@@ -593,6 +636,25 @@ mod tests {
         assert_eq!(t.received, 3);
         assert_eq!(snap.acked, 2);
         assert_eq!(snap.errors, 3);
+    }
+
+    #[test]
+    fn tracker_counts_every_message_a_cumulative_ack_covers() {
+        let counters = Counters::default();
+        let mut t = ReplyTracker::new("sim-00000", &counters);
+        assert!(t.handle(r#"{"type":"ack","upto":3,"readings":12}"#));
+        assert!(t.handle(r#"{"type":"error","seq":4,"reason":"invalid_json","detail":"x"}"#));
+        assert!(t.handle(r#"{"type":"ack","upto":10,"readings":24}"#));
+        assert_eq!(t.received, 10);
+        let snap = counters.snapshot();
+        assert_eq!((snap.acked, snap.errors), (9, 1));
+        // An ack that goes backwards breaks the contract.
+        assert!(t.handle(r#"{"type":"ack","upto":5,"readings":0}"#));
+        assert_eq!(counters.snapshot().errors, 2);
+        assert_eq!(
+            with_ack_mode(ingest_url("127.0.0.1:8080", "sim-1"), true),
+            "ws://127.0.0.1:8080/api/v1/ingest/ws?device=sim-1&ack=cumulative"
+        );
     }
 
     #[test]

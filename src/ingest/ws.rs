@@ -1,7 +1,19 @@
 //! `GET /api/v1/ingest/ws`: WebSocket ingest, authenticated by the device token in
 //! `Authorization: Bearer`. Text frames are JSON, binary frames postcard. Every message gets, in order, `{"type":"ack","seq":N,"readings":K}`
 //! once its readings are durable, or `{"type":"error","seq":N,"reason":…,"detail":…}`;
-//! `seq` counts the connection's messages from 1. A bad message never closes the
+//! `seq` counts the connection's messages from 1.
+//!
+//! A device that asks for cumulative acknowledgements (`?ack=cumulative` on the upgrade
+//! URL) gets `{"type":"ack","upto":N,"readings":K}` instead: every message with
+//! `seq <= N` that was not answered by an error frame is durable (`K` counts the readings
+//! of the messages this frame newly covers). Errors are still one frame per message, and
+//! an error frame for message `S` always comes before any ack with `upto >= S`, so a
+//! device that reads its replies in order knows the fate of every message. One ack frame
+//! covers every outcome that was ready when it was written, which saves the gateway and
+//! the device a frame per message at high rates. `?ack=each` (the default) is the
+//! per-message contract above.
+//!
+//! A bad message never closes the
 //! connection; a frame larger than `limits.max_frame_bytes` does (close code 1009), and
 //! so does disabling, deleting or re-keying the device (close code 1008, within a second),
 //! and sending above `limits.device_rate` when `limits.device_rate_action` is
@@ -32,7 +44,10 @@ use crate::tls::PeerIdentity;
 
 /// Upgrade a device connection.
 #[utoipa::path(get, path = "/api/v1/ingest/ws", tag = "telemetry", operation_id = "ingest_ws",
-    params(("device" = Option<String>, Query, description = "Optional; must be the token's device when given")),
+    params(
+        ("device" = Option<String>, Query, description = "Optional; must be the token's device when given"),
+        ("ack" = Option<String>, Query, description = "`each` (default): one ack per message; `cumulative`: `{\"type\":\"ack\",\"upto\":N}` covers every message up to N that got no error frame"),
+    ),
     responses(
         (status = 101, description = "WebSocket: send JSON (text) or postcard (binary) messages; each gets an ack or error frame"),
         crate::api::problem::DeviceTokenRefused,
@@ -47,9 +62,22 @@ pub async fn upgrade(
     cert: Option<Extension<PeerIdentity>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let claimed = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-        .find(|(k, _)| k == "device")
-        .map(|(_, v)| v.into_owned());
+    let query = query.unwrap_or_default();
+    let param = |name: &str| {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    };
+    let claimed = param("device");
+    let mode = match param("ack").as_deref() {
+        None | Some("each") => AckMode::Each,
+        Some("cumulative") => AckMode::Cumulative,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`ack` must be `each` or `cumulative`",
+            ));
+        }
+    };
     let cert = cert.as_ref().map(|Extension(c)| c);
     let DeviceAuth { device, credential } =
         DeviceAuth::check(&headers, cert, claimed.as_deref(), &st, Transport::Ws, addr)?;
@@ -63,7 +91,152 @@ pub async fn upgrade(
     Ok(ws
         .max_message_size(st.settings.max_frame_bytes)
         .max_frame_size(st.settings.max_frame_bytes)
-        .on_upgrade(move |socket| serve(socket, st, device, credential)))
+        .on_upgrade(move |socket| serve(socket, st, device, credential, mode)))
+}
+
+/// How a connection's messages are acknowledged (`?ack=` on the upgrade URL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckMode {
+    /// One ack or error frame per message.
+    Each,
+    /// Errors per message; acks cover every ready outcome up to a sequence number.
+    Cumulative,
+}
+
+/// The answers of a connection in cumulative mode: what has been decided and what has
+/// been said. Pure, so the order rules can be checked without a socket.
+#[derive(Debug, Default)]
+struct Cumulative {
+    /// The last message whose outcome is known (all before it are known too).
+    decided: u64,
+    /// The last message covered by a frame already written.
+    answered: u64,
+    /// Readings of the messages in `answered+1..=decided` that were acknowledged.
+    readings: usize,
+}
+
+impl Cumulative {
+    /// Record message `seq`'s outcome. An error returns the frames to write now, in
+    /// order: an ack for everything decided before it (if anything), then its error.
+    fn decide(&mut self, seq: u64, outcome: AckResult) -> Vec<String> {
+        self.decided = seq;
+        match outcome {
+            Ok(n) => {
+                self.readings += n;
+                Vec::new()
+            }
+            Err(rejection) => {
+                let mut frames = Vec::with_capacity(2);
+                if let Some(ack) = self.ack_upto(seq.saturating_sub(1)) {
+                    frames.push(ack);
+                }
+                frames.push(error_text(seq, &rejection));
+                self.answered = seq;
+                frames
+            }
+        }
+    }
+
+    /// The ack frame for everything decided and not yet answered, if anything.
+    fn flush(&mut self) -> Option<String> {
+        self.ack_upto(self.decided)
+    }
+
+    /// How many decided messages wait for an ack frame.
+    fn unanswered(&self) -> u64 {
+        self.decided - self.answered
+    }
+
+    fn ack_upto(&mut self, upto: u64) -> Option<String> {
+        if upto <= self.answered {
+            return None;
+        }
+        let readings = std::mem::take(&mut self.readings);
+        self.answered = upto;
+        Some(format!(
+            "{{\"type\":\"ack\",\"upto\":{upto},\"readings\":{readings}}}"
+        ))
+    }
+}
+
+/// Answer `pending` outcomes in message order on `sink`, one frame per message or
+/// cumulatively. Returns false when the socket failed.
+async fn answer<S>(
+    pending: &mut mpsc::Receiver<(u64, Option<oneshot::Receiver<AckResult>>)>,
+    sink: &mut S,
+    mode: AckMode,
+    max_coalesced: u64,
+) -> bool
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    async fn outcome(rx: Option<oneshot::Receiver<AckResult>>) -> AckResult {
+        match rx {
+            Some(rx) => rx.await.unwrap_or(Err(Rejection::Unavailable)),
+            None => Err(Rejection::Unavailable),
+        }
+    }
+    if mode == AckMode::Each {
+        while let Some((seq, rx)) = pending.recv().await {
+            let text = ack_text(seq, outcome(rx).await);
+            if sink.send(Message::Text(text.into())).await.is_err() {
+                return false;
+            }
+        }
+        return true;
+    }
+    let mut state = Cumulative::default();
+    loop {
+        // Before waiting for anything, say what is decided: the device's window may be
+        // waiting for exactly that.
+        let next = match pending.try_recv() {
+            Ok(next) => Some(next),
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if let Some(ack) = state.flush() {
+                    if sink.send(Message::Text(ack.into())).await.is_err() {
+                        return false;
+                    }
+                }
+                pending.recv().await
+            }
+        };
+        let Some((seq, mut rx)) = next else {
+            break;
+        };
+        let ready = match &mut rx {
+            Some(r) => r.try_recv().ok(),
+            None => None,
+        };
+        let result = match ready {
+            Some(result) => result,
+            None => {
+                if let Some(ack) = state.flush() {
+                    if sink.send(Message::Text(ack.into())).await.is_err() {
+                        return false;
+                    }
+                }
+                outcome(rx).await
+            }
+        };
+        for frame in state.decide(seq, result) {
+            if sink.send(Message::Text(frame.into())).await.is_err() {
+                return false;
+            }
+        }
+        // A device that never lets the queue run empty still hears regularly.
+        if state.unanswered() >= max_coalesced {
+            if let Some(ack) = state.flush() {
+                if sink.send(Message::Text(ack.into())).await.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+    match state.flush() {
+        Some(ack) => sink.send(Message::Text(ack.into())).await.is_ok(),
+        None => true,
+    }
 }
 
 fn ack_text(seq: u64, outcome: AckResult) -> String {
@@ -88,7 +261,13 @@ fn error_text(seq: u64, rejection: &Rejection) -> String {
     frame.to_string()
 }
 
-async fn serve(socket: WebSocket, st: AppState, device: DeviceId, credential: DeviceCredential) {
+async fn serve(
+    socket: WebSocket,
+    st: AppState,
+    device: DeviceId,
+    credential: DeviceCredential,
+    mode: AckMode,
+) {
     // Subscribe, then check once: a revocation between the upgrade's authentication and
     // the subscription is caught by the check, any later one by the subscription.
     let mut revocations = st.registry.revocations();
@@ -101,7 +280,7 @@ async fn serve(socket: WebSocket, st: AppState, device: DeviceId, credential: De
         revocations: &mut revocations,
         kicks: &mut kicks,
     };
-    serve_connected(socket, &st, &device, subscriptions, &credential).await;
+    serve_connected(socket, &st, &device, subscriptions, &credential, mode).await;
     st.registry.disconnected(&device);
 }
 
@@ -118,6 +297,7 @@ async fn serve_connected(
     device: &DeviceId,
     subscriptions: Subscriptions<'_>,
     credential: &DeviceCredential,
+    mode: AckMode,
 ) {
     let Subscriptions { revocations, kicks } = subscriptions;
     let (mut sink, mut stream) = socket.split();
@@ -140,19 +320,11 @@ async fn serve_connected(
     // pending outcomes limits how far a device may run ahead of durability.
     let (pending_tx, mut pending_rx) =
         mpsc::channel::<(u64, Option<oneshot::Receiver<AckResult>>)>(st.settings.ws_max_inflight);
+    // A cumulative ack is written at least every quarter of the window.
+    let max_coalesced = (st.settings.ws_max_inflight as u64 / 4).max(1);
     let writer = async move {
-        while let Some((seq, rx)) = pending_rx.recv().await {
-            let outcome = match rx {
-                Some(rx) => rx.await.unwrap_or(Err(Rejection::Unavailable)),
-                None => Err(Rejection::Unavailable),
-            };
-            if sink
-                .send(Message::Text(ack_text(seq, outcome).into()))
-                .await
-                .is_err()
-            {
-                return;
-            }
+        if !answer(&mut pending_rx, &mut sink, mode, max_coalesced).await {
+            return;
         }
         if too_big.load(std::sync::atomic::Ordering::Relaxed) {
             let frame = CloseFrame {
@@ -296,4 +468,60 @@ async fn serve_connected(
         }
     };
     tokio::join!(reader, writer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DecodeError;
+
+    fn json(frame: &str) -> serde_json::Value {
+        serde_json::from_str(frame).expect("frame is JSON")
+    }
+
+    #[test]
+    fn cumulative_acks_cover_ready_outcomes_and_errors_come_first() {
+        let mut c = Cumulative::default();
+        assert!(c.flush().is_none(), "nothing decided, nothing said");
+        assert!(c.decide(1, Ok(4)).is_empty());
+        assert!(c.decide(2, Ok(3)).is_empty());
+        let error = Err(Rejection::Decode(DecodeError::PayloadTooLarge { size: 9, max: 8 }));
+        let frames: Vec<_> = c.decide(3, error).iter().map(|f| json(f)).collect();
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        assert_eq!(
+            frames[0],
+            serde_json::json!({"type": "ack", "upto": 2, "readings": 7})
+        );
+        assert_eq!(frames[1]["type"], "error");
+        assert_eq!(frames[1]["seq"], 3);
+        assert!(c.flush().is_none(), "the error answered message 3");
+        // An error right after an error needs no ack in between.
+        let frames = c.decide(4, Err(Rejection::Unavailable));
+        assert_eq!(frames.len(), 1);
+        assert_eq!(json(&frames[0])["seq"], 4);
+        assert!(c.decide(5, Ok(1)).is_empty());
+        assert_eq!(c.unanswered(), 1);
+        assert_eq!(
+            json(&c.flush().expect("ack")),
+            serde_json::json!({"type": "ack", "upto": 5, "readings": 1})
+        );
+        assert_eq!(c.unanswered(), 0);
+        assert!(c.flush().is_none());
+    }
+
+    #[test]
+    fn a_partly_capped_message_is_an_error_frame_with_its_readings() {
+        let mut c = Cumulative::default();
+        let capped = Rejection::Capped {
+            cap: crate::model::SeriesCap::PerDevice,
+            max: 1,
+            metric: "b".into(),
+            refused: 1,
+            kept: 1,
+        };
+        let frames = c.decide(1, Err(capped));
+        assert_eq!(frames.len(), 1);
+        let frame = json(&frames[0]);
+        assert_eq!((frame["seq"].as_u64(), frame["readings"].as_u64()), (Some(1), Some(1)));
+    }
 }

@@ -826,6 +826,44 @@ impl RawMqtt {
         RawMqtt::connect(addr, id, Some((id, token)), None).await
     }
 
+    /// Like [`RawMqtt::device`] for a storm of devices: a failed TCP connect or no
+    /// answer within `timeout` is an error naming its kind (the device retries), not a
+    /// panic.
+    pub async fn try_device(
+        addr: SocketAddr,
+        id: &str,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<Connect, String> {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(format!("tcp connect: {:?}", e.kind())),
+            Err(_) => return Err("tcp connect: timed out".into()),
+        };
+        let mut payload = Vec::new();
+        push_str(&mut payload, id.as_bytes());
+        push_str(&mut payload, id.as_bytes());
+        push_str(&mut payload, token.as_bytes());
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+        body.extend_from_slice(&payload);
+        let mut raw = RawMqtt { stream, next_id: 1 };
+        if !raw.send(&packet(0x10, &body)).await {
+            return Err("closed before CONNECT was written".into());
+        }
+        match raw.read_within(timeout).await {
+            None => Err("no CONNACK: timed out".into()),
+            Some(Read::Closed) => Ok(Connect::Closed),
+            Some(Read::Packet(0x20, rest)) if rest.len() == 2 => Ok(if rest[1] == 0 {
+                Connect::Accepted(raw)
+            } else {
+                Connect::Refused(rest[1])
+            }),
+            Some(Read::Packet(first, rest)) => {
+                panic!("expected CONNACK, got {first:#x} {rest:?}")
+            }
+        }
+    }
+
     /// A plain TCP connection to the broker that has sent nothing yet.
     pub async fn open(addr: SocketAddr) -> RawMqtt {
         let stream = TcpStream::connect(addr).await.unwrap();

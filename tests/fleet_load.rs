@@ -195,7 +195,9 @@ async fn a_reconnect_storm_all_comes_online_and_every_later_message_is_stored_on
             c.mqtt.connect_burst = 500;
         })
         .await;
-        let ids: Vec<String> = (0..STORM_DEVICES).map(|i| format!("storm-{i:04}")).collect();
+        let ids: Vec<String> = (0..STORM_DEVICES)
+            .map(|i| format!("storm-{i:04}"))
+            .collect();
         let tokens = Arc::new(gw.provision_many(&ids).await);
         let base = now_ms() - 60_000;
         let addr = gw.mqtt;
@@ -227,8 +229,11 @@ async fn a_reconnect_storm_all_comes_online_and_every_later_message_is_stored_on
                             refused_busy.fetch_add(1, Ordering::SeqCst);
                         }
                         Ok(other) => {
-                            *failures.lock().unwrap().entry(format!("{other:?}")).or_default() +=
-                                1;
+                            *failures
+                                .lock()
+                                .unwrap()
+                                .entry(format!("{other:?}"))
+                                .or_default() += 1;
                         }
                         Err(kind) => {
                             *failures.lock().unwrap().entry(kind).or_default() += 1;
@@ -242,7 +247,9 @@ async fn a_reconnect_storm_all_comes_online_and_every_later_message_is_stored_on
                 for i in 0..STORM_MESSAGES {
                     let payload = format!(r#"{{"ts":{},"values":{{"v":{i}}}}}"#, base + i);
                     assert!(
-                        client.publish(&topic::telemetry(&id), payload.as_bytes()).await,
+                        client
+                            .publish(&topic::telemetry(&id), payload.as_bytes())
+                            .await,
                         "{id}: connection closed instead of PUBACK"
                     );
                     acked.fetch_add(1, Ordering::SeqCst);
@@ -290,7 +297,11 @@ async fn a_reconnect_storm_all_comes_online_and_every_later_message_is_stored_on
         })
         .await;
         // PUBACK comes after the durable commit (`mqtt.puback = "durable"`).
-        assert_eq!(common::points_held(&gw.db_path()), total, "written once each");
+        assert_eq!(
+            common::points_held(&gw.db_path()),
+            total,
+            "written once each"
+        );
         let mut per_device: BTreeMap<String, Vec<(i64, Value)>> = BTreeMap::new();
         for (device, metric, ts, value) in gw.store_rows() {
             assert_eq!(metric, "v");

@@ -1218,49 +1218,53 @@ async fn kill_9_mid_stream_keeps_every_acknowledged_reading() {
 /// saw is in the store and in InfluxDB after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_keeps_every_cumulatively_acknowledged_reading() {
-    bounded(240, kill_9_rounds(&[(0, 700), (1, 5_000)], "?ack=cumulative")).await;
+    bounded(
+        240,
+        kill_9_rounds(&[(0, 700), (1, 5_000)], "?ack=cumulative"),
+    )
+    .await;
 }
 
 async fn kill_9_rounds(rounds: &[(usize, i64)], query: &str) {
-        let vm = Vm::start().await;
-        let data = tempfile::tempdir().unwrap();
-        let base = now_ms() - 600_000;
-        let mut key: Option<String> = None;
-        let mut acked_all = BTreeSet::new();
-        for &(round, kill_after) in rounds {
-            let mut p = Process::start(data.path(), &vm.url(), key.as_deref());
-            key = Some(p.admin_key.clone());
-            let device = format!("mid-{round}");
-            let acked = p.kill_mid_stream(&device, kill_after, base, query).await;
-            assert!(acked.len() as i64 >= kill_after);
-            eprintln!("round {round}: killed after {} acks", acked.len());
-            acked_all.extend(acked.iter().cloned());
-            drop(p);
+    let vm = Vm::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let base = now_ms() - 600_000;
+    let mut key: Option<String> = None;
+    let mut acked_all = BTreeSet::new();
+    for &(round, kill_after) in rounds {
+        let mut p = Process::start(data.path(), &vm.url(), key.as_deref());
+        key = Some(p.admin_key.clone());
+        let device = format!("mid-{round}");
+        let acked = p.kill_mid_stream(&device, kill_after, base, query).await;
+        assert!(acked.len() as i64 >= kill_after);
+        eprintln!("round {round}: killed after {} acks", acked.len());
+        acked_all.extend(acked.iter().cloned());
+        drop(p);
 
-            let p = Process::start(data.path(), &vm.url(), key.as_deref());
-            let stored = p.stored(&device, base, base + kill_after * 10).await;
-            let lost: Vec<_> = acked.difference(&stored).take(5).collect();
-            assert!(
-                lost.is_empty(),
-                "round {round}: {} of {} acknowledged readings missing from the store, e.g. {lost:?}",
-                acked.difference(&stored).count(),
-                acked.len()
-            );
-            // The sink catches up from its disk buffer: poll until every acknowledged
-            // reading of every round so far is in the database.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let exported = vm.export().await;
-                let missing = acked_all.difference(&exported).count();
-                if missing == 0 {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "round {round}: {missing} acknowledged readings never reached InfluxDB"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
+        let p = Process::start(data.path(), &vm.url(), key.as_deref());
+        let stored = p.stored(&device, base, base + kill_after * 10).await;
+        let lost: Vec<_> = acked.difference(&stored).take(5).collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: {} of {} acknowledged readings missing from the store, e.g. {lost:?}",
+            acked.difference(&stored).count(),
+            acked.len()
+        );
+        // The sink catches up from its disk buffer: poll until every acknowledged
+        // reading of every round so far is in the database.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let exported = vm.export().await;
+            let missing = acked_all.difference(&exported).count();
+            if missing == 0 {
+                break;
             }
-            drop(p);
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {missing} acknowledged readings never reached InfluxDB"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        drop(p);
+    }
 }

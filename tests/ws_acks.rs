@@ -61,7 +61,9 @@ async fn cumulative_acks_cover_only_durable_messages_and_errors_keep_their_place
             while sent < burst {
                 sent += 1;
                 let text = match kind(sent) {
-                    Kind::Good => json!({"ts": base + sent as i64, "values": {"v": sent}}).to_string(),
+                    Kind::Good => {
+                        json!({"ts": base + sent as i64, "values": {"v": sent}}).to_string()
+                    }
                     Kind::Invalid => "{not json".to_string(),
                     Kind::TooLarge => json!({"s": "x".repeat(2_000)}).to_string(),
                 };
@@ -138,19 +140,32 @@ async fn per_message_acks_stay_the_default_and_an_unknown_mode_is_refused() {
         let ts = now_ms() - 1_000;
         for query in ["", "?ack=each"] {
             let mut ws = gw.ws_ingest(&token, query).await;
-            ws.send(Message::text(json!({"ts": ts, "values": {"v": 1}}).to_string()))
-                .await
-                .unwrap();
+            ws.send(Message::text(
+                json!({"ts": ts, "values": {"v": 1}}).to_string(),
+            ))
+            .await
+            .unwrap();
             assert_eq!(
                 ws_next_json(&mut ws).await,
                 json!({"type": "ack", "seq": 1, "readings": 1}),
                 "{query:?}"
             );
         }
-        let (status, body) = gw.try_ws_ingest(Some(&token), "?ack=some").await.err().unwrap();
+        let (status, body) = gw
+            .try_ws_ingest(Some(&token), "?ack=some")
+            .await
+            .err()
+            .unwrap();
         assert_eq!(status, 400, "{body}");
-        assert_eq!(body["title"].as_str().map(|t| !t.is_empty()), Some(true), "{body}");
-        assert!(body["detail"].as_str().unwrap().contains("cumulative"), "{body}");
+        assert_eq!(
+            body["title"].as_str().map(|t| !t.is_empty()),
+            Some(true),
+            "{body}"
+        );
+        assert!(
+            body["detail"].as_str().unwrap().contains("cumulative"),
+            "{body}"
+        );
         gw.shutdown().await;
     })
     .await;

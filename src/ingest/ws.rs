@@ -485,7 +485,10 @@ mod tests {
         assert!(c.flush().is_none(), "nothing decided, nothing said");
         assert!(c.decide(1, Ok(4)).is_empty());
         assert!(c.decide(2, Ok(3)).is_empty());
-        let error = Err(Rejection::Decode(DecodeError::PayloadTooLarge { size: 9, max: 8 }));
+        let error = Err(Rejection::Decode(DecodeError::PayloadTooLarge {
+            size: 9,
+            max: 8,
+        }));
         let frames: Vec<_> = c.decide(3, error).iter().map(|f| json(f)).collect();
         assert_eq!(frames.len(), 2, "{frames:?}");
         assert_eq!(
@@ -522,6 +525,9 @@ mod tests {
         let frames = c.decide(1, Err(capped));
         assert_eq!(frames.len(), 1);
         let frame = json(&frames[0]);
-        assert_eq!((frame["seq"].as_u64(), frame["readings"].as_u64()), (Some(1), Some(1)));
+        assert_eq!(
+            (frame["seq"].as_u64(), frame["readings"].as_u64()),
+            (Some(1), Some(1))
+        );
     }
 }

@@ -246,7 +246,8 @@ impl Default for MqttConfig {
 pub struct HttpConfig {
     /// Listen address; port 0 picks a free port (logged at start).
     pub listen: SocketAddr,
-    /// Maximum unacknowledged messages per WebSocket ingest connection.
+    /// Maximum unacknowledged messages per WebSocket ingest connection: the gateway
+    /// reads this far ahead of the durable acknowledgements, then stops reading.
     pub ws_max_inflight: usize,
     /// Time allowed for in-flight requests to finish on shutdown.
     #[serde(with = "humantime_serde")]
@@ -340,7 +341,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            ws_max_inflight: 256,
+            ws_max_inflight: 1024,
             shutdown_grace: Duration::from_secs(5),
             stream_token_ttl: Duration::from_secs(300),
             max_connections: 4_096,

@@ -23,7 +23,8 @@ start() {
   FLUXGATE_DATA_DIR="$data" FLUXGATE_HTTP__LISTEN=127.0.0.1:0 FLUXGATE_MQTT__LISTEN=127.0.0.1:0 \
     FLUXGATE_MQTT__MAX_CONNECTIONS=19500 NO_COLOR=1 "$gw_bin" >"$log" 2>&1 &
   gw=$!
-  for _ in $(seq 200); do grep -q 'listening mqtt=' "$log" 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 600); do grep -q 'listening mqtt=' "$log" 2>/dev/null && break; sleep 0.1; done
+  grep -q 'listening mqtt=' "$log" || { echo "the gateway did not start:" >&2; cat "$log" >&2; exit 1; }
   mqtt=$(grep -o 'mqtt=[0-9.:]*' "$log" | head -1 | cut -d= -f2)
   http=$(grep -o 'http=[0-9.:]*' "$log" | head -1 | cut -d= -f2)
   key=$(grep -o 'fgk_[A-Za-z0-9_-]*' "$log" | head -1)

@@ -94,7 +94,7 @@ impl SubEntry {
 #[derive(Default)]
 struct State {
     seq: u64,
-    latest: HashMap<DeviceId, HashMap<MetricName, Arc<LiveReading>>>,
+    latest: foldhash::HashMap<DeviceId, foldhash::HashMap<MetricName, Arc<LiveReading>>>,
     ring: VecDeque<Arc<LiveReading>>,
     ring_bytes: usize,
     /// One per second of arrivals: the first seq of that second and the range of
@@ -104,7 +104,7 @@ struct State {
     subscribers: HashMap<u64, SubEntry>,
     /// Subscribers whose filters only list device ids, by device: publishing looks up
     /// the reading's device instead of asking every subscriber.
-    by_device: HashMap<String, Vec<u64>>,
+    by_device: foldhash::HashMap<String, Vec<u64>>,
     /// Subscribers with any other filter (globs, labels, all devices): asked per reading.
     scan: Vec<u64>,
     next_id: u64,

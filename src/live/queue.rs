@@ -101,12 +101,11 @@ impl std::hash::Hasher for SeriesHasher {
 }
 
 pub(super) fn series_hash(device: &str, metric: &str) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    // A fixed-key hasher: the value only has to be stable within this process.
-    let mut h =
-        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-            .build_hasher();
-    device.hash(&mut h);
-    metric.hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    // One randomly seeded state for the whole process: the value only has to be stable
+    // within it, and a seed nobody outside knows keeps devices from choosing names that
+    // collide with another series. foldhash, because this runs for every reading.
+    static STATE: std::sync::LazyLock<foldhash::fast::RandomState> =
+        std::sync::LazyLock::new(foldhash::fast::RandomState::default);
+    STATE.hash_one((device, metric))
 }

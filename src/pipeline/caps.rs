@@ -13,7 +13,7 @@
 //! the caps themselves: at most `max_series` names (shared `Arc<str>`s) in at most as
 //! many per-device sets.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use crate::model::{DeviceId, MetricName, Reading, SeriesCap};
 
@@ -40,7 +40,7 @@ impl Refused {
 /// The known series per device, and the caps on new ones.
 #[derive(Debug)]
 pub struct SeriesCaps {
-    per_device: HashMap<DeviceId, HashSet<MetricName>>,
+    per_device: foldhash::HashMap<DeviceId, foldhash::HashSet<MetricName>>,
     total: usize,
     max_per_device: usize,
     max_series: usize,
@@ -50,7 +50,7 @@ impl SeriesCaps {
     /// No series known yet.
     pub fn new(max_per_device: usize, max_series: usize) -> Self {
         Self {
-            per_device: HashMap::new(),
+            per_device: foldhash::HashMap::default(),
             total: 0,
             max_per_device,
             max_series,
@@ -101,7 +101,8 @@ impl SeriesCaps {
                 readings.clear();
                 return Some(refused);
             }
-            self.per_device.insert(device.clone(), HashSet::new());
+            self.per_device
+                .insert(device.clone(), foldhash::HashSet::default());
         }
         let known = self.per_device.get_mut(&**device)?;
         let mut refused: Option<Refused> = None;

@@ -1,7 +1,6 @@
 //! Decoding: an [`Envelope`]'s bytes into [`Reading`]s. Pure apart from the interner,
 //! and total: bad input is a [`DecodeError`] value, never a panic.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use fluxgate_proto::{Limits, Sample, decode_frame, decode_json};
@@ -12,7 +11,7 @@ use crate::model::{DecodeError, Encoding, Envelope, MetricName, Reading};
 /// Bounded: past `MAX` distinct names it stops remembering and just allocates.
 #[derive(Debug, Default)]
 pub struct Interner {
-    names: HashSet<Arc<str>>,
+    names: foldhash::HashSet<Arc<str>>,
 }
 
 impl Interner {

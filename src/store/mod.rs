@@ -230,8 +230,8 @@ pub fn open_store(
     let tail = Arc::new(RwLock::new(Tail::default()));
     let mut writer = StoreWriter {
         conn,
-        series: HashMap::new(),
-        fresh: HashMap::new(),
+        series: SeriesIds::default(),
+        fresh: SeriesIds::default(),
         last_part: HashMap::new(),
         full_sync: false,
         generation,
@@ -267,7 +267,7 @@ pub fn points_held_file(path: &Path) -> Result<u64, StoreError> {
 }
 
 /// Series ids by device, then metric.
-type SeriesIds = HashMap<DeviceId, HashMap<Arc<str>, i64>>;
+type SeriesIds = foldhash::HashMap<DeviceId, foldhash::HashMap<Arc<str>, i64>>;
 
 /// What one compaction did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -120,6 +120,9 @@ impl Gateway {
                             config.data_dir.display()
                         )
                     })?;
+            writer
+                .set_cache_bytes(config.store.cache_bytes)
+                .context("cannot size the embedded store's page cache")?;
             known_series = writer.series_names();
             let (tx, rx) = flume::bounded::<DurableBatch>(config.batch.queue_capacity);
             let (done_tx, done_rx) = oneshot::channel();
@@ -362,6 +365,17 @@ impl Gateway {
             |a: Option<SocketAddr>| a.map_or_else(|| "disabled".to_owned(), |a| a.to_string());
         let (mqtt_shown, mqtts_shown) = (shown(mqtt_addr), shown(mqtts_addr));
         let https_shown = shown(https_addr);
+        let budgets = config.memory_budgets();
+        let total: usize = budgets.iter().map(|(_, bytes)| bytes).sum();
+        let listed: Vec<String> = budgets
+            .iter()
+            .map(|(what, bytes)| format!("{what} {:.1} MiB", *bytes as f64 / 1048576.0))
+            .collect();
+        tracing::info!(
+            total_mib = format!("{:.1}", total as f64 / 1048576.0),
+            "memory budgets (connections come on top): {}",
+            listed.join(", ")
+        );
         tracing::info!(data_dir = %config.data_dir.display(), "listening mqtt={mqtt_shown} http={http_addr} https={https_shown} mqtts={mqtts_shown}");
         Ok(RunningGateway {
             http_addr,

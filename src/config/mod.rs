@@ -455,7 +455,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             queue_capacity: 8_192,
-            queue_bytes: 64 * 1024 * 1024,
+            queue_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -528,6 +528,9 @@ pub struct StoreConfig {
     /// Memory budget of the tail (readings in the write log, not yet in chunks): a
     /// compaction starts early when the tail holds this many bytes.
     pub tail_max_bytes: usize,
+    /// Memory budget of the writer connection's SQLite page cache. Larger keeps more of
+    /// the B-trees' right edges in memory during compactions over many series.
+    pub cache_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -544,6 +547,7 @@ impl Default for StoreConfig {
             write_retry_backoff: Duration::from_millis(200),
             compact_interval: Duration::from_secs(10),
             tail_max_bytes: 32 * 1024 * 1024,
+            cache_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -592,6 +596,30 @@ impl Default for LiveConfig {
 }
 
 impl Config {
+    /// The memory budgets that bound what the gateway holds besides its connections,
+    /// as (what, bytes): the configured ones, and the batches in flight derived from
+    /// `batch.max_rows` (one pending, `batch.queue_capacity` queued, one being written).
+    /// Logged with their total at start.
+    pub fn memory_budgets(&self) -> Vec<(&'static str, usize)> {
+        let batch_readings = self
+            .batch
+            .max_rows
+            .saturating_mul(self.batch.queue_capacity.saturating_add(2));
+        let mut budgets = vec![
+            ("pipeline.queue_bytes", self.pipeline.queue_bytes),
+            (
+                "batches (batch.max_rows x (batch.queue_capacity + 2) readings)",
+                batch_readings.saturating_mul(std::mem::size_of::<crate::model::Reading>()),
+            ),
+            ("live.ring_bytes", self.live.ring_bytes),
+        ];
+        if self.store.enabled {
+            budgets.push(("store.tail_max_bytes", self.store.tail_max_bytes));
+            budgets.push(("store.cache_bytes", self.store.cache_bytes));
+        }
+        budgets
+    }
+
     /// Parse a config from TOML text plus environment overrides (pairs of name, value),
     /// then validate it. `origin` names the source in errors.
     pub fn parse(
@@ -654,6 +682,7 @@ impl Config {
             ("store.max_query_points", self.store.max_query_points),
             ("store.max_decode_points", self.store.max_decode_points),
             ("store.tail_max_bytes", self.store.tail_max_bytes),
+            ("store.cache_bytes", self.store.cache_bytes),
             (
                 "store.max_concurrent_queries",
                 self.store.max_concurrent_queries,

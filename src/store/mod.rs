@@ -182,8 +182,9 @@ fn open(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
         // transactions, which is the usual trade for an embedded time-series store.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         // A larger page cache keeps the right edge of the B-trees and the series table
-        // in memory, so a commit writes pages instead of first reading them back.
-        conn.pragma_update(None, "cache_size", -64 * 1024)?;
+        // in memory, so a commit writes pages instead of first reading them back. The
+        // writer's is set from `store.cache_bytes` after opening (`set_cache_bytes`).
+        conn.pragma_update(None, "cache_size", -16 * 1024)?;
         schema::prepare(&mut conn)?;
     }
     Ok(conn)
@@ -301,6 +302,14 @@ pub struct StoreWriter {
 }
 
 impl StoreWriter {
+    /// Set the writer connection's page cache to about `bytes` (`store.cache_bytes`).
+    pub fn set_cache_bytes(&self, bytes: usize) -> Result<(), StoreError> {
+        let kib = i64::try_from(bytes / 1024).unwrap_or(i64::MAX).max(1);
+        // A negative cache_size is in KiB rather than pages.
+        self.conn.pragma_update(None, "cache_size", -kib)?;
+        Ok(())
+    }
+
     /// Every series the store holds, as (device, metric): what the pipeline's caps on
     /// new series start from, so a restart does not reset them.
     pub fn series_names(&self) -> Vec<(DeviceId, Arc<str>)> {

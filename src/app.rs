@@ -28,10 +28,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::throttle::{FailureThrottle, ThrottleSettings};
 use crate::api::{self, ApiSettings, AppState};
+use crate::commands::Commands;
 use crate::config::Config;
 use crate::ingest::mqtt::{MqttCommands, MqttIngest};
 use crate::live::{Hub, HubLimits};
-use crate::model::DurableBatch;
+use crate::model::{Downlink, DurableBatch};
 use crate::model::{QueueBudget, now_ms};
 use crate::observe::{Event, Metrics, Queue, ReadingDropReason};
 use crate::pipeline::{Destination, Pipeline};
@@ -246,6 +247,15 @@ impl Gateway {
         // TLS configurations, each reloaded on SIGHUP and, with its `reload_poll`, when
         // its files change (one task below).
         let mut reloadable = Vec::new();
+
+        // Downlink commands: the dispatcher owns the unfinished ones; its request queue
+        // is bounded (full-policy: callers wait; reachability hints are dropped and the
+        // dispatcher's retry tick covers them). The push transports (MQTT) are its
+        // inputs; WS connections and HTTP long polls attach through the handle.
+        let (commands, dispatcher) =
+            Commands::new(config.commands.clone(), registry.clone(), metrics.clone());
+        let mut downlinks: Vec<Arc<dyn Downlink>> = Vec::new();
+
         let mut mqtt_commands = None;
         let (mut mqtt_addr, mut mqtts_addr) = (None, None);
         if config.mqtt.enabled {
@@ -264,13 +274,16 @@ impl Gateway {
             mqtt_addr = mqtt.listen_addr();
             mqtts_addr = mqtt.tls_listen_addr();
             mqtt_commands = Some(mqtt.commands());
+            downlinks.push(Arc::new(mqtt.commands()));
             tasks.push(tokio::spawn(mqtt.run(
                 pipe_tx.clone(),
                 ingest_budget.clone(),
+                commands.clone(),
                 metrics.clone(),
                 shutdown.clone(),
             )));
         }
+        tasks.push(tokio::spawn(dispatcher.run(downlinks, shutdown.clone())));
 
         // The plaintext and the TLS listener serve the same router; either may be off
         // (validation keeps at least one).
@@ -316,6 +329,7 @@ impl Gateway {
         let state = AppState {
             hub,
             registry,
+            commands,
             store: store_reader,
             ingest: pipe_tx,
             ingest_budget,

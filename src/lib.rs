@@ -13,6 +13,7 @@
 //! - [`pipeline`]: decode and batch.
 //! - [`store`]: the embedded SQLite store.
 //! - [`registry`]: devices, tokens and operator API keys.
+//! - [`commands`]: downlink commands: queue, delivery, replies, expiry.
 //! - [`influxql`]: the InfluxQL read API's engine (parser, planner, executor).
 //! - [`sink`]: the InfluxDB sink and its crash-safe buffer.
 //! - [`live`]: the live hub and its WS/SSE streams.
@@ -24,6 +25,7 @@
 
 pub mod api;
 pub mod app;
+pub mod commands;
 pub mod config;
 pub mod influxql;
 pub mod ingest;

@@ -9,6 +9,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::commands::{CommandsError, ReplyRefused};
 use crate::live::LiveError;
 use crate::model::{DecodeError, Rejection};
 use crate::registry::RegistryError;
@@ -148,6 +149,45 @@ impl From<RegistryError> for ApiError {
             .with_header(header::RETRY_AFTER, "60"),
             RegistryError::Db(_) | RegistryError::CreateDir { .. } | RegistryError::Random(_) => {
                 ApiError::internal(&e)
+            }
+        }
+    }
+}
+
+impl From<CommandsError> for ApiError {
+    fn from(e: CommandsError) -> Self {
+        match e {
+            CommandsError::Invalid { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_value",
+                e.to_string(),
+            ),
+            CommandsError::DeviceNotFound(_) | CommandsError::NotFound(_) => {
+                ApiError::not_found(e.to_string())
+            }
+            CommandsError::QueueFull { .. } => ApiError::too_many_requests(
+                "command_queue_full",
+                e.to_string(),
+                std::time::Duration::from_secs(1),
+            ),
+            CommandsError::Conflict { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            CommandsError::ShuttingDown => ApiError::unavailable(e.to_string()),
+            CommandsError::Registry(e) => e.into(),
+        }
+    }
+}
+
+impl From<ReplyRefused> for ApiError {
+    fn from(e: ReplyRefused) -> Self {
+        match e {
+            ReplyRefused::Unknown => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_command", e.to_string())
+            }
+            ReplyRefused::NotSent => ApiError::new(StatusCode::CONFLICT, "not_sent", e.to_string()),
+            ReplyRefused::Malformed => {
+                ApiError::new(StatusCode::BAD_REQUEST, "malformed_reply", e.to_string())
             }
         }
     }

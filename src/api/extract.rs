@@ -81,6 +81,20 @@ pub fn device_id(id: &str) -> Result<(), ApiError> {
         .map_err(|e| ApiError::bad_request(format!("invalid device id: {e}")))
 }
 
+/// A humantime duration query value (`10s`, `1m`), at most `max`; 400 naming the
+/// parameter otherwise.
+pub fn duration_param(name: &str, value: &str, max: Duration) -> Result<Duration, ApiError> {
+    humantime::parse_duration(value)
+        .ok()
+        .filter(|d| *d <= max)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`{name}` must be a duration such as `10s`, at most {}, got `{value}`",
+                humantime::format_duration(max)
+            ))
+        })
+}
+
 /// Milliseconds since the Unix epoch as RFC 3339 with milliseconds.
 pub fn rfc3339(ms: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));

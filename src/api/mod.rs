@@ -10,6 +10,7 @@
 //! address) and [`auth`] (operator and device authentication).
 
 pub mod auth;
+pub mod commands;
 pub mod devices;
 pub mod error;
 pub mod extract;
@@ -87,6 +88,28 @@ pub fn routes() -> Vec<Route> {
         route(M::PATCH, "/api/v1/devices/{id}", devices::patch),
         route(M::DELETE, "/api/v1/devices/{id}", devices::delete),
         route(M::POST, "/api/v1/devices/{id}/token", devices::rotate),
+        route(M::POST, "/api/v1/devices/{id}/commands", commands::create),
+        route(M::GET, "/api/v1/devices/{id}/commands", commands::list),
+        route(
+            M::GET,
+            "/api/v1/devices/{id}/commands/next",
+            ingest::commands::next,
+        ),
+        route(
+            M::GET,
+            "/api/v1/devices/{id}/commands/{cmd}",
+            commands::get_one,
+        ),
+        route(
+            M::DELETE,
+            "/api/v1/devices/{id}/commands/{cmd}",
+            commands::cancel,
+        ),
+        route(
+            M::POST,
+            "/api/v1/devices/{id}/commands/{cmd}/reply",
+            ingest::commands::reply,
+        ),
         route(M::POST, "/api/v1/keys", keys::create_key),
         route(M::GET, "/api/v1/keys", keys::list_keys),
         route(M::DELETE, "/api/v1/keys/{id}", keys::revoke_key),

@@ -8,7 +8,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::problem::Unauthorized;
-use super::{devices, history, keys};
+use super::{commands, devices, history, keys};
 use crate::ingest;
 use crate::live;
 
@@ -43,7 +43,7 @@ impl Modify for Security {
 #[openapi(
     info(
         title = "fluxgate",
-        description = "IoT telemetry gateway: device provisioning, ingest, history and live streams. Errors are RFC 9457 application/problem+json.",
+        description = "IoT telemetry gateway: device provisioning, ingest, downlink commands, history and live streams. Errors are RFC 9457 application/problem+json.",
         license(name = "Apache-2.0")
     ),
     paths(
@@ -55,6 +55,12 @@ impl Modify for Security {
         devices::patch,
         devices::delete,
         devices::rotate,
+        commands::create,
+        commands::list,
+        commands::get_one,
+        commands::cancel,
+        ingest::commands::next,
+        ingest::commands::reply,
         keys::create_key,
         keys::list_keys,
         keys::revoke_key,
@@ -73,6 +79,7 @@ impl Modify for Security {
         (name = "keys", description = "Operator API keys and stream tokens"),
         (name = "telemetry", description = "Device ingest and history"),
         (name = "live", description = "Live streams"),
+        (name = "commands", description = "Downlink commands to devices (admin to send and cancel, viewer to read; the device side with the device token)"),
     )
 )]
 pub struct ApiDoc;

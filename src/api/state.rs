@@ -9,6 +9,7 @@ use fluxgate_proto::Limits;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::commands::Commands;
 use crate::live::{Hub, SessionDeps};
 use crate::model::{Envelope, QueueBudget};
 use crate::observe::Metrics;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// Devices, tokens and operator keys.
     pub registry: Arc<Registry>,
+    /// Downlink commands.
+    pub commands: Commands,
     /// The embedded store's reader, when the store is enabled.
     pub store: Option<StoreReader>,
     /// Where ingest handlers send envelopes (bounded in messages)...

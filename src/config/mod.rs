@@ -94,6 +94,8 @@ pub struct Config {
     pub live: LiveConfig,
     /// The device registry.
     pub devices: DevicesConfig,
+    /// Downlink commands to devices.
+    pub commands: CommandsConfig,
     /// Defences of authentication against floods of bad credentials.
     pub auth: AuthConfig,
     /// External time-series databases (`[sinks.influxdb]`).
@@ -113,8 +115,45 @@ impl Default for Config {
             store: StoreConfig::default(),
             live: LiveConfig::default(),
             devices: DevicesConfig::default(),
+            commands: CommandsConfig::default(),
             auth: AuthConfig::default(),
             sinks: SinksConfig::default(),
+        }
+    }
+}
+
+/// Downlink commands (`POST /api/v1/devices/{id}/commands`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// Most unfinished commands (queued, sent or delivered and waiting for the reply)
+    /// one device may have; one more is refused with 429 (`command_queue_full`) and
+    /// counted.
+    pub max_queued: usize,
+    /// Finished commands kept per device for `GET .../commands` (older ones are deleted
+    /// when a new command is created).
+    pub history: usize,
+    /// `timeout` of a command that names none: how long after it was sent a reply may
+    /// come before it fails with `timeout`.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// `ttl` of a command that names none: how long it may wait for its device to be
+    /// reachable before it expires.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Largest `ttl` (and `timeout`) a command may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        Self {
+            max_queued: 16,
+            history: 100,
+            default_timeout: Duration::from_secs(30),
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -694,6 +733,7 @@ impl Config {
             ("live.ring_bytes", self.live.ring_bytes),
             ("live.max_subscriptions", self.live.max_subscriptions),
             ("http.max_connections", self.http.max_connections),
+            ("commands.max_queued", self.commands.max_queued),
             ("pipeline.queue_bytes", self.pipeline.queue_bytes),
             (
                 "live.max_subscribers_per_key",
@@ -704,6 +744,19 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
+        }
+        let c = &self.commands;
+        if c.default_ttl > c.max_ttl || c.default_timeout > c.max_ttl {
+            return Err(invalid(
+                "commands.max_ttl",
+                "must be at least commands.default_ttl and commands.default_timeout",
+            ));
+        }
+        if c.default_timeout.is_zero() {
+            return Err(invalid(
+                "commands.default_timeout",
+                "must be greater than 0",
+            ));
         }
         self.http.tls.listener().validate("http.tls")?;
         self.mqtt.tls.listener().validate("mqtt.tls")?;

@@ -3,12 +3,15 @@
 //! - `mqtt`: the MQTT 3.1.1 device front (one task per connection; the only module that
 //!   imports an MQTT codec);
 //! - `ws`: `GET /api/v1/ingest/ws`, one acknowledgement or error frame per message;
-//! - `http`: `POST /api/v1/devices/{id}/telemetry`.
+//! - `http`: `POST /api/v1/devices/{id}/telemetry`;
+//! - `commands`: the HTTP device side of downlink commands (long poll, replies); MQTT
+//!   and WS carry commands and replies on their own connections.
 //!
 //! Every ingest path authenticates the device: MQTT at CONNECT (client id = username =
 //! device id, password = token) plus the exact-topic rules, WS and HTTP
 //! with the device token as `Authorization: Bearer` (`api::auth::DeviceAuth`).
 
+pub mod commands;
 pub mod http;
 pub mod mqtt;
 pub mod ws;

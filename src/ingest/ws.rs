@@ -23,6 +23,14 @@
 //! A message over `limits.max_payload_bytes` is answered `payload_too_large` here, before
 //! it is queued. A connection that sends nothing, not even a ping, for
 //! `http.ws_idle_timeout` is closed (code 1001, counted as `ws_idle_timeout`).
+//!
+//! Downlink commands travel on the same socket: the gateway sends
+//! `{"type":"command","id":..,"name":..,"params":{..}}`; the device may confirm with
+//! `{"type":"received","id":..}` and answers `{"type":"reply","id":..,"ok":true,
+//! "result":..}` or `{"type":"reply","id":..,"ok":false,"error":".."}` (a reply implies
+//! receipt). These frames take no `seq` and get no ack; a refused one (another
+//! device's or an unknown command, a malformed reply) is answered with
+//! `{"type":"error","id":..,"reason":..,"detail":..}`.
 
 use axum::Extension;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
@@ -37,8 +45,9 @@ use super::submit;
 use crate::api::auth::{ClientAddr, DeviceAuth};
 use crate::api::error::ApiError;
 use crate::api::state::AppState;
-use crate::model::{AckResult, DecodeError, DeviceId, Encoding, Rejection, Transport};
-use crate::observe::{Event, HttpCloseReason};
+use crate::commands::ReplyRefused;
+use crate::model::{AckResult, DecodeError, DeviceId, Encoding, Rejection, Reply, Transport};
+use crate::observe::{CommandRefusal, Event, HttpCloseReason};
 use crate::registry::DeviceCredential;
 use crate::tls::PeerIdentity;
 
@@ -239,6 +248,89 @@ where
     }
 }
 
+/// Answers to refused command frames buffered for the writer (the reader waits when
+/// it is full).
+const CONTROL_QUEUE: usize = 8;
+
+/// A device's frame about a command: `{"type":"received","id":..}` or
+/// `{"type":"reply","id":..,"ok":..,"result"|"error":..}`.
+#[derive(serde::Deserialize)]
+struct ControlFrame {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    ok: Option<bool>,
+    #[serde(default)]
+    result: Option<serde_json::Value>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// The command frame in a text frame, if it is one: a JSON object whose top-level
+/// `type` is `received` or `reply`. Telemetry objects have no `type` key unless a
+/// metric is named so, and then its value is a reading: only those two strings turn a
+/// frame into a command frame. The cheap substring test keeps telemetry frames from
+/// being parsed twice.
+fn control_frame(text: &str) -> Option<ControlFrame> {
+    if !text.contains("\"type\"") {
+        return None;
+    }
+    let frame: ControlFrame = serde_json::from_str(text).ok()?;
+    matches!(frame.kind.as_str(), "received" | "reply").then_some(frame)
+}
+
+/// Hand a command frame to the command component; the error frame to send back when
+/// it was refused.
+async fn command_answer(st: &AppState, device: &DeviceId, frame: ControlFrame) -> Option<String> {
+    let id = frame.id.unwrap_or_default();
+    let result = if id.is_empty() {
+        Err((
+            ReplyRefused::Malformed,
+            "a command frame needs the command's `id`".to_owned(),
+        ))
+    } else if frame.kind == "received" {
+        st.commands
+            .received(device, &id)
+            .await
+            .map_err(|e| (e, e.to_string()))
+    } else {
+        match Reply::from_parts(frame.ok.unwrap_or(false), frame.result, frame.error).and_then(
+            |r| {
+                frame
+                    .ok
+                    .map(|_| r)
+                    .ok_or_else(|| "a reply needs `ok`".to_owned())
+            },
+        ) {
+            Ok(reply) => st
+                .commands
+                .reply(device, &id, reply)
+                .await
+                .map_err(|e| (e, e.to_string())),
+            Err(detail) => Err((ReplyRefused::Malformed, detail)),
+        }
+    };
+    let (refused, detail) = result.err()?;
+    if refused == ReplyRefused::Malformed {
+        st.metrics.emit(Event::CommandRefused {
+            device,
+            id: &id,
+            reason: CommandRefusal::MalformedReply,
+        });
+    }
+    let reason = match refused {
+        ReplyRefused::Unknown => "unknown_command",
+        ReplyRefused::NotSent => "not_sent",
+        ReplyRefused::Malformed => "malformed_reply",
+    };
+    Some(
+        serde_json::json!({"type": "error", "id": id, "reason": reason, "detail": detail})
+            .to_string(),
+    )
+}
+
 fn ack_text(seq: u64, outcome: AckResult) -> String {
     match outcome {
         Ok(n) => format!("{{\"type\":\"ack\",\"seq\":{seq},\"readings\":{n}}}"),
@@ -322,8 +414,38 @@ async fn serve_connected(
         mpsc::channel::<(u64, Option<oneshot::Receiver<AckResult>>)>(st.settings.ws_max_inflight);
     // A cumulative ack is written at least every quarter of the window.
     let max_coalesced = (st.settings.ws_max_inflight as u64 / 4).max(1);
+    // Commands for this device (the command component's queue for this connection)
+    // and the answers to refused command frames share the socket with the acks: the
+    // acks are decided as before and handed over through a one-slot channel, and one
+    // loop writes whichever frame is ready.
+    let mut commands = st.commands.attach_ws(device).await;
+    let (control_tx, mut control_rx) = mpsc::channel::<String>(CONTROL_QUEUE);
     let writer = async move {
-        if !answer(&mut pending_rx, &mut sink, mode, max_coalesced).await {
+        let (acks_tx, acks_rx) = mpsc::channel::<Message>(1);
+        let acks = async {
+            let mut acks_sink = tokio_util::sync::PollSender::new(acks_tx);
+            answer(&mut pending_rx, &mut acks_sink, mode, max_coalesced).await
+        };
+        let forward = async {
+            // Owned here: when the socket fails, the acks stop with it.
+            let mut acks_rx = acks_rx;
+            loop {
+                let msg = tokio::select! {
+                    biased;
+                    m = acks_rx.recv() => match m {
+                        Some(m) => m,
+                        None => return true,
+                    },
+                    Some(frame) = control_rx.recv() => Message::Text(frame.into()),
+                    Some(command) = commands.recv() => Message::Text(command.ws_frame().into()),
+                };
+                if sink.send(msg).await.is_err() {
+                    return false;
+                }
+            }
+        };
+        let (answered, forwarded) = tokio::join!(acks, forward);
+        if !answered || !forwarded {
             return;
         }
         if too_big.load(std::sync::atomic::Ordering::Relaxed) {
@@ -411,7 +533,19 @@ async fn serve_connected(
                 .as_mut()
                 .reset(tokio::time::Instant::now() + idle_timeout);
             let (encoding, payload): (Encoding, Bytes) = match msg {
-                Some(Ok(Message::Text(t))) => (Encoding::Json, Bytes::from(t)),
+                Some(Ok(Message::Text(t))) => {
+                    if let Some(frame) = control_frame(t.as_str()) {
+                        // A command frame, not telemetry: it takes no `seq` and gets
+                        // no ack; a refused one is answered with an error frame.
+                        if let Some(answer) = command_answer(st, device, frame).await {
+                            if control_tx.send(answer).await.is_err() {
+                                break;
+                            }
+                        }
+                        continue;
+                    }
+                    (Encoding::Json, Bytes::from(t))
+                }
                 Some(Ok(Message::Binary(b))) => (Encoding::Postcard, b),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Ok(Message::Close(_))) | None => break,
@@ -451,8 +585,9 @@ async fn serve_connected(
                 break;
             }
         }
-        // Dropping the sender lets the writer answer what is pending and then close.
+        // Dropping the senders lets the writer answer what is pending and then close.
         drop(pending_tx);
+        drop(control_tx);
         if shutting_down {
             // Keep reading (and discarding: those messages get no ack, so the device
             // resends them) until the device answers the close, so the pending acks are

@@ -8,17 +8,23 @@
 //! sides of a contract depend downward: the pipeline hands [`DurableBatch`]es to the
 //! store and the sink, the registry answers [`DeviceLabels`] for the live hub,
 //! observe counts [`AuthFailure`]s that the registry returns, and every [`Envelope`]
-//! carries its bytes of the ingest queue's [`QueueBudget`] to the pipeline. Values
+//! carries its bytes of the ingest queue's [`QueueBudget`] to the pipeline; downlink
+//! [`Command`]s pass between the command component, the registry, the transports (a
+//! [`Downlink`]) and the API. Values
 //! render as JSON with the wire format's own [`JsonValue`].
 
 mod ack;
 mod auth;
 mod budget;
+mod command;
 mod labels;
 
 pub use ack::{AckPart, DurableBatch};
 pub use auth::AuthFailure;
 pub use budget::{BudgetPermit, QueueBudget};
+pub use command::{
+    Command, CommandState, Downlink, DownlinkOutcome, MAX_REPLY_ERROR_CHARS, Outgoing, Reply,
+};
 pub use labels::{DeviceLabels, NoLabels};
 
 use std::sync::Arc;

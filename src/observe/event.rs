@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use super::auth_metrics::{AuthTable, Credential, KeyMiss, OperatorRefusal};
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
-use super::labels::{HttpCloseReason, MqttCloseReason, MqttViolation, ResumeSource};
+use super::labels::{
+    CommandRefusal, HttpCloseReason, MqttCloseReason, MqttViolation, ResumeSource,
+};
 use super::tls_metrics::{TlsFailure, TlsListener};
-use crate::model::{AuthFailure, Transport};
+use crate::model::{AuthFailure, CommandState, Transport};
 
 /// Something that happened and is counted (and maybe logged).
 #[derive(Debug)]
@@ -263,5 +265,38 @@ pub enum Event<'a> {
     LiveStreamsRevoked {
         /// Streams that were open under the key.
         count: u64,
+    },
+    /// A downlink command reached a new state (counted per state entered).
+    CommandChanged {
+        /// Its device.
+        device: &'a str,
+        /// Its id.
+        id: &'a str,
+        /// Its name.
+        name: &'a str,
+        /// The state it entered.
+        state: CommandState,
+        /// On `delivered`: the time from sending to the device's confirmation.
+        delivery: Option<Duration>,
+        /// On a reply (`replied`, or `failed` by the device): the time from sending.
+        reply: Option<Duration>,
+    },
+    /// A command request or a device's reply to a command was refused.
+    CommandRefused {
+        /// The device.
+        device: &'a str,
+        /// The command id it named (a new id for a refused creation).
+        id: &'a str,
+        /// Why.
+        reason: CommandRefusal,
+    },
+    /// A command's new state could not be written to the registry database; it holds
+    /// in memory and is written with the command's next step (a restart meanwhile
+    /// resumes from the last written state).
+    CommandStoreFailed {
+        /// The command.
+        id: &'a str,
+        /// What failed.
+        error: &'a str,
     },
 }

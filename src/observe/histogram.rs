@@ -13,6 +13,12 @@ pub(super) const SECONDS_BOUNDS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
+/// Bucket bounds for command latencies, in seconds: from a device on the same network
+/// (milliseconds) to one that answers after a minute of work.
+pub(super) const COMMAND_SECONDS_BOUNDS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 /// Bucket bounds for batch sizes, in rows: from one (an acknowledged WS message) to the
 /// largest batch the batcher makes.
 pub(super) const ROWS_BOUNDS: &[f64] = &[

@@ -1,7 +1,8 @@
 //! The closed label sets of the registry other than drop reasons: queues, HTTP close
 //! reasons, resume sources and transports.
 //! The closed label sets of the registry other than drop reasons: queues, resume
-//! sources, transports, and the MQTT front's protocol violations and connection ends.
+//! sources, transports, the MQTT front's protocol violations and connection ends, and
+//! command refusals.
 //!
 //! Each set is an enumeration with an `ALL` array, so every label value is exported
 //! (as zero) from the start and a dashboard never has to guess whether a series is
@@ -269,6 +270,41 @@ pub(super) fn transport_index(t: Transport) -> usize {
     }
 }
 
+/// Why a command request or a device's answer to a command was refused
+/// (`fluxgate_commands_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandRefusal {
+    /// A new command for a device that has `commands.max_queued` unfinished ones (429).
+    QueueFull,
+    /// A reply or receipt for a command the device has no unfinished command by (never
+    /// existed, another device's, or finished already).
+    UnknownCommand,
+    /// A reply for a command that is queued again and not sent.
+    NotSent,
+    /// A reply body that is not `{"ok":..}`.
+    MalformedReply,
+}
+
+impl CommandRefusal {
+    /// Every reason, in discriminant order.
+    pub(super) const ALL: [CommandRefusal; 4] = [
+        CommandRefusal::QueueFull,
+        CommandRefusal::UnknownCommand,
+        CommandRefusal::NotSent,
+        CommandRefusal::MalformedReply,
+    ];
+
+    /// The metric label.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            CommandRefusal::QueueFull => "queue_full",
+            CommandRefusal::UnknownCommand => "unknown_command",
+            CommandRefusal::NotSent => "not_sent",
+            CommandRefusal::MalformedReply => "malformed_reply",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +326,9 @@ mod tests {
             assert_eq!(*v as usize, i, "{v:?}");
         }
         for (i, r) in MqttCloseReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        for (i, r) in CommandRefusal::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{r:?}");
         }
         for (i, t) in Transport::ALL.iter().enumerate() {

@@ -35,11 +35,13 @@ pub(super) enum LogClass {
     StoreQueryRejected,
     /// The HTTP server refused a connection over `http.max_connections`.
     HttpRefused,
+    /// A command request or a device's reply to a command was refused.
+    CommandRefused,
 }
 
 impl LogClass {
     /// How many classes there are; the discriminant indexes [`LogBudgets`].
-    const COUNT: usize = 9;
+    const COUNT: usize = 10;
 }
 
 /// One budget per [`LogClass`].
@@ -106,6 +108,7 @@ mod tests {
         LogClass::SinkRetry,
         LogClass::StoreQueryRejected,
         LogClass::HttpRefused,
+        LogClass::CommandRefused,
     ];
 
     /// Uses up the budget of `class` in `second` and checks that the next line is

@@ -12,13 +12,14 @@ use fluxgate_proto::DECODE_ERROR_REASONS;
 use super::auth_metrics::AuthMetrics;
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::event::Event;
-use super::histogram::{Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
+use super::histogram::{COMMAND_SECONDS_BOUNDS, Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
 use super::labels::{
-    HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource, transport_index,
+    CommandRefusal, HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource,
+    transport_index,
 };
 use super::log_budget::{LogBudgets, LogClass};
 use super::tls_metrics::{TlsListener, TlsMetrics};
-use crate::model::{AuthFailure, Transport};
+use crate::model::{AuthFailure, CommandState, Transport};
 
 /// The gateway's metrics registry. Shared as `Arc<Metrics>`.
 ///
@@ -104,6 +105,16 @@ pub struct Metrics {
     pub(super) budget_full: [AtomicU64; Transport::ALL.len()],
     /// Operator authentication and its defences.
     pub(super) auth: AuthMetrics,
+    /// Commands that entered each state, in `CommandState::ALL` order.
+    pub(super) commands: [AtomicU64; CommandState::ALL.len()],
+    /// Command requests and replies refused, by reason.
+    pub(super) commands_refused: [AtomicU64; CommandRefusal::ALL.len()],
+    /// Failed writes of a command's state.
+    pub(super) command_store_errors: AtomicU64,
+    /// Seconds from sending a command to the device's confirmation.
+    pub(super) command_delivery: Histogram,
+    /// Seconds from sending a command to the device's reply.
+    pub(super) command_reply: Histogram,
     /// Rate limits of the log lines that outside input can cause.
     log_budgets: LogBudgets,
 }
@@ -194,6 +205,11 @@ impl Default for Metrics {
             http_closed: Default::default(),
             budget_full: Default::default(),
             auth: AuthMetrics::default(),
+            commands: Default::default(),
+            commands_refused: Default::default(),
+            command_store_errors: AtomicU64::new(0),
+            command_delivery: Histogram::new(COMMAND_SECONDS_BOUNDS, 1e6),
+            command_reply: Histogram::new(COMMAND_SECONDS_BOUNDS, 1e6),
             log_budgets: LogBudgets::default(),
         }
     }
@@ -570,6 +586,43 @@ impl Metrics {
             Event::LiveStreamsRevoked { count } => {
                 self.auth.streams_revoked.fetch_add(count, Relaxed);
                 tracing::info!(count, "ended the live streams of a revoked API key");
+            }
+            Event::CommandChanged {
+                device,
+                id,
+                name,
+                state,
+                delivery,
+                reply,
+            } => {
+                if let Some(i) = CommandState::ALL.iter().position(|s| *s == state) {
+                    self.commands[i].fetch_add(1, Relaxed);
+                }
+                if let Some(d) = delivery {
+                    self.command_delivery.observe(d.as_secs_f64());
+                }
+                if let Some(d) = reply {
+                    self.command_reply.observe(d.as_secs_f64());
+                }
+                // Operators create commands one at a time: a line per step is cheap
+                // and is the audit trail of what was sent to a device.
+                tracing::info!(device, id, name, state = state.as_str(), "command");
+            }
+            Event::CommandRefused { device, id, reason } => {
+                self.commands_refused[reason as usize].fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::CommandRefused) {
+                    tracing::warn!(
+                        device,
+                        id,
+                        reason = reason.as_str(),
+                        suppressed,
+                        "command request or reply refused"
+                    );
+                }
+            }
+            Event::CommandStoreFailed { id, error } => {
+                self.command_store_errors.fetch_add(1, Relaxed);
+                tracing::error!(id, error, "cannot store a command's new state");
             }
         }
     }

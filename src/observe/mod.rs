@@ -12,7 +12,8 @@
 //! - `event`: [`Event`], what callers report.
 //! - `drop_reason`: why something was dropped, one reason type per counted unit.
 //! - `labels`: the other closed label sets ([`Queue`], [`HttpCloseReason`],
-//!   [`ResumeSource`], transports, [`MqttViolation`], [`MqttCloseReason`]).
+//!   [`ResumeSource`], transports, [`MqttViolation`], [`MqttCloseReason`],
+//!   [`CommandRefusal`]).
 //! - `metrics`: [`Metrics`], the registry of atomics, and `emit`.
 //! - `histogram`: fixed-bucket histograms.
 //! - `prometheus`: the text exposition of the registry.
@@ -35,6 +36,8 @@ mod tls_metrics;
 pub use auth_metrics::{AuthTable, Credential, KeyMiss, OperatorRefusal};
 pub use drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 pub use event::Event;
-pub use labels::{HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource};
+pub use labels::{
+    CommandRefusal, HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource,
+};
 pub use metrics::Metrics;
 pub use tls_metrics::{TlsFailure, TlsListener};

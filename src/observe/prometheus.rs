@@ -12,10 +12,11 @@ use fluxgate_proto::DECODE_ERROR_REASONS;
 
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::labels::{
-    HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource, transport_index,
+    CommandRefusal, HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource,
+    transport_index,
 };
 use super::metrics::Metrics;
-use crate::model::{AuthFailure, Transport};
+use crate::model::{AuthFailure, CommandState, Transport};
 
 impl Metrics {
     /// Render the Prometheus text exposition format.
@@ -176,13 +177,49 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
+        let name = "fluxgate_commands_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Downlink commands that entered a state, by state.\n# TYPE {name} counter"
+        );
+        for (state, v) in CommandState::ALL.iter().zip(&self.commands) {
+            let _ = writeln!(
+                out,
+                "{name}{{state=\"{}\"}} {}",
+                state.as_str(),
+                v.load(Relaxed)
+            );
+        }
+        labelled_counter(
+            &mut out,
+            "fluxgate_commands_refused_total",
+            "Command requests and device replies to commands refused, by reason.",
+            CommandRefusal::ALL.iter().map(|r| r.as_str()),
+            &self.commands_refused,
+        );
+        self.command_delivery.render(
+            &mut out,
+            "fluxgate_command_delivery_seconds",
+            "Time from sending a command to the device's confirmation (PUBACK, WS received, HTTP poll answer).",
+        );
+        self.command_reply.render(
+            &mut out,
+            "fluxgate_command_reply_seconds",
+            "Time from sending a command to the device's reply.",
+        );
         self.sink.write.render(
             &mut out,
             "fluxgate_influxdb_write_seconds",
             "Time from the first attempt of an InfluxDB write request to its success.",
         );
         let s = &self.sink;
-        let scalars: [(&str, &str, &str, i64); 30] = [
+        let scalars: [(&str, &str, &str, i64); 31] = [
+            (
+                "fluxgate_command_store_errors_total",
+                "counter",
+                "Failed writes of a command's new state to the registry database.",
+                self.command_store_errors.load(Relaxed) as i64,
+            ),
             (
                 "fluxgate_tls_reloads_total",
                 "counter",

@@ -148,5 +148,6 @@ fn open_db(data_dir: &Path) -> Result<Connection, RegistryError> {
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.execute_batch(SCHEMA)?;
+    conn.execute_batch(super::commands::SCHEMA)?;
     Ok(conn)
 }

@@ -346,7 +346,12 @@ impl Registry {
     pub fn delete(&self, id: &str, if_match: Option<&str>) -> Result<(), RegistryError> {
         let db = lock(&self.db);
         let current = self.checked_record(id, if_match)?;
-        db.execute("DELETE FROM devices WHERE id = ?1", params![id])?;
+        let tx = db.unchecked_transaction()?;
+        tx.execute("DELETE FROM devices WHERE id = ?1", params![id])?;
+        // A deleted device's commands go with it (open ones included: no device can
+        // take them any more; the command component lets its copies expire).
+        tx.execute("DELETE FROM commands WHERE device = ?1", params![id])?;
+        tx.commit()?;
         {
             let mut state = self.write();
             state.devices.remove(id);

@@ -11,10 +11,14 @@
 //! keys cannot make the gateway query the database at their rate or wait for a writer.
 //! Devices are only written through this process.
 //!
+//! Downlink commands are stored here too (`commands`), so that they survive a restart;
+//! the command component owns their life.
+//!
 //! Revocations (disable, delete, token rotation) are broadcast so that ingest can close the
 //! device's open connections: MQTT and WebSocket both listen.
 
 mod auth;
+mod commands;
 mod db;
 mod devices;
 mod error;

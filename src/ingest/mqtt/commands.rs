@@ -9,6 +9,8 @@
 //!   once; beyond that [`CommandError::Full`] (full-policy: refuse to the caller);
 //! - each command gets a packet id of its connection; the outcome is
 //!   [`Delivery::Acked`] on the device's PUBACK;
+//! - it is the command component's push transport ([`Downlink`]): a command it takes
+//!   is `sent`, and `delivered` on the PUBACK;
 //! - if the connection ends first: with `clean_session = false`, the gateway keeps the
 //!   unacknowledged commands (in memory, in a session bounded by
 //!   `mqtt.max_connections` sessions) and sends them again, DUP set and with the same
@@ -23,6 +25,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::sessions::{CommandError, Delivery, Sessions};
+use crate::model::{Downlink, DownlinkOutcome};
 
 /// The handle to send commands to MQTT devices (cheap to clone).
 #[derive(Clone)]
@@ -43,5 +46,16 @@ impl MqttCommands {
         payload: Bytes,
     ) -> Result<oneshot::Receiver<Delivery>, CommandError> {
         self.sessions.send(device, payload)
+    }
+}
+
+impl Downlink for MqttCommands {
+    fn offer(&self, device: &str, payload: Bytes) -> Option<DownlinkOutcome> {
+        // Offline, not subscribed, or `mqtt.max_outbound` reached: not reachable this
+        // way now (the command stays queued).
+        let outcome = self.send(device, payload).ok()?;
+        Some(Box::pin(async move {
+            matches!(outcome.await, Ok(Delivery::Acked))
+        }))
     }
 }

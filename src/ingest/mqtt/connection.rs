@@ -48,13 +48,15 @@ use super::connect_rate::ConnectRate;
 use super::rules;
 use super::sessions::{Delivery, Link, Outbound, Sessions};
 use super::stream::DeviceStream;
+use crate::commands::Commands;
 use crate::config::{CertIdentity, PubackPolicy};
 use crate::model::{
-    AckResult, AuthFailure, DecodeError, Encoding, Envelope, QueueBudget, Rejection, Transport,
-    now_ms,
+    AckResult, AuthFailure, DecodeError, Encoding, Envelope, QueueBudget, Rejection, Reply,
+    Transport, now_ms,
 };
 use crate::observe::{
-    Event, MessageDropReason, Metrics, MqttCloseReason, MqttViolation, TlsFailure, TlsListener,
+    CommandRefusal, Event, MessageDropReason, Metrics, MqttCloseReason, MqttViolation, TlsFailure,
+    TlsListener,
 };
 use crate::registry::{DeviceCredential, Registry, secret};
 use crate::tls::{PeerIdentity, ReloadableTls};
@@ -66,6 +68,8 @@ pub(super) struct Front {
     pub(super) sessions: Arc<Sessions>,
     pub(super) output: mpsc::Sender<Envelope>,
     pub(super) budget: QueueBudget,
+    /// Replies go here; a subscription to the command topic is a reachability hint.
+    pub(super) commands: Commands,
     /// `None` without `mqtt.connect_rate`.
     pub(super) connect_rate: Option<Mutex<ConnectRate>>,
     pub(super) settings: Settings,
@@ -544,6 +548,9 @@ impl Connection<'_> {
                     &Packet::SubAck(SubAck::new(subscribe.pkid, codes)),
                     &mut self.wbuf,
                 );
+                // Queued commands can go now (after the SUBACK: the session loop
+                // writes both in this order).
+                self.front.commands.reachable(device);
                 Ok(())
             }
             Packet::Unsubscribe(unsubscribe) => {
@@ -598,10 +605,15 @@ impl Connection<'_> {
         let durable =
             publish.qos == Qos::AtLeastOnce && front.settings.puback == PubackPolicy::Durable;
         let outcome = match telemetry_encoding(device, &publish.topic) {
-            // Status messages and command replies are acknowledged and not stored:
-            // presence comes from the connection itself, and command replies are for
-            // the command API.
-            None => Outcome::Ready(Ok(0)),
+            // Command replies go to the command component (a malformed or unknown one
+            // is counted there and here); both they and status messages are
+            // acknowledged and not stored: presence comes from the connection itself.
+            None => {
+                if let Some(cmd) = reply_command(device, &publish.topic) {
+                    self.reply(device, cmd, &publish.payload).await;
+                }
+                Outcome::Ready(Ok(0))
+            }
             Some(_) if publish.payload.len() > front.settings.max_payload_bytes => {
                 let error = DecodeError::PayloadTooLarge {
                     size: publish.payload.len(),
@@ -667,6 +679,23 @@ impl Connection<'_> {
             });
         }
         Ok(())
+    }
+
+    /// A reply on `devices/{id}/commands/{cmd}/reply`: to the command component, which
+    /// refuses (and counts) one for a command this device has not open. The device is
+    /// not told (MQTT has no negative PUBACK), as with any other refused publish.
+    async fn reply(&self, device: &str, cmd: &str, payload: &[u8]) {
+        let front = self.front;
+        match Reply::parse(payload) {
+            Ok(reply) => {
+                let _ = front.commands.reply(device, cmd, reply).await;
+            }
+            Err(_) => front.metrics.emit(Event::CommandRefused {
+                device,
+                id: cmd,
+                reason: CommandRefusal::MalformedReply,
+            }),
+        }
     }
 
     /// PUBACK the answered QoS 1 PUBLISHes at the front of the queue, in order.
@@ -883,6 +912,16 @@ fn telemetry_encoding(device: &str, topic: &str) -> Option<Encoding> {
         "telemetry/bin" => Some(Encoding::Postcard),
         _ => None,
     }
+}
+
+/// The command id of a reply topic of `device` (already checked to be one of its
+/// exact topics).
+fn reply_command<'t>(device: &str, topic: &'t str) -> Option<&'t str> {
+    topic
+        .strip_prefix("devices/")?
+        .strip_prefix(device)?
+        .strip_prefix("/commands/")?
+        .strip_suffix("/reply")
 }
 
 /// Hand one message to the pipeline: take its bytes from the budget and queue it,

@@ -40,6 +40,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::commands::Commands;
 use crate::config::{LimitsConfig, MqttConfig};
 use crate::model::{Envelope, QueueBudget};
 use crate::observe::{Event, Metrics, MqttCloseReason};
@@ -162,6 +163,7 @@ impl MqttIngest {
         self,
         output: mpsc::Sender<Envelope>,
         budget: QueueBudget,
+        commands: Commands,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) {
@@ -187,6 +189,7 @@ impl MqttIngest {
             sessions: self.sessions.clone(),
             output,
             budget,
+            commands,
             connect_rate: (self.config.connect_rate > 0.0).then(|| {
                 std::sync::Mutex::new(ConnectRate::new(
                     self.config.connect_rate,

@@ -1,0 +1,674 @@
+//! [`Dispatcher`]: the one task that owns every unfinished command. Requests (create,
+//! cancel, receipts, replies, devices becoming reachable) arrive on one bounded queue
+//! and are handled one at a time, so a command's steps are ordered without locks; each
+//! step is committed to the registry database before anyone hears of it (the answer to
+//! the API, the live event, the next send).
+//!
+//! Delivery, per device, in creation order and one command at a time: the head of the
+//! device's queue is offered to the push transports (MQTT), then to the device's open
+//! WebSocket ingest connections, then to a waiting HTTP long poll; the first that takes
+//! it makes it `sent`. The next command goes once the device confirmed this one
+//! (`delivered`), or it finished. A loss (the MQTT connection ended before the PUBACK,
+//! the WebSocket closed before `received`) puts it back at the head of the queue.
+//! Nothing here waits for a device: MQTT outcomes are futures polled by the loop, WS
+//! connections are checked for closing by the once-a-second tick, which also retries
+//! devices with queued commands (a reachability hint may have been dropped).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::error::{CommandsError, ReplyRefused};
+use super::expiry::{Deadlines, instant_of};
+use super::machine::{self, Step};
+use crate::config::CommandsConfig;
+use crate::model::{Command, CommandState, Downlink, Outgoing, Reply, now_ms};
+use crate::observe::{CommandRefusal, Event, Metrics};
+use crate::registry::{Registry, RegistryError};
+
+/// How often queued commands are offered again and WS deliveries checked for a closed
+/// connection.
+const TICK: Duration = Duration::from_secs(1);
+
+/// A request to the dispatcher.
+pub(super) enum Request {
+    Create {
+        cmd: Command,
+        resp: oneshot::Sender<Result<Command, CommandsError>>,
+    },
+    Cancel {
+        device: String,
+        id: String,
+        resp: oneshot::Sender<Result<Command, CommandsError>>,
+    },
+    Received {
+        device: String,
+        id: String,
+        resp: oneshot::Sender<Result<(), ReplyRefused>>,
+    },
+    Reply {
+        device: String,
+        id: String,
+        reply: Reply,
+        resp: oneshot::Sender<Result<(), ReplyRefused>>,
+    },
+    AttachWs {
+        device: String,
+        tx: mpsc::Sender<Outgoing>,
+    },
+    Poll {
+        device: String,
+        tx: oneshot::Sender<Outgoing>,
+    },
+    Reachable {
+        device: String,
+    },
+}
+
+/// How an in-flight command went out.
+enum Route {
+    /// A push transport; its outcome future is in `outcomes`.
+    Push,
+    /// A WebSocket connection: lost if it closes before `received` or a reply.
+    Ws(mpsc::Sender<Outgoing>),
+}
+
+struct Entry {
+    cmd: Command,
+    /// Sends so far; an outcome of an earlier send is stale.
+    attempt: u32,
+    /// The deadline currently armed (`ttl` while queued, `timeout` once sent).
+    deadline: Instant,
+    /// When `ttl` runs out (a lost command waits again until then).
+    ttl_deadline: Instant,
+    route: Option<Route>,
+}
+
+#[derive(Default)]
+struct DeviceQueue {
+    /// Queued commands, oldest first.
+    queued: VecDeque<String>,
+    /// The command sent and not yet confirmed.
+    in_flight: Option<String>,
+    /// Unfinished commands (queued, sent, delivered): the `max_queued` count.
+    open: usize,
+}
+
+type OutcomeFuture = Pin<Box<dyn Future<Output = (String, u32, bool)> + Send + Sync>>;
+
+/// The command component's task (see the module docs). Built with
+/// [`Commands::new`](super::Commands::new), started by `app` with [`Dispatcher::run`].
+pub struct Dispatcher {
+    pub(super) registry: Arc<Registry>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) config: Arc<CommandsConfig>,
+    pub(super) requests: mpsc::Receiver<Request>,
+    pub(super) events: broadcast::Sender<Arc<Command>>,
+    entries: HashMap<String, Entry>,
+    devices: HashMap<String, DeviceQueue>,
+    deadlines: Deadlines,
+    /// Open WebSocket ingest connections per device (closed ones are dropped when
+    /// seen).
+    ws: HashMap<String, Vec<mpsc::Sender<Outgoing>>>,
+    /// The waiting HTTP long poll per device (a newer poll replaces an older one).
+    pollers: HashMap<String, oneshot::Sender<Outgoing>>,
+    outcomes: FuturesUnordered<OutcomeFuture>,
+}
+
+impl Dispatcher {
+    pub(super) fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        config: Arc<CommandsConfig>,
+        requests: mpsc::Receiver<Request>,
+        events: broadcast::Sender<Arc<Command>>,
+    ) -> Self {
+        Self {
+            registry,
+            metrics,
+            config,
+            requests,
+            events,
+            entries: HashMap::new(),
+            devices: HashMap::new(),
+            deadlines: Deadlines::default(),
+            ws: HashMap::new(),
+            pollers: HashMap::new(),
+            outcomes: FuturesUnordered::new(),
+        }
+    }
+
+    /// Load the unfinished commands, then serve requests until shutdown (or until every
+    /// handle is gone). `downlinks` are the push transports, tried in order.
+    pub async fn run(mut self, downlinks: Vec<Arc<dyn Downlink>>, shutdown: CancellationToken) {
+        self.load().await;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next = self.deadlines.next();
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = self.requests.recv() => match r {
+                    Some(r) => self.request(r, &downlinks).await,
+                    None => break,
+                },
+                Some((id, attempt, acked)) = self.outcomes.next(), if !self.outcomes.is_empty() => {
+                    self.outcome(&id, attempt, acked, &downlinks).await;
+                }
+                () = sleep_until(next) => self.expire(&downlinks).await,
+                _ = tick.tick() => self.retry(&downlinks).await,
+            }
+        }
+    }
+
+    /// The unfinished commands of the database: a command that was `sent` when the
+    /// gateway stopped is queued again (its device may not have it; it carries its id
+    /// for that reason), a `delivered` one waits for its reply until its timeout.
+    async fn load(&mut self) {
+        let reg = self.registry.clone();
+        let open = match tokio::task::spawn_blocking(move || reg.commands_open()).await {
+            Ok(Ok(open)) => open,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot load the unfinished commands");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the unfinished commands");
+                return;
+            }
+        };
+        let (wall, now) = (now_ms(), Instant::now());
+        for mut cmd in open {
+            let ttl_deadline = instant_of(cmd.created_ms.saturating_add(cmd.ttl_ms), wall, now);
+            if cmd.state == CommandState::Sent {
+                let _ = machine::apply(&mut cmd, Step::Lost, wall);
+                self.persist(&cmd).await;
+            }
+            let deadline = match cmd.state {
+                CommandState::Delivered => instant_of(
+                    cmd.sent_ms.unwrap_or(wall).saturating_add(cmd.timeout_ms),
+                    wall,
+                    now,
+                ),
+                _ => ttl_deadline,
+            };
+            let q = self.devices.entry(cmd.device.clone()).or_default();
+            q.open += 1;
+            if cmd.state == CommandState::Queued {
+                q.queued.push_back(cmd.id.clone());
+            }
+            self.deadlines.arm(deadline, &cmd.id);
+            self.entries.insert(
+                cmd.id.clone(),
+                Entry {
+                    cmd,
+                    attempt: 0,
+                    deadline,
+                    ttl_deadline,
+                    route: None,
+                },
+            );
+        }
+    }
+
+    async fn request(&mut self, r: Request, downlinks: &[Arc<dyn Downlink>]) {
+        match r {
+            Request::Create { cmd, resp } => {
+                let device = cmd.device.clone();
+                let result = match self.create(cmd).await {
+                    Ok(created) => {
+                        self.dispatch(&device, downlinks).await;
+                        // Its state after the first offer (it may have gone out).
+                        Ok(self
+                            .entries
+                            .get(&created.id)
+                            .map_or(created, |e| e.cmd.clone()))
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = resp.send(result);
+            }
+            Request::Cancel { device, id, resp } => {
+                let _ = resp.send(self.cancel(&device, &id).await);
+            }
+            Request::Received { device, id, resp } => {
+                let r = self.confirm(&device, &id, Step::Delivered, downlinks).await;
+                let _ = resp.send(r);
+            }
+            Request::Reply {
+                device,
+                id,
+                reply,
+                resp,
+            } => {
+                let r = self
+                    .confirm(&device, &id, Step::Reply(reply), downlinks)
+                    .await;
+                let _ = resp.send(r);
+            }
+            Request::AttachWs { device, tx } => {
+                let conns = self.ws.entry(device.clone()).or_default();
+                conns.retain(|c| !c.is_closed());
+                conns.push(tx);
+                self.dispatch(&device, downlinks).await;
+            }
+            Request::Poll { device, tx } => {
+                // A newer poll of the same device replaces the older, which then
+                // answers 204 at once: one waiting poll per device at most.
+                self.pollers.insert(device.clone(), tx);
+                self.dispatch(&device, downlinks).await;
+            }
+            Request::Reachable { device } => self.dispatch(&device, downlinks).await,
+        }
+    }
+
+    async fn create(&mut self, mut cmd: Command) -> Result<Command, CommandsError> {
+        let max = self.config.max_queued;
+        let open = self.devices.get(&cmd.device).map_or(0, |q| q.open);
+        if open >= max {
+            self.metrics.emit(Event::CommandRefused {
+                device: &cmd.device,
+                id: &cmd.id,
+                reason: CommandRefusal::QueueFull,
+            });
+            return Err(CommandsError::QueueFull {
+                device: cmd.device,
+                max,
+            });
+        }
+        let reg = self.registry.clone();
+        let keep = self.config.history;
+        let c = cmd.clone();
+        let seq = tokio::task::spawn_blocking(move || reg.command_insert(&c, keep))
+            .await
+            .map_err(|e| {
+                CommandsError::Registry(RegistryError::Invalid {
+                    field: "command".into(),
+                    detail: e.to_string(),
+                })
+            })?
+            .map_err(|e| match e {
+                RegistryError::NotFound(_) => CommandsError::DeviceNotFound(cmd.device.clone()),
+                e => CommandsError::Registry(e),
+            })?;
+        cmd.seq = seq;
+        let now = Instant::now();
+        let ttl_deadline = now + Duration::from_millis(cmd.ttl_ms);
+        let q = self.devices.entry(cmd.device.clone()).or_default();
+        q.open += 1;
+        q.queued.push_back(cmd.id.clone());
+        self.deadlines.arm(ttl_deadline, &cmd.id);
+        let id = cmd.id.clone();
+        self.changed(&cmd);
+        let created = cmd.clone();
+        self.entries.insert(
+            id,
+            Entry {
+                cmd,
+                attempt: 0,
+                deadline: ttl_deadline,
+                ttl_deadline,
+                route: None,
+            },
+        );
+        Ok(created)
+    }
+
+    async fn cancel(&mut self, device: &str, id: &str) -> Result<Command, CommandsError> {
+        let Some(entry) = self.entries.get_mut(id).filter(|e| e.cmd.device == device) else {
+            // Finished (a conflict) or unknown: the database knows which.
+            let reg = self.registry.clone();
+            let (d, i) = (device.to_owned(), id.to_owned());
+            let found = tokio::task::spawn_blocking(move || reg.command_get(&d, &i))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten();
+            return Err(match found {
+                Some(c) => CommandsError::Conflict {
+                    id: c.id,
+                    state: c.state,
+                },
+                None => CommandsError::NotFound(id.to_owned()),
+            });
+        };
+        if let Err(e) = machine::apply(&mut entry.cmd, Step::Cancel, now_ms()) {
+            return Err(CommandsError::Conflict {
+                id: id.to_owned(),
+                state: e.from,
+            });
+        }
+        let cmd = entry.cmd.clone();
+        if let Some(q) = self.devices.get_mut(device) {
+            q.queued.retain(|c| c != id);
+        }
+        self.finish(&cmd).await;
+        Ok(cmd)
+    }
+
+    /// A receipt or a reply from `device` for command `id`.
+    async fn confirm(
+        &mut self,
+        device: &str,
+        id: &str,
+        step: Step,
+        downlinks: &[Arc<dyn Downlink>],
+    ) -> Result<(), ReplyRefused> {
+        let refused = |me: &Self, reason: ReplyRefused| {
+            me.metrics.emit(Event::CommandRefused {
+                device,
+                id,
+                reason: match reason {
+                    ReplyRefused::Unknown => CommandRefusal::UnknownCommand,
+                    ReplyRefused::NotSent => CommandRefusal::NotSent,
+                    ReplyRefused::Malformed => CommandRefusal::MalformedReply,
+                },
+            });
+            Err(reason)
+        };
+        // Another device's command is unknown to this one: a device only ever sees
+        // and answers its own commands.
+        let Some(entry) = self.entries.get_mut(id).filter(|e| e.cmd.device == device) else {
+            return refused(self, ReplyRefused::Unknown);
+        };
+        match machine::apply(&mut entry.cmd, step, now_ms()) {
+            Ok(false) => return Ok(()),
+            Ok(true) => {}
+            Err(_) => return refused(self, ReplyRefused::NotSent),
+        }
+        entry.route = None;
+        let cmd = entry.cmd.clone();
+        let q = self.devices.entry(device.to_owned()).or_default();
+        if q.in_flight.as_deref() == Some(id) {
+            q.in_flight = None;
+        }
+        if cmd.state.is_final() {
+            self.finish(&cmd).await;
+        } else {
+            self.persist(&cmd).await;
+            self.changed(&cmd);
+        }
+        self.dispatch(device, downlinks).await;
+        Ok(())
+    }
+
+    /// The outcome of a push delivery.
+    async fn outcome(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        acked: bool,
+        downlinks: &[Arc<dyn Downlink>],
+    ) {
+        let current = self
+            .entries
+            .get(id)
+            .is_some_and(|e| e.attempt == attempt && e.cmd.state == CommandState::Sent);
+        if !current {
+            return;
+        }
+        let device = self.entries[id].cmd.device.clone();
+        if acked {
+            let _ = self.confirm(&device, id, Step::Delivered, downlinks).await;
+        } else {
+            self.lost(id).await;
+            self.dispatch(&device, downlinks).await;
+        }
+    }
+
+    /// A sent command was lost by its transport: back to the head of its queue, waiting
+    /// until its `ttl` again.
+    async fn lost(&mut self, id: &str) {
+        let Some(entry) = self.entries.get_mut(id) else {
+            return;
+        };
+        if !matches!(
+            machine::apply(&mut entry.cmd, Step::Lost, now_ms()),
+            Ok(true)
+        ) {
+            return;
+        }
+        entry.route = None;
+        entry.deadline = entry.ttl_deadline;
+        self.deadlines.arm(entry.deadline, id);
+        let cmd = entry.cmd.clone();
+        let q = self.devices.entry(cmd.device.clone()).or_default();
+        if q.in_flight.as_deref() == Some(id) {
+            q.in_flight = None;
+        }
+        q.queued.push_front(id.to_owned());
+        self.persist(&cmd).await;
+        self.changed(&cmd);
+    }
+
+    /// Offer `device`'s next command to its transports, as long as one takes it and
+    /// the device confirms at once (an HTTP poll).
+    async fn dispatch(&mut self, device: &str, downlinks: &[Arc<dyn Downlink>]) {
+        loop {
+            let Some(q) = self.devices.get(device) else {
+                return;
+            };
+            if q.in_flight.is_some() {
+                return;
+            }
+            let Some(id) = q.queued.front().cloned() else {
+                self.forget(device);
+                return;
+            };
+            let Some(entry) = self.entries.get(&id) else {
+                if let Some(q) = self.devices.get_mut(device) {
+                    q.queued.pop_front();
+                }
+                continue;
+            };
+            let out = entry.cmd.outgoing();
+            let attempt = entry.attempt + 1;
+            let mut route = None;
+            for d in downlinks {
+                if let Some(outcome) = d.offer(device, out.mqtt_payload()) {
+                    let id = id.clone();
+                    self.outcomes
+                        .push(Box::pin(async move { (id, attempt, outcome.await) }));
+                    route = Some(Some(Route::Push));
+                    break;
+                }
+            }
+            if route.is_none() {
+                if let Some(conns) = self.ws.get_mut(device) {
+                    conns.retain(|c| !c.is_closed());
+                    for c in conns.iter() {
+                        // A full connection queue (the device does not read) is passed
+                        // over; the command stays queued for the next chance.
+                        if c.try_send(out.clone()).is_ok() {
+                            route = Some(Some(Route::Ws(c.clone())));
+                            break;
+                        }
+                    }
+                }
+            }
+            let mut polled = false;
+            if route.is_none() {
+                if let Some(poller) = self.pollers.remove(device) {
+                    if poller.send(out).is_ok() {
+                        route = Some(None);
+                        polled = true;
+                    }
+                }
+            }
+            let Some(route) = route else {
+                return;
+            };
+            let now = now_ms();
+            let Some(entry) = self.entries.get_mut(&id) else {
+                return;
+            };
+            if machine::apply(&mut entry.cmd, Step::Send, now).is_err() {
+                return;
+            }
+            entry.attempt = attempt;
+            entry.route = route;
+            entry.deadline = Instant::now() + Duration::from_millis(entry.cmd.timeout_ms);
+            self.deadlines.arm(entry.deadline, &id);
+            let sent = entry.cmd.clone();
+            if let Some(q) = self.devices.get_mut(device) {
+                q.queued.pop_front();
+                q.in_flight = Some(id.clone());
+            }
+            if polled {
+                // The long poll's answer is the delivery (HTTP has no other receipt).
+                self.changed(&sent);
+                if let Some(entry) = self.entries.get_mut(&id) {
+                    let _ = machine::apply(&mut entry.cmd, Step::Delivered, now);
+                    let delivered = entry.cmd.clone();
+                    if let Some(q) = self.devices.get_mut(device) {
+                        q.in_flight = None;
+                    }
+                    self.persist(&delivered).await;
+                    self.changed(&delivered);
+                }
+                continue;
+            }
+            self.persist(&sent).await;
+            self.changed(&sent);
+            return;
+        }
+    }
+
+    /// Deadlines that came due: `ttl` of queued commands, `timeout` of sent ones.
+    async fn expire(&mut self, downlinks: &[Arc<dyn Downlink>]) {
+        for (at, id) in self.deadlines.take_due(Instant::now()) {
+            let Some(entry) = self.entries.get_mut(&id).filter(|e| e.deadline == at) else {
+                continue;
+            };
+            let step = if entry.cmd.state == CommandState::Queued {
+                Step::Expire
+            } else {
+                Step::Timeout
+            };
+            if machine::apply(&mut entry.cmd, step, now_ms()).is_err() {
+                continue;
+            }
+            entry.route = None;
+            let cmd = entry.cmd.clone();
+            if let Some(q) = self.devices.get_mut(&cmd.device) {
+                q.queued.retain(|c| *c != id);
+                if q.in_flight.as_deref() == Some(id.as_str()) {
+                    q.in_flight = None;
+                }
+            }
+            self.finish(&cmd).await;
+            self.dispatch(&cmd.device, downlinks).await;
+        }
+    }
+
+    /// Once a second: WS deliveries whose connection closed are lost; devices with
+    /// queued commands and nothing in flight are offered them again.
+    async fn retry(&mut self, downlinks: &[Arc<dyn Downlink>]) {
+        let closed: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(&e.route, Some(Route::Ws(tx)) if tx.is_closed()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in closed {
+            self.lost(&id).await;
+        }
+        self.pollers.retain(|_, p| !p.is_closed());
+        self.ws.retain(|_, conns| {
+            conns.retain(|c| !c.is_closed());
+            !conns.is_empty()
+        });
+        let waiting: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|(_, q)| q.in_flight.is_none() && !q.queued.is_empty())
+            .map(|(d, _)| d.clone())
+            .collect();
+        for device in waiting {
+            self.dispatch(&device, downlinks).await;
+        }
+    }
+
+    /// A command reached a final state: stored, announced, and forgotten here.
+    async fn finish(&mut self, cmd: &Command) {
+        self.persist(cmd).await;
+        self.changed(cmd);
+        self.entries.remove(&cmd.id);
+        if let Some(q) = self.devices.get_mut(&cmd.device) {
+            q.open = q.open.saturating_sub(1);
+        }
+        self.forget(&cmd.device);
+    }
+
+    /// Drop a device's queue entry when nothing of it is left.
+    fn forget(&mut self, device: &str) {
+        if self
+            .devices
+            .get(device)
+            .is_some_and(|q| q.open == 0 && q.queued.is_empty() && q.in_flight.is_none())
+        {
+            self.devices.remove(device);
+        }
+    }
+
+    async fn persist(&self, cmd: &Command) {
+        let reg = self.registry.clone();
+        let c = cmd.clone();
+        let result = tokio::task::spawn_blocking(move || reg.command_update(&c)).await;
+        let error = match result {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        self.metrics.emit(Event::CommandStoreFailed {
+            id: &cmd.id,
+            error: &error,
+        });
+    }
+
+    /// Count and log a new state, and tell the live streams and waiting requests.
+    fn changed(&self, cmd: &Command) {
+        let since_sent = |at: Option<u64>| {
+            cmd.sent_ms
+                .zip(at)
+                .map(|(s, a)| Duration::from_millis(a.saturating_sub(s)))
+        };
+        let delivery = match cmd.state {
+            CommandState::Delivered => since_sent(cmd.delivered_ms),
+            _ => None,
+        };
+        let reply = match cmd.state {
+            CommandState::Replied => since_sent(cmd.finished_ms),
+            CommandState::Failed if cmd.error.as_deref() != Some(machine::TIMEOUT_ERROR) => {
+                since_sent(cmd.finished_ms)
+            }
+            _ => None,
+        };
+        self.metrics.emit(Event::CommandChanged {
+            device: &cmd.device,
+            id: &cmd.id,
+            name: &cmd.name,
+            state: cmd.state,
+            delivery,
+            reply,
+        });
+        // Nobody listening is fine; a lagging listener is told by the channel.
+        let _ = self.events.send(Arc::new(cmd.clone()));
+    }
+}
+
+/// Sleep until `at`, or forever without a deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -278,6 +278,8 @@ pub struct TestGateway {
     /// An operator client with the admin key.
     pub admin: Operator,
     gateway: Option<RunningGateway>,
+    /// The configuration it runs with (for [`TestGateway::restart`]).
+    config: Config,
     // Kept alive (and deleted) with the gateway.
     dir: TempDir,
 }
@@ -301,7 +303,7 @@ impl TestGateway {
         // The same validation the binary applies, so a test cannot run an impossible
         // configuration.
         config.validate().unwrap();
-        let gateway = Gateway::start(config).await.unwrap();
+        let gateway = Gateway::start(config.clone()).await.unwrap();
         let admin_key = gateway
             .bootstrap_admin_key
             .clone()
@@ -319,8 +321,24 @@ impl TestGateway {
             admin: Operator::new(gateway.http_addr, &admin_key),
             admin_key,
             gateway: Some(gateway),
+            config,
             dir,
         }
+    }
+
+    /// Stop the gateway (draining, as on SIGTERM) and start it again on the same data
+    /// directory and configuration; its listeners get new ports (`http`, `mqtt` and
+    /// `admin` follow them).
+    pub async fn restart(&mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.shutdown().await;
+        }
+        let gateway = Gateway::start(self.config.clone()).await.unwrap();
+        assert!(gateway.bootstrap_admin_key.is_none(), "a restart keeps the keys");
+        self.http = gateway.http_addr;
+        self.mqtt = gateway.mqtt_addr.unwrap();
+        self.admin = Operator::new(gateway.http_addr, &self.admin_key);
+        self.gateway = Some(gateway);
     }
 
     pub fn http_url(&self, path: &str) -> String {

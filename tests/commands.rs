@@ -498,3 +498,50 @@ async fn an_http_device_long_polls_and_replies() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_streams_carry_the_command_events_of_their_devices() {
+    bounded(60, async {
+        let gw = TestGateway::spawn().await;
+        let tokens = gw.provision_many(&["watched", "unwatched"]).await;
+        let mut sse = gw.sse("/api/v1/live/sse?devices=watched&metrics=temp").await;
+        let mut live_ws = gw.ws_connect("/api/v1/live?devices=watched").await;
+        // A command of another device first: neither stream may carry it.
+        create(&gw, "unwatched", json!({"name": "other"})).await;
+        let mut dev = mqtt_device(&gw, "watched", &tokens["watched"]).await;
+        let r = create(&gw, "watched", json!({"name": "ping", "params": {"n": 1}})).await;
+        let cmd = r.body["id"].as_str().unwrap().to_owned();
+        assert_eq!(dev.next().await["id"], cmd.as_str());
+        dev.reply(&cmd, json!({"ok": true, "result": "pong"})).await;
+        // SSE: `command` events in state order (the metric filter does not hide them).
+        let mut states = Vec::new();
+        while states.last().map(String::as_str) != Some("replied") {
+            let e = sse.next_event().await.expect("the SSE stream ended");
+            if e.event != "command" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&e.data).unwrap();
+            assert_eq!(v["device"], "watched", "{v}");
+            assert_eq!(v["id"], cmd.as_str());
+            assert!(v["at"].as_u64().is_some(), "{v}");
+            if v["state"] == "replied" {
+                assert_eq!(v["result"], "pong");
+            }
+            states.push(v["state"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(states, ["queued", "sent", "delivered", "replied"]);
+        // Live WebSocket: the same events as text frames.
+        let mut ws_states = Vec::new();
+        while ws_states.last().map(String::as_str) != Some("replied") {
+            let v = ws_next_json(&mut live_ws).await;
+            if v["type"] == "command" {
+                assert_eq!(v["device"], "watched", "{v}");
+                ws_states.push(v["state"].as_str().unwrap().to_owned());
+            }
+        }
+        assert_eq!(ws_states, states);
+        dev.task.abort();
+        gw.shutdown().await;
+    })
+    .await;
+}

@@ -81,6 +81,7 @@ impl AppState {
             metrics: self.metrics.clone(),
             store: self.store.clone(),
             max_gap_fill: self.settings.max_gap_fill,
+            commands: Some(self.commands.clone()),
         }
     }
 

@@ -11,6 +11,11 @@
 //! - `{"type":"conflated","count":N}` when a slow client had N readings replaced by newer
 //!   readings of the same series (also when `max_rate` held readings back).
 //!
+//! - `{"type":"command","id":…,"device":…,"name":…,"state":…,"at":ms,"result"|"error":…}`
+//!   when a downlink command of a selected device changes state (any metric filter
+//!   aside), and `{"type":"commands_missed","count":N}` when the stream fell behind
+//!   the command events (read them with the command API).
+//!
 //! A reading is `{"pos":"{epoch}:{seq}","device":…,"metric":…,"ts":ms,"value":…}`.
 
 mod error;

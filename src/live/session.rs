@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::filter::Filter;
@@ -15,7 +16,8 @@ use super::{
     Hub, LiveError, LiveQuery, LiveReading, MAX_FRAME_READINGS, Position, Subscription,
     conflated_json, delivery_json, gapfill_json, reset_json, snapshot_json,
 };
-use crate::model::{DeviceId, MetricName};
+use crate::commands::Commands;
+use crate::model::{Command, DeviceId, MetricName};
 use crate::observe::{Event, Metrics, ResumeSource};
 use crate::store::{StoreError, StoreReader};
 
@@ -108,6 +110,8 @@ pub struct SessionDeps {
     pub store: Option<StoreReader>,
     /// Most readings one gap-fill replays from the store.
     pub max_gap_fill: usize,
+    /// Command state changes, for the `command` events of the selected devices.
+    pub commands: Option<Commands>,
 }
 
 /// A client's live stream.
@@ -117,6 +121,12 @@ pub struct LiveSession {
     throttle: Option<Throttle>,
     pending: VecDeque<Outgoing>,
     metrics: Arc<Metrics>,
+    /// The subscription's filters (the hub keeps its own copy for readings): a command
+    /// event goes out when one of them selects its device, whatever its metrics.
+    filters: std::sync::Mutex<Vec<(String, Filter)>>,
+    /// Command state changes (a broadcast: a lagging session is told how many it
+    /// missed, and never holds the sender up).
+    commands: Option<broadcast::Receiver<Arc<Command>>>,
 }
 
 impl LiveSession {
@@ -128,6 +138,8 @@ impl LiveSession {
     ) -> Result<LiveSession, LiveError> {
         let hub = deps.hub.clone();
         let filter = query.filter.clone();
+        // Subscribed before the readings, so a command's changes from here on are seen.
+        let commands = deps.commands.as_ref().map(Commands::subscribe);
         let (sub, start, at) = hub.subscribe(id.to_owned(), query.filter, query.since)?;
         let mut session = LiveSession {
             sub,
@@ -135,6 +147,8 @@ impl LiveSession {
             throttle: query.max_rate.map(Throttle::new),
             pending: VecDeque::new(),
             metrics: deps.metrics.clone(),
+            filters: std::sync::Mutex::new(vec![(id.to_owned(), filter.clone())]),
+            commands,
         };
         match start {
             Start::Snapshot(s) => session.push_snapshot(at, &s),
@@ -242,6 +256,10 @@ impl LiveSession {
             let delivery = tokio::select! {
                 d = self.sub.next(MAX_FRAME_READINGS) => Some(d),
                 () = sleep_until(deadline), if deadline.is_some() => None,
+                c = next_command(&mut self.commands) => {
+                    self.push_command(c);
+                    continue;
+                }
             };
             let now = Instant::now();
             let (mut readings, mut conflated) = match delivery {
@@ -266,9 +284,38 @@ impl LiveSession {
         }
     }
 
+    /// A command event for a selected device, or the notice of missed ones.
+    fn push_command(&mut self, c: Result<Arc<Command>, u64>) {
+        match c {
+            Ok(cmd) => {
+                let labels = self.hub.labels();
+                let selected = crate::sync::lock(&self.filters)
+                    .iter()
+                    .any(|(_, f)| f.selects_device(&cmd.device, labels));
+                if selected {
+                    self.pending.push_back(Outgoing {
+                        event: "command",
+                        id: None,
+                        data: command_json(&cmd),
+                    });
+                }
+            }
+            Err(missed) => self.pending.push_back(Outgoing {
+                event: "commands_missed",
+                id: None,
+                data: format!("{{\"type\":\"commands_missed\",\"count\":{missed}}}"),
+            }),
+        }
+    }
+
     /// Add a named filter (WebSocket `subscribe`); returns its snapshot message.
     pub fn add_filter(&self, id: String, filter: Filter) -> Result<Outgoing, LiveError> {
-        let snapshot = self.sub.add_filter(id, filter)?;
+        let snapshot = self.sub.add_filter(id.clone(), filter.clone())?;
+        {
+            let mut filters = crate::sync::lock(&self.filters);
+            filters.retain(|(i, _)| *i != id);
+            filters.push((id, filter));
+        }
         let at = self.hub.position();
         Ok(Outgoing {
             event: "snapshot",
@@ -279,8 +326,46 @@ impl LiveSession {
 
     /// Remove a named filter (WebSocket `unsubscribe`).
     pub fn remove_filter(&self, id: &str) -> bool {
+        crate::sync::lock(&self.filters).retain(|(i, _)| i != id);
         self.sub.remove_filter(id)
     }
+}
+
+/// The next command state change: `Err(n)` when `n` were missed (the session lagged);
+/// never resolves without a receiver or once the sender is gone.
+async fn next_command(rx: &mut Option<broadcast::Receiver<Arc<Command>>>) -> Result<Arc<Command>, u64> {
+    let Some(r) = rx else {
+        return std::future::pending().await;
+    };
+    match r.recv().await {
+        Ok(c) => Ok(c),
+        Err(broadcast::error::RecvError::Lagged(n)) => Err(n),
+        Err(broadcast::error::RecvError::Closed) => {
+            *rx = None;
+            std::future::pending().await
+        }
+    }
+}
+
+/// The `command` event: `{"type":"command","id","device","name","state","at",
+/// "result"|"error"}`, `at` in ms since the epoch (when it entered this state).
+fn command_json(c: &Command) -> String {
+    let at = c
+        .finished_ms
+        .or(c.delivered_ms.filter(|_| c.state == crate::model::CommandState::Delivered))
+        .or(c.sent_ms.filter(|_| c.state == crate::model::CommandState::Sent))
+        .unwrap_or(c.created_ms);
+    let mut v = serde_json::json!({
+        "type": "command", "id": c.id, "device": c.device, "name": c.name,
+        "state": c.state.as_str(), "at": at,
+    });
+    if let Some(r) = &c.result {
+        v["result"] = r.clone();
+    }
+    if let Some(e) = &c.error {
+        v["error"] = e.clone().into();
+    }
+    v.to_string()
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -1,7 +1,9 @@
 //! Downlink commands end to end with real clients: rumqttc devices, WebSocket ingest
 //! devices (tokio-tungstenite) and HTTP long-poll devices (reqwest), driven through the
 //! operator REST API; queueing for offline devices, order, `ttl`, `timeout`, restart,
-//! cancel, the per-device cap and the ACL (a device only answers its own commands).
+//! cancel, the per-device cap and the ACL (a device only answers its own commands), and
+//! the live streams' command events.
+#![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
 

@@ -789,3 +789,168 @@ async fn browse(
     .await;
     gateway
 }
+
+// ---- commands ---------------------------------------------------------------------
+
+/// The device page's command form: an operator sends `set_period` to a device that is
+/// connected over MQTT (rumqttc, answering every command with its params), and the
+/// page shows the command reach `replied` with the device's result, from the live
+/// stream's `command` events. Invalid parameters are refused on the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_sends_a_command_and_shows_the_reply() {
+    for tool in [CHROMIUM, CHROMEDRIVER] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} is missing: run scripts/test.sh (it installs chromium and chromium-driver)"
+        );
+    }
+    let out = output_dir();
+    tokio::time::timeout(TEST_LIMIT, command_scenario(&out))
+        .await
+        .unwrap_or_else(|_| panic!("the browser test did not finish within {TEST_LIMIT:?}"));
+}
+
+async fn command_scenario(out: &Path) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: data.path().to_owned(),
+        ..Config::default()
+    };
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.shutdown_grace = Duration::from_secs(1);
+    config.validate().expect("valid config");
+    let gateway = Gateway::start(config).await.expect("gateway starts");
+    let base = format!("http://{}", gateway.http_addr);
+    let mqtt = gateway.mqtt_addr.expect("the MQTT front");
+    let key = gateway.bootstrap_admin_key.clone().unwrap();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/api/v1/devices"))
+        .bearer_auth(&key)
+        .json(&json!({"id": "valve-3"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let token = r.json::<Json>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The device: answers every command with `{"ok":true,"result":{"applied":params}}`.
+    let mut options = MqttOptions::new("valve-3", mqtt.ip().to_string(), mqtt.port());
+    options.set_credentials("valve-3", &token);
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    client
+        .subscribe("devices/valve-3/commands", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let answered = Arc::new(AtomicU64::new(0));
+    let count = answered.clone();
+    let device = tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                let cmd: Json = serde_json::from_slice(&p.payload).unwrap();
+                let reply = json!({"ok": true, "result": {"applied": cmd["params"]}});
+                client
+                    .publish(
+                        format!(
+                            "devices/valve-3/commands/{}/reply",
+                            cmd["id"].as_str().unwrap()
+                        ),
+                        QoS::AtLeastOnce,
+                        false,
+                        reply.to_string(),
+                    )
+                    .await
+                    .unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+
+    let driver = Chromedriver::start(&out.join("chromedriver-commands.log"));
+    let profile = tempfile::tempdir().unwrap();
+    let browser = open_browser(&driver, profile.path()).await;
+    // Signed in through the first-start URL's `#key=`, straight to the device page.
+    browser.goto(&format!("{base}/#key={key}")).await.unwrap();
+    poll(&browser, "the signed-in fleet page", conn_state(), |v| {
+        v == "live"
+    })
+    .await;
+    browser
+        .goto(&format!("{base}/#/device/valve-3"))
+        .await
+        .unwrap();
+    let name = browser
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#command-name"))
+        .await
+        .expect("the command form");
+    let params = browser.find(Locator::Css("#command-params")).await.unwrap();
+    let send = browser
+        .find(Locator::Css("#command-form button[type=submit]"))
+        .await
+        .unwrap();
+    poll(
+        &browser,
+        "the device page's live stream",
+        conn_state(),
+        |v| v == "live",
+    )
+    .await;
+
+    // Not an object: refused on the page, nothing sent.
+    name.send_keys("set_period").await.unwrap();
+    params.send_keys("[1, 2]").await.unwrap();
+    send.click().await.unwrap();
+    poll(
+        &browser,
+        "the params error",
+        &text_of("#command-error"),
+        |v| v.as_str().is_some_and(|s| s.contains("JSON object")),
+    )
+    .await;
+
+    params.clear().await.unwrap();
+    params.send_keys(r#"{"period_ms": 250}"#).await.unwrap();
+    send.click().await.unwrap();
+    let row = "#command-rows tr";
+    poll(
+        &browser,
+        "the command replied",
+        &text_of(&format!("{row} .command-state")),
+        |v| v == "replied",
+    )
+    .await;
+    let reply = browser
+        .execute(&text_of(&format!("{row} .command-reply")), vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Json>(reply.as_str().unwrap()).unwrap(),
+        json!({"applied": {"period_ms": 250}})
+    );
+    assert_eq!(
+        browser
+            .execute(&text_of(&format!("{row} .command-name")), vec![])
+            .await
+            .unwrap(),
+        "set_period"
+    );
+    assert_eq!(
+        answered.load(Ordering::SeqCst),
+        1,
+        "one command reached the device"
+    );
+    screenshot(&browser, out, "device-command.png").await;
+
+    browser.close().await.expect("close the browser session");
+    drop(driver);
+    device.abort();
+    gateway.shutdown().await;
+}

@@ -157,11 +157,22 @@ async fn an_mqtt_device_receives_and_replies_and_wait_carries_the_reply() {
             .await;
         let done = wait_state(&gw, "m1", &cmd, "failed").await;
         assert_eq!(done["error"], "battery low");
-        gw.wait_metric("fluxgate_commands_total{state=\"replied\"}", 1.0, Duration::from_secs(5))
-            .await;
-        gw.wait_metric("fluxgate_commands_total{state=\"failed\"}", 1.0, Duration::from_secs(5))
-            .await;
-        assert_eq!(gw.metric("fluxgate_command_delivery_seconds_count").await, 2.0);
+        gw.wait_metric(
+            "fluxgate_commands_total{state=\"replied\"}",
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+        gw.wait_metric(
+            "fluxgate_commands_total{state=\"failed\"}",
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(
+            gw.metric("fluxgate_command_delivery_seconds_count").await,
+            2.0
+        );
         assert_eq!(gw.metric("fluxgate_command_reply_seconds_count").await, 2.0);
         dev.task.abort();
         gw.shutdown().await;
@@ -237,8 +248,16 @@ async fn queued_commands_are_delivered_in_order_when_the_device_connects() {
             assert_eq!(r.body["state"], "queued", "the device is offline");
             ids.push(r.body["id"].as_str().unwrap().to_owned());
         }
-        let r = gw.admin.get(&format!("{}?state=queued", path("late"))).await;
-        assert_eq!(r.body["commands"].as_array().unwrap().len(), 3, "{}", r.body);
+        let r = gw
+            .admin
+            .get(&format!("{}?state=queued", path("late")))
+            .await;
+        assert_eq!(
+            r.body["commands"].as_array().unwrap().len(),
+            3,
+            "{}",
+            r.body
+        );
         let mut dev = mqtt_device(&gw, "late", &token).await;
         for (i, id) in ids.iter().enumerate() {
             let got = dev.next().await;
@@ -297,7 +316,11 @@ async fn ttl_expires_a_queued_command_and_timeout_fails_an_unanswered_one() {
             Duration::from_secs(5),
         )
         .await;
-        assert_eq!(gw.metric("fluxgate_commands_total{state=\"expired\"}").await, 1.0);
+        assert_eq!(
+            gw.metric("fluxgate_commands_total{state=\"expired\"}")
+                .await,
+            1.0
+        );
         dev.task.abort();
         gw.shutdown().await;
     })
@@ -339,7 +362,9 @@ async fn a_device_cannot_see_or_answer_another_devices_command() {
         assert_eq!(owner.next().await["id"], cmd.as_str());
         wait_state(&gw, "owner", &cmd, "delivered").await;
         // MQTT: the other device answers on its own topic with the owner's id.
-        other.reply(&cmd, json!({"ok": true, "result": "stolen"})).await;
+        other
+            .reply(&cmd, json!({"ok": true, "result": "stolen"}))
+            .await;
         gw.wait_metric(
             "fluxgate_commands_refused_total{reason=\"unknown_command\"}",
             1.0,
@@ -447,7 +472,12 @@ async fn an_http_device_long_polls_and_replies() {
         // Let the poll register before the command exists (if it does not, the
         // command is queued and the poll still gets it: either way one answer).
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let r = create(&gw, "h1", json!({"name": "set_period", "params": {"period_ms": 250}})).await;
+        let r = create(
+            &gw,
+            "h1",
+            json!({"name": "set_period", "params": {"period_ms": 250}}),
+        )
+        .await;
         let cmd = r.body["id"].as_str().unwrap().to_owned();
         let r = poll.await.unwrap().unwrap();
         assert_eq!(r.status(), 200);
@@ -483,7 +513,9 @@ async fn an_http_device_long_polls_and_replies() {
             .send()
             .await
             .unwrap();
-        common::Resp::read(r).await.assert_problem(400, "malformed_reply");
+        common::Resp::read(r)
+            .await
+            .assert_problem(400, "malformed_reply");
         assert_eq!(
             gw.metric("fluxgate_commands_refused_total{reason=\"malformed_reply\"}")
                 .await,
@@ -506,7 +538,9 @@ async fn live_streams_carry_the_command_events_of_their_devices() {
     bounded(60, async {
         let gw = TestGateway::spawn().await;
         let tokens = gw.provision_many(&["watched", "unwatched"]).await;
-        let mut sse = gw.sse("/api/v1/live/sse?devices=watched&metrics=temp").await;
+        let mut sse = gw
+            .sse("/api/v1/live/sse?devices=watched&metrics=temp")
+            .await;
         let mut live_ws = gw.ws_connect("/api/v1/live?devices=watched").await;
         // A command of another device first: neither stream may carry it.
         create(&gw, "unwatched", json!({"name": "other"})).await;

@@ -333,7 +333,9 @@ impl LiveSession {
 
 /// The next command state change: `Err(n)` when `n` were missed (the session lagged);
 /// never resolves without a receiver or once the sender is gone.
-async fn next_command(rx: &mut Option<broadcast::Receiver<Arc<Command>>>) -> Result<Arc<Command>, u64> {
+async fn next_command(
+    rx: &mut Option<broadcast::Receiver<Arc<Command>>>,
+) -> Result<Arc<Command>, u64> {
     let Some(r) = rx else {
         return std::future::pending().await;
     };
@@ -352,8 +354,12 @@ async fn next_command(rx: &mut Option<broadcast::Receiver<Arc<Command>>>) -> Res
 fn command_json(c: &Command) -> String {
     let at = c
         .finished_ms
-        .or(c.delivered_ms.filter(|_| c.state == crate::model::CommandState::Delivered))
-        .or(c.sent_ms.filter(|_| c.state == crate::model::CommandState::Sent))
+        .or(c
+            .delivered_ms
+            .filter(|_| c.state == crate::model::CommandState::Delivered))
+        .or(c
+            .sent_ms
+            .filter(|_| c.state == crate::model::CommandState::Sent))
         .unwrap_or(c.created_ms);
     let mut v = serde_json::json!({
         "type": "command", "id": c.id, "device": c.device, "name": c.name,

@@ -334,7 +334,10 @@ impl TestGateway {
             gateway.shutdown().await;
         }
         let gateway = Gateway::start(self.config.clone()).await.unwrap();
-        assert!(gateway.bootstrap_admin_key.is_none(), "a restart keeps the keys");
+        assert!(
+            gateway.bootstrap_admin_key.is_none(),
+            "a restart keeps the keys"
+        );
         self.http = gateway.http_addr;
         self.mqtt = gateway.mqtt_addr.unwrap();
         self.admin = Operator::new(gateway.http_addr, &self.admin_key);

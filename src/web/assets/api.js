@@ -40,14 +40,17 @@ export class Api {
     this.onUnauthorized = onUnauthorized;
   }
 
-  async request(path, { method = 'GET', signal } = {}) {
+  async request(path, { method = 'GET', signal, body } = {}) {
     let response;
+    const headers = { Authorization: `Bearer ${this.key}`, Accept: 'application/json' };
+    if (body !== undefined) headers['Content-Type'] = 'application/json';
     try {
       response = await fetch(path, {
         method,
         signal,
         cache: 'no-store',
-        headers: { Authorization: `Bearer ${this.key}`, Accept: 'application/json' },
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
       });
     } catch (e) {
       if (e && e.name === 'AbortError') throw e;
@@ -96,6 +99,19 @@ export class Api {
       q.set('agg', 'avg');
     }
     return this.request(`/api/v1/devices/${encodeURIComponent(id)}/readings?${q}`, { signal });
+  }
+
+  /** Send a command to a device (admin key): the command resource. */
+  sendCommand(id, name, params) {
+    return this.request(`/api/v1/devices/${encodeURIComponent(id)}/commands`, {
+      method: 'POST',
+      body: { name, params },
+    });
+  }
+
+  /** One page of a device's commands, oldest first: `{commands, next_cursor?}`. */
+  listCommands(id, signal) {
+    return this.request(`/api/v1/devices/${encodeURIComponent(id)}/commands?limit=1000`, { signal });
   }
 
   /** A short-lived token for `?access_token=` on the live stream. */

@@ -1,6 +1,8 @@
-// The device page: status, latest values, and one live line chart per numeric metric
+// The device page: status, latest values, one live line chart per numeric metric
 // over the last 5, 15 or 60 minutes (history from the readings API merged with the
-// live stream; history is fetched again whenever the stream had to start over).
+// live stream; history is fetched again whenever the stream had to start over), and
+// the commands: a form to send one (name + params JSON) and the recent ones with
+// their state and reply, kept current by the live stream's `command` events.
 
 import { ApiError } from './api.js';
 import { LineChart, formatValue } from './chart.js';
@@ -11,6 +13,11 @@ const WINDOWS_MIN = [5, 15, 60];
 const TARGET_POINTS = 300;
 const NICE_STEPS_MS = [1e3, 2e3, 5e3, 10e3, 15e3, 30e3, 60e3];
 const REFRESH_MS = 20_000;
+// Commands shown on the page (the newest).
+const MAX_COMMANDS_SHOWN = 20;
+
+// A command's states in life order (a row never moves back).
+const COMMAND_STATES = ['queued', 'sent', 'delivered', 'replied', 'failed', 'expired', 'cancelled'];
 
 // The chosen window survives navigation between devices (not reloads).
 let windowMin = 15;
@@ -57,6 +64,42 @@ export function devicePage(api, view, id, onConn) {
     }),
   );
   const empty = el('p', { class: 'empty', text: 'No readings yet. Values appear here as soon as the device sends.' });
+  const commands = new Map(); // id -> {row, stateEl, replyEl}
+  const commandName = el('input', {
+    id: 'command-name',
+    type: 'text',
+    required: true,
+    placeholder: 'set_period',
+    attrs: { 'aria-label': 'Command name', autocomplete: 'off' },
+  });
+  const commandParams = el('textarea', {
+    id: 'command-params',
+    rows: 2,
+    placeholder: '{"period_ms": 1000}',
+    attrs: { 'aria-label': 'Parameters (JSON object)', spellcheck: 'false' },
+  });
+  const commandError = el('p', { class: 'notice notice-error', id: 'command-error', hidden: true, attrs: { role: 'alert' } });
+  const commandRows = el('tbody', { id: 'command-rows' });
+  const commandForm = el(
+    'form',
+    { class: 'command-form', id: 'command-form', on: { submit: (e) => sendCommand(e) } },
+    commandName,
+    commandParams,
+    el('button', { type: 'submit', class: 'btn btn-primary', text: 'Send' }),
+  );
+  const commandSection = el(
+    'section',
+    { class: 'commands', id: 'commands' },
+    el('h2', { text: 'Commands' }),
+    commandForm,
+    commandError,
+    el(
+      'table',
+      { class: 'command-table' },
+      el('thead', {}, el('tr', {}, el('th', { text: 'Command' }), el('th', { text: 'State' }), el('th', { text: 'Reply' }))),
+      commandRows,
+    ),
+  );
   view.replaceChildren(
     el('a', { class: 'back', href: '#/', text: '← Devices' }),
     el('div', { class: 'page-head' }, el('div', {}, title, subtitle), el('div', { class: 'device-state' }, status, seen)),
@@ -72,7 +115,69 @@ export function devicePage(api, view, id, onConn) {
       el('div', { class: 'segmented', attrs: { role: 'group', 'aria-label': 'Time window' } }, ...windowButtons),
     ),
     charts,
+    commandSection,
   );
+
+  /** Show a command (new or changed): its row says name, state and reply or error. */
+  function showCommand(c) {
+    let entry = commands.get(c.id);
+    if (!entry) {
+      const stateEl = el('td', { class: 'command-state' });
+      const replyEl = el('td', { class: 'command-reply' });
+      const row = el('tr', { data: { command: c.id } }, el('td', { class: 'command-name', text: c.name }), stateEl, replyEl);
+      entry = { row, stateEl, replyEl, rank: 0 };
+      commands.set(c.id, entry);
+      commandRows.prepend(row);
+      while (commandRows.children.length > MAX_COMMANDS_SHOWN) {
+        const last = commandRows.lastElementChild;
+        commands.delete(last.dataset.command);
+        last.remove();
+      }
+    }
+    // Events and answers may arrive out of order: a state never goes back.
+    const rank = COMMAND_STATES.indexOf(c.state);
+    if (rank < entry.rank) return;
+    entry.rank = rank;
+    entry.stateEl.textContent = c.state;
+    entry.row.dataset.state = c.state;
+    if (c.error !== undefined && c.error !== null) entry.replyEl.textContent = c.error;
+    else if (c.result !== undefined && c.result !== null) entry.replyEl.textContent = JSON.stringify(c.result);
+  }
+
+  async function sendCommand(e) {
+    e.preventDefault();
+    commandError.hidden = true;
+    let params = {};
+    const text = commandParams.value.trim();
+    if (text) {
+      try {
+        params = JSON.parse(text);
+      } catch {
+        params = null;
+      }
+      if (!params || typeof params !== 'object' || Array.isArray(params)) {
+        commandError.textContent = 'Parameters must be a JSON object, e.g. {"period_ms": 1000}.';
+        commandError.hidden = false;
+        return;
+      }
+    }
+    try {
+      showCommand(await api.sendCommand(id, commandName.value.trim(), params));
+    } catch (err) {
+      commandError.textContent = `The command was not sent: ${describe(err)}`;
+      commandError.hidden = false;
+    }
+  }
+
+  async function loadCommands() {
+    try {
+      const page = await api.listCommands(id, aborter.signal);
+      if (stopped) return;
+      for (const c of (page.commands || []).slice(-MAX_COMMANDS_SHOWN)) showCommand(c);
+    } catch (err) {
+      if (err.name !== 'AbortError' && !stopped) showError(describe(err));
+    }
+  }
 
   function showError(text) {
     error.textContent = text;
@@ -225,6 +330,9 @@ export function devicePage(api, view, id, onConn) {
           info.hidden = true;
         }, 15_000);
       },
+      onCommand: (c) => {
+        if (c.device === id) showCommand(c);
+      },
       onState: onConn,
     }).start();
   }
@@ -251,6 +359,7 @@ export function devicePage(api, view, id, onConn) {
       if (e.name !== 'AbortError' && !stopped) showError(describe(e));
     }
     if (!stopped) startLive();
+    if (!stopped) loadCommands();
   }
 
   const ticker = setInterval(() => {

@@ -34,6 +34,7 @@ export class LiveStream {
    *   onGapfill?: (readings: object[]) => void,
    *   onReset?: (reason: string) => void,
    *   onConflated?: (count: number) => void,
+   *   onCommand?: (command: object) => void,
    *   onState?: (state: 'connecting'|'live'|'reconnecting'|'offline') => void,
    * }} handlers
    */
@@ -164,6 +165,11 @@ export class LiveStream {
     es.addEventListener('gapfill', mine((e) => {
       const msg = parse(e.data);
       if (msg && Array.isArray(msg.readings) && this.h.onGapfill) this.h.onGapfill(msg.readings);
+    }));
+    // A downlink command of a watched device changed state.
+    es.addEventListener('command', mine((e) => {
+      const msg = parse(e.data);
+      if (msg && this.h.onCommand) this.h.onCommand(msg);
     }));
     es.addEventListener('reset', mine((e) => {
       const msg = parse(e.data) || {};

@@ -82,8 +82,8 @@ pub struct CommandOut {
     delivered_at: Option<String>,
     /// RFC 3339: reached its final state.
     finished_at: Option<String>,
-    /// The device's result (`replied`).
-    #[schema(value_type = Option<Object>)]
+    /// The device's result (`replied`): any JSON value.
+    #[schema(value_type = Option<serde_json::Value>)]
     result: Option<serde_json::Value>,
     /// The device's error, or `timeout` / `ttl`.
     error: Option<String>,
@@ -126,9 +126,9 @@ pub struct CommandPage {
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct CreateParams {
-    /// Wait up to this long (at most `60s`) for the command to finish: 200 with the
-    /// reply when it does, else 202.
-    #[param(example = "10s")]
+    /// Wait up to this long (a duration such as `10s`, at most `60s`) for the command
+    /// to finish while the device is online: 200 with the reply when it does, else 202.
+    /// For an offline device the answer is 202 at once (the command is queued).
     wait: Option<String>,
 }
 
@@ -169,13 +169,13 @@ fn known_device(st: &AppState, id: &str) -> Result<(), ApiError> {
 }
 
 /// Send a command to a device.
-#[utoipa::path(post, path = "/api/v1/devices/{id}/commands", tag = "commands",
+#[utoipa::path(post, path = "/api/v1/devices/{id}/commands", tag = "commands", operation_id = "create_command",
     request_body = CommandCreate,
     params(DevicePath, CreateParams),
     responses(
         (status = 200, description = "With `wait`: the command finished in time (replied, failed, expired)", body = CommandOut),
         (status = 201, description = "Created (queued, or already sent to a connected device); `Location` header", body = CommandOut),
-        (status = 202, description = "With `wait`: not finished in time; the command as it stands", body = CommandOut),
+        (status = 202, description = "With `wait`: not finished in time, or the device is offline; the command as it stands", body = CommandOut),
         JsonBodyErrors,
         AdminErrors,
         DeviceNotFound,
@@ -227,6 +227,10 @@ pub async fn create(
         }
         return Ok(r);
     };
+    // Waiting for a device that is not online would only hold the request: its command
+    // is queued, and the 202 says so at once.
+    let online = st.registry.get(&id).is_some_and(|d| d.online);
+    let wait = if online { wait } else { Duration::ZERO };
     let mut latest = cmd;
     let deadline = tokio::time::Instant::now() + wait;
     while !latest.state.is_final() {
@@ -253,7 +257,7 @@ pub async fn create(
 }
 
 /// List a device's commands (newest last), with a state filter and cursor pages.
-#[utoipa::path(get, path = "/api/v1/devices/{id}/commands", tag = "commands",
+#[utoipa::path(get, path = "/api/v1/devices/{id}/commands", tag = "commands", operation_id = "list_commands",
     params(DevicePath, ListParams),
     responses(
         (status = 200, description = "A page of commands in creation order", body = CommandPage),
@@ -321,7 +325,7 @@ pub async fn list(
 }
 
 /// One command.
-#[utoipa::path(get, path = "/api/v1/devices/{id}/commands/{cmd}", tag = "commands",
+#[utoipa::path(get, path = "/api/v1/devices/{id}/commands/{cmd}", tag = "commands", operation_id = "get_command",
     params(CommandPath),
     responses(
         (status = 200, description = "The command", body = CommandOut),
@@ -345,7 +349,7 @@ pub async fn get_one(
 }
 
 /// Cancel a queued command.
-#[utoipa::path(delete, path = "/api/v1/devices/{id}/commands/{cmd}", tag = "commands",
+#[utoipa::path(delete, path = "/api/v1/devices/{id}/commands/{cmd}", tag = "commands", operation_id = "cancel_command",
     params(CommandPath),
     responses(
         (status = 200, description = "Cancelled; the command", body = CommandOut),

@@ -149,13 +149,24 @@ impl Dispatcher {
     /// Load the unfinished commands, then serve requests until shutdown (or until every
     /// handle is gone). `downlinks` are the push transports, tried in order.
     pub async fn run(mut self, downlinks: Vec<Arc<dyn Downlink>>, shutdown: CancellationToken) {
+        // Subscribed before loading, so no deletion falls in between.
+        let mut revocations = self.registry.revocations();
         self.load().await;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = self.deadlines.next();
+            // Biased: a device deletion (already broadcast when a later request about
+            // that id was sent) is handled before the requests queued after it.
             tokio::select! {
+                biased;
                 () = shutdown.cancelled() => break,
+                r = revocations.recv() => match r {
+                    Ok(device) => self.purge_deleted(Some(&device)).await,
+                    // Missed revocations: look at every device with commands.
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.purge_deleted(None).await,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
                 r = self.requests.recv() => match r {
                     Some(r) => self.request(r, &downlinks).await,
                     None => break,
@@ -606,6 +617,41 @@ impl Dispatcher {
             q.open = q.open.saturating_sub(1);
         }
         self.forget(&cmd.device);
+    }
+
+    /// After a revocation of `device` (all devices: `None`): the commands whose rows
+    /// are gone were deleted with their device; forget them here too, so that a new
+    /// device with the same id never receives them. (A disabled or re-keyed device
+    /// keeps its commands.)
+    async fn purge_deleted(&mut self, device: Option<&str>) {
+        let ids: Vec<(String, String)> = self
+            .entries
+            .values()
+            .filter(|e| device.is_none_or(|d| e.cmd.device == d))
+            .map(|e| (e.cmd.device.clone(), e.cmd.id.clone()))
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let reg = self.registry.clone();
+        let gone = tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .filter(|(d, id)| matches!(reg.command_get(d, id), Ok(None)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (device, id) in gone {
+            self.entries.remove(&id);
+            if let Some(q) = self.devices.get_mut(&device) {
+                q.queued.retain(|c| *c != id);
+                if q.in_flight.as_deref() == Some(id.as_str()) {
+                    q.in_flight = None;
+                }
+                q.open = q.open.saturating_sub(1);
+            }
+            self.forget(&device);
+        }
     }
 
     /// Drop a device's queue entry when nothing of it is left.

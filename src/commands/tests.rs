@@ -46,6 +46,7 @@ impl Scripted {
 
 struct Fixture {
     commands: Commands,
+    registry: Arc<Registry>,
     link: Arc<Scripted>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -79,12 +80,13 @@ async fn start(dir: &std::path::Path, link: Arc<Scripted>) -> Fixture {
     })
     .await
     .unwrap();
-    let (commands, dispatcher) = Commands::new(config(), registry, metrics);
+    let (commands, dispatcher) = Commands::new(config(), registry.clone(), metrics);
     let stop = CancellationToken::new();
     let downlinks: Vec<Arc<dyn Downlink>> = vec![link.clone()];
     let task = tokio::spawn(dispatcher.run(downlinks, stop.clone()));
     Fixture {
         commands,
+        registry,
         link,
         stop,
         task,
@@ -353,6 +355,44 @@ async fn invalid_commands_are_refused_by_field() {
     assert_eq!(field(f.commands.create("d1", n).await.unwrap_err()), "ttl");
     let e = f.commands.create("nobody", new("a")).await.unwrap_err();
     assert!(matches!(e, CommandsError::DeviceNotFound(_)), "{e}");
+    f.stop.cancel();
+    f.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deleted_devices_commands_never_reach_a_new_device_of_that_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let link: Arc<Scripted> = Arc::default();
+    let f = start(dir.path(), link).await;
+    let old = f
+        .commands
+        .create("d1", new("for-the-old-one"))
+        .await
+        .unwrap();
+    let reg = f.registry.clone();
+    tokio::task::spawn_blocking(move || {
+        reg.delete("d1", None).unwrap();
+        let fields = DeviceFields {
+            name: "d".into(),
+            labels: BTreeMap::new(),
+            enabled: true,
+        };
+        reg.create_devices(vec![("d1".into(), fields)]).unwrap();
+    })
+    .await
+    .unwrap();
+    // The dispatcher looks at deletions before requests, so it has forgotten the old
+    // command when this one arrives.
+    let fresh = f
+        .commands
+        .create("d1", new("for-the-new-one"))
+        .await
+        .unwrap();
+    f.link.online.store(true, Ordering::SeqCst);
+    f.commands.reachable("d1");
+    let (_, body, ack) = eventually("an offer", || f.link.take()).await;
+    assert_eq!(body["id"], fresh.id.as_str(), "not {}", old.id);
+    ack.send(true).unwrap();
     f.stop.cancel();
     f.task.await.unwrap();
 }

@@ -1,8 +1,9 @@
 //! [`Dispatcher`]: the one task that owns every unfinished command. Requests (create,
 //! cancel, receipts, replies, devices becoming reachable) arrive on one bounded queue
 //! and are handled one at a time, so a command's steps are ordered without locks; each
-//! step is committed to the registry database before anyone hears of it (the answer to
-//! the API, the live event, the next send).
+//! step is committed to the registry database before an operator hears of it (the
+//! answer to the API, the live event). A device may get a command before its `sent` is
+//! committed: a crash in between sends it again after the restart (at least once).
 //!
 //! Delivery, per device, in creation order and one command at a time: the head of the
 //! device's queue is offered to the push transports (MQTT), then to the device's open
@@ -534,17 +535,19 @@ impl Dispatcher {
                 q.in_flight = Some(id.clone());
             }
             if polled {
-                // The long poll's answer is the delivery (HTTP has no other receipt).
-                self.changed(&sent);
-                if let Some(entry) = self.entries.get_mut(&id) {
-                    let _ = machine::apply(&mut entry.cmd, Step::Delivered, now);
-                    let delivered = entry.cmd.clone();
-                    if let Some(q) = self.devices.get_mut(device) {
-                        q.in_flight = None;
-                    }
-                    self.persist(&delivered).await;
-                    self.changed(&delivered);
+                // The long poll's answer is the delivery (HTTP has no other receipt):
+                // both steps are committed together, then announced.
+                let Some(entry) = self.entries.get_mut(&id) else {
+                    return;
+                };
+                let _ = machine::apply(&mut entry.cmd, Step::Delivered, now);
+                let delivered = entry.cmd.clone();
+                if let Some(q) = self.devices.get_mut(device) {
+                    q.in_flight = None;
                 }
+                self.persist(&delivered).await;
+                self.changed(&sent);
+                self.changed(&delivered);
                 continue;
             }
             self.persist(&sent).await;

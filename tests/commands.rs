@@ -248,13 +248,27 @@ async fn queued_commands_are_delivered_in_order_when_the_device_connects() {
             assert_eq!(r.body["state"], "queued", "the device is offline");
             ids.push(r.body["id"].as_str().unwrap().to_owned());
         }
+        // `wait` for an offline device: 202 at once, the command queued.
+        let started = std::time::Instant::now();
+        let r = gw
+            .admin
+            .call(
+                Method::POST,
+                &format!("{}?wait=30s", path("late")),
+                Some(json!({"name": "step", "params": {"i": 3}})),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert_eq!(r.body["state"], "queued");
+        assert!(started.elapsed() < Duration::from_secs(20), "it waited");
+        ids.push(r.body["id"].as_str().unwrap().to_owned());
         let r = gw
             .admin
             .get(&format!("{}?state=queued", path("late")))
             .await;
         assert_eq!(
             r.body["commands"].as_array().unwrap().len(),
-            3,
+            4,
             "{}",
             r.body
         );
@@ -282,6 +296,7 @@ async fn queued_commands_are_delivered_in_order_when_the_device_connects() {
             .get(&format!("{}?limit=2&cursor={cursor}", path("late")))
             .await;
         assert_eq!(r.body["commands"][0]["id"], ids[2].as_str());
+        assert_eq!(r.body["commands"][1]["id"], ids[3].as_str());
         assert!(r.body.get("next_cursor").is_none(), "{}", r.body);
         dev.task.abort();
         gw.shutdown().await;

@@ -189,6 +189,7 @@ impl From<ReplyRefused> for ApiError {
             ReplyRefused::Malformed => {
                 ApiError::new(StatusCode::BAD_REQUEST, "malformed_reply", e.to_string())
             }
+            ReplyRefused::ShuttingDown => ApiError::unavailable(e.to_string()),
         }
     }
 }

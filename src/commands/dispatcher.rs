@@ -374,27 +374,23 @@ impl Dispatcher {
         step: Step,
         downlinks: &[Arc<dyn Downlink>],
     ) -> Result<(), ReplyRefused> {
-        let refused = |me: &Self, reason: ReplyRefused| {
+        let refused = |me: &Self, reason: ReplyRefused, counted: CommandRefusal| {
             me.metrics.emit(Event::CommandRefused {
                 device,
                 id,
-                reason: match reason {
-                    ReplyRefused::Unknown => CommandRefusal::UnknownCommand,
-                    ReplyRefused::NotSent => CommandRefusal::NotSent,
-                    ReplyRefused::Malformed => CommandRefusal::MalformedReply,
-                },
+                reason: counted,
             });
             Err(reason)
         };
         // Another device's command is unknown to this one: a device only ever sees
         // and answers its own commands.
         let Some(entry) = self.entries.get_mut(id).filter(|e| e.cmd.device == device) else {
-            return refused(self, ReplyRefused::Unknown);
+            return refused(self, ReplyRefused::Unknown, CommandRefusal::UnknownCommand);
         };
         match machine::apply(&mut entry.cmd, step, now_ms()) {
             Ok(false) => return Ok(()),
             Ok(true) => {}
-            Err(_) => return refused(self, ReplyRefused::NotSent),
+            Err(_) => return refused(self, ReplyRefused::NotSent, CommandRefusal::NotSent),
         }
         entry.route = None;
         let cmd = entry.cmd.clone();

@@ -58,4 +58,7 @@ pub enum ReplyRefused {
     /// The body is not a reply.
     #[error("malformed reply")]
     Malformed,
+    /// The gateway is shutting down: the reply was not recorded (send it again).
+    #[error("the gateway is shutting down; send the reply again")]
+    ShuttingDown,
 }

@@ -103,7 +103,7 @@ impl Commands {
         let (device, id) = (device.to_owned(), id.to_owned());
         self.call(|resp| Request::Received { device, id, resp })
             .await
-            .unwrap_or(Ok(()))
+            .unwrap_or(Err(ReplyRefused::ShuttingDown))
     }
 
     /// `device` answered command `id`.
@@ -116,7 +116,7 @@ impl Commands {
             resp,
         })
         .await
-        .unwrap_or(Ok(()))
+        .unwrap_or(Err(ReplyRefused::ShuttingDown))
     }
 
     /// A WebSocket ingest connection of `device` opened: commands for it arrive on the

@@ -19,7 +19,6 @@ use crate::api::auth::{ClientAddr, DeviceAuth};
 use crate::api::error::ApiError;
 use crate::api::extract::{content_type, duration_param};
 use crate::api::state::AppState;
-use crate::commands::ReplyRefused;
 use crate::model::{Reply, Transport};
 use crate::observe::{CommandRefusal, Event};
 use crate::tls::PeerIdentity;
@@ -164,10 +163,9 @@ pub async fn reply(
         });
         ApiError::new(StatusCode::BAD_REQUEST, "malformed_reply", detail)
     })?;
-    match st.commands.reply(&device, &cmd, reply).await {
-        Ok(()) => Ok(StatusCode::NO_CONTENT),
-        Err(e @ (ReplyRefused::Unknown | ReplyRefused::NotSent | ReplyRefused::Malformed)) => {
-            Err(e.into())
-        }
-    }
+    st.commands
+        .reply(&device, &cmd, reply)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -324,6 +324,7 @@ async fn command_answer(st: &AppState, device: &DeviceId, frame: ControlFrame) -
         ReplyRefused::Unknown => "unknown_command",
         ReplyRefused::NotSent => "not_sent",
         ReplyRefused::Malformed => "malformed_reply",
+        ReplyRefused::ShuttingDown => "unavailable",
     };
     Some(
         serde_json::json!({"type": "error", "id": id, "reason": reason, "detail": detail})

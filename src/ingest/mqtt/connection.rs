@@ -48,7 +48,7 @@ use super::connect_rate::ConnectRate;
 use super::rules;
 use super::sessions::{Delivery, Link, Outbound, Sessions};
 use super::stream::DeviceStream;
-use crate::commands::Commands;
+use crate::commands::{Commands, ReplyRefused};
 use crate::config::{CertIdentity, PubackPolicy};
 use crate::model::{
     AckResult, AuthFailure, DecodeError, Encoding, Envelope, QueueBudget, Rejection, Reply,
@@ -688,7 +688,15 @@ impl Connection<'_> {
         let front = self.front;
         match Reply::parse(payload) {
             Ok(reply) => {
-                let _ = front.commands.reply(device, cmd, reply).await;
+                // Refusals are counted by the command component; a reply that arrives
+                // while the gateway stops is a message dropped for that reason.
+                if front.commands.reply(device, cmd, reply).await == Err(ReplyRefused::ShuttingDown)
+                {
+                    front.metrics.emit(Event::MessagesDropped {
+                        reason: MessageDropReason::ShuttingDown,
+                        count: 1,
+                    });
+                }
             }
             Err(_) => front.metrics.emit(Event::CommandRefused {
                 device,

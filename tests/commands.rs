@@ -596,3 +596,46 @@ async fn live_streams_carry_the_command_events_of_their_devices() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_lost_with_its_connection_goes_out_again_on_the_next() {
+    bounded(60, async {
+        let gw = TestGateway::spawn().await;
+        let token = gw.provision("flaky").await;
+        // A WS connection takes the command and closes without confirming it.
+        let mut ws = gw.ws_ingest(&token, "").await;
+        let r = create(&gw, "flaky", json!({"name": "twice"})).await;
+        let cmd = r.body["id"].as_str().unwrap().to_owned();
+        let frame = ws_next_json(&mut ws).await;
+        assert_eq!(frame["id"], cmd.as_str());
+        wait_state(&gw, "flaky", &cmd, "sent").await;
+        ws.close(None).await.unwrap();
+        drop(ws);
+        // Back in the queue, then out again, in order, over MQTT this time.
+        wait_state(&gw, "flaky", &cmd, "queued").await;
+        let mut dev = mqtt_device(&gw, "flaky", &token).await;
+        assert_eq!(dev.next().await["id"], cmd.as_str());
+        wait_state(&gw, "flaky", &cmd, "delivered").await;
+        // A second long poll of an HTTP device takes the place of the first (204).
+        let client = reqwest::Client::new();
+        let poll = |wait: &'static str| {
+            client
+                .get(gw.http_url(&format!("/api/v1/devices/flaky/commands/next?wait={wait}")))
+                .header("authorization", bearer(&token))
+                .send()
+        };
+        let started = std::time::Instant::now();
+        let first = tokio::spawn(poll("20s"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let second = poll("200ms").await.unwrap();
+        assert_eq!(second.status(), 204);
+        assert_eq!(first.await.unwrap().unwrap().status(), 204, "replaced");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the first poll waited out its own 20 s instead of being replaced"
+        );
+        dev.task.abort();
+        gw.shutdown().await;
+    })
+    .await;
+}

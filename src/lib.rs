@@ -16,6 +16,7 @@
 //! - [`commands`]: downlink commands: queue, delivery, replies, expiry.
 //! - [`influxql`]: the InfluxQL read API's engine (parser, planner, executor).
 //! - [`sink`]: the InfluxDB sink and its crash-safe buffer.
+//! - [`cluster`]: cluster mode's engines (NATS JetStream, PostgreSQL).
 //! - [`live`]: the live hub and its WS/SSE streams.
 //! - [`api`]: the axum router and problem+json errors.
 //! - [`server`]: the HTTP server loop: connection cap and time limits.
@@ -25,6 +26,7 @@
 
 pub mod api;
 pub mod app;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod influxql;

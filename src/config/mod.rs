@@ -12,10 +12,12 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod auth;
+mod cluster;
 mod sinks;
 mod tls;
 
 pub use auth::AuthConfig;
+pub use cluster::ClusterConfig;
 pub use tls::{CertIdentity, ClientAuth, HttpTlsConfig, MqttTlsConfig, TlsListenerConfig};
 
 pub use sinks::{
@@ -100,6 +102,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// External time-series databases (`[sinks.influxdb]`).
     pub sinks: SinksConfig,
+    /// Cluster mode on NATS JetStream and PostgreSQL (off by default).
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -118,6 +122,7 @@ impl Default for Config {
             commands: CommandsConfig::default(),
             auth: AuthConfig::default(),
             sinks: SinksConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -909,6 +914,7 @@ impl Config {
             return Err(invalid("data_dir", "must not be empty"));
         }
         self.auth.validate()?;
+        self.cluster.validate()?;
         self.sinks.validate()
     }
 }

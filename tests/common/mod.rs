@@ -11,6 +11,8 @@
 // Each test binary compiles this module and uses a different subset of it.
 #![allow(dead_code)]
 
+pub mod engines;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{BufRead, BufReader};

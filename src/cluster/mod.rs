@@ -1,0 +1,110 @@
+//! Cluster mode: the engines several nodes share. NATS JetStream holds the replicated
+//! telemetry log (stream `FLUXGATE`), the consumers through which each node follows it
+//! and the presence bucket; PostgreSQL holds the registry.
+//!
+//! This module is the edge to both engines: `async-nats` and `tokio-postgres` types stay
+//! inside it. [`Engines::connect`] is the build step of `[cluster]`: it reaches every
+//! engine within `cluster.connect_timeout` and makes sure the stream, the consumers and
+//! the bucket exist with the settings this node expects, creating what is missing and
+//! refusing to start, with every difference named, when something exists with other
+//! settings (changing a stream under running nodes is an operator's decision, not a
+//! side effect of starting one more node).
+
+mod nats;
+mod postgres;
+mod stream;
+pub mod subject;
+
+use crate::config::{ClusterConfig, Secret};
+
+pub use stream::{Expected, Mismatch};
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// No NATS server answered, or the connection options are unusable.
+    #[error("cannot connect to NATS ({servers}): {detail}")]
+    NatsConnect {
+        /// The configured servers.
+        servers: String,
+        /// What failed.
+        detail: String,
+    },
+    /// A JetStream request failed (JetStream disabled, no quorum, permissions).
+    #[error("JetStream: {action}: {detail}")]
+    JetStream {
+        /// What the node was doing.
+        action: String,
+        /// The server's or client's message.
+        detail: String,
+    },
+    /// Something exists in JetStream with settings other than this node's.
+    #[error(
+        "{what} exists with other settings: {}; change it with the nats CLI or fix [cluster] so all nodes agree",
+        .mismatches.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    Mismatch {
+        /// The stream, consumer or bucket.
+        what: String,
+        /// Every differing setting.
+        mismatches: Vec<Mismatch>,
+    },
+    /// PostgreSQL did not answer or refused the connection.
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Postgres(String),
+}
+
+/// The connected engines of one cluster node.
+pub struct Engines {
+    /// The JetStream context (stream, consumers, bucket).
+    pub jetstream: async_nats::jetstream::Context,
+    /// The registry database.
+    pub postgres: tokio_postgres::Client,
+}
+
+impl Engines {
+    /// Connect to NATS and PostgreSQL and make sure the JetStream objects exist with the
+    /// expected settings. `with_tsdb_consumer`: the node writes an InfluxDB sink, so the
+    /// shared consumer that feeds it must exist too.
+    pub async fn connect(
+        config: &ClusterConfig,
+        with_tsdb_consumer: bool,
+    ) -> Result<Engines, ClusterError> {
+        let client = nats::connect(config).await?;
+        let jetstream = async_nats::jetstream::new(client);
+        let expected = Expected::from_config(config);
+        stream::ensure(&jetstream, &expected, with_tsdb_consumer).await?;
+        let postgres = postgres::connect(&config.postgres, config.connect_timeout).await?;
+        Ok(Engines {
+            jetstream,
+            postgres,
+        })
+    }
+}
+
+/// A connection string with its password removed, for messages.
+pub(crate) fn redact(secret: &Secret) -> String {
+    // `scheme://user:password@host/db`: keep the scheme, user and host, drop the password.
+    let s = &secret.0;
+    match (s.find("://"), s.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &s[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}@{}", &s[..scheme_end + 3], &s[at + 1..])
+        }
+        _ => s.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_removed_from_connection_strings() {
+        let r = redact(&Secret("postgres://fg:hunter2@db:5432/fluxgate".to_owned()));
+        assert_eq!(r, "postgres://fg@db:5432/fluxgate");
+        let r = redact(&Secret("postgres://db/fluxgate".to_owned()));
+        assert_eq!(r, "postgres://db/fluxgate");
+    }
+}

@@ -1,0 +1,303 @@
+//! The engines of cluster mode, run for real by the tests: a JetStream cluster of
+//! Debian's `nats-server` processes and a PostgreSQL server (Debian's `postgresql`),
+//! each on free 127.0.0.1 ports with its own temporary directory, killed on drop.
+//!
+//! PostgreSQL refuses to run as root, so when the tests run as root its directory is
+//! handed to the `postgres` user and its programs run as that user through `setpriv`,
+//! which executes them in place: the child the test holds is the server itself, so
+//! killing it needs no signal forwarding.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Kill a child process with SIGKILL and reap it.
+fn kill9(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// One nats-server of a [`NatsCluster`].
+struct NatsNode {
+    port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+/// A JetStream cluster of `nats-server` processes.
+pub struct NatsCluster {
+    dir: TempDir,
+    nodes: Vec<NatsNode>,
+}
+
+impl NatsCluster {
+    /// Start `n` servers clustered with each other and wait until JetStream answers on
+    /// every one of them (a meta leader is elected).
+    pub async fn start(n: usize) -> NatsCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, route)| format!("nats-route://127.0.0.1:{route}"))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (port, route)) in ports.iter().enumerate() {
+            let store = dir.path().join(format!("n{i}"));
+            let cluster = if n > 1 {
+                format!(
+                    "cluster {{\n  name: fluxgate-test\n  listen: 127.0.0.1:{route}\n  routes: [{}]\n}}\n",
+                    routes.join(", ")
+                )
+            } else {
+                String::new()
+            };
+            let text = format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{port}\n\
+                 jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 64MB\n  max_file_store: 2GB\n}}\n\
+                 {cluster}"
+            );
+            let config = dir.path().join(format!("n{i}.conf"));
+            std::fs::write(&config, text).expect("write nats config");
+            nodes.push(NatsNode {
+                port: *port,
+                config,
+                child: None,
+            });
+        }
+        let mut cluster = NatsCluster { dir, nodes };
+        for i in 0..n {
+            cluster.start_node(i);
+        }
+        for i in 0..n {
+            cluster.wait_ready(i).await;
+        }
+        cluster
+    }
+
+    /// The client URL of server `i`.
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].port)
+    }
+
+    /// The client URLs of every server.
+    pub fn urls(&self) -> Vec<String> {
+        (0..self.nodes.len()).map(|i| self.url(i)).collect()
+    }
+
+    /// `kill -9` server `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            kill9(&mut c);
+        }
+    }
+
+    /// Start server `i` again (same port, same store) and wait until it answers.
+    pub async fn restart(&mut self, i: usize) {
+        self.start_node(i);
+        self.wait_ready(i).await;
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        assert!(node.child.is_none(), "server {i} is running");
+        let log = self.dir.path().join(format!("n{i}.log"));
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&node.config)
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server is not installed: run scripts/test.sh");
+        node.child = Some(child);
+    }
+
+    /// Wait until server `i` answers a JetStream API request without an error (which
+    /// needs a meta leader in a cluster). The raw request, because the client's typed
+    /// account-info answer expects fields that nats-server 2.9 does not send.
+    async fn wait_ready(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = self.url(i);
+        loop {
+            let last = match async_nats::connect(&url).await {
+                Ok(client) => match client
+                    .request("$JS.API.STREAM.NAMES", bytes::Bytes::new())
+                    .await
+                {
+                    Ok(m) if !String::from_utf8_lossy(&m.payload).contains("\"error\"") => {
+                        return;
+                    }
+                    Ok(m) => String::from_utf8_lossy(&m.payload).into_owned(),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                Instant::now() < deadline,
+                "nats-server {url} did not get JetStream ready ({last}); log: {}",
+                std::fs::read_to_string(self.dir.path().join(format!("n{i}.log")))
+                    .unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut c) = node.child.take() {
+                kill9(&mut c);
+            }
+        }
+    }
+}
+
+/// A PostgreSQL server with a `fluxgate` database, trusting local connections.
+pub struct Postgres {
+    dir: TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+/// The directory of Debian's PostgreSQL programs (`/usr/lib/postgresql/<major>/bin`).
+fn pg_bin() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("postgresql is not installed: run scripts/test.sh")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+        .expect("no /usr/lib/postgresql/*/bin/postgres: run scripts/test.sh")
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+/// A command that runs `program` as the `postgres` user when the tests run as root.
+fn pg_command(program: &Path) -> Command {
+    if running_as_root() {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--clear-groups",
+            "--reset-env",
+        ])
+        .arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Postgres {
+    /// `initdb` a cluster in a temporary directory, start it and create the database.
+    pub async fn start() -> Postgres {
+        let dir = tempfile::tempdir().expect("temp dir");
+        if running_as_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(ok.success(), "chown of the PostgreSQL directory failed");
+        }
+        let bin = pg_bin();
+        let data = dir.path().join("data");
+        let out = pg_command(&bin.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "-D"])
+            .arg(&data)
+            .stdin(Stdio::null())
+            .output()
+            .expect("initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = Postgres {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        pg.start_server();
+        let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = loop {
+            if let Ok((client, conn)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+            {
+                tokio::spawn(conn);
+                break client;
+            }
+            assert!(Instant::now() < deadline, "PostgreSQL did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        client
+            .simple_query("CREATE DATABASE fluxgate")
+            .await
+            .expect("create database");
+        pg
+    }
+
+    fn start_server(&mut self) {
+        let data = self.dir.path().join("data");
+        let child = pg_command(&pg_bin().join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
+            .args(["-c", "fsync=off"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("postgres");
+        self.child = Some(child);
+    }
+
+    /// The connection string of the `fluxgate` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/fluxgate", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // A fast shutdown (SIGINT) leaves no shared memory behind.
+            let _ = Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            kill9(&mut c);
+        }
+    }
+}

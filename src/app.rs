@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::throttle::{FailureThrottle, ThrottleSettings};
 use crate::api::{self, ApiSettings, AppState};
+use crate::cluster::{Engines, Follower, Publisher};
 use crate::commands::Commands;
 use crate::config::Config;
 use crate::ingest::mqtt::{MqttCommands, MqttIngest};
@@ -80,6 +81,21 @@ impl Gateway {
         let mut tasks = Vec::new();
         let mut threads_done = Vec::new();
         let mut destinations = Vec::new();
+
+        // Cluster mode: reach the engines and check the stream's settings before
+        // anything else starts, so a misconfigured node refuses to start at once.
+        let engines = if config.cluster.enabled {
+            let engines = Engines::connect(&config.cluster, config.sinks.influxdb.enabled)
+                .await
+                .context("cluster mode")?;
+            tracing::info!(node = %config.cluster.node_id, "cluster mode: engines ready");
+            Some(engines)
+        } else {
+            None
+        };
+        // In cluster mode the store is fed by this node's follower of the stream, not
+        // by the pipeline.
+        let mut local_store = None;
 
         let dir = config.data_dir.clone();
         let (online_timeout, m) = (config.devices.online_timeout, metrics.clone());
@@ -144,11 +160,15 @@ impl Gateway {
                 })
                 .context("starting the store writer thread")?;
             threads_done.push(done_rx);
-            destinations.push(Destination {
-                tx,
-                queue: Queue::Store,
-                gone: ReadingDropReason::StoreFailed,
-            });
+            if engines.is_some() {
+                local_store = Some(tx);
+            } else {
+                destinations.push(Destination {
+                    tx,
+                    queue: Queue::Store,
+                    gone: ReadingDropReason::StoreFailed,
+                });
+            }
             Some(reader)
         } else {
             None
@@ -220,6 +240,29 @@ impl Gateway {
             metrics.clone(),
         ));
 
+        // Cluster mode: the pipeline's batches go to the stream (the publisher's queue:
+        // full-policy backpressure, like the store's), and this node's follower applies
+        // the whole stream to the local store and hub.
+        if let Some(engines) = engines {
+            let (tx, rx) = flume::bounded::<DurableBatch>(config.batch.queue_capacity);
+            let publisher = Publisher {
+                jetstream: engines.jetstream.clone(),
+                node_id: config.cluster.node_id.clone(),
+            };
+            tasks.push(tokio::spawn(publisher.run(rx)));
+            destinations.push(Destination {
+                tx,
+                queue: Queue::Store,
+                gone: ReadingDropReason::StoreFailed,
+            });
+            let follower = Follower {
+                consumer: engines.replica,
+                store: local_store.take(),
+                hub: hub.clone(),
+            };
+            tasks.push(tokio::spawn(follower.run(shutdown.clone())));
+        }
+
         // Ingest -> pipeline, bounded in messages (the channel) and in bytes (the budget
         // every envelope takes its size from before it is queued, and returns when the
         // pipeline has decoded it). Full-policy, for either bound: every transport
@@ -233,7 +276,7 @@ impl Gateway {
             input: config.limits.clone(),
             known_series,
             batch: config.batch.clone(),
-            hub: hub.clone(),
+            hub: (!config.cluster.enabled).then(|| hub.clone()),
             registry: registry.clone(),
             metrics: metrics.clone(),
         };

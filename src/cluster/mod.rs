@@ -10,13 +10,18 @@
 //! settings (changing a stream under running nodes is an operator's decision, not a
 //! side effect of starting one more node).
 
+mod follower;
 mod nats;
 mod postgres;
+mod publisher;
+pub mod record;
 mod stream;
 pub mod subject;
 
 use crate::config::{ClusterConfig, Secret};
 
+pub use follower::Follower;
+pub use publisher::Publisher;
 pub use stream::{Expected, Mismatch};
 
 /// Why cluster mode could not start.
@@ -60,6 +65,8 @@ pub struct Engines {
     pub jetstream: async_nats::jetstream::Context,
     /// The registry database.
     pub postgres: tokio_postgres::Client,
+    /// This node's durable consumer of the whole stream (for its [`Follower`]).
+    pub replica: async_nats::jetstream::consumer::PullConsumer,
 }
 
 impl Engines {
@@ -73,11 +80,12 @@ impl Engines {
         let client = nats::connect(config).await?;
         let jetstream = async_nats::jetstream::new(client);
         let expected = Expected::from_config(config);
-        stream::ensure(&jetstream, &expected, with_tsdb_consumer).await?;
+        let replica = stream::ensure(&jetstream, &expected, with_tsdb_consumer).await?;
         let postgres = postgres::connect(&config.postgres, config.connect_timeout).await?;
         Ok(Engines {
             jetstream,
             postgres,
+            replica,
         })
     }
 }

@@ -9,7 +9,7 @@ use std::fmt;
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
-use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
 
 use super::{ClusterError, subject};
@@ -255,12 +255,13 @@ fn refuse(what: impl Into<String>, mismatches: Vec<Mismatch>) -> Result<(), Clus
 }
 
 /// Make sure the stream, this node's replica consumer, the TSDB consumer (when the node
-/// writes one) and the presence bucket exist with the expected settings.
+/// writes one) and the presence bucket exist with the expected settings; returns the
+/// replica consumer.
 pub(super) async fn ensure(
     js: &Context,
     expected: &Expected,
     with_tsdb_consumer: bool,
-) -> Result<(), ClusterError> {
+) -> Result<PullConsumer, ClusterError> {
     let want = expected.stream();
     let stream = js
         .get_or_create_stream(want.to_config(subject::STREAM))
@@ -275,6 +276,7 @@ pub(super) async fn ensure(
     if with_tsdb_consumer {
         consumers.push(subject::TSDB_CONSUMER.to_owned());
     }
+    let mut replica = None;
     for name in consumers {
         let config = pull::Config {
             durable_name: Some(name.clone()),
@@ -296,7 +298,12 @@ pub(super) async fn ensure(
             format!("consumer {name}"),
             consumer_mismatches(&info.config),
         )?;
+        replica.get_or_insert(consumer);
     }
+    let replica = replica.ok_or_else(|| ClusterError::JetStream {
+        action: "replica consumer".to_owned(),
+        detail: "not created".to_owned(),
+    })?;
 
     // The bucket is a stream with the key-value conventions (`KV_` name, `$KV.` subjects,
     // rollups, one message per key). It is created as that stream directly: the client's
@@ -330,8 +337,8 @@ pub(super) async fn ensure(
     // The bucket works through the client's key-value API from here on.
     js.get_key_value(bucket)
         .await
-        .map(drop)
-        .map_err(|e| jetstream_error(format!("bucket {bucket}"))(e.to_string()))
+        .map_err(|e| jetstream_error(format!("bucket {bucket}"))(e.to_string()))?;
+    Ok(replica)
 }
 
 #[cfg(test)]

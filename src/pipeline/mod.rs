@@ -75,8 +75,10 @@ pub struct Pipeline {
     pub known_series: Vec<(DeviceId, MetricName)>,
     /// Batch bounds.
     pub batch: BatchConfig,
-    /// The live hub readings are published to.
-    pub hub: Arc<Hub>,
+    /// The live hub readings are published to. `None` in cluster mode: there readings
+    /// reach every node's hub from the stream (`cluster::Follower`), in stream order, so
+    /// a node's own devices are not shown twice.
+    pub hub: Option<Arc<Hub>>,
     /// The registry, told when a device was last seen.
     pub registry: Arc<Registry>,
     /// Metrics.
@@ -214,7 +216,9 @@ impl Pipeline {
                         kept,
                     }
                 });
-                self.hub.publish(readings);
+                if let Some(hub) = &self.hub {
+                    hub.publish(readings);
+                }
                 if durable && kept > 0 {
                     batch(readings.drain(..), envelope.ack.map(|a| (a, kept, partial)));
                 } else if let Some(ack) = envelope.ack {

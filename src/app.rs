@@ -96,6 +96,7 @@ impl Gateway {
         // In cluster mode the store is fed by this node's follower of the stream, not
         // by the pipeline.
         let mut local_store = None;
+        let mut stream_position = 0;
 
         let dir = config.data_dir.clone();
         let (online_timeout, m) = (config.devices.online_timeout, metrics.clone());
@@ -141,6 +142,7 @@ impl Gateway {
                 .set_cache_bytes(config.store.cache_bytes)
                 .context("cannot size the embedded store's page cache")?;
             known_series = writer.series_names();
+            stream_position = writer.stream_position();
             let (tx, rx) = flume::bounded::<DurableBatch>(config.batch.queue_capacity);
             let (done_tx, done_rx) = oneshot::channel();
             let m = metrics.clone();
@@ -258,6 +260,7 @@ impl Gateway {
             let follower = Follower {
                 consumer: engines.replica,
                 store: local_store.take(),
+                applied: stream_position,
                 hub: hub.clone(),
             };
             tasks.push(tokio::spawn(follower.run(shutdown.clone())));

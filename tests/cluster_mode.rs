@@ -10,22 +10,52 @@ mod common;
 use std::time::Duration;
 
 use common::engines::{NatsCluster, Postgres};
-use common::{TestGateway, bounded, now_ms, wait_for};
+use common::{TestGateway, bounded, now_ms, points_held, store_count, wait_for};
 use fluxgate::cluster::subject;
 use fluxgate::config::Secret;
 use fluxgate::model::Value;
+use fluxgate::{Config, Gateway};
+
+/// Turn `config` into node `id` of the cluster on these engines.
+fn cluster_node(config: &mut Config, id: &str, nats: &NatsCluster, pg: &Postgres) {
+    config.cluster.enabled = true;
+    config.cluster.node_id = id.to_owned();
+    config.cluster.nats = nats.urls();
+    config.cluster.postgres = Secret(pg.url());
+    config.cluster.replicas = 1;
+    config.cluster.stream_max_bytes = 256 << 20;
+}
 
 async fn node(id: &str, nats: &NatsCluster, pg: &Postgres) -> TestGateway {
-    let (id, urls, pg) = (id.to_owned(), nats.urls(), pg.url());
-    TestGateway::spawn_with(move |c| {
-        c.cluster.enabled = true;
-        c.cluster.node_id = id;
-        c.cluster.nats = urls;
-        c.cluster.postgres = Secret(pg);
-        c.cluster.replicas = 1;
-        c.cluster.stream_max_bytes = 256 << 20;
-    })
-    .await
+    TestGateway::spawn_with(|c| cluster_node(c, id, nats, pg)).await
+}
+
+/// A node without the test client: only its store is looked at.
+async fn bare_node(
+    id: &str,
+    dir: &std::path::Path,
+    nats: &NatsCluster,
+    pg: &Postgres,
+) -> fluxgate::RunningGateway {
+    let mut config = Config {
+        data_dir: dir.to_owned(),
+        ..Config::default()
+    };
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    cluster_node(&mut config, id, nats, pg);
+    config.validate().unwrap();
+    Gateway::start(config).await.unwrap()
+}
+
+/// POST `n` readings of `temp` (values `from..from + n`) for `device` to `gw`.
+async fn send(gw: &TestGateway, device: &str, token: &str, from: i64, n: i64) {
+    let t0 = now_ms() - 100_000;
+    for i in from..from + n {
+        let body = format!(r#"{{"ts":{},"values":{{"temp":{i}}}}}"#, t0 + i);
+        let r = gw.telemetry(device, Some(token), &body).await;
+        assert!(r.status < 300, "{} {}", r.status, r.body);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,13 +67,8 @@ async fn a_reading_acknowledged_by_one_node_is_stored_once_on_every_node() {
         let b = node("b", &nats, &pg).await;
 
         let token = a.provision("d.1").await;
-        let t0 = now_ms() - 10_000;
         const SENT: i64 = 50;
-        for i in 0..SENT {
-            let body = format!(r#"{{"ts":{},"values":{{"temp":{i}}}}}"#, t0 + i);
-            let r = a.telemetry("d.1", Some(&token), &body).await;
-            assert!(r.status < 300, "{} {}", r.status, r.body);
-        }
+        send(&a, "d.1", &token, 0, SENT).await;
 
         // Acknowledged means in the stream.
         let client = async_nats::connect(nats.url(0)).await.unwrap();
@@ -74,6 +99,40 @@ async fn a_reading_acknowledged_by_one_node_is_stored_once_on_every_node() {
             let c = stream.consumer_info(name).await.unwrap();
             assert_eq!((c.num_pending, c.num_ack_pending), (0, 0), "{name}");
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_was_down_catches_up_from_its_consumer_exactly_once() {
+    bounded(120, async {
+        let nats = NatsCluster::start(1).await;
+        let pg = Postgres::start().await;
+        let a = node("a", &nats, &pg).await;
+        let token = a.provision("d1").await;
+        let b_dir = tempfile::tempdir().unwrap();
+        let b_db = b_dir.path().join("telemetry.db");
+
+        let b = bare_node("b", b_dir.path(), &nats, &pg).await;
+        send(&a, "d1", &token, 0, 20).await;
+        wait_for("b has the first readings", Duration::from_secs(30), || {
+            store_count(&b_db) == 20
+        })
+        .await;
+        b.shutdown().await;
+
+        // While b is down, more readings arrive at a.
+        send(&a, "d1", &token, 20, 30).await;
+        assert_eq!(store_count(&b_db), 20);
+
+        let b = bare_node("b", b_dir.path(), &nats, &pg).await;
+        wait_for("b caught up", Duration::from_secs(30), || {
+            store_count(&b_db) == 50
+        })
+        .await;
+        // Every point once, duplicates included in the count.
+        assert_eq!(points_held(&b_db), 50);
+        b.shutdown().await;
     })
     .await;
 }

@@ -3,14 +3,19 @@
 //! history, latest and live streams for every device, and a node that was down catches
 //! up from where its consumer stopped.
 //!
-//! Messages are acknowledged to JetStream only after the local store committed them; a
-//! message the store could not take is left unacknowledged and comes again after the
-//! consumer's ack wait.
+//! Exactly once into the store: the store commits, with each batch, the stream sequence
+//! it reaches (`StoreWriter::stream_position`), and the follower skips records at or
+//! below it. A record stored just before a crash, whose JetStream ack was lost, is thus
+//! acknowledged again but not stored twice. For that the records must be applied in
+//! stream order: a batch the store could not take is retried (its messages kept from
+//! redelivery by progress acks) rather than handed back to JetStream, which would
+//! redeliver it after newer ones.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{AckKind, Message};
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -22,9 +27,8 @@ use crate::model::{AckPart, DurableBatch, Reading};
 /// Messages applied to the store in one commit at most.
 const MAX_BATCH: usize = 512;
 
-/// How long JetStream waits before redelivering what the store could not take, so a
-/// failing store is not hammered.
-const NAK_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+/// The wait before the store is asked again to take a batch it failed.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// The follower component.
 pub struct Follower {
@@ -32,13 +36,15 @@ pub struct Follower {
     pub consumer: PullConsumer,
     /// The local store's queue (`None` without the embedded store).
     pub store: Option<flume::Sender<DurableBatch>>,
+    /// The stream sequence up to which the local store holds every record.
+    pub applied: u64,
     /// The local live hub.
     pub hub: Arc<Hub>,
 }
 
 impl Follower {
     /// Follow the stream until shutdown.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut messages = match self.consumer.messages().await {
             Ok(m) => m,
             Err(e) => {
@@ -64,7 +70,8 @@ impl Follower {
                 }
             }
             let mut readings: Vec<Reading> = Vec::new();
-            let mut applied = Vec::new();
+            let mut applied: Vec<Message> = Vec::new();
+            let mut last = self.applied;
             for m in batch {
                 let message = match m {
                     Ok(message) => message,
@@ -73,9 +80,16 @@ impl Follower {
                         continue;
                     }
                 };
+                let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                if seq != 0 && seq <= self.applied {
+                    // Stored before a crash; only its acknowledgement was lost.
+                    let _ = message.ack().await;
+                    continue;
+                }
                 match record::decode(&message.payload) {
                     Ok(mut r) => {
                         readings.append(&mut r);
+                        last = last.max(seq);
                         applied.push(message);
                     }
                     Err(e) => {
@@ -88,28 +102,19 @@ impl Follower {
             if applied.is_empty() {
                 continue;
             }
-            let stored = match &self.store {
-                Some(store) => {
-                    let (tx, rx) = oneshot::channel();
-                    let acks = AckPart::split(tx, readings.len(), 1);
-                    let sent = store
-                        .send_async(DurableBatch {
-                            readings: Arc::new(readings.clone()),
-                            acks,
-                        })
-                        .await
-                        .is_ok();
-                    sent && matches!(rx.await, Ok(Ok(_)))
+            let readings = Arc::new(readings);
+            while !self.store(&readings, last).await {
+                // The store's failure is counted and logged by the store. Keep the
+                // messages from redelivery meanwhile, so order is kept.
+                for message in &applied {
+                    let _ = message.ack_with(AckKind::Progress).await;
                 }
-                None => true,
-            };
-            if !stored {
-                // Redelivered after the ack wait; the store's failure is counted there.
-                for message in applied {
-                    let _ = message.ack_with(AckKind::Nak(Some(NAK_DELAY))).await;
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(RETRY_DELAY) => {}
                 }
-                continue;
             }
+            self.applied = last;
             self.hub.publish(&readings);
             for message in applied {
                 if let Err(e) = message.ack().await {
@@ -117,5 +122,20 @@ impl Follower {
                 }
             }
         }
+    }
+
+    /// Hand `readings` (records up to stream sequence `last`) to the local store; true
+    /// once committed.
+    async fn store(&self, readings: &Arc<Vec<Reading>>, last: u64) -> bool {
+        let Some(store) = &self.store else {
+            return true;
+        };
+        let (tx, rx) = oneshot::channel();
+        let batch = DurableBatch {
+            readings: readings.clone(),
+            acks: AckPart::split(tx, readings.len(), 1),
+            stream_position: Some(last),
+        };
+        store.send_async(batch).await.is_ok() && matches!(rx.await, Ok(Ok(_)))
     }
 }

@@ -24,6 +24,9 @@ pub struct DurableBatch {
     pub readings: Arc<Vec<Reading>>,
     /// Confirm each after the readings are durable here (or fail it).
     pub acks: Vec<AckPart>,
+    /// Cluster mode, for the local store: the cluster stream's sequence of the last
+    /// record in this batch, committed with it (see `cluster::Follower`).
+    pub stream_position: Option<u64>,
 }
 
 struct Shared {

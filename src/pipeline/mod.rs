@@ -261,6 +261,7 @@ impl Pipeline {
             let batch = DurableBatch {
                 readings: readings.clone(),
                 acks,
+                stream_position: None,
             };
             // Full-policy: block. A slow destination backpressures the pipeline, which
             // backpressures WS/HTTP/MQTT ingest; the live hub was

@@ -186,6 +186,7 @@ fn open(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
         // writer's is set from `store.cache_bytes` after opening (`set_cache_bytes`).
         conn.pragma_update(None, "cache_size", -16 * 1024)?;
         schema::prepare(&mut conn)?;
+        schema::prepare_stream_position(&conn)?;
     }
     Ok(conn)
 }
@@ -228,8 +229,14 @@ pub fn open_store(
         conn.query_row("SELECT coalesce(max(generation), 0) FROM parts", [], |r| {
             r.get(0)
         })?;
+    let stream_position: i64 = conn.query_row(
+        "SELECT coalesce(max(seq), 0) FROM stream_position",
+        [],
+        |r| r.get(0),
+    )?;
     let tail = Arc::new(RwLock::new(Tail::default()));
     let mut writer = StoreWriter {
+        stream_position: u64::try_from(stream_position).unwrap_or(0),
         conn,
         series: SeriesIds::default(),
         fresh: SeriesIds::default(),
@@ -299,6 +306,8 @@ pub struct StoreWriter {
     blob: Vec<u8>,
     /// Readings in the log, not yet in chunks; shared with the readers.
     tail: Arc<RwLock<Tail>>,
+    /// Cluster mode: the stream sequence up to which every record is stored.
+    stream_position: u64,
 }
 
 impl StoreWriter {
@@ -308,6 +317,13 @@ impl StoreWriter {
         // A negative cache_size is in KiB rather than pages.
         self.conn.pragma_update(None, "cache_size", -kib)?;
         Ok(())
+    }
+
+    /// Cluster mode: the sequence of the cluster stream up to which this store holds
+    /// every record (0 when it never followed one). Records at or below it that come
+    /// again are already stored.
+    pub fn stream_position(&self) -> u64 {
+        self.stream_position
     }
 
     /// Every series the store holds, as (device, metric): what the pipeline's caps on
@@ -433,7 +449,7 @@ impl StoreWriter {
             // Waiting senders are answered only after a commit that survives a power loss.
             let outcome = self
                 .set_full_sync(!acks.is_empty())
-                .and_then(|()| self.write(&batch.readings));
+                .and_then(|()| self.write_at(&batch.readings, batch.stream_position));
             match outcome {
                 Ok(()) => {
                     metrics.emit(Event::BatchWritten {
@@ -484,10 +500,23 @@ impl StoreWriter {
     /// failure it rolls back and the cache and the tail are as before. After the commit
     /// the readings join the tail.
     pub fn write(&mut self, readings: &[Reading]) -> Result<(), StoreError> {
+        self.write_at(readings, None)
+    }
+
+    /// Like [`write`](Self::write), and in the same transaction record that the cluster
+    /// stream is applied up to `position` (when given).
+    pub fn write_at(
+        &mut self,
+        readings: &[Reading],
+        position: Option<u64>,
+    ) -> Result<(), StoreError> {
         self.fresh.clear();
-        let result = self.write_tx(readings);
+        let result = self.write_tx(readings, position);
         let fresh = std::mem::take(&mut self.fresh);
         if result.is_ok() {
+            if let Some(p) = position {
+                self.stream_position = self.stream_position.max(p);
+            }
             for (device, metrics) in fresh {
                 self.series.entry(device).or_default().extend(metrics);
             }
@@ -499,7 +528,7 @@ impl StoreWriter {
         result
     }
 
-    fn write_tx(&mut self, readings: &[Reading]) -> Result<(), StoreError> {
+    fn write_tx(&mut self, readings: &[Reading], position: Option<u64>) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         self.ids.clear();
         self.blob.clear();
@@ -536,6 +565,13 @@ impl StoreWriter {
             }
             tx.prepare_cached("INSERT INTO log (data) VALUES (?1)")?
                 .execute(params![&self.blob])?;
+            if let Some(p) = position.and_then(|p| i64::try_from(p).ok()) {
+                tx.prepare_cached(
+                    "INSERT INTO stream_position (id, seq) VALUES (1, ?1)
+                     ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
+                )?
+                .execute(params![p])?;
+            }
         }
         // A failed commit rolls back (the transaction's drop), like any error above.
         Ok(tx.commit()?)
@@ -946,6 +982,26 @@ mod tests {
         assert!(matches!(r.latest("d1".into()).await, Err(StoreError::Busy)));
         drop(slot);
         assert_eq!(r.latest("d1".into()).await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_stream_position_commits_with_its_batch_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _r) = open_store(dir.path(), QueryLimits::default()).unwrap();
+        assert_eq!(w.stream_position(), 0);
+        w.write_at(&[reading("a", 1_000, 1)], Some(7)).unwrap();
+        // A batch without a position (single-node mode) and an older one leave it.
+        w.write(&[reading("a", 2_000, 2)]).unwrap();
+        w.write_at(&[reading("a", 3_000, 3)], Some(5)).unwrap();
+        assert_eq!(w.stream_position(), 7);
+        // A failed transaction does not move it.
+        install_failure_trigger(&w.conn);
+        set_failing(&w.conn, true);
+        assert!(w.write_at(&[reading("a", 4_000, 4)], Some(9)).is_err());
+        assert_eq!(w.stream_position(), 7);
+        drop(w);
+        let (w, _r) = open_store(dir.path(), QueryLimits::default()).unwrap();
+        assert_eq!(w.stream_position(), 7);
     }
 
     #[tokio::test]

@@ -49,6 +49,23 @@ CREATE TABLE chunks (
 ) WITHOUT ROWID, STRICT;
 ";
 
+/// The position in the cluster's telemetry stream up to which this store holds every
+/// record (cluster mode only; one row). Written in the transaction of the batch it
+/// covers, so a record delivered again after a crash is recognised and not stored twice.
+/// Created by every read-write open whatever the version: an additive table that older
+/// builds ignore, so it needs no version of its own.
+const STREAM_POSITION_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS stream_position (
+    id  INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL
+) STRICT;
+";
+
+/// Create the stream position's table when missing (see [`STREAM_POSITION_TABLE`]).
+pub fn prepare_stream_position(conn: &Connection) -> Result<(), StoreError> {
+    Ok(conn.execute_batch(STREAM_POSITION_TABLE)?)
+}
+
 fn table_exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
     Ok(conn.query_row(
         "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",

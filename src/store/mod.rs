@@ -831,6 +831,7 @@ mod tests {
         Batch {
             readings: Arc::new(readings),
             acks,
+            stream_position: None,
         }
     }
 

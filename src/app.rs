@@ -228,8 +228,10 @@ impl Gateway {
             sinks.push(built.health);
         }
 
+        // A node's epoch is its run; a cluster's is its stream (every node, every run).
+        let epoch = engines.as_ref().map_or_else(now_ms, |e| e.epoch);
         let hub = Arc::new(Hub::new(
-            now_ms(),
+            epoch,
             HubLimits {
                 ring_capacity: config.live.ring_capacity,
                 ring_bytes: config.live.ring_bytes,

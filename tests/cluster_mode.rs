@@ -136,3 +136,64 @@ async fn a_node_that_was_down_catches_up_from_its_consumer_exactly_once() {
     })
     .await;
 }
+
+/// The `temp` values of the readings in an SSE event's data.
+fn temps(data: &str) -> Vec<i64> {
+    let v: serde_json::Value = serde_json::from_str(data).unwrap();
+    v["readings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["value"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_resumes_on_another_node_with_exactly_what_it_missed() {
+    bounded(120, async {
+        let nats = NatsCluster::start(1).await;
+        let pg = Postgres::start().await;
+        let a = node("a", &nats, &pg).await;
+        let b = node("b", &nats, &pg).await;
+        let c = node("c", &nats, &pg).await;
+        // The registry is per node until it moves to PostgreSQL: the device exists on
+        // each, and sends to a only.
+        let token = a.provision("d1").await;
+        b.provision("d1").await;
+        c.provision("d1").await;
+
+        send(&a, "d1", &token, 0, 5).await;
+        wait_for("b has the readings", Duration::from_secs(30), || {
+            b.store_count() == 5
+        })
+        .await;
+        // A dashboard on b: its snapshot reflects a's device, with a position.
+        let mut sse = b.sse("/api/v1/live/sse?device=d1").await;
+        let first = sse.next_event().await.unwrap();
+        assert_eq!(first.event, "snapshot", "{}", first.data);
+        assert_eq!(temps(&first.data), [4]);
+        let position = first.id.unwrap();
+        drop(sse);
+
+        // It is away while ten more readings arrive, then resumes on c.
+        send(&a, "d1", &token, 5, 10).await;
+        wait_for("c has the readings", Duration::from_secs(30), || {
+            c.store_count() == 15
+        })
+        .await;
+        let mut sse = c
+            .sse(&format!("/api/v1/live/sse?device=d1&since={position}"))
+            .await;
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            let e = tokio::time::timeout(Duration::from_secs(10), sse.next_event())
+                .await
+                .expect("no event within 10 s")
+                .expect("stream ended");
+            assert_eq!(e.event, "readings", "a replay, not {}: {}", e.event, e.data);
+            got.extend(temps(&e.data));
+        }
+        assert_eq!(got, (5..15).collect::<Vec<i64>>());
+    })
+    .await;
+}

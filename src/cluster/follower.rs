@@ -70,6 +70,7 @@ impl Follower {
                 }
             }
             let mut readings: Vec<Reading> = Vec::new();
+            let mut positions: Vec<u64> = Vec::new();
             let mut applied: Vec<Message> = Vec::new();
             let mut last = self.applied;
             for m in batch {
@@ -88,6 +89,10 @@ impl Follower {
                 }
                 match record::decode(&message.payload) {
                     Ok(mut r) => {
+                        // A reading's live position: the record's stream sequence and
+                        // its index in the record (records hold at most 2^16 readings),
+                        // the same on every node.
+                        positions.extend((0..r.len() as u64).map(|i| (seq << 16) | i));
                         readings.append(&mut r);
                         last = last.max(seq);
                         applied.push(message);
@@ -115,7 +120,7 @@ impl Follower {
                 }
             }
             self.applied = last;
-            self.hub.publish(&readings);
+            self.hub.publish_at(&readings, &positions);
             for message in applied {
                 if let Err(e) = message.ack().await {
                     tracing::warn!(error = %e, "acknowledging telemetry to JetStream failed");

@@ -67,6 +67,10 @@ pub struct Engines {
     pub postgres: tokio_postgres::Client,
     /// This node's durable consumer of the whole stream (for its [`Follower`]).
     pub replica: async_nats::jetstream::consumer::PullConsumer,
+    /// The live stream's epoch on every node: the stream's creation time (ms), so
+    /// positions (`{epoch}:{seq}`) mean the same reading on every node and survive node
+    /// restarts.
+    pub epoch: u64,
 }
 
 impl Engines {
@@ -80,12 +84,13 @@ impl Engines {
         let client = nats::connect(config).await?;
         let jetstream = async_nats::jetstream::new(client);
         let expected = Expected::from_config(config);
-        let replica = stream::ensure(&jetstream, &expected, with_tsdb_consumer).await?;
+        let (replica, epoch) = stream::ensure(&jetstream, &expected, with_tsdb_consumer).await?;
         let postgres = postgres::connect(&config.postgres, config.connect_timeout).await?;
         Ok(Engines {
             jetstream,
             postgres,
             replica,
+            epoch,
         })
     }
 }

@@ -11,8 +11,8 @@ use crate::model::{Reading, Value};
 /// The format version of [`Record`].
 const VERSION: u8 = 1;
 
-/// Most readings in one record: positions in the live stream are derived from the
-/// stream sequence and the index within a record, which needs the bound.
+/// Most readings in one record: positions in the live stream are the stream sequence
+/// shifted by 16 bits plus the index within the record, which needs the bound.
 pub const MAX_READINGS: usize = 1 << 16;
 
 /// One device's readings.

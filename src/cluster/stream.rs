@@ -256,12 +256,12 @@ fn refuse(what: impl Into<String>, mismatches: Vec<Mismatch>) -> Result<(), Clus
 
 /// Make sure the stream, this node's replica consumer, the TSDB consumer (when the node
 /// writes one) and the presence bucket exist with the expected settings; returns the
-/// replica consumer.
+/// replica consumer and the stream's creation time (ms since the Unix epoch).
 pub(super) async fn ensure(
     js: &Context,
     expected: &Expected,
     with_tsdb_consumer: bool,
-) -> Result<PullConsumer, ClusterError> {
+) -> Result<(PullConsumer, u64), ClusterError> {
     let want = expected.stream();
     let stream = js
         .get_or_create_stream(want.to_config(subject::STREAM))
@@ -271,6 +271,8 @@ pub(super) async fn ensure(
         format!("stream {}", subject::STREAM),
         mismatches(&want, &Settings::of(&stream.cached_info().config)),
     )?;
+    let created = stream.cached_info().created.unix_timestamp_nanos() / 1_000_000;
+    let created = u64::try_from(created).unwrap_or(0);
 
     let mut consumers = vec![subject::replica_consumer(&expected.node_id)];
     if with_tsdb_consumer {
@@ -338,7 +340,7 @@ pub(super) async fn ensure(
     js.get_key_value(bucket)
         .await
         .map_err(|e| jetstream_error(format!("bucket {bucket}"))(e.to_string()))?;
-    Ok(replica)
+    Ok((replica, created))
 }
 
 #[cfg(test)]

@@ -218,7 +218,20 @@ impl Hub {
     /// Publish readings: assign positions, update the cache and ring, queue them for
     /// matching subscribers. Never waits on a subscriber.
     pub fn publish(&self, readings: &[Reading]) {
-        if readings.is_empty() {
+        self.publish_with(readings, None);
+    }
+
+    /// Publish readings at given sequence numbers (cluster mode: derived from the
+    /// stream, so every node gives a reading the same position). `seqs` has one entry
+    /// per reading, increasing; readings at or below the hub's latest sequence are
+    /// already published and skipped.
+    pub fn publish_at(&self, readings: &[Reading], seqs: &[u64]) {
+        debug_assert_eq!(readings.len(), seqs.len());
+        self.publish_with(readings, Some(seqs));
+    }
+
+    fn publish_with(&self, readings: &[Reading], seqs: Option<&[u64]>) {
+        if readings.is_empty() || seqs.is_some_and(|s| s.len() != readings.len()) {
             return;
         }
         let arrival_ms = now_ms();
@@ -232,8 +245,11 @@ impl Hub {
             if state.checkpoints.len() == MAX_CHECKPOINTS {
                 state.checkpoints.pop_front();
             }
+            let next = state.seq + 1;
             state.checkpoints.push_back(Checkpoint {
-                first_seq: state.seq + 1,
+                first_seq: seqs
+                    .and_then(|s| s.iter().copied().find(|&q| q >= next))
+                    .unwrap_or(next),
                 arrival_s: arrival_ms / 1000,
                 min_ts: i64::MAX,
                 max_ts: i64::MIN,
@@ -246,8 +262,12 @@ impl Hub {
             }
         }
         let mut positioned = Vec::with_capacity(readings.len());
-        for r in readings {
-            state.seq += 1;
+        for (i, r) in readings.iter().enumerate() {
+            match seqs {
+                Some(s) if s[i] <= state.seq => continue,
+                Some(s) => state.seq = s[i],
+                None => state.seq += 1,
+            }
             let live = Arc::new(LiveReading {
                 seq: state.seq,
                 series: series_hash(&r.device, &r.metric),
@@ -742,6 +762,45 @@ mod tests {
         let other = Some(Position { epoch: 6, seq: 9 });
         let (_s4, start, _) = hub.subscribe("s".into(), Filter::default(), other).unwrap();
         assert!(matches!(start, Start::Reset { ref snapshot, .. } if snapshot.len() == 1));
+    }
+
+    #[test]
+    fn given_positions_let_a_subscriber_resume_on_another_hub() {
+        // Two nodes' hubs fed the same records at the stream's positions.
+        let (one, two) = (hub(100, 100), hub(100, 100));
+        let readings = [r("a", "t", 1), r("a", "t", 2), r("b", "t", 3)];
+        let seqs = [(5 << 16), (5 << 16) | 1, (9 << 16)];
+        for h in [&one, &two] {
+            h.publish_at(&readings[..2], &seqs[..2]);
+        }
+        let (_sub, _, at) = one.subscribe("s".into(), Filter::default(), None).unwrap();
+        assert_eq!(
+            at,
+            Position {
+                epoch: 7,
+                seq: (5 << 16) | 1
+            }
+        );
+        for h in [&one, &two] {
+            h.publish_at(&readings[2..], &seqs[2..]);
+            // Published again (a redelivery): skipped.
+            h.publish_at(&readings[..1], &seqs[..1]);
+        }
+        assert_eq!(
+            two.position(),
+            Position {
+                epoch: 7,
+                seq: 9 << 16
+            }
+        );
+        let (_s2, start, _) = two
+            .subscribe("s".into(), Filter::default(), Some(at))
+            .unwrap();
+        let Start::Replay(missed) = start else {
+            panic!("expected a replay")
+        };
+        let got: Vec<_> = missed.iter().map(|l| (l.seq, l.reading.ts_ms)).collect();
+        assert_eq!(got, [(9 << 16, 3)]);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::throttle::{FailureThrottle, ThrottleSettings};
 use crate::api::{self, ApiSettings, AppState};
-use crate::cluster::{Engines, Follower, Publisher};
+use crate::cluster::{Engines, Follower, Publisher, TsdbFeeder};
 use crate::commands::Commands;
 use crate::config::Config;
 use crate::ingest::mqtt::{MqttCommands, MqttIngest};
@@ -84,7 +84,7 @@ impl Gateway {
 
         // Cluster mode: reach the engines and check the stream's settings before
         // anything else starts, so a misconfigured node refuses to start at once.
-        let engines = if config.cluster.enabled {
+        let mut engines = if config.cluster.enabled {
             let engines = Engines::connect(&config.cluster, config.sinks.influxdb.enabled)
                 .await
                 .context("cluster mode")?;
@@ -209,22 +209,39 @@ impl Gateway {
                     stop_writers.clone(),
                 )));
             }
-            let (thread_done_tx, thread_done_rx) = oneshot::channel();
             let spooler = built.spooler;
-            let spool_shutdown = shutdown.clone();
-            std::thread::Builder::new()
-                .name("influxdb-spool".to_owned())
-                .spawn(move || {
-                    spooler.run(rx, jobs_tx, done_rx, stop_writers, spool_shutdown);
-                    let _ = thread_done_tx.send(());
-                })
-                .context("starting the InfluxDB spool thread")?;
-            threads_done.push(thread_done_rx);
-            destinations.push(Destination {
-                tx,
-                queue: Queue::Sink,
-                gone: ReadingDropReason::SinkBufferFailed,
-            });
+            if let Some(consumer) = engines.as_mut().and_then(|e| e.tsdb.take()) {
+                // Cluster mode: the writers are fed from the stream's shared consumer
+                // (JetStream is the buffer), not by the pipeline through the spool.
+                let feeder = TsdbFeeder {
+                    consumer,
+                    encoder: spooler.encoder,
+                    max_lines: config.sinks.influxdb.batch.max_lines,
+                    max_in_flight: built.max_in_flight,
+                };
+                tasks.push(tokio::spawn(feeder.run(
+                    jobs_tx,
+                    done_rx,
+                    stop_writers,
+                    shutdown.clone(),
+                )));
+            } else {
+                let (thread_done_tx, thread_done_rx) = oneshot::channel();
+                let spool_shutdown = shutdown.clone();
+                std::thread::Builder::new()
+                    .name("influxdb-spool".to_owned())
+                    .spawn(move || {
+                        spooler.run(rx, jobs_tx, done_rx, stop_writers, spool_shutdown);
+                        let _ = thread_done_tx.send(());
+                    })
+                    .context("starting the InfluxDB spool thread")?;
+                threads_done.push(thread_done_rx);
+                destinations.push(Destination {
+                    tx,
+                    queue: Queue::Sink,
+                    gone: ReadingDropReason::SinkBufferFailed,
+                });
+            }
             sinks.push(built.health);
         }
 

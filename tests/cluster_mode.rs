@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::engines::{NatsCluster, Postgres};
+use common::engines::{NatsCluster, Postgres, Vm, sample};
 use common::{TestGateway, bounded, now_ms, points_held, store_count, wait_for};
 use fluxgate::cluster::subject;
 use fluxgate::config::Secret;
@@ -48,9 +48,9 @@ async fn bare_node(
     Gateway::start(config).await.unwrap()
 }
 
-/// POST `n` readings of `temp` (values `from..from + n`) for `device` to `gw`.
-async fn send(gw: &TestGateway, device: &str, token: &str, from: i64, n: i64) {
-    let t0 = now_ms() - 100_000;
+/// POST `n` readings of `temp` (values `from..from + n`, at `t0 + value` ms) for
+/// `device` to `gw`.
+async fn send(gw: &TestGateway, device: &str, token: &str, t0: i64, from: i64, n: i64) {
     for i in from..from + n {
         let body = format!(r#"{{"ts":{},"values":{{"temp":{i}}}}}"#, t0 + i);
         let r = gw.telemetry(device, Some(token), &body).await;
@@ -67,8 +67,9 @@ async fn a_reading_acknowledged_by_one_node_is_stored_once_on_every_node() {
         let b = node("b", &nats, &pg).await;
 
         let token = a.provision("d.1").await;
+        let t0 = now_ms() - 100_000;
         const SENT: i64 = 50;
-        send(&a, "d.1", &token, 0, SENT).await;
+        send(&a, "d.1", &token, t0, 0, SENT).await;
 
         // Acknowledged means in the stream.
         let client = async_nats::connect(nats.url(0)).await.unwrap();
@@ -110,11 +111,12 @@ async fn a_node_that_was_down_catches_up_from_its_consumer_exactly_once() {
         let pg = Postgres::start().await;
         let a = node("a", &nats, &pg).await;
         let token = a.provision("d1").await;
+        let t0 = now_ms() - 100_000;
         let b_dir = tempfile::tempdir().unwrap();
         let b_db = b_dir.path().join("telemetry.db");
 
         let b = bare_node("b", b_dir.path(), &nats, &pg).await;
-        send(&a, "d1", &token, 0, 20).await;
+        send(&a, "d1", &token, t0, 0, 20).await;
         wait_for("b has the first readings", Duration::from_secs(30), || {
             store_count(&b_db) == 20
         })
@@ -122,7 +124,7 @@ async fn a_node_that_was_down_catches_up_from_its_consumer_exactly_once() {
         b.shutdown().await;
 
         // While b is down, more readings arrive at a.
-        send(&a, "d1", &token, 20, 30).await;
+        send(&a, "d1", &token, t0, 20, 30).await;
         assert_eq!(store_count(&b_db), 20);
 
         let b = bare_node("b", b_dir.path(), &nats, &pg).await;
@@ -161,8 +163,9 @@ async fn a_dashboard_resumes_on_another_node_with_exactly_what_it_missed() {
         let token = a.provision("d1").await;
         b.provision("d1").await;
         c.provision("d1").await;
+        let t0 = now_ms() - 100_000;
 
-        send(&a, "d1", &token, 0, 5).await;
+        send(&a, "d1", &token, t0, 0, 5).await;
         wait_for("b has the readings", Duration::from_secs(30), || {
             b.store_count() == 5
         })
@@ -176,7 +179,7 @@ async fn a_dashboard_resumes_on_another_node_with_exactly_what_it_missed() {
         drop(sse);
 
         // It is away while ten more readings arrive, then resumes on c.
-        send(&a, "d1", &token, 5, 10).await;
+        send(&a, "d1", &token, t0, 5, 10).await;
         wait_for("c has the readings", Duration::from_secs(30), || {
             c.store_count() == 15
         })
@@ -194,6 +197,45 @@ async fn a_dashboard_resumes_on_another_node_with_exactly_what_it_missed() {
             got.extend(temps(&e.data));
         }
         assert_eq!(got, (5..15).collect::<Vec<i64>>());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tsdb_is_written_once_by_whichever_nodes_run_the_sink() {
+    bounded(120, async {
+        let nats = NatsCluster::start(1).await;
+        let pg = Postgres::start().await;
+        let vm = Vm::start().await;
+        let with_sink = |c: &mut Config, id: &str| {
+            cluster_node(c, id, &nats, &pg);
+            let s = &mut c.sinks.influxdb;
+            s.enabled = true;
+            s.url = vm.url();
+            s.token.0 = "test-token".to_owned();
+            s.batch.max_age = Duration::from_millis(50);
+        };
+        let a = TestGateway::spawn_with(|c| with_sink(c, "a")).await;
+        let b = TestGateway::spawn_with(|c| with_sink(c, "b")).await;
+        let token = a.provision("d1").await;
+        let t0 = now_ms() - 100_000;
+        const SENT: i64 = 200;
+        send(&a, "d1", &token, t0, 0, SENT).await;
+        let expected = (0..SENT)
+            .map(|i| sample("temp", "d1", t0 + i, i as f64))
+            .collect();
+        vm.wait_for_exactly(&expected, Duration::from_secs(30))
+            .await;
+        // Two nodes run the sink; each sample was written by one of them.
+        assert_eq!(vm.sample_count().await, SENT as usize);
+        // Through the shared consumer, every record acknowledged after its write.
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url(0)).await.unwrap());
+        let mut stream = js.get_stream(subject::STREAM).await.unwrap();
+        let messages = stream.info().await.unwrap().state.messages;
+        let tsdb = stream.consumer_info(subject::TSDB_CONSUMER).await.unwrap();
+        assert_eq!(tsdb.ack_floor.stream_sequence, messages);
+        assert_eq!((tsdb.num_pending, tsdb.num_ack_pending), (0, 0));
+        drop(b);
     })
     .await;
 }

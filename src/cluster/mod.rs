@@ -17,12 +17,14 @@ mod publisher;
 pub mod record;
 mod stream;
 pub mod subject;
+mod tsdb;
 
 use crate::config::{ClusterConfig, Secret};
 
 pub use follower::Follower;
 pub use publisher::Publisher;
 pub use stream::{Expected, Mismatch};
+pub use tsdb::TsdbFeeder;
 
 /// Why cluster mode could not start.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,8 @@ pub struct Engines {
     pub postgres: tokio_postgres::Client,
     /// This node's durable consumer of the whole stream (for its [`Follower`]).
     pub replica: async_nats::jetstream::consumer::PullConsumer,
+    /// The shared consumer that feeds the InfluxDB sink (when this node writes one).
+    pub tsdb: Option<async_nats::jetstream::consumer::PullConsumer>,
     /// The live stream's epoch on every node: the stream's creation time (ms), so
     /// positions (`{epoch}:{seq}`) mean the same reading on every node and survive node
     /// restarts.
@@ -84,12 +88,14 @@ impl Engines {
         let client = nats::connect(config).await?;
         let jetstream = async_nats::jetstream::new(client);
         let expected = Expected::from_config(config);
-        let (replica, epoch) = stream::ensure(&jetstream, &expected, with_tsdb_consumer).await?;
+        let (replica, tsdb, epoch) =
+            stream::ensure(&jetstream, &expected, with_tsdb_consumer).await?;
         let postgres = postgres::connect(&config.postgres, config.connect_timeout).await?;
         Ok(Engines {
             jetstream,
             postgres,
             replica,
+            tsdb,
             epoch,
         })
     }

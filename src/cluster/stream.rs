@@ -256,12 +256,13 @@ fn refuse(what: impl Into<String>, mismatches: Vec<Mismatch>) -> Result<(), Clus
 
 /// Make sure the stream, this node's replica consumer, the TSDB consumer (when the node
 /// writes one) and the presence bucket exist with the expected settings; returns the
-/// replica consumer and the stream's creation time (ms since the Unix epoch).
+/// replica consumer, the TSDB consumer (when asked for) and the stream's creation time
+/// (ms since the Unix epoch).
 pub(super) async fn ensure(
     js: &Context,
     expected: &Expected,
     with_tsdb_consumer: bool,
-) -> Result<(PullConsumer, u64), ClusterError> {
+) -> Result<(PullConsumer, Option<PullConsumer>, u64), ClusterError> {
     let want = expected.stream();
     let stream = js
         .get_or_create_stream(want.to_config(subject::STREAM))
@@ -278,7 +279,7 @@ pub(super) async fn ensure(
     if with_tsdb_consumer {
         consumers.push(subject::TSDB_CONSUMER.to_owned());
     }
-    let mut replica = None;
+    let mut found = Vec::new();
     for name in consumers {
         let config = pull::Config {
             durable_name: Some(name.clone()),
@@ -300,12 +301,14 @@ pub(super) async fn ensure(
             format!("consumer {name}"),
             consumer_mismatches(&info.config),
         )?;
-        replica.get_or_insert(consumer);
+        found.push(consumer);
     }
-    let replica = replica.ok_or_else(|| ClusterError::JetStream {
+    let mut found = found.into_iter();
+    let replica = found.next().ok_or_else(|| ClusterError::JetStream {
         action: "replica consumer".to_owned(),
         detail: "not created".to_owned(),
     })?;
+    let tsdb = found.next();
 
     // The bucket is a stream with the key-value conventions (`KV_` name, `$KV.` subjects,
     // rollups, one message per key). It is created as that stream directly: the client's
@@ -340,7 +343,7 @@ pub(super) async fn ensure(
     js.get_key_value(bucket)
         .await
         .map_err(|e| jetstream_error(format!("bucket {bucket}"))(e.to_string()))?;
-    Ok((replica, created))
+    Ok((replica, tsdb, created))
 }
 
 #[cfg(test)]

@@ -1,12 +1,14 @@
-//! The engines of cluster mode, run for real by the tests: a JetStream cluster of
-//! Debian's `nats-server` processes and a PostgreSQL server (Debian's `postgresql`),
-//! each on free 127.0.0.1 ports with its own temporary directory, killed on drop.
+//! The external engines, run for real by the tests: VictoriaMetrics (the InfluxDB write
+//! API), and for cluster mode a JetStream cluster of Debian's `nats-server` processes
+//! and a PostgreSQL server (Debian's `postgresql`), each on free 127.0.0.1 ports with
+//! its own temporary directory, stopped on drop.
 //!
 //! PostgreSQL refuses to run as root, so when the tests run as root its directory is
 //! handed to the `postgres` user and its programs run as that user through `setpriv`,
 //! which executes them in place: the child the test holds is the server itself, so
 //! killing it needs no signal forwarding.
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -300,4 +302,181 @@ impl Drop for Postgres {
             kill9(&mut c);
         }
     }
+}
+
+/// A VictoriaMetrics process of the test's own; killed on drop.
+pub struct Vm {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    http: reqwest::Client,
+}
+
+impl Vm {
+    pub async fn start() -> Vm {
+        let mut vm = Vm {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        vm.restart().await;
+        vm
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Start (again) on the same port and storage, and wait until it answers.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let child = Command::new("victoria-metrics")
+            .arg(format!("-httpListenAddr=127.0.0.1:{}", self.port))
+            .arg(format!("-storageDataPath={}", self.dir.path().display()))
+            // Its default retention (1 month) would reject old device timestamps.
+            .arg("-retentionPeriod=100y")
+            .arg("-loggerLevel=ERROR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("victoria-metrics is not installed: run scripts/test.sh");
+        self.child = Some(child);
+        let health = format!("{}/health", self.url());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(&health).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "victoria-metrics did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stop gracefully (SIGTERM): a SIGKILL would lose what it holds in memory, which
+    /// is not the outage being tested.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every stored sample of measurement `telemetry` as (field, device, ts, value), as a
+    /// set (a retried request may have been stored twice; InfluxDB itself would
+    /// overwrite, so sets are the contract).
+    pub async fn export(&self) -> BTreeSet<(String, String, i64, String)> {
+        // Make recently written samples visible to the export.
+        let _ = self
+            .http
+            .get(format!("{}/internal/force_flush", self.url()))
+            .send()
+            .await;
+        let text = self
+            .http
+            .post(format!("{}/api/v1/export", self.url()))
+            .form(&[("match[]", "{__name__=~\"telemetry_.*\"}")])
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let mut out = BTreeSet::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let name = v["metric"]["__name__"].as_str().unwrap();
+            let field = name.strip_prefix("telemetry_").unwrap().to_owned();
+            let device = v["metric"]["device"].as_str().unwrap().to_owned();
+            let values = v["values"].as_array().unwrap();
+            let stamps = v["timestamps"].as_array().unwrap();
+            for (val, ts) in values.iter().zip(stamps) {
+                out.insert(sample(
+                    &field,
+                    &device,
+                    ts.as_i64().unwrap(),
+                    val.as_f64().unwrap(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The number of stored samples, duplicates included (the export's sets hide
+    /// them).
+    pub async fn sample_count(&self) -> usize {
+        let _ = self
+            .http
+            .get(format!("{}/internal/force_flush", self.url()))
+            .send()
+            .await;
+        let text = self
+            .http
+            .post(format!("{}/api/v1/export", self.url()))
+            .form(&[("match[]", "{__name__=~\"telemetry_.*\"}")])
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["timestamps"].as_array().map_or(0, Vec::len)
+            })
+            .sum()
+    }
+
+    /// Poll the export until it equals `expected`; fail with the difference.
+    pub async fn wait_for_exactly(
+        &self,
+        expected: &BTreeSet<(String, String, i64, String)>,
+        timeout: Duration,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.export().await;
+            if &got == expected {
+                return;
+            }
+            if Instant::now() > deadline {
+                let missing: Vec<_> = expected.difference(&got).take(5).collect();
+                let extra: Vec<_> = got.difference(expected).take(5).collect();
+                panic!(
+                    "export has {} samples, expected {}; missing e.g. {missing:?}; unexpected e.g. {extra:?}",
+                    got.len(),
+                    expected.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub type Sample = (String, String, i64, String);
+
+/// Values compare as the shortest text of their f64: that is all VictoriaMetrics keeps.
+pub fn sample(field: &str, device: &str, ts: i64, value: f64) -> Sample {
+    (field.to_owned(), device.to_owned(), ts, format!("{value}"))
 }

@@ -19,7 +19,9 @@ log() { printf '\n==> %s\n' "$*"; }
 #   and checks /metrics and the alert rules (tests/prometheus.rs).
 # - mosquitto-clients: mosquitto_pub/mosquitto_sub as third-party MQTT devices
 #   (tests/mqtt_clients.rs).
-apt_packages=(victoria-metrics chromium chromium-driver influxdb prometheus mosquitto-clients)
+# - nats-server (2.9), postgresql (15): cluster mode's engines (tests/cluster_*.rs start
+#   their own JetStream cluster and PostgreSQL on free loopback ports).
+apt_packages=(victoria-metrics chromium chromium-driver influxdb prometheus mosquitto-clients nats-server postgresql)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   missing=()
   for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

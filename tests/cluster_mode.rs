@@ -239,3 +239,70 @@ async fn the_tsdb_is_written_once_by_whichever_nodes_run_the_sink() {
     })
     .await;
 }
+
+/// POST reading `i` of `temp` for `device` until it is acknowledged (as a device retries
+/// a refused message); returns how many attempts were refused.
+async fn send_until_acked(gw: &TestGateway, device: &str, token: &str, t0: i64, i: i64) -> u32 {
+    let body = format!(r#"{{"ts":{},"values":{{"temp":{i}}}}}"#, t0 + i);
+    let mut refused = 0;
+    loop {
+        let r = gw.telemetry(device, Some(token), &body).await;
+        if r.status < 300 {
+            return refused;
+        }
+        assert_eq!(r.status, 503, "only unavailability is retried: {}", r.body);
+        refused += 1;
+        assert!(refused < 100, "never acknowledged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_nats_server_mid_stream_loses_no_acknowledged_reading() {
+    bounded(180, async {
+        let mut nats = NatsCluster::start(3).await;
+        let pg = Postgres::start().await;
+        let r3 = |c: &mut Config, id: &str| {
+            cluster_node(c, id, &nats, &pg);
+            c.cluster.replicas = 3;
+        };
+        let a = TestGateway::spawn_with(|c| r3(c, "a")).await;
+        let b = TestGateway::spawn_with(|c| r3(c, "b")).await;
+        let (ta, tb) = (a.provision("d1").await, b.provision("d2").await);
+        let t0 = now_ms() - 100_000;
+        const SENT: i64 = 300;
+        let mut refused = 0;
+        for i in 0..SENT {
+            if i == SENT / 3 {
+                // kill -9 of one of the three servers (the replicas keep a quorum).
+                nats.kill(0);
+            }
+            refused += send_until_acked(&a, "d1", &ta, t0, i).await;
+            refused += send_until_acked(&b, "d2", &tb, t0, i).await;
+        }
+        // Every acknowledged reading is on both nodes (reads see each point once).
+        for gw in [&a, &b] {
+            wait_for(
+                "every reading on every node",
+                Duration::from_secs(60),
+                || gw.store_count() == 2 * SENT,
+            )
+            .await;
+            let rows = gw.store_rows();
+            for device in ["d1", "d2"] {
+                let mut temps: Vec<Value> = rows
+                    .iter()
+                    .filter(|r| r.0 == device)
+                    .map(|r| r.3.clone())
+                    .collect();
+                temps.sort_by_key(|v| match v {
+                    Value::I64(n) => *n,
+                    _ => i64::MIN,
+                });
+                assert_eq!(temps, (0..SENT).map(Value::I64).collect::<Vec<_>>());
+            }
+        }
+        eprintln!("refused attempts while a NATS server was lost: {refused}");
+    })
+    .await;
+}

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::throttle::{FailureThrottle, ThrottleSettings};
 use crate::api::{self, ApiSettings, AppState};
-use crate::cluster::{Engines, Follower, Publisher, TsdbFeeder};
+use crate::cluster::{Engines, Follower, PresenceSync, Publisher, TsdbFeeder};
 use crate::commands::Commands;
 use crate::config::Config;
 use crate::ingest::mqtt::{MqttCommands, MqttIngest};
@@ -276,6 +276,13 @@ impl Gateway {
                 queue: Queue::Store,
                 gone: ReadingDropReason::StoreFailed,
             });
+            let presence = PresenceSync {
+                bucket: engines.presence,
+                node_id: config.cluster.node_id.clone(),
+                registry: registry.clone(),
+                ttl: config.cluster.presence_ttl,
+            };
+            tasks.push(tokio::spawn(presence.run(shutdown.clone())));
             let follower = Follower {
                 consumer: engines.replica,
                 store: local_store.take(),

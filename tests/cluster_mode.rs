@@ -306,3 +306,46 @@ async fn losing_a_nats_server_mid_stream_loses_no_acknowledged_reading() {
     })
     .await;
 }
+
+/// Whether node `gw`'s REST API says `device` is online.
+async fn online(gw: &TestGateway, device: &str) -> bool {
+    let (status, _, body) = gw.get_json(&format!("/api/v1/devices/{device}")).await;
+    assert_eq!(status, 200, "{body}");
+    body["online"].as_bool().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_connected_to_one_node_is_online_on_every_node() {
+    bounded(120, async {
+        let nats = NatsCluster::start(1).await;
+        let pg = Postgres::start().await;
+        let fast = |c: &mut Config, id: &str| {
+            cluster_node(c, id, &nats, &pg);
+            c.cluster.presence_ttl = Duration::from_secs(1);
+            c.devices.online_timeout = Duration::from_secs(2);
+        };
+        let a = TestGateway::spawn_with(|c| fast(c, "a")).await;
+        let b = TestGateway::spawn_with(|c| fast(c, "b")).await;
+        let token = a.provision("d.1").await;
+        b.provision("d.1").await;
+        assert!(!online(&b, "d.1").await);
+
+        let device = a.mqtt_client("d.1", &token).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !online(&b, "d.1").await {
+            assert!(std::time::Instant::now() < deadline, "never online on b");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Still online on b for as long as it stays connected to a.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(online(&b, "d.1").await);
+
+        device.client.disconnect().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while online(&b, "d.1").await {
+            assert!(std::time::Instant::now() < deadline, "never offline on b");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}

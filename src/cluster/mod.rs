@@ -13,6 +13,7 @@
 mod follower;
 mod nats;
 mod postgres;
+mod presence;
 mod publisher;
 pub mod record;
 mod stream;
@@ -22,6 +23,7 @@ mod tsdb;
 use crate::config::{ClusterConfig, Secret};
 
 pub use follower::Follower;
+pub use presence::PresenceSync;
 pub use publisher::Publisher;
 pub use stream::{Expected, Mismatch};
 pub use tsdb::TsdbFeeder;
@@ -69,6 +71,8 @@ pub struct Engines {
     pub postgres: tokio_postgres::Client,
     /// This node's durable consumer of the whole stream (for its [`Follower`]).
     pub replica: async_nats::jetstream::consumer::PullConsumer,
+    /// The presence bucket.
+    pub presence: async_nats::jetstream::kv::Store,
     /// The shared consumer that feeds the InfluxDB sink (when this node writes one).
     pub tsdb: Option<async_nats::jetstream::consumer::PullConsumer>,
     /// The live stream's epoch on every node: the stream's creation time (ms), so
@@ -88,13 +92,14 @@ impl Engines {
         let client = nats::connect(config).await?;
         let jetstream = async_nats::jetstream::new(client);
         let expected = Expected::from_config(config);
-        let (replica, tsdb, epoch) =
+        let (replica, tsdb, presence, epoch) =
             stream::ensure(&jetstream, &expected, with_tsdb_consumer).await?;
         let postgres = postgres::connect(&config.postgres, config.connect_timeout).await?;
         Ok(Engines {
             jetstream,
             postgres,
             replica,
+            presence,
             tsdb,
             epoch,
         })

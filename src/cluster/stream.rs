@@ -8,9 +8,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use async_nats::jetstream::Context;
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::{Context, kv};
 
 use super::{ClusterError, subject};
 use crate::config::ClusterConfig;
@@ -256,13 +256,13 @@ fn refuse(what: impl Into<String>, mismatches: Vec<Mismatch>) -> Result<(), Clus
 
 /// Make sure the stream, this node's replica consumer, the TSDB consumer (when the node
 /// writes one) and the presence bucket exist with the expected settings; returns the
-/// replica consumer, the TSDB consumer (when asked for) and the stream's creation time
-/// (ms since the Unix epoch).
+/// replica consumer, the TSDB consumer (when asked for), the presence bucket and the
+/// stream's creation time (ms since the Unix epoch).
 pub(super) async fn ensure(
     js: &Context,
     expected: &Expected,
     with_tsdb_consumer: bool,
-) -> Result<(PullConsumer, Option<PullConsumer>, u64), ClusterError> {
+) -> Result<(PullConsumer, Option<PullConsumer>, kv::Store, u64), ClusterError> {
     let want = expected.stream();
     let stream = js
         .get_or_create_stream(want.to_config(subject::STREAM))
@@ -340,10 +340,11 @@ pub(super) async fn ensure(
         mismatches(&want, &Settings::of(&info.config)),
     )?;
     // The bucket works through the client's key-value API from here on.
-    js.get_key_value(bucket)
+    let presence = js
+        .get_key_value(bucket)
         .await
         .map_err(|e| jetstream_error(format!("bucket {bucket}"))(e.to_string()))?;
-    Ok((replica, tsdb, created))
+    Ok((replica, tsdb, presence, created))
 }
 
 #[cfg(test)]

@@ -143,7 +143,11 @@ impl Registry {
 
     pub(super) fn view(&self, entry: &DeviceEntry, now: i64) -> DeviceView {
         let p = &entry.presence;
-        let seen = p.last_seen_ms.load(Relaxed);
+        // Seen here, or (cluster mode) reported connected by another node.
+        let seen = p
+            .last_seen_ms
+            .load(Relaxed)
+            .max(p.elsewhere_ms.load(Relaxed));
         let last_seen_ms = (seen > 0).then_some(seen);
         let online = p.connections.load(Relaxed) > 0
             || last_seen_ms.is_some_and(|s| now - s < self.online_timeout_ms);

@@ -20,6 +20,8 @@ pub struct Presence {
     pub(super) last_seen_ms: AtomicI64,
     pub(super) transport: AtomicU8,
     pub(super) dirty: AtomicBool,
+    /// Cluster mode: when another node last reported the device connected to it (ms).
+    pub(super) elsewhere_ms: AtomicI64,
 }
 
 fn transport_code(t: Transport) -> u8 {
@@ -73,6 +75,15 @@ impl Registry {
 
     fn presence(&self, device: &str) -> Option<Arc<Presence>> {
         self.read().devices.get(device).map(|e| e.presence.clone())
+    }
+
+    /// Cluster mode: another node reports `device` connected to it at `at_ms`. Until
+    /// `devices.online_timeout` after the last report the device counts as online here
+    /// too, and its last-seen time is at least the report's.
+    pub fn seen_elsewhere(&self, device: &str, at_ms: i64) {
+        if let Some(p) = self.presence(device) {
+            p.elsewhere_ms.fetch_max(at_ms, Relaxed);
+        }
     }
 
     /// Ids of devices with open connections.

@@ -9,6 +9,11 @@
 //! live, with readings sent after the restart on screen. It also checks the phone layout
 //! does not scroll sideways at 375 px and that the key is kept in sessionStorage only.
 //!
+//! A second scenario serves a page from another origin that asks a gateway for a stream
+//! token (a preflighted, credentialed fetch) and opens a cross-origin `EventSource`:
+//! it streams from a gateway that lists the origin in `http.cors.allowed_origins` and is
+//! refused by one that does not.
+//!
 //! Screenshots land in `target/test-output/browser/` (the path is printed). Every wait
 //! is a poll of the DOM with a deadline; the whole test is bounded.
 //!
@@ -953,4 +958,193 @@ async fn command_scenario(out: &Path) {
     drop(driver);
     device.abort();
     gateway.shutdown().await;
+}
+
+// ---- a page from another origin -----------------------------------------------------
+
+/// The page a browser app on another origin would serve: it asks the gateway at `gw`
+/// for a stream token with the operator key (a preflighted, credentialed `fetch`), then
+/// opens a cross-origin `EventSource` with it. `#state` and `#got` say how far it got.
+fn foreign_page(gw: &str, key: &str) -> String {
+    format!(
+        r#"<!doctype html><html><body><pre id="state">start</pre><pre id="got"></pre><script>
+const gw = {gw}, key = {key};
+const state = s => {{ document.getElementById("state").textContent = s; }};
+fetch(gw + "/api/v1/stream-tokens", {{method: "POST", headers: {{"Authorization": "Bearer " + key}}}})
+  .then(r => r.ok ? r.json() : Promise.reject("status " + r.status))
+  .then(t => {{
+    state("token");
+    const es = new EventSource(gw + "/api/v1/live/sse?device={DEVICE}&access_token=" + encodeURIComponent(t.token));
+    es.addEventListener("snapshot", () => state("snapshot"));
+    es.addEventListener("readings", e => {{ document.getElementById("got").textContent = e.data; }});
+    es.onerror = () => state("stream-error");
+  }})
+  .catch(() => state("fetch-error"));
+</script></body></html>"#,
+        gw = json!(gw),
+        key = json!(key),
+    )
+}
+
+/// A minimal web server on `listener` answering `GET /{name}` with `pages[name]`.
+fn serve_pages(listener: tokio::net::TcpListener, pages: Vec<(&'static str, String)>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pages = Arc::new(pages);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let pages = pages.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&request);
+                let path = line.split_whitespace().nth(1).unwrap_or("/");
+                let (status, body) = pages
+                    .iter()
+                    .find(|(name, _)| path == format!("/{name}"))
+                    .map_or(("404 Not Found", String::new()), |(_, page)| {
+                        ("200 OK", page.clone())
+                    });
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_on_another_origin_streams_only_from_a_gateway_that_allows_it() {
+    for tool in [CHROMIUM, CHROMEDRIVER] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} is missing: run scripts/test.sh (it installs chromium and chromium-driver)"
+        );
+    }
+    tokio::time::timeout(TEST_LIMIT, cross_origin_scenario(&output_dir()))
+        .await
+        .unwrap_or_else(|_| panic!("the browser test did not finish within {TEST_LIMIT:?}"));
+}
+
+async fn cross_origin_scenario(out: &Path) {
+    let site = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", site.local_addr().unwrap());
+    // Two gateways: one lists the page's origin, the other keeps the default (none).
+    let mut gateways = Vec::new();
+    let mut dirs = Vec::new();
+    for allowed in [vec![origin.clone()], vec![]] {
+        let data = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            data_dir: data.path().to_owned(),
+            ..Config::default()
+        };
+        config.http.listen = "127.0.0.1:0".parse().unwrap();
+        config.mqtt.enabled = false;
+        config.http.shutdown_grace = Duration::from_secs(1);
+        config.http.cors.allowed_origins = allowed;
+        config.validate().expect("valid config");
+        gateways.push(Gateway::start(config).await.expect("gateway starts"));
+        dirs.push(data);
+    }
+    let base = |g: &RunningGateway| format!("http://{}", g.http_addr);
+    let key = |g: &RunningGateway| g.bootstrap_admin_key.clone().unwrap();
+    serve_pages(
+        site,
+        vec![
+            (
+                "allowed",
+                foreign_page(&base(&gateways[0]), &key(&gateways[0])),
+            ),
+            (
+                "denied",
+                foreign_page(&base(&gateways[1]), &key(&gateways[1])),
+            ),
+        ],
+    );
+
+    // A device on the allowing gateway, fed in the background.
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/api/v1/devices", base(&gateways[0])))
+        .bearer_auth(key(&gateways[0]))
+        .json(&json!({"id": DEVICE}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let token = r.json::<Json>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let feed_url = format!("{}/api/v1/devices/{DEVICE}/telemetry", base(&gateways[0]));
+    let feeding = Arc::new(AtomicBool::new(true));
+    let feeder = {
+        let (http, feeding) = (http.clone(), feeding.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while feeding.load(Ordering::Relaxed) {
+                n += 1;
+                let ts = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as i64;
+                let r = http
+                    .post(&feed_url)
+                    .bearer_auth(&token)
+                    .json(&json!({"ts": ts, "values": {"cross_origin": n}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{:?}", r.text().await);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    let driver = Chromedriver::start(&out.join("chromedriver-cors.log"));
+    let profile = tempfile::tempdir().unwrap();
+    let browser = open_browser(&driver, profile.path()).await;
+    browser.goto(&format!("{origin}/allowed")).await.unwrap();
+    poll(
+        &browser,
+        "the cross-origin stream's snapshot",
+        &text_of("#state"),
+        |v| v == "snapshot",
+    )
+    .await;
+    let got = poll(
+        &browser,
+        "live readings across origins",
+        &text_of("#got"),
+        |v| v.as_str().is_some_and(|s| s.contains("cross_origin")),
+    )
+    .await;
+    assert!(got.as_str().unwrap().contains(DEVICE), "{got}");
+    screenshot(&browser, out, "cors-allowed.png").await;
+
+    // The same page against a gateway that does not list its origin: the browser
+    // refuses the preflight, so not even the token request goes through.
+    browser.goto(&format!("{origin}/denied")).await.unwrap();
+    poll(
+        &browser,
+        "the refused cross-origin fetch",
+        &text_of("#state"),
+        |v| v == "fetch-error",
+    )
+    .await;
+    feeding.store(false, Ordering::Relaxed);
+    feeder
+        .await
+        .expect("every reading of the feed was accepted");
+    browser.close().await.unwrap();
+    for g in gateways {
+        g.shutdown().await;
+    }
 }

@@ -313,10 +313,11 @@ impl ConnWatch {
         if !self.awaiting_head.swap(false, Ordering::Relaxed) {
             return;
         }
-        if let Ok(mut s) = self.state.lock() {
-            if s.busy == 0 && s.head_started.is_none() {
-                s.head_started = Some(Instant::now());
-            }
+        if let Ok(mut s) = self.state.lock()
+            && s.busy == 0
+            && s.head_started.is_none()
+        {
+            s.head_started = Some(Instant::now());
         }
         self.changed.notify_one();
     }

@@ -1222,10 +1222,10 @@ fn refs<'a>(v: &'a Value, at: String, out: &mut Vec<(String, &'a str)>) {
     match v {
         Value::Object(m) => {
             for (k, child) in m {
-                if k == "$ref" {
-                    if let Some(r) = child.as_str() {
-                        out.push((at.clone(), r));
-                    }
+                if k == "$ref"
+                    && let Some(r) = child.as_str()
+                {
+                    out.push((at.clone(), r));
                 }
                 refs(child, format!("{at}/{k}"), out);
             }

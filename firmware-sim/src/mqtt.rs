@@ -138,14 +138,13 @@ pub async fn drive(
                 guard.up();
                 backoff.reset();
                 // A clean session forgets subscriptions: subscribe on every connection.
-                if let Some(handler) = &commands {
-                    if handler
+                if let Some(handler) = &commands
+                    && handler
                         .client
                         .try_subscribe(handler.topic.clone(), QoS::AtLeastOnce)
                         .is_err()
-                    {
-                        counters.error(|| format!("{device_id}: cannot subscribe to commands"));
-                    }
+                {
+                    counters.error(|| format!("{device_id}: cannot subscribe to commands"));
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -260,11 +259,10 @@ async fn run_publisher(
             () = stopped(&mut shutdown) => break,
             changed = period.changed() => {
                 // `set_period`: the new period applies from now on.
-                if changed.is_ok() {
-                    if let Some(every) = *period.borrow_and_update() {
+                if changed.is_ok()
+                    && let Some(every) = *period.borrow_and_update() {
                         ticker = ticker_every(every);
                     }
-                }
                 continue;
             }
         }

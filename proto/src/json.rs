@@ -565,12 +565,12 @@ pub fn encode_json(points: &[Point]) -> Result<String, EncodeError> {
     // here with the field named.
     for point in points {
         for (field, value) in &point.values {
-            if let Value::F64(f) = value {
-                if !f.is_finite() {
-                    return Err(EncodeError::NonFiniteNumber {
-                        field: field.clone(),
-                    });
-                }
+            if let Value::F64(f) = value
+                && !f.is_finite()
+            {
+                return Err(EncodeError::NonFiniteNumber {
+                    field: field.clone(),
+                });
             }
         }
     }

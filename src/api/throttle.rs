@@ -106,11 +106,11 @@ impl FailureThrottle {
         table.order.push_back((addr, generation));
         let mut evicted = 0;
         while table.order.len() > self.settings.max_addresses {
-            if let Some((old, g)) = table.order.pop_front() {
-                if table.buckets.get(&old).is_some_and(|b| b.generation == g) {
-                    table.buckets.remove(&old);
-                    evicted += 1;
-                }
+            if let Some((old, g)) = table.order.pop_front()
+                && table.buckets.get(&old).is_some_and(|b| b.generation == g)
+            {
+                table.buckets.remove(&old);
+                evicted += 1;
             }
         }
         Ok(evicted)

@@ -489,27 +489,26 @@ impl Dispatcher {
                     break;
                 }
             }
-            if route.is_none() {
-                if let Some(conns) = self.ws.get_mut(device) {
-                    conns.retain(|c| !c.is_closed());
-                    for c in conns.iter() {
-                        // A full connection queue (the device does not read) is passed
-                        // over; the command stays queued for the next chance.
-                        if c.try_send(out.clone()).is_ok() {
-                            route = Some(Some(Route::Ws(c.clone())));
-                            break;
-                        }
+            if route.is_none()
+                && let Some(conns) = self.ws.get_mut(device)
+            {
+                conns.retain(|c| !c.is_closed());
+                for c in conns.iter() {
+                    // A full connection queue (the device does not read) is passed
+                    // over; the command stays queued for the next chance.
+                    if c.try_send(out.clone()).is_ok() {
+                        route = Some(Some(Route::Ws(c.clone())));
+                        break;
                     }
                 }
             }
             let mut polled = false;
-            if route.is_none() {
-                if let Some(poller) = self.pollers.remove(device) {
-                    if poller.send(out).is_ok() {
-                        route = Some(None);
-                        polled = true;
-                    }
-                }
+            if route.is_none()
+                && let Some(poller) = self.pollers.remove(device)
+                && poller.send(out).is_ok()
+            {
+                route = Some(None);
+                polled = true;
             }
             let Some(route) = route else {
                 return;

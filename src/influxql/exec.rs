@@ -116,17 +116,17 @@ fn store_error(e: StoreError) -> InfluxqlError {
 /// data, as in InfluxDB); an unknown database or retention policy is an error.
 fn from_ours(from: Option<&Measurement>, src: &Source) -> Result<bool, InfluxqlError> {
     let Some(m) = from else { return Ok(true) };
-    if let Some(db) = &m.database {
-        if *db != src.database {
-            return Err(InfluxqlError::Invalid(format!("database not found: {db}")));
-        }
+    if let Some(db) = &m.database
+        && *db != src.database
+    {
+        return Err(InfluxqlError::Invalid(format!("database not found: {db}")));
     }
-    if let Some(rp) = &m.retention_policy {
-        if rp != "autogen" {
-            return Err(InfluxqlError::Invalid(format!(
-                "retention policy not found: {rp}"
-            )));
-        }
+    if let Some(rp) = &m.retention_policy
+        && rp != "autogen"
+    {
+        return Err(InfluxqlError::Invalid(format!(
+            "retention policy not found: {rp}"
+        )));
     }
     Ok(m.name == src.measurement)
 }
@@ -625,10 +625,10 @@ fn bucket_rows(
             if k >= n {
                 continue;
             }
-            if acc.as_ref().is_some_and(|(cur, _)| *cur != k) {
-                if let Some((cur, a)) = acc.take() {
-                    col[cur] = a.finish().map(|(c, _)| c);
-                }
+            if acc.as_ref().is_some_and(|(cur, _)| *cur != k)
+                && let Some((cur, a)) = acc.take()
+            {
+                col[cur] = a.finish().map(|(c, _)| c);
             }
             acc.get_or_insert_with(|| (k, Acc::new(func_of(s, i))))
                 .1

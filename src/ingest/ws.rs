@@ -202,10 +202,10 @@ where
             Ok(next) => Some(next),
             Err(mpsc::error::TryRecvError::Disconnected) => None,
             Err(mpsc::error::TryRecvError::Empty) => {
-                if let Some(ack) = state.flush() {
-                    if sink.send(Message::Text(ack.into())).await.is_err() {
-                        return false;
-                    }
+                if let Some(ack) = state.flush()
+                    && sink.send(Message::Text(ack.into())).await.is_err()
+                {
+                    return false;
                 }
                 pending.recv().await
             }
@@ -220,10 +220,10 @@ where
         let result = match ready {
             Some(result) => result,
             None => {
-                if let Some(ack) = state.flush() {
-                    if sink.send(Message::Text(ack.into())).await.is_err() {
-                        return false;
-                    }
+                if let Some(ack) = state.flush()
+                    && sink.send(Message::Text(ack.into())).await.is_err()
+                {
+                    return false;
                 }
                 outcome(rx).await
             }
@@ -234,12 +234,11 @@ where
             }
         }
         // A device that never lets the queue run empty still hears regularly.
-        if state.unanswered() >= max_coalesced {
-            if let Some(ack) = state.flush() {
-                if sink.send(Message::Text(ack.into())).await.is_err() {
-                    return false;
-                }
-            }
+        if state.unanswered() >= max_coalesced
+            && let Some(ack) = state.flush()
+            && sink.send(Message::Text(ack.into())).await.is_err()
+        {
+            return false;
         }
     }
     match state.flush() {
@@ -538,10 +537,10 @@ async fn serve_connected(
                     if let Some(frame) = control_frame(t.as_str()) {
                         // A command frame, not telemetry: it takes no `seq` and gets
                         // no ack; a refused one is answered with an error frame.
-                        if let Some(answer) = command_answer(st, device, frame).await {
-                            if control_tx.send(answer).await.is_err() {
-                                break;
-                            }
+                        if let Some(answer) = command_answer(st, device, frame).await
+                            && control_tx.send(answer).await.is_err()
+                        {
+                            break;
                         }
                         continue;
                     }

@@ -315,10 +315,10 @@ impl Hub {
                 .get(&*l.reading.device)
                 .map_or(&[][..], Vec::as_slice)
             {
-                if let Some(entry) = subscribers.get_mut(id) {
-                    if entry.matches(&l.reading, labels) {
-                        matched.entry(*id).or_default().push(l.clone());
-                    }
+                if let Some(entry) = subscribers.get_mut(id)
+                    && entry.matches(&l.reading, labels)
+                {
+                    matched.entry(*id).or_default().push(l.clone());
                 }
             }
         }

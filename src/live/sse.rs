@@ -43,10 +43,10 @@ pub async fn stream(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let mut query = super::parse_query(query.as_deref()).map_err(ApiError::bad_request)?;
     // EventSource sends the id of the last event it saw when it reconnects.
-    if let Some(last) = headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
-        if let Some(pos) = super::Position::parse(last) {
-            query.since = Some(pos);
-        }
+    if let Some(last) = headers.get("last-event-id").and_then(|v| v.to_str().ok())
+        && let Some(pos) = super::Position::parse(last)
+    {
+        query.since = Some(pos);
     }
     let session = LiveSession::open(st.live_session_deps(), query, "sse").await?;
     let shutdown = st.shutdown.clone();

@@ -168,21 +168,21 @@ impl Pipeline {
         durable: bool,
         batch: impl FnOnce(std::vec::Drain<'_, Reading>, Option<Waiting>),
     ) {
-        if let Some(rate) = &mut guards.rate {
-            if let Verdict::Refuse { first } = rate.check(&envelope.device, now) {
-                self.metrics.emit(Event::MessagesDropped {
-                    reason: MessageDropReason::RateLimited,
-                    count: 1,
-                });
-                // Once per episode over the rate, not for every message already queued.
-                if first && self.input.device_rate_action == RateAction::Disconnect {
-                    self.registry.kick(&envelope.device, envelope.transport);
-                }
-                if let Some(ack) = envelope.ack {
-                    let _ = ack.send(Err(Rejection::RateLimited));
-                }
-                return;
+        if let Some(rate) = &mut guards.rate
+            && let Verdict::Refuse { first } = rate.check(&envelope.device, now)
+        {
+            self.metrics.emit(Event::MessagesDropped {
+                reason: MessageDropReason::RateLimited,
+                count: 1,
+            });
+            // Once per episode over the rate, not for every message already queued.
+            if first && self.input.device_rate_action == RateAction::Disconnect {
+                self.registry.kick(&envelope.device, envelope.transport);
             }
+            if let Some(ack) = envelope.ack {
+                let _ = ack.send(Err(Rejection::RateLimited));
+            }
+            return;
         }
         match decode(&envelope, &self.limits, &mut guards.interner, readings) {
             Ok(n) => {

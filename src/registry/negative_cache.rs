@@ -57,11 +57,11 @@ impl NegativeCache {
         // The order queue holds one slot per insertion, so bounding it bounds the map
         // too (every entry has a slot carrying its insertion time).
         while self.order.len() > self.capacity {
-            if let Some((old, at)) = self.order.pop_front() {
-                if self.entries.get(&old) == Some(&at) {
-                    self.entries.remove(&old);
-                    evicted += 1;
-                }
+            if let Some((old, at)) = self.order.pop_front()
+                && self.entries.get(&old) == Some(&at)
+            {
+                self.entries.remove(&old);
+                evicted += 1;
             }
         }
         evicted

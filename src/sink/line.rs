@@ -118,10 +118,10 @@ impl LineEncoder {
                     break;
                 }
                 i += 1;
-                if let Value::F64(f) = r.value {
-                    if !f.is_finite() {
-                        continue;
-                    }
+                if let Value::F64(f) = r.value
+                    && !f.is_finite()
+                {
+                    continue;
                 }
                 line.push(if fields == 0 { b' ' } else { b',' });
                 escape(line, &r.metric, b",= ");

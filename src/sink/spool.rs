@@ -101,14 +101,14 @@ impl Spooler {
             }
             if shutdown.is_cancelled() {
                 let seen = *shutdown_seen.get_or_insert_with(Instant::now);
-                if seen.elapsed() >= self.drain {
-                    if let Some((_acks, readings)) = blocked.take() {
-                        // Dropping the parts tells waiting senders to retry.
-                        self.metrics.emit(Event::ReadingsDropped {
-                            reason: ReadingDropReason::ShuttingDown,
-                            count: readings as u64,
-                        });
-                    }
+                if seen.elapsed() >= self.drain
+                    && let Some((_acks, readings)) = blocked.take()
+                {
+                    // Dropping the parts tells waiting senders to retry.
+                    self.metrics.emit(Event::ReadingsDropped {
+                        reason: ReadingDropReason::ShuttingDown,
+                        count: readings as u64,
+                    });
                 }
             }
             self.dispatch(&jobs, &mut inflight, &mut next_id, &mut due, !input_open);

@@ -220,10 +220,8 @@ pub fn open_store(
     // new names are durable before the first acknowledgement can rely on them (and the
     // parent too when the data directory itself is new).
     sync_dir(data_dir)?;
-    if !dir_existed {
-        if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent)?;
-        }
+    if !dir_existed && let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent)?;
     }
     let generation: i64 =
         conn.query_row("SELECT coalesce(max(generation), 0) FROM parts", [], |r| {
@@ -618,11 +616,11 @@ impl StoreWriter {
                     parts.insert(part);
                 }
                 // Points come by ascending time, so the last one is in the newest part.
-                if let Some(newest) = pts.last().map(|p| part_of(p.0)) {
-                    if self.last_part.get(&series).is_none_or(|p| *p < newest) {
-                        last_part.execute(params![series, newest])?;
-                        moved_up.push((series, newest));
-                    }
+                if let Some(newest) = pts.last().map(|p| part_of(p.0))
+                    && self.last_part.get(&series).is_none_or(|p| *p < newest)
+                {
+                    last_part.execute(params![series, newest])?;
+                    moved_up.push((series, newest));
                 }
             }
             let mut part_row =
@@ -697,10 +695,10 @@ impl StoreReader {
                 None => open(&inner.path, true)?,
             };
             let result = f(&conn, &inner.tail);
-            if let Ok(mut pool) = inner.pool.lock() {
-                if pool.len() < 8 {
-                    pool.push(conn);
-                }
+            if let Ok(mut pool) = inner.pool.lock()
+                && pool.len() < 8
+            {
+                pool.push(conn);
             }
             result
         })

@@ -147,10 +147,10 @@ fn upgrade_from_v1(conn: &mut Connection) -> Result<(), StoreError> {
         let mut pts = Vec::new();
         while let Some(row) = rows.next()? {
             let key: (i64, i64) = (row.get(0)?, row.get(1)?);
-            if current.is_some_and(|c| c != key) {
-                if let Some(c) = current {
-                    flush(c, &mut pts)?;
-                }
+            if current.is_some_and(|c| c != key)
+                && let Some(c) = current
+            {
+                flush(c, &mut pts)?;
             }
             current = Some(key);
             let start: i64 = row.get(2)?;

@@ -349,10 +349,10 @@ impl Vm {
         let health = format!("{}/health", self.url());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = self.http.get(&health).send().await {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = self.http.get(&health).send().await
+                && r.status().is_success()
+            {
+                return;
             }
             assert!(Instant::now() < deadline, "victoria-metrics did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -275,12 +275,12 @@ impl Connection<'_> {
         self.device = Some(id.clone());
 
         // Shed a storm before any work is spent on it.
-        if let Some(rate) = &front.connect_rate {
-            if !crate::sync::lock(rate).admit(std::time::Instant::now()) {
-                self.connack(ConnectReturnCode::ServiceUnavailable, false)
-                    .await;
-                return Err(MqttCloseReason::ConnectRateLimited);
-            }
+        if let Some(rate) = &front.connect_rate
+            && !crate::sync::lock(rate).admit(std::time::Instant::now())
+        {
+            self.connack(ConnectReturnCode::ServiceUnavailable, false)
+                .await;
+            return Err(MqttCloseReason::ConnectRateLimited);
         }
         let will = match connect.last_will {
             Some(will) => {
@@ -380,10 +380,10 @@ impl Connection<'_> {
         }
         let ended = self.session(&device, &link, keep_alive, &mut state).await;
         let front = self.front;
-        if ended.will {
-            if let Some(will) = will {
-                self.publish_will(&device, will).await;
-            }
+        if ended.will
+            && let Some(will) = will
+        {
+            self.publish_will(&device, will).await;
         }
         let mut unacked: Vec<Outbound> = state.in_flight.into_iter().collect();
         unacked.extend(crate::sync::lock(&link.outbox).drain(..));
@@ -446,10 +446,10 @@ impl Connection<'_> {
                 return Ended::normal(MqttCloseReason::Takeover);
             }
             self.send_commands(device, link, state);
-            if !self.wbuf.is_empty() {
-                if let Err(end) = self.flush_watching(link, keep_alive).await {
-                    return end;
-                }
+            if !self.wbuf.is_empty()
+                && let Err(end) = self.flush_watching(link, keep_alive).await
+            {
+                return end;
             }
             if stopping && state.pending.is_empty() {
                 return Ended::normal(MqttCloseReason::Shutdown);

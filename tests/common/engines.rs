@@ -375,11 +375,9 @@ impl Vm {
         }
     }
 
-    /// Every stored sample of measurement `telemetry` as (field, device, ts, value), as a
-    /// set (a retried request may have been stored twice; InfluxDB itself would
-    /// overwrite, so sets are the contract).
-    pub async fn export(&self) -> BTreeSet<(String, String, i64, String)> {
-        // Make recently written samples visible to the export.
+    /// The export of measurement `telemetry`: one JSON line per series, after making
+    /// recently written samples visible.
+    async fn export_lines(&self) -> Vec<serde_json::Value> {
         let _ = self
             .http
             .get(format!("{}/internal/force_flush", self.url()))
@@ -395,9 +393,18 @@ impl Vm {
             .text()
             .await
             .unwrap();
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Every stored sample of measurement `telemetry` as (field, device, ts, value), as a
+    /// set (a retried request may have been stored twice; InfluxDB itself would
+    /// overwrite, so sets are the contract).
+    pub async fn export(&self) -> BTreeSet<(String, String, i64, String)> {
         let mut out = BTreeSet::new();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for v in self.export_lines().await {
             let name = v["metric"]["__name__"].as_str().unwrap();
             let field = name.strip_prefix("telemetry_").unwrap().to_owned();
             let device = v["metric"]["device"].as_str().unwrap().to_owned();
@@ -418,27 +425,10 @@ impl Vm {
     /// The number of stored samples, duplicates included (the export's sets hide
     /// them).
     pub async fn sample_count(&self) -> usize {
-        let _ = self
-            .http
-            .get(format!("{}/internal/force_flush", self.url()))
-            .send()
-            .await;
-        let text = self
-            .http
-            .post(format!("{}/api/v1/export", self.url()))
-            .form(&[("match[]", "{__name__=~\"telemetry_.*\"}")])
-            .send()
+        self.export_lines()
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v["timestamps"].as_array().map_or(0, Vec::len)
-            })
+            .iter()
+            .map(|v| v["timestamps"].as_array().map_or(0, Vec::len))
             .sum()
     }
 

@@ -269,12 +269,13 @@ impl Gateway {
             let publisher = Publisher {
                 jetstream: engines.jetstream.clone(),
                 node_id: config.cluster.node_id.clone(),
+                metrics: metrics.clone(),
             };
             tasks.push(tokio::spawn(publisher.run(rx)));
             destinations.push(Destination {
                 tx,
-                queue: Queue::Store,
-                gone: ReadingDropReason::StoreFailed,
+                queue: Queue::Stream,
+                gone: ReadingDropReason::StreamFailed,
             });
             let presence = PresenceSync {
                 bucket: engines.presence,

@@ -349,3 +349,51 @@ async fn a_device_connected_to_one_node_is_online_on_every_node() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_refuses_new_readings_and_says_so() {
+    bounded(120, async {
+        let nats = NatsCluster::start(1).await;
+        let pg = Postgres::start().await;
+        // The smallest stream the config allows: 1 MiB, full-policy `discard = new`.
+        let a = TestGateway::spawn_with(|c| {
+            cluster_node(c, "a", &nats, &pg);
+            c.cluster.stream_max_bytes = 1 << 20;
+        })
+        .await;
+        let token = a.provision("d1").await;
+        let t0 = now_ms() - 1_000_000;
+        // Messages of 500 readings (about 10 KB as a record) until one is refused.
+        let mut accepted = 0i64;
+        let refused = loop {
+            let body: Vec<String> = (0..500)
+                .map(|i| {
+                    let n = accepted * 500 + i;
+                    format!(r#"{{"ts":{},"values":{{"temp":{n}}}}}"#, t0 + n)
+                })
+                .collect();
+            let r = a
+                .telemetry("d1", Some(&token), &format!("[{}]", body.join(",")))
+                .await;
+            if r.status == 503 {
+                break r;
+            }
+            assert!(r.status < 300, "{} {}", r.status, r.body);
+            accepted += 1;
+            assert!(accepted < 1_000, "the stream never filled");
+        };
+        refused.assert_problem(503, "unavailable");
+        // Counted, in readings, under its own reason.
+        assert_eq!(
+            a.metric("fluxgate_dropped_readings_total{reason=\"stream_failed\"}")
+                .await,
+            500.0
+        );
+        // What was acknowledged is stored; the refused message is not.
+        wait_for("the accepted readings", Duration::from_secs(30), || {
+            a.store_count() == accepted * 500
+        })
+        .await;
+    })
+    .await;
+}

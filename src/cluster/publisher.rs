@@ -7,6 +7,7 @@
 //! retried within the stream's duplicate window is stored once.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::Context;
@@ -16,6 +17,7 @@ use async_nats::jetstream::message::PublishMessage;
 use super::record::{self, MAX_READINGS};
 use super::subject;
 use crate::model::{DeviceId, DurableBatch, Reading};
+use crate::observe::{Event, Metrics, Queue, ReadingDropReason};
 
 /// The JetStream publisher component.
 pub struct Publisher {
@@ -23,6 +25,8 @@ pub struct Publisher {
     pub jetstream: Context,
     /// This node's id (part of every message id).
     pub node_id: String,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Publisher {
@@ -36,10 +40,18 @@ impl Publisher {
             .unwrap_or_default();
         let mut number: u64 = 0;
         while let Ok(batch) = input.recv_async().await {
+            self.metrics.set_queue_depth(Queue::Stream, input.len());
             number += 1;
             let ok = self
                 .publish(&batch.readings, &format!("{}-{run}-{number}", self.node_id))
                 .await;
+            if !ok {
+                // Its senders hear `unavailable` (through the acks below) and resend.
+                self.metrics.emit(Event::ReadingsDropped {
+                    reason: ReadingDropReason::StreamFailed,
+                    count: batch.readings.len() as u64,
+                });
+            }
             for ack in batch.acks {
                 ack.complete(ok);
             }

@@ -50,16 +50,21 @@ pub enum ReadingDropReason {
     TooManyMetrics,
     /// A reading named a new series while the gateway already holds `limits.max_series`.
     TooManySeries,
+    /// Cluster mode: JetStream refused or did not acknowledge a batch (the stream is
+    /// full under `discard = new`, no quorum, the connection was lost); its senders were
+    /// told to retry.
+    StreamFailed,
 }
 
 impl ReadingDropReason {
     /// Every reason, in discriminant order, so that each label is exported from the start.
-    pub(super) const ALL: [ReadingDropReason; 5] = [
+    pub(super) const ALL: [ReadingDropReason; 6] = [
         ReadingDropReason::StoreFailed,
         ReadingDropReason::SinkBufferFailed,
         ReadingDropReason::ShuttingDown,
         ReadingDropReason::TooManyMetrics,
         ReadingDropReason::TooManySeries,
+        ReadingDropReason::StreamFailed,
     ];
 
     /// The metric label.
@@ -70,6 +75,7 @@ impl ReadingDropReason {
             ReadingDropReason::ShuttingDown => "shutting_down",
             ReadingDropReason::TooManyMetrics => "too_many_metrics",
             ReadingDropReason::TooManySeries => "too_many_series",
+            ReadingDropReason::StreamFailed => "stream_failed",
         }
     }
 }

@@ -22,11 +22,19 @@ pub enum Queue {
     Live,
     /// Batcher -> InfluxDB sink buffer batches.
     Sink,
+    /// Cluster mode: batcher -> JetStream publisher batches.
+    Stream,
 }
 
 impl Queue {
     /// Every queue, in discriminant order.
-    pub(super) const ALL: [Queue; 4] = [Queue::Pipeline, Queue::Store, Queue::Live, Queue::Sink];
+    pub(super) const ALL: [Queue; 5] = [
+        Queue::Pipeline,
+        Queue::Store,
+        Queue::Live,
+        Queue::Sink,
+        Queue::Stream,
+    ];
 
     /// The metric label.
     pub(super) fn as_str(self) -> &'static str {
@@ -35,6 +43,7 @@ impl Queue {
             Queue::Store => "store",
             Queue::Live => "live",
             Queue::Sink => "sink",
+            Queue::Stream => "stream",
         }
     }
 }

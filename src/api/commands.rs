@@ -17,7 +17,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Admin, Viewer};
 use super::error::ApiError;
-use super::extract::{DevicePath, device_id, duration_param, json_body, rfc3339};
+use super::extract::{
+    DevicePath, device_id, duration_param, json_body, page_limit, rfc3339, unknown_parameter,
+};
 use super::problem::{
     AdminErrors, BadDeviceId, DeviceNotFound, JsonBodyErrors, Problem, Unauthorized,
 };
@@ -29,9 +31,6 @@ use crate::model::{Command, CommandState};
 const MAX_BODY: usize = 64 * 1024;
 /// Longest `?wait` of a create request.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
-/// Most commands in one page.
-const MAX_PAGE: usize = 1_000;
-
 /// A command to send.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -198,9 +197,7 @@ pub async fn create(
         match &*key {
             "wait" => wait = Some(duration_param("wait", &value, MAX_WAIT)?),
             other => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown query parameter `{other}`"
-                )));
+                return Err(unknown_parameter(other));
             }
         }
     }
@@ -298,20 +295,10 @@ pub async fn list(
                 after = Some(seq);
             }
             "limit" => {
-                limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_PAGE).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "`limit` must be 1..={MAX_PAGE}, got `{value}`"
-                        ))
-                    })?;
+                limit = page_limit(&value)?;
             }
             other => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown query parameter `{other}`"
-                )));
+                return Err(unknown_parameter(other));
             }
         }
     }

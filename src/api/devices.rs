@@ -17,7 +17,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Admin, Viewer};
 use super::error::ApiError;
-use super::extract::{DevicePath, IfMatch, device_id, if_match, json_body, rfc3339};
+use super::extract::{
+    DevicePath, IfMatch, device_id, if_match, json_body, page_limit, rfc3339, unknown_parameter,
+};
 use super::problem::{
     AdminErrors, BadDeviceId, DeviceNotFound, EtagMismatch, JsonBodyErrors, Problem, Unauthorized,
 };
@@ -30,9 +32,6 @@ const MAX_BODY: usize = 64 * 1024;
 const MAX_BULK_BODY: usize = 8 * 1024 * 1024;
 /// Most devices in one bulk request.
 pub const MAX_BULK: usize = 10_000;
-/// Most devices in one page.
-const MAX_PAGE: usize = 1_000;
-
 /// A device to create.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -470,20 +469,10 @@ pub async fn list(
                 after = Some(String::from_utf8_lossy(&raw).into_owned());
             }
             "limit" => {
-                limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_PAGE).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "`limit` must be 1..={MAX_PAGE}, got `{value}`"
-                        ))
-                    })?;
+                limit = page_limit(&value)?;
             }
             other => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown query parameter `{other}`"
-                )));
+                return Err(unknown_parameter(other));
             }
         }
     }

@@ -11,6 +11,25 @@ use utoipa::IntoParams;
 
 use super::error::ApiError;
 
+/// Most items one list page holds (`?limit=`), for every paged list.
+pub const MAX_PAGE: usize = 1_000;
+
+/// A list's `?limit=` value: 1 to [`MAX_PAGE`].
+pub fn page_limit(value: &str) -> Result<usize, ApiError> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("`limit` must be 1..={MAX_PAGE}, got `{value}`"))
+        })
+}
+
+/// The answer to a query parameter a route does not know (typos must not be ignored).
+pub fn unknown_parameter(name: &str) -> ApiError {
+    ApiError::bad_request(format!("unknown query parameter `{name}`"))
+}
+
 /// The request's `Content-Type` as sent (for messages) and its media type, lowercase
 /// and without parameters (for matching).
 pub fn content_type(headers: &axum::http::HeaderMap) -> (&str, String) {

@@ -9,7 +9,7 @@ use serde::ser::{SerializeMap, Serializer};
 
 use super::auth::Viewer;
 use super::error::ApiError;
-use super::extract::{DevicePath, device_id};
+use super::extract::{DevicePath, device_id, unknown_parameter};
 use super::problem::{BadDeviceId, Problem, Unauthorized};
 use super::state::AppState;
 use crate::model::JsonValue;
@@ -233,9 +233,7 @@ pub async fn readings(
                     })?;
             }
             other => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown query parameter `{other}`"
-                )));
+                return Err(unknown_parameter(other));
             }
         }
     }

@@ -104,6 +104,22 @@ async fn start_gateway(data_dir: &Path, http: SocketAddr) -> RunningGateway {
     Gateway::start(config).await.expect("gateway starts")
 }
 
+/// Create device `id` on the gateway at `base` with the admin `key`; its token.
+async fn provision(http: &reqwest::Client, base: &str, key: &str, id: &str) -> String {
+    let r = http
+        .post(format!("{base}/api/v1/devices"))
+        .bearer_auth(key)
+        .json(&json!({"id": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "create {id}");
+    r.json::<Json>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 fn output_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
@@ -832,18 +848,7 @@ async fn command_scenario(out: &Path) {
     let mqtt = gateway.mqtt_addr.expect("the MQTT front");
     let key = gateway.bootstrap_admin_key.clone().unwrap();
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{base}/api/v1/devices"))
-        .bearer_auth(&key)
-        .json(&json!({"id": "valve-3"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let token = r.json::<Json>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = provision(&http, &base, &key, "valve-3").await;
 
     // The device: answers every command with `{"ok":true,"result":{"applied":params}}`.
     let mut options = MqttOptions::new("valve-3", mqtt.ip().to_string(), mqtt.port());
@@ -1071,18 +1076,7 @@ async fn cross_origin_scenario(out: &Path) {
 
     // A device on the allowing gateway, fed in the background.
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{}/api/v1/devices", base(&gateways[0])))
-        .bearer_auth(key(&gateways[0]))
-        .json(&json!({"id": DEVICE}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let token = r.json::<Json>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = provision(&http, &base(&gateways[0]), &key(&gateways[0]), DEVICE).await;
     let feed_url = format!("{}/api/v1/devices/{DEVICE}/telemetry", base(&gateways[0]));
     let feeding = Arc::new(AtomicBool::new(true));
     let feeder = {

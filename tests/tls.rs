@@ -31,6 +31,14 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
 /// Run `fluxgate certs dev --out dir` and check what it wrote.
+/// Copy the server certificate and key of the dev certificates in `from` over the
+/// ones the gateway serves from `live` (which a reload then picks up).
+fn install_server_cert(from: &Path, live: &Path) {
+    for f in ["server.pem", "server-key.pem"] {
+        std::fs::copy(from.join(f), live.join(f)).unwrap();
+    }
+}
+
 fn dev_certs(dir: &Path, devices: &[&str]) {
     let mut cmd = fluxgate();
     cmd.args(["certs", "dev", "--out"]).arg(dir);
@@ -157,9 +165,7 @@ async fn https_and_wss_with_dev_certificates_and_reload_on_sighup() {
         // The gateway serves copies, so that the test can replace them.
         let live = certs.path().join("live");
         std::fs::create_dir(&live).unwrap();
-        for f in ["server.pem", "server-key.pem"] {
-            std::fs::copy(first.join(f), live.join(f)).unwrap();
-        }
+        install_server_cert(&first, &live);
         let (cert, key) = (live.join("server.pem"), live.join("server-key.pem"));
         let mut p = Process::start(&[
             ("FLUXGATE_HTTP__TLS__ENABLED", "true"),
@@ -224,9 +230,7 @@ async fn https_and_wss_with_dev_certificates_and_reload_on_sighup() {
         assert_eq!(healthz(&mut open).await, "HTTP/1.1 200 OK");
 
         // Replace the certificate and send SIGHUP: new connections get the new one.
-        for f in ["server.pem", "server-key.pem"] {
-            std::fs::copy(second.join(f), live.join(f)).unwrap();
-        }
+        install_server_cert(&second, &live);
         sighup(&p);
         wait_log(&p, "TLS certificate reloaded", 1).await;
         assert!(tls_connect(tls, &first.join("ca.pem")).await.is_err());
@@ -527,9 +531,7 @@ async fn mqtts_with_rumqttc_and_mosquitto_and_reload_on_sighup_and_file_change()
         dev_certs(&third, &[]);
         let live = certs.path().join("live");
         std::fs::create_dir(&live).unwrap();
-        for f in ["server.pem", "server-key.pem"] {
-            std::fs::copy(first.join(f), live.join(f)).unwrap();
-        }
+        install_server_cert(&first, &live);
         let (cert, key) = (live.join("server.pem"), live.join("server-key.pem"));
         let mut p = Process::start(&[
             ("FLUXGATE_MQTT__TLS__ENABLED", "true"),
@@ -626,9 +628,7 @@ async fn mqtts_with_rumqttc_and_mosquitto_and_reload_on_sighup_and_file_change()
         );
 
         // SIGHUP: new connections get the new certificate, the open one keeps working.
-        for f in ["server.pem", "server-key.pem"] {
-            std::fs::copy(second.join(f), live.join(f)).unwrap();
-        }
+        install_server_cert(&second, &live);
         sighup(&p);
         wait_log(&p, "TLS certificate reloaded", 1).await;
         assert!(

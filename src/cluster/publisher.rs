@@ -61,31 +61,32 @@ impl Publisher {
     /// Publish `readings` grouped by device, in order within each device; true once
     /// JetStream acknowledged every message.
     async fn publish(&self, readings: &[Reading], id: &str) -> bool {
-        let mut order: Vec<DeviceId> = Vec::new();
-        let mut groups: HashMap<DeviceId, Vec<Reading>> = HashMap::new();
+        // Devices in order of first appearance, each with its readings in order.
+        let mut order: Vec<&DeviceId> = Vec::new();
+        let mut groups: HashMap<&DeviceId, Vec<&Reading>> = HashMap::new();
         for r in readings {
             groups
-                .entry(r.device.clone())
+                .entry(&r.device)
                 .or_insert_with(|| {
-                    order.push(r.device.clone());
+                    order.push(&r.device);
                     Vec::new()
                 })
-                .push(r.clone());
+                .push(r);
         }
         let mut pending: Vec<PublishAckFuture> = Vec::new();
         let mut part = 0;
         for device in order {
-            let Some(group) = groups.get(&device) else {
+            let Some(group) = groups.get(device) else {
                 continue;
             };
             for chunk in group.chunks(MAX_READINGS) {
                 part += 1;
                 let message = PublishMessage::build()
-                    .payload(record::encode(&device, chunk).into())
+                    .payload(record::encode(device, chunk.iter().copied()).into())
                     .message_id(format!("{id}-{part}"));
                 match self
                     .jetstream
-                    .send_publish(subject::telemetry(&device), message)
+                    .send_publish(subject::telemetry(device), message)
                     .await
                 {
                     Ok(ack) => pending.push(ack),

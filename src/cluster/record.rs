@@ -34,11 +34,11 @@ pub enum RecordError {
 }
 
 /// Encode `readings`, all of one device (at most [`MAX_READINGS`]).
-pub fn encode(device: &str, readings: &[Reading]) -> Vec<u8> {
+pub fn encode<'a>(device: &str, readings: impl IntoIterator<Item = &'a Reading>) -> Vec<u8> {
     let record = Record {
         device: device.to_owned(),
         readings: readings
-            .iter()
+            .into_iter()
             .map(|r| (r.metric.to_string(), r.ts_ms, r.value.clone()))
             .collect(),
     };

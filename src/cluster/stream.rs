@@ -117,6 +117,22 @@ impl Settings {
         }
     }
 
+    /// Each setting by its JetStream name, as the text a mismatch shows.
+    fn described(&self) -> [(&'static str, String); 7] {
+        [
+            ("subjects", format!("{:?}", self.subjects)),
+            ("retention", self.retention.to_owned()),
+            ("storage", self.storage.to_owned()),
+            ("discard", self.discard.to_owned()),
+            ("num_replicas", self.replicas.to_string()),
+            (
+                "max_age",
+                humantime::format_duration(self.max_age).to_string(),
+            ),
+            ("max_bytes", self.max_bytes.to_string()),
+        ]
+    }
+
     /// The stream configuration to create a stream with these settings.
     fn to_config(&self, name: &str) -> Config {
         Config {
@@ -157,52 +173,17 @@ impl fmt::Display for Mismatch {
 
 /// Every setting of `server` that differs from `expected` (pure).
 fn mismatches(expected: &Settings, server: &Settings) -> Vec<Mismatch> {
-    let mut out = Vec::new();
-    let mut check = |setting: &'static str, server: String, expected: String| {
-        if server != expected {
-            out.push(Mismatch {
-                setting,
-                server,
-                expected,
-            });
-        }
-    };
-    check(
-        "subjects",
-        format!("{:?}", server.subjects),
-        format!("{:?}", expected.subjects),
-    );
-    check(
-        "retention",
-        server.retention.to_owned(),
-        expected.retention.to_owned(),
-    );
-    check(
-        "storage",
-        server.storage.to_owned(),
-        expected.storage.to_owned(),
-    );
-    check(
-        "discard",
-        server.discard.to_owned(),
-        expected.discard.to_owned(),
-    );
-    check(
-        "num_replicas",
-        server.replicas.to_string(),
-        expected.replicas.to_string(),
-    );
-    check(
-        "max_age",
-        humantime::format_duration(server.max_age).to_string(),
-        humantime::format_duration(expected.max_age).to_string(),
-    );
-    check(
-        "max_bytes",
-        server.max_bytes.to_string(),
-        expected.max_bytes.to_string(),
-    );
-    out
+    expected
+        .described()
+        .into_iter()
+        .zip(server.described())
+        .filter(|((_, want), (_, have))| want != have)
+        .map(|((setting, expected), (_, server))| Mismatch {
+            setting,
+            server,
+            expected,
+        })
+        .collect()
 }
 
 /// Every setting of a durable consumer (as the server reports it) that differs from what

@@ -75,15 +75,15 @@ impl TsdbFeeder {
                     if taken.is_empty() {
                         continue;
                     }
-                    next_id += 1;
-                    in_flight.insert(next_id, taken);
                     if lines == 0 {
                         // Nothing line protocol can carry: done at once.
-                        for message in in_flight.remove(&next_id).unwrap_or_default() {
+                        for message in taken {
                             let _ = message.ack().await;
                         }
                         continue;
                     }
+                    next_id += 1;
+                    in_flight.insert(next_id, taken);
                     if jobs.send_async(Job { id: next_id, body, lines }).await.is_err() {
                         break;
                     }

@@ -37,7 +37,7 @@ use crate::model::{Downlink, DurableBatch};
 use crate::model::{QueueBudget, now_ms};
 use crate::observe::{Event, Metrics, Queue, ReadingDropReason};
 use crate::pipeline::{Destination, Pipeline};
-use crate::registry::Registry;
+use crate::registry::{ChangeListener, Registry};
 use crate::server::{self, ServerTls};
 use crate::sink;
 use crate::store;
@@ -100,15 +100,37 @@ impl Gateway {
 
         let dir = config.data_dir.clone();
         let (online_timeout, m) = (config.devices.online_timeout, metrics.clone());
-        let registry = tokio::task::spawn_blocking(move || Registry::open(&dir, online_timeout, m))
+        // One node: the registry is a file in the data directory. Cluster mode: every node
+        // shares the PostgreSQL registry, and a listener applies other nodes' changes.
+        let registry = if config.cluster.enabled {
+            let (url, timeout) = (
+                config.cluster.postgres.clone(),
+                config.cluster.connect_timeout,
+            );
+            let registry = tokio::task::spawn_blocking(move || {
+                Registry::open_postgres(&url, timeout, online_timeout, m)
+            })
             .await
             .context("opening the registry")?
-            .with_context(|| {
-                format!(
-                    "cannot open the device registry in {}",
-                    config.data_dir.display()
-                )
-            })?;
+            .context("cluster mode: cannot open the device registry in PostgreSQL")?;
+            let listener = ChangeListener {
+                registry: registry.clone(),
+                url: config.cluster.postgres.clone(),
+                connect_timeout: config.cluster.connect_timeout,
+            };
+            tasks.push(tokio::spawn(listener.run(shutdown.clone())));
+            registry
+        } else {
+            tokio::task::spawn_blocking(move || Registry::open(&dir, online_timeout, m))
+                .await
+                .context("opening the registry")?
+                .with_context(|| {
+                    format!(
+                        "cannot open the device registry in {}",
+                        config.data_dir.display()
+                    )
+                })?
+        };
         registry
             .configure_negative_cache(config.auth.negative_key_cache, config.auth.negative_key_ttl);
         let reg = registry.clone();

@@ -135,7 +135,7 @@ fn main() -> ExitCode {
             } else {
                 Role::Viewer
             };
-            match fluxgate::registry::create_key_offline(&config.data_dir, &name, role) {
+            match fluxgate::registry::create_key_offline(&config, &name, role) {
                 Ok((key, secret)) => {
                     eprintln!(
                         "created {} key `{}` (id {})",

@@ -7,11 +7,14 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::engines::{NatsCluster, Postgres, free_port};
 use fluxgate::cluster::{ClusterError, Engines, subject};
 use fluxgate::config::{ClusterConfig, Secret};
+use fluxgate::observe::Metrics;
+use fluxgate::registry::{Registry, RegistryError};
 
 fn node(id: &str, nats: &NatsCluster, pg: &Postgres) -> ClusterConfig {
     ClusterConfig {
@@ -53,12 +56,6 @@ async fn nodes_create_missing_objects_accept_matching_ones_and_refuse_mismatches
         .get_key_value(subject::PRESENCE_BUCKET)
         .await
         .unwrap();
-    let row = engines
-        .postgres
-        .query_one("SELECT current_database()", &[])
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), "fluxgate");
 
     // A second node, and the first one again, find what exists and accept it.
     let b = Engines::connect(&node("b", &nats, &pg), false)
@@ -113,9 +110,21 @@ async fn unreachable_engines_are_named_and_passwords_are_not() {
         replicas: 1,
         ..node("a", &nats, &pg)
     };
-    let e = Engines::connect(&no_pg, false).await.err().unwrap();
+    // The registry connects to PostgreSQL (in cluster mode it lives there).
+    let e = tokio::task::spawn_blocking(move || {
+        Registry::open_postgres(
+            &no_pg.postgres,
+            no_pg.connect_timeout,
+            Duration::from_secs(60),
+            Arc::new(Metrics::default()),
+        )
+        .err()
+        .unwrap()
+    })
+    .await
+    .unwrap();
     let text = e.to_string();
-    assert!(matches!(e, ClusterError::Postgres(_)), "{text}");
+    assert!(matches!(e, RegistryError::Postgres(_)), "{text}");
     assert!(
         text.contains(&format!("postgres://fluxgate@127.0.0.1:{port}/fluxgate")),
         "{text}"

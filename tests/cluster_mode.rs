@@ -26,8 +26,16 @@ fn cluster_node(config: &mut Config, id: &str, nats: &NatsCluster, pg: &Postgres
     config.cluster.stream_max_bytes = 256 << 20;
 }
 
+/// Node `id`; the first node on `pg` creates the admin key, the others join with it.
 async fn node(id: &str, nats: &NatsCluster, pg: &Postgres) -> TestGateway {
-    TestGateway::spawn_with(|c| cluster_node(c, id, nats, pg)).await
+    match pg.admin_key() {
+        None => {
+            let gw = TestGateway::spawn_with(|c| cluster_node(c, id, nats, pg)).await;
+            pg.set_admin_key(&gw.admin_key);
+            gw
+        }
+        Some(key) => TestGateway::spawn_joining(|c| cluster_node(c, id, nats, pg), &key).await,
+    }
 }
 
 /// A node without the test client: only its store is looked at.
@@ -158,11 +166,8 @@ async fn a_dashboard_resumes_on_another_node_with_exactly_what_it_missed() {
         let a = node("a", &nats, &pg).await;
         let b = node("b", &nats, &pg).await;
         let c = node("c", &nats, &pg).await;
-        // The registry is per node until it moves to PostgreSQL: the device exists on
-        // each, and sends to a only.
+        // Provisioned once, in the shared registry; it sends to a only.
         let token = a.provision("d1").await;
-        b.provision("d1").await;
-        c.provision("d1").await;
         let t0 = now_ms() - 100_000;
 
         send(&a, "d1", &token, t0, 0, 5).await;
@@ -216,7 +221,7 @@ async fn the_tsdb_is_written_once_by_whichever_nodes_run_the_sink() {
             s.batch.max_age = Duration::from_millis(50);
         };
         let a = TestGateway::spawn_with(|c| with_sink(c, "a")).await;
-        let b = TestGateway::spawn_with(|c| with_sink(c, "b")).await;
+        let b = TestGateway::spawn_joining(|c| with_sink(c, "b"), &a.admin_key).await;
         let token = a.provision("d1").await;
         let t0 = now_ms() - 100_000;
         const SENT: i64 = 200;
@@ -267,7 +272,7 @@ async fn losing_a_nats_server_mid_stream_loses_no_acknowledged_reading() {
             c.cluster.replicas = 3;
         };
         let a = TestGateway::spawn_with(|c| r3(c, "a")).await;
-        let b = TestGateway::spawn_with(|c| r3(c, "b")).await;
+        let b = TestGateway::spawn_joining(|c| r3(c, "b"), &a.admin_key).await;
         let (ta, tb) = (a.provision("d1").await, b.provision("d2").await);
         let t0 = now_ms() - 100_000;
         const SENT: i64 = 300;
@@ -325,9 +330,8 @@ async fn a_device_connected_to_one_node_is_online_on_every_node() {
             c.devices.online_timeout = Duration::from_secs(2);
         };
         let a = TestGateway::spawn_with(|c| fast(c, "a")).await;
-        let b = TestGateway::spawn_with(|c| fast(c, "b")).await;
+        let b = TestGateway::spawn_joining(|c| fast(c, "b"), &a.admin_key).await;
         let token = a.provision("d.1").await;
-        b.provision("d.1").await;
         assert!(!online(&b, "d.1").await);
 
         let device = a.mqtt_client("d.1", &token).await;

@@ -217,7 +217,7 @@ impl FromRequestParts<AppState> for StreamViewer {
                     "an operator API key (`Authorization: Bearer`) or a stream token (`?access_token=`) is required",
                 ));
             };
-            match st.registry.check_stream_token(&token) {
+            match st.registry.check_stream_token(&token).await {
                 Some(key_id) => key_id,
                 None => {
                     return Err(failed(

@@ -499,10 +499,14 @@ pub async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     device_id(&id)?;
-    let view = st
-        .registry
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found(format!("device `{id}` not found")))?;
+    let view = match st.registry.get(&id) {
+        Some(view) => Some(view),
+        None => {
+            let id = id.clone();
+            st.registry_blocking(move |r| r.find(&id)).await?
+        }
+    }
+    .ok_or_else(|| ApiError::not_found(format!("device `{id}` not found")))?;
     Ok(with_etag(StatusCode::OK, &view, DeviceOut::from(&view)))
 }
 
@@ -533,7 +537,7 @@ pub async fn replace(
     };
     let m = if_match(&headers);
     let view = st
-        .registry_blocking(move |r| r.update(&id, |_| Ok(fields), m.as_deref()))
+        .registry_blocking(move |r| r.update(&id, |_| Ok(fields.clone()), m.as_deref()))
         .await?;
     Ok(with_etag(StatusCode::OK, &view, DeviceOut::from(&view)))
 }
@@ -615,7 +619,9 @@ pub async fn patch(
     merge_patch(&empty, patch.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let m = if_match(&headers);
     let view = st
-        .registry_blocking(move |r| r.update(&id, |cur| merge_patch(cur, patch), m.as_deref()))
+        .registry_blocking(move |r| {
+            r.update(&id, |cur| merge_patch(cur, patch.clone()), m.as_deref())
+        })
         .await?;
     Ok(with_etag(StatusCode::OK, &view, DeviceOut::from(&view)))
 }

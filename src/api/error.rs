@@ -147,6 +147,12 @@ impl From<RegistryError> for ApiError {
                 e.to_string(),
             )
             .with_header(header::RETRY_AFTER, "60"),
+            RegistryError::Postgres(_) => {
+                // The shared registry is down or unreachable: worth a retry, and the
+                // details (host, SQL state) stay in the log.
+                tracing::error!(error = %e, "registry unavailable");
+                ApiError::unavailable("the device registry is unavailable; retry shortly")
+            }
             RegistryError::Db(_) | RegistryError::CreateDir { .. } | RegistryError::Random(_) => {
                 ApiError::internal(&e)
             }

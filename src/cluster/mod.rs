@@ -2,8 +2,8 @@
 //! telemetry log (stream `FLUXGATE`), the consumers through which each node follows it
 //! and the presence bucket; PostgreSQL holds the registry.
 //!
-//! This module is the edge to both engines: `async-nats` and `tokio-postgres` types stay
-//! inside it. [`Engines::connect`] is the build step of `[cluster]`: it reaches every
+//! This module is the edge to NATS: `async-nats` types stay inside it (the registry is the
+//! edge to PostgreSQL, see `registry::postgres`). [`Engines::connect`] is the build step of `[cluster]`: it reaches every
 //! engine within `cluster.connect_timeout` and makes sure the stream, the consumers and
 //! the bucket exist with the settings this node expects, creating what is missing and
 //! refusing to start, with every difference named, when something exists with other
@@ -12,7 +12,6 @@
 
 mod follower;
 mod nats;
-mod postgres;
 mod presence;
 mod publisher;
 pub mod record;
@@ -20,7 +19,7 @@ mod stream;
 pub mod subject;
 mod tsdb;
 
-use crate::config::{ClusterConfig, Secret};
+use crate::config::ClusterConfig;
 
 pub use follower::Follower;
 pub use presence::PresenceSync;
@@ -58,17 +57,12 @@ pub enum ClusterError {
         /// Every differing setting.
         mismatches: Vec<Mismatch>,
     },
-    /// PostgreSQL did not answer or refused the connection.
-    #[error("cannot connect to PostgreSQL: {0}")]
-    Postgres(String),
 }
 
 /// The connected engines of one cluster node.
 pub struct Engines {
     /// The JetStream context (stream, consumers, bucket).
     pub jetstream: async_nats::jetstream::Context,
-    /// The registry database.
-    pub postgres: tokio_postgres::Client,
     /// This node's durable consumer of the whole stream (for its [`Follower`]).
     pub replica: async_nats::jetstream::consumer::PullConsumer,
     /// The presence bucket.
@@ -94,10 +88,8 @@ impl Engines {
         let expected = Expected::from_config(config);
         let (replica, tsdb, presence, epoch) =
             stream::ensure(&jetstream, &expected, with_tsdb_consumer).await?;
-        let postgres = postgres::connect(&config.postgres, config.connect_timeout).await?;
         Ok(Engines {
             jetstream,
-            postgres,
             replica,
             presence,
             tsdb,
@@ -106,29 +98,15 @@ impl Engines {
     }
 }
 
-/// A connection string with its password removed, for messages.
-pub(crate) fn redact(secret: &Secret) -> String {
-    // `scheme://user:password@host/db`: keep the scheme, user and host, drop the password.
-    let s = &secret.0;
-    match (s.find("://"), s.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &s[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{user}@{}", &s[..scheme_end + 3], &s[at + 1..])
-        }
-        _ => s.clone(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::config::Secret;
 
     #[test]
     fn passwords_are_removed_from_connection_strings() {
-        let r = redact(&Secret("postgres://fg:hunter2@db:5432/fluxgate".to_owned()));
+        let r = Secret("postgres://fg:hunter2@db:5432/fluxgate".to_owned()).redacted_url();
         assert_eq!(r, "postgres://fg@db:5432/fluxgate");
-        let r = redact(&Secret("postgres://db/fluxgate".to_owned()));
+        let r = Secret("postgres://db/fluxgate".to_owned()).redacted_url();
         assert_eq!(r, "postgres://db/fluxgate");
     }
 }

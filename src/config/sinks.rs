@@ -33,6 +33,22 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+impl Secret {
+    /// A connection string with its password removed, for messages
+    /// (`scheme://user:password@host/db` becomes `scheme://user@host/db`).
+    pub fn redacted_url(&self) -> String {
+        let s = &self.0;
+        match (s.find("://"), s.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                let userinfo = &s[scheme_end + 3..at];
+                let user = userinfo.split(':').next().unwrap_or_default();
+                format!("{}{user}@{}", &s[..scheme_end + 3], &s[at + 1..])
+            }
+            _ => s.clone(),
+        }
+    }
+}
+
 /// Timestamp precision of the written points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

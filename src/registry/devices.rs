@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use rusqlite::params;
-
 use super::error::invalid;
 use super::presence::{Presence, transport_from_code};
 use super::secret::{self, DEVICE_TOKEN_PREFIX, Hash};
@@ -159,10 +157,32 @@ impl Registry {
         }
     }
 
-    /// One device.
+    /// One device, from the cache.
     pub fn get(&self, id: &str) -> Option<DeviceView> {
         let state = self.read();
         state.devices.get(id).map(|e| self.view(e, now_ms() as i64))
+    }
+
+    /// One device, for the REST API: the cache, and in cluster mode on a miss the shared
+    /// database (another node may have created it a moment ago, and its notification
+    /// not arrived yet: a provisioning script behind a load balancer reads its writes).
+    /// Blocking.
+    pub fn find(&self, id: &str) -> Result<Option<DeviceView>, RegistryError> {
+        if let Some(view) = self.get(id) {
+            return Ok(Some(view));
+        }
+        let _turn = lock(&self.write_turn);
+        self.refresh_if_missing_locked(id)?;
+        Ok(self.get(id))
+    }
+
+    /// In cluster mode, load a device the cache does not hold (see [`find`](Self::find)).
+    /// The caller holds the write turn.
+    fn refresh_if_missing_locked(&self, id: &str) -> Result<(), RegistryError> {
+        if self.backend.shared() && !self.read().devices.contains_key(id) {
+            self.refresh_device_locked(id)?;
+        }
+        Ok(())
     }
 
     /// A page of devices in id order after `after`, and the cursor of the next page.
@@ -218,16 +238,12 @@ impl Registry {
         &self,
         items: Vec<(String, DeviceFields)>,
     ) -> Result<Vec<CreateResult>, RegistryError> {
-        let mut db = lock(&self.db);
+        let _turn = lock(&self.write_turn);
         let now = now_ms() as i64;
-        let mut results = Vec::with_capacity(items.len());
-        let mut created = Vec::new();
-        let tx = db.transaction()?;
+        // Per item: the index of its record and its token, or why not.
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut records = Vec::new();
         {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO devices (id, name, labels, enabled, created_ms, updated_ms, version, token_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, 1, ?6)",
-            )?;
             let state = self.read();
             let mut seen = std::collections::HashSet::new();
             for (id, fields) in items {
@@ -235,99 +251,118 @@ impl Registry {
                     .map_err(|e| invalid("id", format!("invalid device id: {e}")))
                     .and_then(|()| validate_fields(&fields));
                 if let Err(e) = check {
-                    results.push(Err(e));
+                    outcomes.push(Err(e));
                     continue;
                 }
                 if state.devices.contains_key(id.as_str()) || !seen.insert(id.clone()) {
-                    results.push(Err(RegistryError::AlreadyExists(id)));
+                    outcomes.push(Err(RegistryError::AlreadyExists(id)));
                     continue;
                 }
                 let token = secret::generate(DEVICE_TOKEN_PREFIX)?;
-                let token_hash = secret::hash(&token);
-                let labels = serde_json::to_string(&fields.labels).unwrap_or_else(|_| "{}".into());
-                insert.execute(params![
-                    &id,
-                    &fields.name,
-                    labels,
-                    fields.enabled,
-                    now,
-                    &token_hash[..]
-                ])?;
-                let record = DeviceRecord {
-                    id: id.clone(),
+                outcomes.push(Ok((records.len(), token.clone())));
+                records.push(DeviceRecord {
+                    id,
                     fields,
                     created_ms: now,
                     updated_ms: now,
                     version: 1,
-                    token_hash,
-                };
-                results.push(Ok((record.id.clone(), token)));
-                created.push(record);
+                    token_hash: secret::hash(&token),
+                });
             }
         }
-        tx.commit()?;
+        let inserted = self.backend.insert_devices(&records)?;
         let mut state = self.write();
-        for record in created {
-            let id: Arc<str> = Arc::from(record.id.as_str());
-            state.tokens.insert(record.token_hash, id.clone());
-            state.devices.insert(
-                id,
-                DeviceEntry {
-                    record,
-                    presence: Arc::new(Presence::default()),
-                },
-            );
+        for (record, &ok) in records.iter().zip(&inserted) {
+            if ok {
+                let id: Arc<str> = Arc::from(record.id.as_str());
+                state.tokens.insert(record.token_hash, id.clone());
+                state.devices.insert(
+                    id,
+                    DeviceEntry {
+                        record: record.clone(),
+                        presence: Arc::new(Presence::default()),
+                    },
+                );
+            }
         }
-        Ok(results
+        Ok(outcomes
             .into_iter()
-            .map(|r| {
-                r.map(|(id, token)| {
-                    let entry = &state.devices[id.as_str()];
-                    (self.view(entry, now), token)
-                })
+            .map(|o| {
+                let (i, token) = o?;
+                let id = &records[i].id;
+                // Not inserted: another node created the id since this cache saw it.
+                match (inserted.get(i), state.devices.get(id.as_str())) {
+                    (Some(true), Some(entry)) => Ok((self.view(entry, now), token)),
+                    _ => Err(RegistryError::AlreadyExists(id.clone())),
+                }
             })
             .collect())
+    }
+
+    /// Write a new version of a device: `change` gives its fields and token hash from
+    /// the current record (checked against `If-Match`). The write is conditional on the
+    /// version this cache holds; when another node changed or deleted the device since,
+    /// the entry is refreshed from the database and the change is checked and made
+    /// once more (with `If-Match`, that second check fails with the new ETag). Returns
+    /// the old and the new record.
+    fn write_device(
+        &self,
+        id: &str,
+        if_match: Option<&str>,
+        change: impl Fn(&DeviceRecord) -> Result<(DeviceFields, Hash), RegistryError>,
+    ) -> Result<(DeviceRecord, DeviceRecord), RegistryError> {
+        let _turn = lock(&self.write_turn);
+        self.refresh_if_missing_locked(id)?;
+        for _attempt in 0..2 {
+            let current = self.checked_record(id, if_match)?;
+            let (fields, token_hash) = change(&current)?;
+            validate_fields(&fields)?;
+            let now = now_ms() as i64;
+            if self
+                .backend
+                .update_device(id, &fields, &token_hash, now, current.version)?
+            {
+                let new = DeviceRecord {
+                    id: current.id.clone(),
+                    fields,
+                    created_ms: current.created_ms,
+                    updated_ms: now,
+                    version: current.version + 1,
+                    token_hash,
+                };
+                self.cache_device(Some(new.clone()));
+                return Ok((current, new));
+            }
+            self.refresh_device_locked(id)?;
+        }
+        let current = self.checked_record(id, None)?;
+        Err(RegistryError::VersionMismatch {
+            current: current.etag(),
+        })
     }
 
     /// Change a device's mutable fields (full replacement), honouring `If-Match`.
     pub fn update(
         &self,
         id: &str,
-        change: impl FnOnce(&DeviceFields) -> Result<DeviceFields, RegistryError>,
+        change: impl Fn(&DeviceFields) -> Result<DeviceFields, RegistryError>,
         if_match: Option<&str>,
     ) -> Result<DeviceView, RegistryError> {
-        let db = lock(&self.db);
-        let current = self.checked_record(id, if_match)?;
-        let fields = change(&current.fields)?;
-        validate_fields(&fields)?;
-        let now = now_ms() as i64;
-        let labels = serde_json::to_string(&fields.labels).unwrap_or_else(|_| "{}".into());
-        db.execute(
-            "UPDATE devices SET name = ?2, labels = ?3, enabled = ?4, updated_ms = ?5,
-                    version = version + 1 WHERE id = ?1",
-            params![id, &fields.name, labels, fields.enabled, now],
-        )?;
-        let revoked = current.fields.enabled && !fields.enabled;
-        let view = {
-            let mut state = self.write();
-            let entry = state
-                .devices
-                .get_mut(id)
-                .ok_or_else(|| RegistryError::NotFound(format!("device `{id}`")))?;
-            entry.record.fields = fields;
-            entry.record.updated_ms = now;
-            entry.record.version += 1;
-            let entry = &state.devices[id];
-            self.view(entry, now)
-        };
-        drop(db);
-        if revoked {
+        let (old, new) = self.write_device(id, if_match, |cur| {
+            Ok((change(&cur.fields)?, cur.token_hash))
+        })?;
+        if old.fields.enabled && !new.fields.enabled {
             let _ = self.revocations.send(Arc::from(id));
         }
-        Ok(view)
+        self.view_of(id)
     }
 
-    fn checked_record(
+    fn view_of(&self, id: &str) -> Result<DeviceView, RegistryError> {
+        self.get(id)
+            .ok_or_else(|| RegistryError::NotFound(format!("device `{id}`")))
+    }
+
+    pub(super) fn checked_record(
         &self,
         id: &str,
         if_match: Option<&str>,
@@ -348,20 +383,25 @@ impl Registry {
 
     /// Delete a device (its stored telemetry stays), honouring `If-Match`.
     pub fn delete(&self, id: &str, if_match: Option<&str>) -> Result<(), RegistryError> {
-        let db = lock(&self.db);
-        let current = self.checked_record(id, if_match)?;
-        let tx = db.unchecked_transaction()?;
-        tx.execute("DELETE FROM devices WHERE id = ?1", params![id])?;
-        // A deleted device's commands go with it (open ones included: no device can
-        // take them any more; the command component lets its copies expire).
-        tx.execute("DELETE FROM commands WHERE device = ?1", params![id])?;
-        tx.commit()?;
-        {
-            let mut state = self.write();
-            state.devices.remove(id);
-            state.tokens.remove(&current.token_hash);
+        let turn = lock(&self.write_turn);
+        self.refresh_if_missing_locked(id)?;
+        let mut deleted = false;
+        for _attempt in 0..2 {
+            let current = self.checked_record(id, if_match)?;
+            if self.backend.delete_device(id, current.version)? {
+                self.cache_device_removed(id);
+                deleted = true;
+                break;
+            }
+            self.refresh_device_locked(id)?;
         }
-        drop(db);
+        drop(turn);
+        if !deleted {
+            let current = self.checked_record(id, None)?;
+            return Err(RegistryError::VersionMismatch {
+                current: current.etag(),
+            });
+        }
         let _ = self.revocations.send(Arc::from(id));
         Ok(())
     }
@@ -372,32 +412,45 @@ impl Registry {
         id: &str,
         if_match: Option<&str>,
     ) -> Result<(DeviceView, String), RegistryError> {
-        let db = lock(&self.db);
-        let current = self.checked_record(id, if_match)?;
         let token = secret::generate(DEVICE_TOKEN_PREFIX)?;
         let token_hash = secret::hash(&token);
-        let now = now_ms() as i64;
-        db.execute(
-            "UPDATE devices SET token_hash = ?2, updated_ms = ?3, version = version + 1 WHERE id = ?1",
-            params![id, &token_hash[..], now],
-        )?;
-        let view = {
-            let mut state = self.write();
-            state.tokens.remove(&current.token_hash);
-            let id_arc: Arc<str> = Arc::from(id);
-            state.tokens.insert(token_hash, id_arc);
-            let entry = state
-                .devices
-                .get_mut(id)
-                .ok_or_else(|| RegistryError::NotFound(format!("device `{id}`")))?;
-            entry.record.token_hash = token_hash;
-            entry.record.updated_ms = now;
-            entry.record.version += 1;
-            let entry = &state.devices[id];
-            self.view(entry, now)
-        };
-        drop(db);
+        self.write_device(id, if_match, |cur| Ok((cur.fields.clone(), token_hash)))?;
         let _ = self.revocations.send(Arc::from(id));
-        Ok((view, token))
+        Ok((self.view_of(id)?, token))
+    }
+
+    /// Put `record` into the cache (replacing the entry of its id, keeping its presence),
+    /// or with `None` nothing. Returns the record it replaced.
+    pub(super) fn cache_device(&self, record: Option<DeviceRecord>) -> Option<DeviceRecord> {
+        let record = record?;
+        let mut state = self.write();
+        let id: Arc<str> = Arc::from(record.id.as_str());
+        let old = state
+            .devices
+            .get_mut(&*id)
+            .map(|e| std::mem::replace(&mut e.record, record.clone()));
+        if let Some(old) = &old {
+            if old.token_hash != record.token_hash {
+                state.tokens.remove(&old.token_hash);
+            }
+        } else {
+            state.devices.insert(
+                id.clone(),
+                DeviceEntry {
+                    record: record.clone(),
+                    presence: Arc::new(Presence::default()),
+                },
+            );
+        }
+        state.tokens.insert(record.token_hash, id);
+        old
+    }
+
+    /// Remove a device from the cache; returns its record.
+    pub(super) fn cache_device_removed(&self, id: &str) -> Option<DeviceRecord> {
+        let mut state = self.write();
+        let entry = state.devices.remove(id)?;
+        state.tokens.remove(&entry.record.token_hash);
+        Some(entry.record)
     }
 }

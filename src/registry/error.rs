@@ -42,6 +42,9 @@ pub enum RegistryError {
     /// SQLite failed.
     #[error("registry database: {0}")]
     Db(#[from] rusqlite::Error),
+    /// PostgreSQL (cluster mode) failed or did not answer.
+    #[error("registry database (PostgreSQL): {0}")]
+    Postgres(String),
     /// The data directory could not be created.
     #[error("cannot create {path}: {source}")]
     CreateDir {
@@ -59,5 +62,15 @@ pub(super) fn invalid(field: &str, detail: impl Into<String>) -> RegistryError {
     RegistryError::Invalid {
         field: field.to_owned(),
         detail: detail.into(),
+    }
+}
+
+impl From<tokio_postgres::Error> for RegistryError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The server's own message says more than the client's summary ("db error").
+        RegistryError::Postgres(match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        })
     }
 }

@@ -2,18 +2,16 @@
 //! the first-start admin key, and authentication with a database fallback for keys the
 //! CLI created while the gateway runs.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-
-use rusqlite::{Connection, OptionalExtension, params};
 
 use super::devices::MAX_TEXT;
 use super::error::invalid;
 use super::negative_cache::NegativeCache;
 use super::secret::{self, API_KEY_PREFIX, Hash};
 use super::{Registry, RegistryError};
+use crate::config::Config;
 use crate::model::{AuthFailure, now_ms};
 use crate::observe::{AuthTable, Event, KeyMiss, Metrics};
 use crate::sync::lock;
@@ -29,14 +27,14 @@ pub enum Role {
 }
 
 impl Role {
-    fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Role::Viewer => "viewer",
             Role::Admin => "admin",
         }
     }
 
-    fn parse(s: &str) -> Option<Role> {
+    pub(super) fn parse(s: &str) -> Option<Role> {
         match s {
             "viewer" => Some(Role::Viewer),
             "admin" => Some(Role::Admin),
@@ -141,16 +139,8 @@ impl Registry {
             return Err(AuthFailure::BadToken);
         }
         let epoch = self.key_epoch.load(Relaxed);
-        let found = {
-            let reader = lock(&self.reader);
-            reader
-                .prepare_cached(
-                    "SELECT id, name, role, hash, created_ms FROM api_keys WHERE hash = ?1",
-                )
-                .and_then(|mut s| s.query_row(params![&hash[..]], key_from_row).optional())
-        };
-        match found {
-            Ok(Some(Some((hash, k)))) => {
+        match self.backend.find_key(hash) {
+            Ok(Some((hash, k))) => {
                 let mut state = self.write();
                 // A revocation that committed after the query must not be undone.
                 if self.key_epoch.load(Relaxed) != epoch {
@@ -194,9 +184,10 @@ impl Registry {
                 format!("must be 1 to {MAX_TEXT} printable characters"),
             ));
         }
-        let db = lock(&self.db);
-        let (key, secret) = insert_key(&db, name, role)?;
+        let _turn = lock(&self.write_turn);
+        let (key, secret) = new_key(name, role)?;
         let hash = secret::hash(&secret);
+        self.backend.insert_key(&key, &hash, false)?;
         self.write().keys.insert(hash, key.clone());
         lock(&self.negative).remove(&hash);
         Ok((key, secret))
@@ -204,49 +195,27 @@ impl Registry {
 
     /// All API keys (without secrets), by creation time.
     pub fn list_keys(&self) -> Result<Vec<ApiKey>, RegistryError> {
-        let db = lock(&self.db);
-        let mut stmt = db.prepare(
-            "SELECT id, name, role, hash, created_ms FROM api_keys ORDER BY created_ms, id",
-        )?;
-        let mut rows = stmt.query([])?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next()? {
-            if let Some((_, k)) = key_from_row(r)? {
-                out.push(k);
-            }
-        }
-        Ok(out)
+        self.backend.list_keys()
     }
 
     /// Revoke an API key by id. The last admin key cannot be revoked. Its stream tokens
     /// stop working and the live streams opened with the key or its tokens are ended.
     pub fn revoke_key(&self, id: &str) -> Result<(), RegistryError> {
-        let db = lock(&self.db);
-        let role: Option<String> = db
-            .query_row(
-                "SELECT role FROM api_keys WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let role = role.ok_or_else(|| RegistryError::NotFound(format!("API key `{id}`")))?;
-        if role == "admin" {
-            let admins: i64 = db.query_row(
-                "SELECT count(*) FROM api_keys WHERE role = 'admin'",
-                [],
-                |r| r.get(0),
-            )?;
-            if admins <= 1 {
-                return Err(RegistryError::LastAdmin);
-            }
-        }
-        db.execute("DELETE FROM api_keys WHERE id = ?1", params![id])?;
+        let turn = lock(&self.write_turn);
+        self.backend.delete_key(id)?;
+        drop(turn);
+        self.forget_key(id);
+        Ok(())
+    }
+
+    /// A key was revoked (here or, in cluster mode, on another node): drop it from the
+    /// cache, forget its stream tokens and end the live streams opened with it.
+    pub(super) fn forget_key(&self, id: &str) {
         {
             let mut state = self.write();
             self.key_epoch.fetch_add(1, Relaxed);
             state.keys.retain(|_, k| k.id != id);
         }
-        drop(db);
         // After the key left the cache, so no new token check or lease can succeed.
         self.forget_stream_tokens(id);
         let ended = self.leases.revoke(id);
@@ -255,40 +224,23 @@ impl Registry {
                 count: ended as u64,
             });
         }
-        Ok(())
     }
 
     /// On first start (no keys at all): create an admin key and return its secret once.
+    /// In cluster mode the first node to start creates it; the others find a key.
     pub fn bootstrap_admin_key(&self) -> Result<Option<String>, RegistryError> {
-        let db = lock(&self.db);
-        let count: i64 = db.query_row("SELECT count(*) FROM api_keys", [], |r| r.get(0))?;
-        if count > 0 {
+        let _turn = lock(&self.write_turn);
+        let (key, secret) = new_key("bootstrap-admin", Role::Admin)?;
+        let hash = secret::hash(&secret);
+        if !self.backend.insert_key(&key, &hash, true)? {
             return Ok(None);
         }
-        let (key, secret) = insert_key(&db, "bootstrap-admin", Role::Admin)?;
-        self.write().keys.insert(secret::hash(&secret), key);
+        self.write().keys.insert(hash, key);
         Ok(Some(secret))
     }
 }
 
-pub(super) fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<(Hash, ApiKey)>> {
-    let hash: Vec<u8> = r.get(3)?;
-    let role: String = r.get(2)?;
-    let (Ok(hash), Some(role)) = (<Hash>::try_from(hash.as_slice()), Role::parse(&role)) else {
-        return Ok(None);
-    };
-    Ok(Some((
-        hash,
-        ApiKey {
-            id: r.get(0)?,
-            name: r.get(1)?,
-            role,
-            created_ms: r.get(4)?,
-        },
-    )))
-}
-
-fn insert_key(db: &Connection, name: &str, role: Role) -> Result<(ApiKey, String), RegistryError> {
+fn new_key(name: &str, role: Role) -> Result<(ApiKey, String), RegistryError> {
     let secret = secret::generate(API_KEY_PREFIX)?;
     let key = ApiKey {
         id: secret::short_id()?,
@@ -296,30 +248,36 @@ fn insert_key(db: &Connection, name: &str, role: Role) -> Result<(ApiKey, String
         role,
         created_ms: now_ms() as i64,
     };
-    db.execute(
-        "INSERT INTO api_keys (id, name, role, hash, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            &key.id,
-            &key.name,
-            role.as_str(),
-            &secret::hash(&secret)[..],
-            key.created_ms
-        ],
-    )?;
     Ok((key, secret))
 }
 
-/// Create an API key directly in a data directory (the `fluxgate keys create` CLI; works
-/// with or without a running gateway).
+/// Create an API key without a running gateway (the `fluxgate keys create` CLI; works
+/// with or without one): in the data directory's registry, or in cluster mode in the
+/// shared PostgreSQL registry (every node finds it on first use).
 pub fn create_key_offline(
-    data_dir: &Path,
+    config: &Config,
     name: &str,
     role: Role,
 ) -> Result<(ApiKey, String), RegistryError> {
-    let reg = Registry::open(
-        data_dir,
-        Duration::from_secs(60),
-        Arc::new(Metrics::default()),
-    )?;
-    reg.create_key(name, role)
+    let metrics = Arc::new(Metrics::default());
+    let online = Duration::from_secs(60);
+    if !config.cluster.enabled {
+        return Registry::open(&config.data_dir, online, metrics)?.create_key(name, role);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| RegistryError::Postgres(format!("cannot start a runtime: {e}")))?;
+    let (url, timeout) = (
+        config.cluster.postgres.clone(),
+        config.cluster.connect_timeout,
+    );
+    let name = name.to_owned();
+    runtime.block_on(async move {
+        tokio::task::spawn_blocking(move || {
+            Registry::open_postgres(&url, timeout, online, metrics)?.create_key(&name, role)
+        })
+        .await
+        .map_err(|e| RegistryError::Postgres(e.to_string()))?
+    })
 }

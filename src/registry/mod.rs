@@ -1,15 +1,21 @@
-//! The device registry and operator API keys, in their own SQLite file
-//! (`data_dir/registry.db`), with an in-memory cache that answers every hot-path question
-//! (is this token valid, which device is this, is it enabled) without a query.
+//! The device registry and operator API keys, stored in their own SQLite file
+//! (`data_dir/registry.db`) or, in cluster mode, in the PostgreSQL database every node
+//! shares (`backend.rs`: one trait, `sqlite.rs` and `postgres.rs`), with an in-memory cache
+//! that answers every hot-path question (is this token valid, which device is this, is it
+//! enabled) without a query.
 //!
-//! Coherence: every write takes the database mutex, commits, and updates the cache before
-//! releasing it, so the cache never shows a state the database does not hold. The one
-//! outside writer is the `fluxgate keys create` CLI; API keys it adds are found by a
-//! database lookup when the cache misses. That lookup runs on a blocking thread, on a
-//! read-only connection of its own (never the writer's mutex), one at a time, and its
-//! "not found" answers go to a bounded negative cache (`negative_cache`), so unknown
-//! keys cannot make the gateway query the database at their rate or wait for a writer.
-//! Devices are only written through this process.
+//! Coherence: every write takes the write turn, commits, and updates the cache before
+//! releasing it, so the cache never shows a state this node did not see committed. Other
+//! writers: the `fluxgate keys create` CLI, and in cluster mode the other nodes. API keys
+//! they add are found by a database lookup when the cache misses. That lookup runs on a
+//! blocking thread, on a read connection of its own (never the writer's), one at a time,
+//! and its "not found" answers go to a bounded negative cache (`negative_cache`), so
+//! unknown keys cannot make the gateway query the database at their rate or wait for a
+//! writer. Other nodes' device changes and key revocations arrive as PostgreSQL
+//! notifications (`listen.rs`), which refresh the cache within milliseconds and raise the
+//! same revocations a local change raises. Writes are conditional on the version this
+//! node's cache holds; a write that lost a race with another node refreshes the entry and
+//! is checked again, so `If-Match` and ETags mean the same on every node.
 //!
 //! Downlink commands are stored here too (`commands`), so that they survive a restart;
 //! the command component owns their life.
@@ -18,14 +24,18 @@
 //! device's open connections: MQTT and WebSocket both listen.
 
 mod auth;
+mod backend;
 mod commands;
 mod db;
 mod devices;
 mod error;
 mod keys;
+mod listen;
 mod negative_cache;
+mod postgres;
 mod presence;
 pub mod secret;
+mod sqlite;
 mod stream_leases;
 mod stream_tokens;
 #[cfg(test)]
@@ -35,7 +45,6 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
 
-use rusqlite::Connection;
 use tokio::sync::broadcast;
 
 pub use auth::DeviceCredential;
@@ -45,12 +54,15 @@ pub use devices::{
 };
 pub use error::RegistryError;
 pub use keys::{ApiKey, KeyCheck, Role, create_key_offline};
+pub use listen::ChangeListener;
+pub use postgres::CHANNEL;
 pub use presence::Presence;
 pub use stream_leases::{LeaseError, StreamLease};
 pub use stream_tokens::MAX_TOKENS_PER_KEY;
 
 use crate::model::Transport;
 use crate::observe::Metrics;
+use backend::Backend;
 use negative_cache::NegativeCache;
 use secret::Hash;
 use stream_leases::StreamLeases;
@@ -75,10 +87,11 @@ struct State {
 pub struct Registry {
     /// Increments on every device change (for caches of label matches).
     version: std::sync::atomic::AtomicU64,
-    db: Mutex<Connection>,
-    /// A read-only connection for looking up keys the cache does not know, so that a
-    /// lookup never waits for (or holds up) a write.
-    reader: Mutex<Connection>,
+    /// Where the registry is stored.
+    backend: Box<dyn Backend>,
+    /// Held by every write from before its database write until its cache update is
+    /// done, so writes reach the cache in the order they committed.
+    write_turn: Mutex<()>,
     /// One lookup at a time: waiting for the turn is async, so unknown keys queue
     /// without holding a thread.
     lookup_turn: tokio::sync::Semaphore,

@@ -6,12 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering::Relaxed};
 use std::time::Duration;
 
-use rusqlite::params;
 use tokio_util::sync::CancellationToken;
 
 use super::{Registry, RegistryError};
 use crate::model::{Transport, now_ms};
-use crate::sync::lock;
 
 /// Live presence of a device, updated on the hot path with atomics only.
 #[derive(Debug, Default)]
@@ -29,6 +27,16 @@ fn transport_code(t: Transport) -> u8 {
         Transport::Mqtt => 1,
         Transport::Ws => 2,
         Transport::Http => 3,
+    }
+}
+
+/// The code of a stored transport name (0: none or unknown).
+pub(super) fn transport_code_of(name: &str) -> u8 {
+    match name {
+        "mqtt" => 1,
+        "ws" => 2,
+        "http" => 3,
+        _ => 0,
     }
 }
 
@@ -140,17 +148,6 @@ impl Registry {
         if dirty.is_empty() {
             return Ok(());
         }
-        let mut db = lock(&self.db);
-        let tx = db.transaction()?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE devices SET last_seen_ms = ?2, transport = ?3 WHERE id = ?1",
-            )?;
-            for (id, seen, transport) in dirty {
-                stmt.execute(params![&*id, seen, transport])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+        self.backend.persist_presence(&dirty)
     }
 }

@@ -96,7 +96,11 @@ fn keys_bootstrap_once_and_last_admin_stays() {
         Err(RegistryError::LastAdmin)
     ));
     // A key created by another process (the CLI) is found on a cache miss.
-    let (_, viewer) = create_key_offline(dir.path(), "cli", Role::Viewer).unwrap();
+    let config = crate::config::Config {
+        data_dir: dir.path().to_owned(),
+        ..crate::config::Config::default()
+    };
+    let (_, viewer) = create_key_offline(&config, "cli", Role::Viewer).unwrap();
     assert_eq!(reg.authenticate_key(&viewer).unwrap().role, Role::Viewer);
     assert_eq!(
         reg.authenticate_key("fgk_wrong"),
@@ -201,8 +205,8 @@ async fn stream_tokens_and_leases_end_with_their_key() {
     let (token, _) = reg
         .issue_stream_token(&key.id, Duration::from_secs(60))
         .unwrap();
-    assert_eq!(reg.check_stream_token(&token), Some(key.id.clone()));
-    assert_eq!(reg.check_stream_token("fgs_nope"), None);
+    assert_eq!(reg.check_stream_token(&token).await, Some(key.id.clone()));
+    assert_eq!(reg.check_stream_token("fgs_nope").await, None);
 
     let a = reg.acquire_stream_lease(&key.id, 2).unwrap();
     let b = reg.acquire_stream_lease(&key.id, 2).unwrap();
@@ -222,7 +226,7 @@ async fn stream_tokens_and_leases_end_with_their_key() {
     tokio::time::timeout(Duration::from_secs(1), c.revoked())
         .await
         .unwrap();
-    assert_eq!(reg.check_stream_token(&token), None);
+    assert_eq!(reg.check_stream_token(&token).await, None);
     assert_eq!(
         reg.acquire_stream_lease(&key.id, 2).err(),
         Some(LeaseError::Revoked)

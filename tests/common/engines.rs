@@ -173,6 +173,9 @@ pub struct Postgres {
     dir: TempDir,
     port: u16,
     child: Option<Child>,
+    /// The admin key the first gateway on this registry created (later ones join
+    /// with it).
+    admin_key: std::sync::Mutex<Option<String>>,
 }
 
 /// The directory of Debian's PostgreSQL programs (`/usr/lib/postgresql/<major>/bin`).
@@ -241,6 +244,7 @@ impl Postgres {
             port: free_port(),
             dir,
             child: None,
+            admin_key: std::sync::Mutex::new(None),
         };
         pg.start_server();
         let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
@@ -284,7 +288,36 @@ impl Postgres {
 
     /// The connection string of the `fluxgate` database.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/fluxgate", self.port)
+        self.url_of("fluxgate")
+    }
+
+    /// The connection string of database `name`.
+    pub fn url_of(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Create another, empty database and return its connection string.
+    pub async fn create_database(&self, name: &str) -> String {
+        let (client, conn) =
+            tokio_postgres::connect(&self.url_of("postgres"), tokio_postgres::NoTls)
+                .await
+                .expect("connect to PostgreSQL");
+        tokio::spawn(conn);
+        client
+            .simple_query(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        self.url_of(name)
+    }
+
+    /// The admin key of this registry, once the first gateway created it.
+    pub fn admin_key(&self) -> Option<String> {
+        self.admin_key.lock().unwrap().clone()
+    }
+
+    /// Remember the admin key the first gateway created.
+    pub fn set_admin_key(&self, key: &str) {
+        *self.admin_key.lock().unwrap() = Some(key.to_owned());
     }
 }
 

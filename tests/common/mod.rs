@@ -294,6 +294,16 @@ impl TestGateway {
 
     /// Like [`TestGateway::spawn`], after `adjust` has changed the configuration.
     pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::spawn_inner(adjust, None).await
+    }
+
+    /// A gateway joining a registry that already has keys (cluster mode: the shared
+    /// PostgreSQL registry); `admin_key` is the admin key created by the first node.
+    pub async fn spawn_joining(adjust: impl FnOnce(&mut Config), admin_key: &str) -> Self {
+        Self::spawn_inner(adjust, Some(admin_key)).await
+    }
+
+    async fn spawn_inner(adjust: impl FnOnce(&mut Config), joining: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config {
             data_dir: dir.path().to_owned(),
@@ -306,10 +316,19 @@ impl TestGateway {
         // configuration.
         config.validate().unwrap();
         let gateway = Gateway::start(config.clone()).await.unwrap();
-        let admin_key = gateway
-            .bootstrap_admin_key
-            .clone()
-            .expect("a first start creates an admin key");
+        let admin_key = match joining {
+            None => gateway
+                .bootstrap_admin_key
+                .clone()
+                .expect("a first start creates an admin key"),
+            Some(key) => {
+                assert!(
+                    gateway.bootstrap_admin_key.is_none(),
+                    "a node joining a registry with keys creates none"
+                );
+                key.to_owned()
+            }
+        };
         assert!(admin_key.starts_with("fgk_"), "{admin_key}");
         Self {
             http: gateway.http_addr,

@@ -401,3 +401,89 @@ async fn a_full_stream_refuses_new_readings_and_says_so() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_node_kicks_the_device_on_another_within_a_second() {
+    use common::{RawMqtt, ws_closed_with, ws_next_json};
+    use futures_util::SinkExt;
+    use reqwest::Method;
+    use serde_json::json;
+    use tokio_tungstenite::tungstenite::Message;
+
+    bounded(120, async {
+        let nats = NatsCluster::start(1).await;
+        let pg = Postgres::start().await;
+        let a = node("a", &nats, &pg).await;
+        let _b = node("b", &nats, &pg).await;
+        let c = node("c", &nats, &pg).await;
+        // A bystander on c stays connected through everything.
+        let bystander = a.provision("bystander").await;
+        accepted_by(&c, &bystander).await;
+        let mut by_mqtt = RawMqtt::device(c.mqtt, "bystander", &bystander)
+            .await
+            .accepted();
+        let t0 = now_ms() - 60_000;
+
+        for (n, how) in ["rotate", "disable", "delete"].into_iter().enumerate() {
+            // Provisioned through a; connected to c over MQTT and WebSocket.
+            let id = format!("kick-{n}");
+            let token = a.provision(&id).await;
+            accepted_by(&c, &token).await;
+            let mut mqtt = RawMqtt::device(c.mqtt, &id, &token).await.accepted();
+            assert!(mqtt.ping().await);
+            let mut ws = c.ws_ingest(&token, "").await;
+            ws.send(Message::text(
+                json!({"ts": t0 + n as i64, "values": {"v": 1}}).to_string(),
+            ))
+            .await
+            .unwrap();
+            assert_eq!(ws_next_json(&mut ws).await["type"], "ack");
+
+            // Revoked through a's REST API.
+            let path = format!("/api/v1/devices/{id}");
+            let r = match how {
+                "rotate" => {
+                    a.admin
+                        .call(Method::POST, &format!("{path}/token"), None)
+                        .await
+                }
+                "disable" => {
+                    a.admin
+                        .call(Method::PATCH, &path, Some(json!({"enabled": false})))
+                        .await
+                }
+                _ => a.admin.call(Method::DELETE, &path, None).await,
+            };
+            assert!(r.status == 200 || r.status == 204, "{how}: {}", r.body);
+            let revoked_at = std::time::Instant::now();
+
+            let (mqtt_closed, ws_code) = tokio::join!(
+                mqtt.closed_within(Duration::from_secs(1)),
+                ws_closed_with(&mut ws, Duration::from_secs(1)),
+            );
+            assert!(mqtt_closed, "{how}: MQTT on c still open after 1 s");
+            assert_eq!(ws_code, Some(1008), "{how}");
+            let took = revoked_at.elapsed();
+            assert!(took <= Duration::from_secs(1), "{how}: {took:?}");
+            eprintln!("{how} via a closed the connections on c after {took:?}");
+            // The old token is refused on c from now on.
+            let (status, _) = c.try_ws_ingest(Some(&token), "").await.err().unwrap();
+            assert_eq!(status, 401, "{how}");
+        }
+        assert!(by_mqtt.ping().await, "the bystander was kicked too");
+    })
+    .await;
+}
+
+/// Wait until `gw` accepts a device `token` made on another node (its cache has the
+/// change: milliseconds).
+async fn accepted_by(gw: &TestGateway, token: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while gw.try_ws_ingest(Some(token), "").await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the token never reached this node"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

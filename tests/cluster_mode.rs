@@ -487,3 +487,83 @@ async fn accepted_by(gw: &TestGateway, token: &str) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgres_is_down_known_devices_keep_working_and_writes_say_503() {
+    bounded(120, async {
+        let nats = NatsCluster::start(1).await;
+        let mut pg = Postgres::start().await;
+        let a = node("a", &nats, &pg).await;
+        let b = node("b", &nats, &pg).await;
+        let token = a.provision("d1").await;
+        accepted_by(&b, &token).await;
+        let t0 = now_ms() - 60_000;
+
+        pg.stop();
+        // Provisioning needs the registry: a clear, retryable refusal, no internals.
+        let r = a
+            .admin
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/devices",
+                Some(serde_json::json!({"id": "d2"})),
+            )
+            .await;
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert_eq!(
+            r.body["type"], "urn:fluxgate:problem:unavailable",
+            "{}",
+            r.body
+        );
+        assert!(!r.body.to_string().contains("127.0.0.1"), "{}", r.body);
+        // A known device keeps sending through either node, from the caches.
+        send(&b, "d1", &token, t0, 0, 5).await;
+        send(&a, "d1", &token, t0, 5, 5).await;
+        wait_for(
+            "both nodes store the readings",
+            Duration::from_secs(30),
+            || a.store_count() == 10 && b.store_count() == 10,
+        )
+        .await;
+
+        // Back: writes work again (the writer reconnects on first use) and the nodes
+        // hear of changes again (their listeners reconnected and reloaded).
+        pg.restart();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let d2 = loop {
+            let r = a
+                .admin
+                .call(
+                    reqwest::Method::POST,
+                    "/api/v1/devices",
+                    Some(serde_json::json!({"id": "d2"})),
+                )
+                .await;
+            if r.status == 201 {
+                break r.body["token"].as_str().unwrap().to_owned();
+            }
+            assert_eq!(r.status, 503, "{}", r.body);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "PostgreSQL never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        accepted_by(&b, &d2).await;
+        let r = a
+            .admin
+            .call(
+                reqwest::Method::PATCH,
+                "/api/v1/devices/d1",
+                Some(serde_json::json!({"enabled": false})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while b.try_ws_ingest(Some(&token), "").await.is_ok() {
+            assert!(std::time::Instant::now() < deadline, "b still accepts d1");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}

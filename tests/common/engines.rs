@@ -321,8 +321,9 @@ impl Postgres {
     }
 }
 
-impl Drop for Postgres {
-    fn drop(&mut self) {
+impl Postgres {
+    /// Stop the server (a fast shutdown: clients are disconnected).
+    pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // A fast shutdown (SIGINT) leaves no shared memory behind.
             let _ = Command::new("kill")
@@ -334,6 +335,17 @@ impl Drop for Postgres {
             }
             kill9(&mut c);
         }
+    }
+
+    /// Start the stopped server again on its port and data.
+    pub fn restart(&mut self) {
+        self.start_server();
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

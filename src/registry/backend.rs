@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use super::RegistryError;
 use super::devices::{DeviceFields, DeviceRecord};
-use super::keys::ApiKey;
+use super::keys::{ApiKey, Role};
 use super::secret::Hash;
-use crate::model::Command;
+use crate::model::{Command, CommandState};
 
 /// A stored device with its persisted presence.
 #[derive(Debug, Clone)]
@@ -141,4 +141,104 @@ pub(super) fn to_i64(v: u64) -> i64 {
 /// Stored `i64` to `u64` (negative values, which this code never writes, read as 0).
 pub(super) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// The columns of a device row, in the order [`device_from`] reads them.
+pub(super) const DEVICE_COLUMNS: &str = "id, name, labels, enabled, created_ms, updated_ms, \
+                                         version, token_hash, last_seen_ms, transport";
+/// The columns of a key row, in the order [`key_from`] reads them.
+pub(super) const KEY_COLUMNS: &str = "id, name, role, hash, created_ms";
+/// The columns of a command row, in the order [`command_from`] reads them.
+pub(super) const COMMAND_COLUMNS: &str = "seq, id, device, name, params, timeout_ms, ttl_ms, \
+                                          state, created_ms, sent_ms, delivered_ms, \
+                                          finished_ms, result, error";
+
+/// A result row's columns by index, whichever database it came from, so that rows
+/// become records in one place.
+pub(super) trait Columns {
+    /// An integer column.
+    fn int(&self, i: usize) -> Result<i64, RegistryError>;
+    /// A nullable integer column.
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, RegistryError>;
+    /// A text column.
+    fn text(&self, i: usize) -> Result<String, RegistryError>;
+    /// A nullable text column.
+    fn opt_text(&self, i: usize) -> Result<Option<String>, RegistryError>;
+    /// A boolean column.
+    fn flag(&self, i: usize) -> Result<bool, RegistryError>;
+    /// A binary column.
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, RegistryError>;
+}
+
+/// A device from a row of [`DEVICE_COLUMNS`]; `None` (logged) for a malformed token hash.
+pub(super) fn device_from(r: &impl Columns) -> Result<Option<DeviceRow>, RegistryError> {
+    let id = r.text(0)?;
+    let Ok(token_hash) = <Hash>::try_from(r.bytes(7)?.as_slice()) else {
+        tracing::error!(
+            device = id,
+            "registry row has a malformed token hash; skipped"
+        );
+        return Ok(None);
+    };
+    Ok(Some(DeviceRow {
+        record: DeviceRecord {
+            id,
+            fields: DeviceFields {
+                name: r.text(1)?,
+                labels: serde_json::from_str(&r.text(2)?).unwrap_or_default(),
+                enabled: r.flag(3)?,
+            },
+            created_ms: r.int(4)?,
+            updated_ms: r.int(5)?,
+            version: r.int(6)?,
+            token_hash,
+        },
+        last_seen_ms: r.opt_int(8)?,
+        transport: r.opt_text(9)?,
+    }))
+}
+
+/// A key from a row of [`KEY_COLUMNS`]; `None` for a malformed hash or unknown role.
+pub(super) fn key_from(r: &impl Columns) -> Result<Option<(Hash, ApiKey)>, RegistryError> {
+    let hash = <Hash>::try_from(r.bytes(3)?.as_slice());
+    let (Ok(hash), Some(role)) = (hash, Role::parse(&r.text(2)?)) else {
+        return Ok(None);
+    };
+    Ok(Some((
+        hash,
+        ApiKey {
+            id: r.text(0)?,
+            name: r.text(1)?,
+            role,
+            created_ms: r.int(4)?,
+        },
+    )))
+}
+
+/// A command from a row of [`COMMAND_COLUMNS`].
+pub(super) fn command_from(r: &impl Columns) -> Result<Command, RegistryError> {
+    let ms = |i| -> Result<Option<u64>, RegistryError> { Ok(r.opt_int(i)?.map(to_u64)) };
+    Ok(Command {
+        seq: r.int(0)?,
+        id: r.text(1)?,
+        device: r.text(2)?,
+        name: r.text(3)?,
+        // Written by the registry from valid JSON; a damaged value reads as null rather
+        // than failing the whole listing.
+        params: serde_json::from_str(&r.text(4)?).unwrap_or(serde_json::Value::Null),
+        timeout_ms: to_u64(r.int(5)?),
+        ttl_ms: to_u64(r.int(6)?),
+        state: CommandState::parse(&r.text(7)?).unwrap_or(CommandState::Failed),
+        created_ms: to_u64(r.int(8)?),
+        sent_ms: ms(9)?,
+        delivered_ms: ms(10)?,
+        finished_ms: ms(11)?,
+        result: r.opt_text(12)?.and_then(|t| serde_json::from_str(&t).ok()),
+        error: r.opt_text(13)?,
+    })
+}
+
+/// A device's labels as stored (a JSON object).
+pub(super) fn labels_json(fields: &DeviceFields) -> String {
+    serde_json::to_string(&fields.labels).unwrap_or_else(|_| "{}".into())
 }

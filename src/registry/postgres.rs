@@ -25,13 +25,15 @@ use tokio_postgres::{Client, GenericClient, Row};
 
 use super::RegistryError;
 use super::backend::{
-    Backend, CommandPage, DeviceRow, FINAL_STATES, PresenceRow, Snapshot, page_of, to_i64, to_u64,
+    Backend, COMMAND_COLUMNS, Columns, CommandPage, DEVICE_COLUMNS, DeviceRow, FINAL_STATES,
+    KEY_COLUMNS, PresenceRow, Snapshot, command_from, device_from, key_from, labels_json, page_of,
+    to_i64,
 };
 use super::devices::{DeviceFields, DeviceRecord};
 use super::keys::{ApiKey, Role};
 use super::secret::Hash;
 use crate::config::Secret;
-use crate::model::{Command, CommandState};
+use crate::model::Command;
 use crate::sync::lock;
 
 /// The notification channel of registry changes.
@@ -85,12 +87,6 @@ CREATE TABLE commands (
 );
 CREATE INDEX commands_by_device ON commands (device, seq);
 "];
-
-const DEVICE_COLUMNS: &str = "id, name, labels, enabled, created_ms, updated_ms, version, \
-                              token_hash, last_seen_ms, transport";
-const KEY_COLUMNS: &str = "id, name, role, hash, created_ms";
-const COMMAND_COLUMNS: &str = "seq, id, device, name, params, timeout_ms, ttl_ms, state, \
-                               created_ms, sent_ms, delivered_ms, finished_ms, result, error";
 
 /// A connection whose I/O future the caller drives (the change listener reads
 /// notifications from it), connected within `timeout`.
@@ -233,83 +229,25 @@ async fn notify(c: &impl GenericClient, payload: String) -> Result<(), RegistryE
     Ok(())
 }
 
-fn hash_of(bytes: &[u8]) -> Option<Hash> {
-    <Hash>::try_from(bytes).ok()
-}
-
-fn device_from_row(r: &Row) -> Result<Option<DeviceRow>, RegistryError> {
-    let id: String = r.try_get(0)?;
-    let labels: String = r.try_get(2)?;
-    let Some(token_hash) = hash_of(r.try_get(7)?) else {
-        tracing::error!(
-            device = id,
-            "registry row has a malformed token hash; skipped"
-        );
-        return Ok(None);
-    };
-    Ok(Some(DeviceRow {
-        record: DeviceRecord {
-            id,
-            fields: DeviceFields {
-                name: r.try_get(1)?,
-                labels: serde_json::from_str(&labels).unwrap_or_default(),
-                enabled: r.try_get(3)?,
-            },
-            created_ms: r.try_get(4)?,
-            updated_ms: r.try_get(5)?,
-            version: r.try_get(6)?,
-            token_hash,
-        },
-        last_seen_ms: r.try_get(8)?,
-        transport: r.try_get(9)?,
-    }))
-}
-
-fn key_from_row(r: &Row) -> Result<Option<(Hash, ApiKey)>, RegistryError> {
-    let role: String = r.try_get(2)?;
-    let (Some(hash), Some(role)) = (hash_of(r.try_get(3)?), Role::parse(&role)) else {
-        return Ok(None);
-    };
-    Ok(Some((
-        hash,
-        ApiKey {
-            id: r.try_get(0)?,
-            name: r.try_get(1)?,
-            role,
-            created_ms: r.try_get(4)?,
-        },
-    )))
-}
-
-fn command_from_row(r: &Row) -> Result<Command, RegistryError> {
-    let state: String = r.try_get(7)?;
-    let params: String = r.try_get(4)?;
-    let result: Option<String> = r.try_get(12)?;
-    let ms = |i: usize| -> Result<Option<u64>, RegistryError> {
-        Ok(r.try_get::<_, Option<i64>>(i)?.map(to_u64))
-    };
-    Ok(Command {
-        seq: r.try_get(0)?,
-        id: r.try_get(1)?,
-        device: r.try_get(2)?,
-        name: r.try_get(3)?,
-        // Written by this module from valid JSON; a damaged value reads as null rather
-        // than failing the whole listing.
-        params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
-        timeout_ms: to_u64(r.try_get(5)?),
-        ttl_ms: to_u64(r.try_get(6)?),
-        state: CommandState::parse(&state).unwrap_or(CommandState::Failed),
-        created_ms: to_u64(r.try_get(8)?),
-        sent_ms: ms(9)?,
-        delivered_ms: ms(10)?,
-        finished_ms: ms(11)?,
-        result: result.and_then(|t| serde_json::from_str(&t).ok()),
-        error: r.try_get(13)?,
-    })
-}
-
-fn labels_json(fields: &DeviceFields) -> String {
-    serde_json::to_string(&fields.labels).unwrap_or_else(|_| "{}".into())
+impl Columns for Row {
+    fn int(&self, i: usize) -> Result<i64, RegistryError> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, RegistryError> {
+        Ok(self.try_get(i)?)
+    }
+    fn text(&self, i: usize) -> Result<String, RegistryError> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, RegistryError> {
+        Ok(self.try_get(i)?)
+    }
+    fn flag(&self, i: usize) -> Result<bool, RegistryError> {
+        Ok(self.try_get(i)?)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, RegistryError> {
+        Ok(self.try_get(i)?)
+    }
 }
 
 impl Backend for Postgres {
@@ -320,13 +258,13 @@ impl Backend for Postgres {
                 .query(&format!("SELECT {DEVICE_COLUMNS} FROM devices"), &[])
                 .await?
             {
-                snapshot.devices.extend(device_from_row(&r)?);
+                snapshot.devices.extend(device_from(&r)?);
             }
             for r in c
                 .query(&format!("SELECT {KEY_COLUMNS} FROM api_keys"), &[])
                 .await?
             {
-                snapshot.keys.extend(key_from_row(&r)?);
+                snapshot.keys.extend(key_from(&r)?);
             }
             Ok(snapshot)
         })
@@ -341,7 +279,7 @@ impl Backend for Postgres {
                 )
                 .await?;
             Ok(match row {
-                Some(r) => device_from_row(&r)?,
+                Some(r) => device_from(&r)?,
                 None => None,
             })
         })
@@ -493,7 +431,7 @@ impl Backend for Postgres {
                 )
                 .await?
             {
-                Some(r) => key_from_row(&r),
+                Some(r) => key_from(&r),
                 None => Ok(None),
             }
         })
@@ -509,7 +447,7 @@ impl Backend for Postgres {
                 )
                 .await?
             {
-                out.extend(key_from_row(&r)?.map(|(_, k)| k));
+                out.extend(key_from(&r)?.map(|(_, k)| k));
             }
             Ok(out)
         })
@@ -680,7 +618,7 @@ impl Backend for Postgres {
             )
             .await?
             .iter()
-            .map(command_from_row)
+            .map(command_from)
             .collect()
         })
     }
@@ -693,7 +631,7 @@ impl Backend for Postgres {
             )
             .await?
             .as_ref()
-            .map(command_from_row)
+            .map(command_from)
             .transpose()
         })
     }
@@ -716,10 +654,7 @@ impl Backend for Postgres {
                     &[&device, &after, &state, &fetch],
                 )
                 .await?;
-            let rows = rows
-                .iter()
-                .map(command_from_row)
-                .collect::<Result<_, _>>()?;
+            let rows = rows.iter().map(command_from).collect::<Result<_, _>>()?;
             Ok(page_of(rows, limit))
         })
     }

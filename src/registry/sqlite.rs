@@ -15,13 +15,15 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use super::backend::{
-    Backend, CommandPage, DeviceRow, FINAL_STATES, PresenceRow, Snapshot, page_of, to_i64, to_u64,
+    Backend, COMMAND_COLUMNS, Columns, CommandPage, DEVICE_COLUMNS, DeviceRow, FINAL_STATES,
+    KEY_COLUMNS, PresenceRow, Snapshot, command_from, device_from, key_from, labels_json, page_of,
+    to_i64,
 };
 use super::devices::{DeviceFields, DeviceRecord};
 use super::keys::{ApiKey, Role};
 use super::secret::Hash;
 use super::{FILE_NAME, RegistryError};
-use crate::model::{Command, CommandState};
+use crate::model::Command;
 use crate::sync::lock;
 
 /// The schema's migrations, in order: index `i` is version `i + 1`.
@@ -63,12 +65,6 @@ CREATE TABLE IF NOT EXISTS commands (
 ) STRICT;
 CREATE INDEX IF NOT EXISTS commands_by_device ON commands (device, seq);
 "];
-
-const DEVICE_COLUMNS: &str = "id, name, labels, enabled, created_ms, updated_ms, version, \
-                              token_hash, last_seen_ms, transport";
-const KEY_COLUMNS: &str = "id, name, role, hash, created_ms";
-const COMMAND_COLUMNS: &str = "seq, id, device, name, params, timeout_ms, ttl_ms, state, \
-                               created_ms, sent_ms, delivered_ms, finished_ms, result, error";
 
 /// The SQLite backend.
 pub(super) struct Sqlite {
@@ -116,80 +112,25 @@ fn migrate(conn: &mut Connection) -> Result<(), RegistryError> {
     Ok(())
 }
 
-fn device_from_row(r: &Row<'_>) -> rusqlite::Result<Option<DeviceRow>> {
-    let id: String = r.get(0)?;
-    let labels: String = r.get(2)?;
-    let hash: Vec<u8> = r.get(7)?;
-    let Ok(token_hash) = <Hash>::try_from(hash.as_slice()) else {
-        tracing::error!(
-            device = id,
-            "registry row has a malformed token hash; skipped"
-        );
-        return Ok(None);
-    };
-    Ok(Some(DeviceRow {
-        record: DeviceRecord {
-            id,
-            fields: DeviceFields {
-                name: r.get(1)?,
-                labels: serde_json::from_str(&labels).unwrap_or_default(),
-                enabled: r.get(3)?,
-            },
-            created_ms: r.get(4)?,
-            updated_ms: r.get(5)?,
-            version: r.get(6)?,
-            token_hash,
-        },
-        last_seen_ms: r.get(8)?,
-        transport: r.get(9)?,
-    }))
-}
-
-fn key_from_row(r: &Row<'_>) -> rusqlite::Result<Option<(Hash, ApiKey)>> {
-    let hash: Vec<u8> = r.get(3)?;
-    let role: String = r.get(2)?;
-    let (Ok(hash), Some(role)) = (<Hash>::try_from(hash.as_slice()), Role::parse(&role)) else {
-        return Ok(None);
-    };
-    Ok(Some((
-        hash,
-        ApiKey {
-            id: r.get(0)?,
-            name: r.get(1)?,
-            role,
-            created_ms: r.get(4)?,
-        },
-    )))
-}
-
-fn command_from_row(r: &Row<'_>) -> rusqlite::Result<Command> {
-    let state: String = r.get(7)?;
-    let params: String = r.get(4)?;
-    let result: Option<String> = r.get(12)?;
-    let ms =
-        |i: usize| -> rusqlite::Result<Option<u64>> { Ok(r.get::<_, Option<i64>>(i)?.map(to_u64)) };
-    Ok(Command {
-        seq: r.get(0)?,
-        id: r.get(1)?,
-        device: r.get(2)?,
-        name: r.get(3)?,
-        // Written by this module from valid JSON; a damaged value reads as null rather
-        // than failing the whole listing.
-        params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
-        timeout_ms: to_u64(r.get(5)?),
-        ttl_ms: to_u64(r.get(6)?),
-        state: CommandState::parse(&state).unwrap_or(CommandState::Failed),
-        created_ms: to_u64(r.get(8)?),
-        sent_ms: ms(9)?,
-        delivered_ms: ms(10)?,
-        finished_ms: ms(11)?,
-        result: result.and_then(|t| serde_json::from_str(&t).ok()),
-        error: r.get(13)?,
-    })
-}
-
-fn labels_json(fields: &DeviceFields) -> String {
-    serde_json::to_string(&fields.labels).unwrap_or_else(|_| "{}".into())
+impl Columns for Row<'_> {
+    fn int(&self, i: usize) -> Result<i64, RegistryError> {
+        Ok(self.get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, RegistryError> {
+        Ok(self.get(i)?)
+    }
+    fn text(&self, i: usize) -> Result<String, RegistryError> {
+        Ok(self.get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, RegistryError> {
+        Ok(self.get(i)?)
+    }
+    fn flag(&self, i: usize) -> Result<bool, RegistryError> {
+        Ok(self.get(i)?)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, RegistryError> {
+        Ok(self.get(i)?)
+    }
 }
 
 impl Backend for Sqlite {
@@ -199,12 +140,12 @@ impl Backend for Sqlite {
         let mut stmt = db.prepare(&format!("SELECT {DEVICE_COLUMNS} FROM devices"))?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            snapshot.devices.extend(device_from_row(r)?);
+            snapshot.devices.extend(device_from(r)?);
         }
         let mut stmt = db.prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys"))?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            snapshot.keys.extend(key_from_row(r)?);
+            snapshot.keys.extend(key_from(r)?);
         }
         Ok(snapshot)
     }
@@ -215,10 +156,10 @@ impl Backend for Sqlite {
             .query_row(
                 &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"),
                 params![id],
-                device_from_row,
+                |r| Ok(device_from(r)),
             )
             .optional()?;
-        Ok(row.flatten())
+        Ok(row.transpose()?.flatten())
     }
 
     fn insert_devices(&self, records: &[DeviceRecord]) -> Result<Vec<bool>, RegistryError> {
@@ -338,9 +279,9 @@ impl Backend for Sqlite {
             .prepare_cached(&format!(
                 "SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = ?1"
             ))?
-            .query_row(params![&hash[..]], key_from_row)
+            .query_row(params![&hash[..]], |r| Ok(key_from(r)))
             .optional()?;
-        Ok(found.flatten())
+        Ok(found.transpose()?.flatten())
     }
 
     fn list_keys(&self) -> Result<Vec<ApiKey>, RegistryError> {
@@ -351,7 +292,7 @@ impl Backend for Sqlite {
         let mut rows = stmt.query([])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
-            out.extend(key_from_row(r)?.map(|(_, k)| k));
+            out.extend(key_from(r)?.map(|(_, k)| k));
         }
         Ok(out)
     }
@@ -466,19 +407,19 @@ impl Backend for Sqlite {
         let mut stmt = db.prepare(&format!(
             "SELECT {COMMAND_COLUMNS} FROM commands WHERE state NOT IN {FINAL_STATES} ORDER BY seq"
         ))?;
-        let rows = stmt.query_map([], command_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let rows = stmt.query_map([], |r| Ok(command_from(r)))?;
+        rows.map(|r| r?).collect()
     }
 
     fn command_get(&self, device: &str, id: &str) -> Result<Option<Command>, RegistryError> {
         let db = lock(&self.db);
-        Ok(db
-            .query_row(
-                &format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE device = ?1 AND id = ?2"),
-                params![device, id],
-                command_from_row,
-            )
-            .optional()?)
+        db.query_row(
+            &format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE device = ?1 AND id = ?2"),
+            params![device, id],
+            |r| Ok(command_from(r)),
+        )
+        .optional()?
+        .transpose()
     }
 
     fn commands_list(
@@ -494,7 +435,9 @@ impl Backend for Sqlite {
              AND (?3 IS NULL OR state = ?3) ORDER BY seq LIMIT ?4"
         ))?;
         let fetch = to_i64(limit as u64).saturating_add(1);
-        let rows = stmt.query_map(params![device, after, state, fetch], command_from_row)?;
-        Ok(page_of(rows.collect::<Result<_, _>>()?, limit))
+        let rows = stmt.query_map(params![device, after, state, fetch], |r| {
+            Ok(command_from(r))
+        })?;
+        Ok(page_of(rows.map(|r| r?).collect::<Result<_, _>>()?, limit))
     }
 }

@@ -204,11 +204,20 @@ impl Gateway {
         // `max_in_flight` jobs).
         let mut sinks = Vec::new();
         if config.sinks.influxdb.enabled {
-            let (cfg, dir, m) = (
+            let (mut cfg, dir, m) = (
                 config.sinks.influxdb.clone(),
                 config.data_dir.clone(),
                 metrics.clone(),
             );
+            if config.cluster.enabled && cfg.buffer.mode == crate::config::BufferMode::Disk {
+                // JetStream is the sink's buffer in cluster mode (the shared consumer
+                // redelivers what the database did not accept), so no segment files
+                // are created for a spool that never runs.
+                tracing::info!(
+                    "cluster mode: sinks.influxdb.buffer is not used; JetStream buffers the sink"
+                );
+                cfg.buffer.mode = crate::config::BufferMode::Memory;
+            }
             let reg = registry.clone();
             let labels: sink::line::LabelLookup =
                 Arc::new(move |device: &str| reg.labels_of(device));

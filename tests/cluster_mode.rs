@@ -240,6 +240,11 @@ async fn the_tsdb_is_written_once_by_whichever_nodes_run_the_sink() {
         let tsdb = stream.consumer_info(subject::TSDB_CONSUMER).await.unwrap();
         assert_eq!(tsdb.ack_floor.stream_sequence, messages);
         assert_eq!((tsdb.num_pending, tsdb.num_ack_pending), (0, 0));
+        // JetStream is the sink's buffer: no disk buffer is created for it.
+        for node in [&a, &b] {
+            let buffer = node.data_dir().join(&node_buffer_dir());
+            assert!(!buffer.exists(), "{} exists", buffer.display());
+        }
         drop(b);
     })
     .await;
@@ -566,4 +571,9 @@ async fn while_postgres_is_down_known_devices_keep_working_and_writes_say_503() 
         }
     })
     .await;
+}
+
+/// The InfluxDB sink's disk buffer directory (relative to the data directory).
+fn node_buffer_dir() -> std::path::PathBuf {
+    Config::default().sinks.influxdb.buffer.dir
 }

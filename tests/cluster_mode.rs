@@ -242,7 +242,7 @@ async fn the_tsdb_is_written_once_by_whichever_nodes_run_the_sink() {
         assert_eq!((tsdb.num_pending, tsdb.num_ack_pending), (0, 0));
         // JetStream is the sink's buffer: no disk buffer is created for it.
         for node in [&a, &b] {
-            let buffer = node.data_dir().join(&node_buffer_dir());
+            let buffer = node.data_dir().join(node_buffer_dir());
             assert!(!buffer.exists(), "{} exists", buffer.display());
         }
         drop(b);

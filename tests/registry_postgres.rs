@@ -396,3 +396,26 @@ async fn the_last_admin_key_survives_two_nodes_revoking_at_once() {
     assert_eq!(on(&a, |r| r.list_keys()).await.unwrap().len(), 1);
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_cli_writes_the_shared_registry_in_cluster_mode() {
+    let pg = Postgres::start().await;
+    let url = pg.create_database("cli").await;
+    let node = open_pg(&url).await;
+    let mut config = fluxgate::Config::default();
+    config.cluster.enabled = true;
+    config.cluster.postgres = Secret(url.clone());
+    // The CLI runs without a gateway (and without a runtime of its own caller's).
+    let (key, secret) = std::thread::spawn(move || {
+        fluxgate::registry::create_key_offline(&config, "from-cli", Role::Viewer)
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    // A running node finds it on first use.
+    let found = on(&node, move |r| r.authenticate_key(&secret))
+        .await
+        .unwrap();
+    assert_eq!(found.id, key.id);
+    assert_eq!(found.role, Role::Viewer);
+}

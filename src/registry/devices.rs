@@ -330,7 +330,7 @@ impl Registry {
                     version: current.version + 1,
                     token_hash,
                 };
-                self.cache_device(Some(new.clone()));
+                self.cache_device(new.clone());
                 return Ok((current, new));
             }
             self.refresh_device_locked(id)?;
@@ -419,10 +419,9 @@ impl Registry {
         Ok((self.view_of(id)?, token))
     }
 
-    /// Put `record` into the cache (replacing the entry of its id, keeping its presence),
-    /// or with `None` nothing. Returns the record it replaced.
-    pub(super) fn cache_device(&self, record: Option<DeviceRecord>) -> Option<DeviceRecord> {
-        let record = record?;
+    /// Put `record` into the cache (replacing the entry of its id, keeping its presence).
+    /// Returns the record it replaced.
+    pub(super) fn cache_device(&self, record: DeviceRecord) -> Option<DeviceRecord> {
         let mut state = self.write();
         let id: Arc<str> = Arc::from(record.id.as_str());
         let old = state

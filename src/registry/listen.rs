@@ -176,7 +176,7 @@ impl Registry {
                 }
                 let enabled = new.fields.enabled;
                 let token = new.token_hash;
-                self.cache_device(Some(new))
+                self.cache_device(new)
                     .is_some_and(|old| (old.fields.enabled && !enabled) || old.token_hash != token)
             }
         };

@@ -23,12 +23,13 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::bench_ctx::BenchCtx;
-use crate::config::{Encoding, Qos, Transport, validate_host_port};
+use crate::config::{Encoding, Qos, Transport};
 use crate::device::fleet;
 use crate::ids::validate_fleet;
 use crate::metrics::scrape_counter;
+use crate::nodes::{Node, distinct_http, home, parse_nodes};
 use crate::provision::{Provisioning, provision};
-use crate::stats::{Counters, LatencySummary, report_progress};
+use crate::stats::{LatencySummary, Snapshot, Tally, report_progress};
 use crate::{mqtt, ws};
 
 /// The gateway's ingest counter, labelled by transport.
@@ -57,9 +58,9 @@ pub struct BenchSettings {
     pub messages: u64,
     /// MQTT QoS.
     pub qos: Qos,
-    /// MQTT `HOST:PORT`.
+    /// MQTT `HOST:PORT`, or a comma-separated list of the nodes'.
     pub mqtt: String,
-    /// HTTP `HOST:PORT` (WebSocket ingest and `/metrics`).
+    /// HTTP `HOST:PORT` (WebSocket ingest and `/metrics`), or one per node.
     pub http: String,
     /// Unacknowledged WebSocket messages allowed per connection.
     pub max_inflight: usize,
@@ -86,9 +87,14 @@ impl BenchSettings {
         if self.timeout.is_zero() {
             bail!("--timeout must be positive");
         }
-        validate_host_port(&self.mqtt)?;
-        validate_host_port(&self.http)?;
+        self.nodes()?;
         validate_fleet(&self.prefix, self.devices)
+    }
+
+    /// The gateway nodes named by `--mqtt`, `--http` and `--https`.
+    pub fn nodes(&self) -> anyhow::Result<Vec<Node>> {
+        let https = self.tls.as_ref().and_then(|t| t.https.as_deref());
+        parse_nodes(&self.mqtt, &self.http, https)
     }
 }
 
@@ -116,6 +122,54 @@ impl EndToEnd {
     /// Ingested messages per second over [`EndToEnd::secs`].
     pub fn rate(&self) -> f64 {
         rate(self.arrived, self.secs)
+    }
+
+    /// The figures of several gateways taken together: counts add up, the run is
+    /// complete when every gateway's is, and it lasted until the last one finished.
+    pub fn combine(parts: &[EndToEnd]) -> EndToEnd {
+        EndToEnd {
+            baseline: parts.iter().map(|e| e.baseline).sum(),
+            arrived: parts.iter().map(|e| e.arrived).sum(),
+            complete: parts.iter().all(|e| e.complete),
+            secs: parts.iter().map(|e| e.secs).fold(0.0, f64::max),
+        }
+    }
+}
+
+/// What one gateway node got in a benchmark over several nodes.
+#[derive(Debug, Clone)]
+pub struct NodeReport {
+    /// The address its devices connect to (MQTT, or HTTP/HTTPS for WebSocket).
+    pub address: String,
+    /// Devices whose home node this is (round-robin).
+    pub devices: usize,
+    /// Devices connected to it when sending started.
+    pub connected: i64,
+    /// The node's counters at the end (sent, acked, errors, reconnects).
+    pub counts: Snapshot,
+    /// Its ingest counter's figures, when the node has an HTTP address of its own.
+    pub e2e: Option<EndToEnd>,
+}
+
+impl NodeReport {
+    fn to_json(&self, send_secs: f64) -> serde_json::Value {
+        let c = &self.counts;
+        json!({
+            "address": self.address,
+            "devices": self.devices,
+            "connected": self.connected,
+            "sent": c.sent,
+            "acked": c.acked,
+            "errors": c.errors,
+            "reconnects": c.reconnects,
+            "send_rate": rate(c.sent, send_secs),
+            "e2e": self.e2e.as_ref().map(|e| json!({
+                "arrived": e.arrived,
+                "complete": e.complete,
+                "secs": e.secs,
+                "rate": e.rate(),
+            })),
+        })
     }
 }
 
@@ -146,6 +200,10 @@ pub struct BenchReport {
     pub e2e_error: Option<String>,
     /// PUBACK (QoS 1) or WebSocket ack latency.
     pub latency: Option<LatencySummary>,
+    /// Connections established again or moved to another node.
+    pub reconnects: u64,
+    /// Per-node figures, in node order (one entry for one node).
+    pub nodes: Vec<NodeReport>,
 }
 
 fn rate(count: u64, secs: f64) -> f64 {
@@ -200,6 +258,8 @@ impl BenchReport {
                 "p99": l.p99_ms,
                 "max": l.max_ms,
             })),
+            "reconnects": self.reconnects,
+            "nodes": self.nodes.iter().map(|n| n.to_json(self.send_secs)).collect::<Vec<_>>(),
         })
     }
 
@@ -216,6 +276,15 @@ impl BenchReport {
             ""
         };
         let target = match (s.transport, &s.tls) {
+            _ if self.nodes.len() > 1 => format!(
+                "{} nodes, {}{}",
+                self.nodes.len(),
+                match s.transport {
+                    Transport::Mqtt => format!("mqtt qos{}", s.qos.level()),
+                    Transport::Ws => format!("ws max-inflight {}", s.max_inflight),
+                },
+                acks
+            ),
             (Transport::Mqtt, None) => format!("mqtt://{} qos{}", s.mqtt, s.qos.level()),
             (Transport::Mqtt, Some(_)) => format!("mqtts://{} qos{}", s.mqtt, s.qos.level()),
             (Transport::Ws, None) => {
@@ -284,6 +353,32 @@ impl BenchReport {
                 ),
             );
         }
+        if self.reconnects > 0 {
+            line("reconnects", self.reconnects.to_string());
+        }
+        if self.nodes.len() > 1 {
+            for (k, n) in self.nodes.iter().enumerate() {
+                let c = &n.counts;
+                let e2e = match &n.e2e {
+                    Some(e) => format!(", ingested {} = {:.0} msg/s", e.arrived, e.rate()),
+                    None => String::new(),
+                };
+                line(
+                    &format!("node {k}"),
+                    format!(
+                        "{}: devices {} (connected {}), sent {} = {:.0} msg/s, acked {}, errors {}, reconnects {}{e2e}",
+                        n.address,
+                        n.devices,
+                        n.connected,
+                        c.sent,
+                        rate(c.sent, self.send_secs),
+                        c.acked,
+                        c.errors,
+                        c.reconnects
+                    ),
+                );
+            }
+        }
         if let Some(missing) = self.missing().filter(|m| *m > 0) {
             out.push_str(&format!(
                 "\n  !!! MISSING {missing} of {} messages: the gateway counted only {} !!!\n",
@@ -306,28 +401,41 @@ pub async fn bench(
     provisioning: Provisioning,
 ) -> anyhow::Result<BenchReport> {
     settings.validate()?;
+    let nodes = settings.nodes()?;
     // Tokens first, so that provisioning is not part of the measured time.
     let mut fleet = fleet(&settings.prefix, settings.devices);
-    provision(&settings.http, &provisioning, &mut fleet).await?;
+    provision(&nodes, &provisioning, &mut fleet).await?;
     let started = Instant::now();
     let deadline = started + settings.timeout;
     let labels = [("transport", settings.transport.as_str())];
+    // Every distinct HTTP address is a gateway whose ingest counter counts what its own
+    // devices sent; per-node figures need one per node.
+    let gateways: Vec<String> = distinct_http(&nodes)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let per_node_e2e = nodes.len() > 1 && gateways.len() == nodes.len();
 
     // Phase 1: baseline. An unreachable /metrics does not stop the benchmark; it only
     // means there is no end-to-end figure.
-    let (baseline, mut e2e_error) =
-        match scrape_counter(&settings.http, INGEST_METRIC, &labels).await {
+    let mut baselines = Vec::new();
+    let mut e2e_error = None;
+    for http in &gateways {
+        match scrape_counter(http, INGEST_METRIC, &labels).await {
             // An absent series means the counter has not been incremented yet.
-            Ok(value) => (Some(counter_value(value)), None),
+            Ok(value) => baselines.push(counter_value(value)),
             Err(e) => {
-                let msg = format!("http://{}/metrics unavailable: {e:#}", settings.http);
+                let msg = format!("http://{http}/metrics unavailable: {e:#}");
                 eprintln!("warning: {msg}; end-to-end throughput will not be measured");
-                (None, Some(msg))
+                e2e_error = Some(msg);
+                break;
             }
-        };
+        }
+    }
+    let baselines = (baselines.len() == gateways.len()).then_some(baselines);
 
     // Phase 2: connect.
-    let counters = Counters::shared();
+    let counters = Tally::shared(nodes.len());
     let (go_tx, go_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(BenchCtx {
@@ -338,8 +446,7 @@ pub async fn bench(
         encoding: settings.encoding,
         qos: settings.qos,
         period_ms: u64::try_from(settings.period.as_millis()).unwrap_or(u64::MAX),
-        mqtt_addr: settings.mqtt.clone(),
-        http_addr: settings.http.clone(),
+        nodes: nodes.clone(),
         max_inflight: settings.max_inflight,
         tls: settings.tls.clone(),
         cumulative_acks: settings.cumulative_acks,
@@ -360,14 +467,15 @@ pub async fn bench(
 
     let connect_until = (Instant::now() + CONNECT_WAIT).min(deadline);
     loop {
-        let connected = counters.snapshot().connected.max(0) as usize;
+        let connected = counters.total().connected.max(0) as usize;
         let failed = ctx.finished.load(Ordering::Relaxed);
         if connected + failed >= settings.devices || Instant::now() >= connect_until {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let connected = counters.snapshot().connected.max(0) as usize;
+    let connected_per_node: Vec<i64> = counters.snapshots().iter().map(|s| s.connected).collect();
+    let connected = counters.total().connected.max(0) as usize;
     if connected == 0 {
         let _ = stop_tx.send(true);
         devices.abort_all();
@@ -412,14 +520,43 @@ pub async fn bench(
     let send_end = last_progress_at;
     let queued = ctx.queued.load(Ordering::Relaxed);
 
-    // Phase 4: drain.
-    let e2e = match baseline {
-        Some(baseline) => {
+    // Phase 4: drain, every gateway at once. With one gateway it must count every
+    // message queued; with several, each must count what was sent to it.
+    let mut node_e2e: Vec<Option<EndToEnd>> = vec![None; nodes.len()];
+    let e2e = match baselines {
+        Some(baselines) => {
             let hard_end = deadline.max(Instant::now() + STALL);
-            let (e2e, err) =
-                wait_for_ingest(&settings.http, &labels, baseline, queued, t0, hard_end).await;
-            e2e_error = err;
-            Some(e2e)
+            let sent_per_node: Vec<u64> = counters.snapshots().iter().map(|s| s.sent).collect();
+            let waits = gateways
+                .iter()
+                .zip(&baselines)
+                .enumerate()
+                .map(|(k, (http, base))| {
+                    let expected = if per_node_e2e {
+                        sent_per_node[k]
+                    } else {
+                        queued
+                    };
+                    wait_for_ingest(http, &labels, *base, expected, t0, hard_end)
+                });
+            let results = futures_util::future::join_all(waits).await;
+            let mut parts = Vec::new();
+            for (k, (part, err)) in results.into_iter().enumerate() {
+                if err.is_some() {
+                    e2e_error = err;
+                }
+                if per_node_e2e {
+                    node_e2e[k] = Some(part.clone());
+                }
+                parts.push(part);
+            }
+            let mut total = EndToEnd::combine(&parts);
+            if !per_node_e2e {
+                // One counter (or one shared address): complete when it reached the
+                // messages queued.
+                total.complete = total.arrived >= queued;
+            }
+            Some(total)
         }
         None => None,
     };
@@ -440,7 +577,23 @@ pub async fn bench(
     }
     let _ = reporter.await;
 
-    let snap = counters.snapshot();
+    let snap = counters.total();
+    let mqtt = settings.transport == Transport::Mqtt;
+    let node_reports = nodes
+        .iter()
+        .zip(counters.snapshots())
+        .zip(node_e2e)
+        .enumerate()
+        .map(|(k, ((node, counts), e2e))| NodeReport {
+            address: node.label(mqtt).to_owned(),
+            devices: (0..settings.devices as u64)
+                .filter(|&i| home(i, nodes.len()) == k)
+                .count(),
+            connected: connected_per_node.get(k).copied().unwrap_or(0),
+            counts,
+            e2e,
+        })
+        .collect();
     Ok(BenchReport {
         connected,
         queued,
@@ -453,6 +606,8 @@ pub async fn bench(
         e2e,
         e2e_error,
         latency: LatencySummary::from_micros(latencies),
+        reconnects: snap.reconnects,
+        nodes: node_reports,
         settings,
     })
 }
@@ -462,8 +617,8 @@ pub async fn bench(
 fn completed(settings: &BenchSettings, ctx: &BenchCtx) -> u64 {
     match (settings.transport, settings.qos) {
         (Transport::Ws, _) => ctx.replies.load(Ordering::Relaxed),
-        (Transport::Mqtt, Qos::AtMostOnce) => ctx.counters.sent.load(Ordering::Relaxed),
-        (Transport::Mqtt, Qos::AtLeastOnce) => ctx.counters.acked.load(Ordering::Relaxed),
+        (Transport::Mqtt, Qos::AtMostOnce) => ctx.counters.total().sent,
+        (Transport::Mqtt, Qos::AtLeastOnce) => ctx.counters.total().acked,
     }
 }
 
@@ -562,6 +717,8 @@ mod tests {
             e2e,
             e2e_error: None,
             latency: None,
+            reconnects: 0,
+            nodes: Vec::new(),
         }
     }
 

@@ -13,14 +13,15 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use crate::config::{Encoding, Qos};
-use crate::stats::Counters;
+use crate::nodes::Node;
+use crate::stats::Tally;
 use crate::tls::TlsSettings;
 
 /// State shared by the benchmark driver and every device task.
 #[derive(Debug)]
 pub struct BenchCtx {
-    /// Fleet-wide counters (sent, acked, errors, connected).
-    pub counters: Arc<Counters>,
+    /// Per-node counters (sent, acked, errors, connected, reconnects).
+    pub counters: Arc<Tally>,
     /// Messages handed to a connection (MQTT client queue or WebSocket sink).
     pub queued: AtomicU64,
     /// WebSocket replies (acks and errors) received.
@@ -33,10 +34,8 @@ pub struct BenchCtx {
     pub qos: Qos,
     /// Signal period in milliseconds.
     pub period_ms: u64,
-    /// MQTT `HOST:PORT`.
-    pub mqtt_addr: String,
-    /// HTTP `HOST:PORT`.
-    pub http_addr: String,
+    /// The gateway nodes; device `i` starts on node `i mod n`.
+    pub nodes: Vec<Node>,
     /// Unacknowledged WebSocket messages allowed per connection.
     pub max_inflight: usize,
     /// TLS for every connection (`--tls`).

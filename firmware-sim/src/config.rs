@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::commands::CommandSettings;
 use crate::ids::validate_fleet;
+use crate::nodes::parse_nodes;
 use crate::tls::TlsSettings;
 
 /// Default MQTT listener of the gateway.
@@ -179,9 +180,9 @@ pub struct RunSettings {
     pub devices: usize,
     /// Messages per second per device (finite, positive).
     pub rate: f64,
-    /// MQTT `HOST:PORT`.
+    /// MQTT `HOST:PORT`, or a comma-separated list of the nodes' (see `nodes`).
     pub mqtt: String,
-    /// HTTP `HOST:PORT`.
+    /// HTTP `HOST:PORT`, or a comma-separated list of the nodes'.
     pub http: String,
     /// MQTT QoS.
     pub qos: Qos,
@@ -262,30 +263,9 @@ impl RunSettings {
         if self.duration.is_some_and(|d| d.is_zero()) {
             bail!("duration must be positive (omit it to run until Ctrl-C)");
         }
-        validate_host_port(&self.mqtt).context("--mqtt")?;
-        validate_host_port(&self.http).context("--http")?;
+        parse_nodes(&self.mqtt, &self.http, None)?;
         validate_fleet(&self.prefix, self.devices)
     }
-}
-
-/// Checks that `addr` looks like `HOST:PORT` (resolution happens when connecting).
-pub fn validate_host_port(addr: &str) -> anyhow::Result<(&str, u16)> {
-    let (host, port) = addr
-        .rsplit_once(':')
-        .with_context(|| format!("expected HOST:PORT, got {addr:?}"))?;
-    let port: u16 = port
-        .parse()
-        .with_context(|| format!("bad port in {addr:?}"))?;
-    // Bracketed IPv6 literals ("[::1]:1883") are accepted; the brackets are stripped for
-    // clients that want a bare host.
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if host.is_empty() || port == 0 {
-        bail!("expected HOST:PORT with a non-zero port, got {addr:?}");
-    }
-    Ok((host, port))
 }
 
 #[cfg(test)]
@@ -373,22 +353,6 @@ mod tests {
                 "{cli:?}"
             );
         }
-    }
-
-    #[test]
-    fn host_port_forms() {
-        assert_eq!(
-            validate_host_port("127.0.0.1:1883").expect("v4"),
-            ("127.0.0.1", 1883)
-        );
-        assert_eq!(validate_host_port("[::1]:8080").expect("v6"), ("::1", 8080));
-        assert_eq!(
-            validate_host_port("gw.local:1").expect("name"),
-            ("gw.local", 1)
-        );
-        assert!(validate_host_port(":1883").is_err());
-        assert!(validate_host_port("host:0").is_err());
-        assert!(validate_host_port("host:http").is_err());
     }
 
     #[test]

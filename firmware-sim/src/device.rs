@@ -43,8 +43,20 @@ pub struct Device {
     pub index: u64,
     /// Device id, `{prefix}-{index:05}`.
     pub id: String,
-    /// Credentials, if the gateway requires them.
-    pub credentials: Option<Credentials>,
+    /// Credentials per gateway node (`--mqtt a,b,c`), in node order: one entry when all
+    /// nodes share a registry (or there is one node), none before provisioning.
+    pub credentials: Vec<Credentials>,
+}
+
+impl Device {
+    /// The credentials to present to node `node`: its own entry, or the one entry that
+    /// every node shares.
+    pub fn credentials(&self, node: usize) -> Option<&Credentials> {
+        match self.credentials.len() {
+            0 => None,
+            len => self.credentials.get(node % len),
+        }
+    }
 }
 
 /// Builds the fleet of `devices` devices named with `prefix`.
@@ -53,7 +65,7 @@ pub fn fleet(prefix: &str, devices: usize) -> Vec<Device> {
         .map(|index| Device {
             index,
             id: device_id(prefix, index),
-            credentials: None,
+            credentials: Vec::new(),
         })
         .collect()
 }
@@ -148,6 +160,27 @@ mod tests {
         assert_eq!(f.len(), 3);
         assert_eq!(f[2].id, "lab-00002");
         assert_eq!(f[2].index, 2);
+    }
+
+    #[test]
+    fn credentials_are_per_node_or_shared() {
+        let mut device = fleet("sim", 1).remove(0);
+        assert_eq!(device.credentials(0), None);
+        let token = |t: &str| Credentials {
+            username: "sim-00000".into(),
+            password: t.into(),
+        };
+        device.credentials = vec![token("shared")];
+        assert_eq!(
+            device.credentials(2).map(|c| c.password.as_str()),
+            Some("shared")
+        );
+        device.credentials = vec![token("a"), token("b"), token("c")];
+        let per_node: Vec<&str> = (0..3)
+            .filter_map(|n| device.credentials(n))
+            .map(|c| c.password.as_str())
+            .collect();
+        assert_eq!(per_node, ["a", "b", "c"]);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::config::{Encoding, Shape};
 use crate::device::{self, Device, MessageSource};
 use crate::metrics::scrape_counter;
 use crate::mqtt::topic_for;
+use crate::nodes::parse_nodes;
 use crate::procfs;
 use crate::provision::{Provisioning, provision};
 use crate::raw_mqtt::{self, ConnectError, Login};
@@ -111,7 +112,7 @@ async fn device_task(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some(creds) = device.credentials.clone() else {
+    let Some(creds) = device.credentials(0).cloned() else {
         return;
     };
     let login = Login {
@@ -215,7 +216,8 @@ pub async fn fleet(
         device::fleet(&settings.prefix, settings.offset + settings.devices)
             .split_off(settings.offset);
     let provisioned = Instant::now();
-    provision(&settings.http, &provisioning, &mut devices).await?;
+    let nodes = parse_nodes(&settings.mqtt, &settings.http, None)?;
+    provision(&nodes, &provisioning, &mut devices).await?;
     eprintln!(
         "{} devices provisioned in {:.1} s",
         devices.len(),

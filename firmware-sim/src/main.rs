@@ -49,6 +49,7 @@ mod fleet;
 mod ids;
 mod metrics;
 mod mqtt;
+mod nodes;
 mod procfs;
 mod provision;
 mod raw_mqtt;
@@ -102,8 +103,9 @@ struct WatchArgs {
     /// How long to measure.
     #[arg(long, default_value = "30s", value_parser = config::parse_duration)]
     duration: Duration,
-    /// Gateway HTTP listener.
-    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_HTTP, env = "FLUXGATE_SIM_HTTP")]
+    /// Gateway HTTP listener, or a comma-separated list of several nodes': subscribers
+    /// are spread round-robin over them.
+    #[arg(long, value_name = "HOST:PORT[,..]", default_value = DEFAULT_HTTP, env = "FLUXGATE_SIM_HTTP")]
     http: String,
     /// Operator API key (a viewer key is enough).
     #[arg(long, env = "FLUXGATE_API_KEY", hide_env_values = true)]
@@ -135,11 +137,14 @@ struct RunArgs {
     /// Messages per second per device, may be fractional (e.g. 0.5) [default: 1].
     #[arg(long)]
     rate: Option<f64>,
-    /// Gateway MQTT listener HOST:PORT [default: 127.0.0.1:1883].
-    #[arg(long, value_name = "HOST:PORT", env = "FLUXGATE_SIM_MQTT")]
+    /// Gateway MQTT listener HOST:PORT, or a comma-separated list of several nodes':
+    /// devices are spread round-robin and move to the next node after a connection
+    /// failure [default: 127.0.0.1:1883].
+    #[arg(long, value_name = "HOST:PORT[,..]", env = "FLUXGATE_SIM_MQTT")]
     mqtt: Option<String>,
-    /// Gateway HTTP/WebSocket listener HOST:PORT [default: 127.0.0.1:8080].
-    #[arg(long, value_name = "HOST:PORT", env = "FLUXGATE_SIM_HTTP")]
+    /// Gateway HTTP/WebSocket listener HOST:PORT, or one per node (as --mqtt)
+    /// [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "HOST:PORT[,..]", env = "FLUXGATE_SIM_HTTP")]
     http: Option<String>,
     /// MQTT QoS, 0 or 1 [default: 0].
     #[arg(long, value_parser = config::parse_qos)]
@@ -181,8 +186,9 @@ struct TlsArgs {
     /// PEM private key of --cert (`{id}` as there).
     #[arg(long, value_name = "FILE", requires_all = ["tls", "cert"])]
     key: Option<String>,
-    /// The gateway's HTTPS listener HOST:PORT for wss ingest [default: --http].
-    #[arg(long, value_name = "HOST:PORT", requires = "tls")]
+    /// The gateway's HTTPS listener HOST:PORT for wss ingest, or one per node
+    /// [default: --http].
+    #[arg(long, value_name = "HOST:PORT[,..]", requires = "tls")]
     https: Option<String>,
 }
 
@@ -216,6 +222,11 @@ struct ProvisionArgs {
     /// Where device tokens are kept between runs (owner-only permissions).
     #[arg(long, value_name = "FILE", default_value = "sim-tokens.json")]
     tokens_file: PathBuf,
+    /// The listed nodes share one registry (cluster nodes on PostgreSQL): provision on
+    /// the first node only and present its token to every node. Without it, devices are
+    /// provisioned on every listed HTTP address and carry a token per node.
+    #[arg(long)]
+    shared_registry: bool,
 }
 
 impl ProvisionArgs {
@@ -223,6 +234,7 @@ impl ProvisionArgs {
         Provisioning {
             api_key: self.api_key,
             tokens_file: self.tokens_file,
+            shared_registry: self.shared_registry,
         }
     }
 }
@@ -306,11 +318,14 @@ struct BenchArgs {
     /// MQTT QoS, 0 or 1; QoS 1 keeps 100 publishes in flight per connection.
     #[arg(long, default_value = "0", value_parser = config::parse_qos)]
     qos: u8,
-    /// Gateway MQTT listener HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_MQTT, env = "FLUXGATE_SIM_MQTT")]
+    /// Gateway MQTT listener HOST:PORT, or a comma-separated list of several nodes':
+    /// devices are spread round-robin, move to the next node after a connection failure,
+    /// and the report has per-node figures.
+    #[arg(long, value_name = "HOST:PORT[,..]", default_value = DEFAULT_MQTT, env = "FLUXGATE_SIM_MQTT")]
     mqtt: String,
-    /// Gateway HTTP listener HOST:PORT (WebSocket ingest and /metrics).
-    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_HTTP, env = "FLUXGATE_SIM_HTTP")]
+    /// Gateway HTTP listener HOST:PORT (WebSocket ingest, provisioning and /metrics), or
+    /// one per node (as --mqtt).
+    #[arg(long, value_name = "HOST:PORT[,..]", default_value = DEFAULT_HTTP, env = "FLUXGATE_SIM_HTTP")]
     http: String,
     /// Unacknowledged messages allowed per WebSocket connection.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
@@ -426,6 +441,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             anyhow::ensure!(
                 !args.tls.tls,
                 "--tls is supported by --shape burst (rumqttc, WebSocket), not by the fleet shapes"
+            );
+            anyhow::ensure!(
+                nodes::split_list(&args.mqtt).len() == 1
+                    && nodes::split_list(&args.http).len() == 1,
+                "several nodes (--mqtt a,b,c) are supported by --shape burst, `run` and `watch`, \
+                 not yet by the fleet shapes: run one fleet process per node"
             );
             let report = fleet::fleet(
                 fleet::FleetSettings {

@@ -32,9 +32,10 @@ use crate::backoff::Backoff;
 use crate::bench_ctx::BenchCtx;
 use crate::clock::now_ms;
 use crate::commands::{self, CommandSettings, Effect};
-use crate::config::{Encoding, Qos, RunSettings, validate_host_port};
+use crate::config::{Encoding, Qos, RunSettings};
 use crate::device::{Device, MessageSource};
-use crate::stats::{ConnectedGuard, Counters, micros};
+use crate::nodes::{Node, home, next, validate_host_port};
+use crate::stats::{ConnectedGuard, Counters, Tally, micros};
 use crate::stop::stopped;
 use crate::ticker::{device_ticker, ticker_every};
 use crate::tls::TlsSettings;
@@ -62,14 +63,15 @@ pub fn topic_for(device_id: &str, encoding: Encoding) -> String {
     }
 }
 
-/// Builds the client and event loop of `device` for the broker at `addr` (`HOST:PORT`).
-pub fn client_for(
+/// The connection options of `device` for the broker at `addr` (`HOST:PORT`),
+/// presenting the device's credentials for node `node`.
+pub fn options_for(
     device: &Device,
     addr: &str,
+    node: usize,
     inflight: u16,
-    queue: usize,
     tls: Option<&TlsSettings>,
-) -> anyhow::Result<(AsyncClient, EventLoop)> {
+) -> anyhow::Result<MqttOptions> {
     let (host, port) = validate_host_port(addr)?;
     // The gateway identifies devices by MQTT client id, so it must be the device id.
     let mut options = MqttOptions::new(device.id.clone(), host, port);
@@ -81,7 +83,7 @@ pub fn client_for(
         .set_inflight(inflight.max(1));
     // A client certificate names the device; it then needs no token.
     let cert_auth = tls.is_some_and(TlsSettings::client_certs);
-    if let (Some(credentials), false) = (&device.credentials, cert_auth) {
+    if let (Some(credentials), false) = (device.credentials(node), cert_auth) {
         options.set_credentials(credentials.username.clone(), credentials.password.clone());
     }
     if let Some(tls) = tls {
@@ -90,6 +92,20 @@ pub fn client_for(
             TlsConfiguration::Rustls(config),
         ));
     }
+    Ok(options)
+}
+
+/// Builds the client and event loop of `device` for the broker at `addr` (`HOST:PORT`),
+/// with the device's credentials for node `node`.
+pub fn client_for(
+    device: &Device,
+    addr: &str,
+    node: usize,
+    inflight: u16,
+    queue: usize,
+    tls: Option<&TlsSettings>,
+) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let options = options_for(device, addr, node, inflight, tls)?;
     let (client, mut eventloop) = AsyncClient::new(options, queue);
     let mut network = NetworkOptions::new();
     // Telemetry messages are small; Nagle's algorithm would only add latency.
@@ -99,8 +115,60 @@ pub fn client_for(
     Ok((client, eventloop))
 }
 
+/// Where one device connects and where it goes after a connection failure: its current
+/// node of the list, and what it needs to rebuild its options for the next one.
+pub struct Route<'a> {
+    /// The device (its id and per-node credentials).
+    pub device: &'a Device,
+    /// Every node, in list order.
+    pub nodes: &'a [Node],
+    /// The node the device is connected to or trying.
+    pub node: usize,
+    /// The per-node counters; the device counts into its current node's.
+    pub tally: &'a Tally,
+    /// Unacknowledged QoS 1 publishes allowed.
+    pub inflight: u16,
+    /// TLS settings, if any.
+    pub tls: Option<&'a TlsSettings>,
+}
+
+impl Route<'_> {
+    /// The counters of the current node.
+    fn counters(&self) -> &Arc<Counters> {
+        self.tally.node(self.node)
+    }
+
+    /// After a failure: point the event loop at the next node (nothing changes with one
+    /// node). rumqttc keeps its request queue and session state across this, so the
+    /// publisher's client handle stays valid.
+    fn move_on(&mut self, eventloop: &mut EventLoop) {
+        if self.nodes.len() < 2 {
+            return;
+        }
+        let node = next(self.node, self.nodes.len());
+        match options_for(
+            self.device,
+            &self.nodes[node].mqtt,
+            node,
+            self.inflight,
+            self.tls,
+        ) {
+            Ok(options) => {
+                eventloop.mqtt_options = options;
+                self.node = node;
+            }
+            // The same settings built the first options, so this cannot fail in
+            // practice; staying on the current node is the safe answer if it does.
+            Err(e) => self
+                .counters()
+                .error(|| format!("{}: cannot move to node {node}: {e:#}", self.device.id)),
+        }
+    }
+}
+
 /// Polls `eventloop` until the device has disconnected after `shutdown`, counting sent
-/// messages, PUBACKs and errors, and reconnecting with backoff after failures.
+/// messages, PUBACKs and errors into the current node's counters, and reconnecting with
+/// backoff after failures, each time to the next node of `route`.
 ///
 /// With `track_latency`, the time from writing each QoS 1 PUBLISH to its PUBACK is
 /// recorded and returned (in microseconds).
@@ -110,16 +178,17 @@ pub fn client_for(
 /// behind; after that the connection is dropped rather than reused.
 pub async fn drive(
     mut eventloop: EventLoop,
-    device_id: &str,
-    counters: &Arc<Counters>,
+    mut route: Route<'_>,
     shutdown: watch::Receiver<bool>,
     track_latency: bool,
     mut commands: Option<CommandHandler>,
 ) -> Vec<u32> {
-    let mut guard = ConnectedGuard::new(counters.clone());
+    let device_id = route.device.id.as_str();
+    let mut guard = ConnectedGuard::new(route.counters().clone());
     let mut backoff = Backoff::default();
     let mut inflight: HashMap<u16, Instant> = HashMap::new();
     let mut latencies = Vec::new();
+    let mut connected_before = false;
     let stopping = shutdown.clone();
     let mut grace_rx = shutdown;
     let grace = async move {
@@ -133,10 +202,17 @@ pub async fn drive(
             event = eventloop.poll() => event,
             () = &mut grace => break,
         };
+        // Through the tally reference, not `route`, which moves on after a failure.
+        let tally = route.tally;
+        let counters = tally.node(route.node);
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 guard.up();
                 backoff.reset();
+                if connected_before {
+                    Counters::inc(&counters.reconnects);
+                }
+                connected_before = true;
                 // A clean session forgets subscriptions: subscribe on every connection.
                 if let Some(handler) = &commands
                     && handler
@@ -176,7 +252,18 @@ pub async fn drive(
                     break;
                 }
                 let delay = backoff.next_delay();
-                counters.error(|| format!("{device_id}: MQTT: {error} (retrying in {delay:.1?})"));
+                let from = route.node;
+                route.move_on(&mut eventloop);
+                let moved = if route.node == from {
+                    String::new()
+                } else {
+                    format!(", moving to node {}", route.node)
+                };
+                counters.error(|| {
+                    format!("{device_id}: MQTT: {error} (retrying in {delay:.1?}{moved})")
+                });
+                // The next connection counts into the node it goes to.
+                guard = ConnectedGuard::new(route.counters().clone());
                 // rumqttc reconnects on the very next poll, so the backoff is ours to do.
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
@@ -188,16 +275,20 @@ pub async fn drive(
     latencies
 }
 
-/// Runs one device of `run` until `shutdown`.
+/// Runs one device of `run` until `shutdown`, starting on its home node of `nodes`.
 pub async fn run_device(
     device: Device,
+    nodes: Arc<[Node]>,
     settings: Arc<RunSettings>,
-    counters: Arc<Counters>,
+    tally: Arc<Tally>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let node = home(device.index, nodes.len());
+    let counters = tally.node(node).clone();
     let (client, eventloop) = match client_for(
         &device,
-        &settings.mqtt,
+        &nodes[node].mqtt,
+        node,
         BENCH_INFLIGHT,
         RUN_QUEUE,
         settings.tls.as_ref(),
@@ -216,23 +307,25 @@ pub async fn run_device(
         settings: settings.commands,
         period: period_tx,
     };
+    // The publisher counts what it drops into the home node: a dropped reading never
+    // reached any node.
     let publisher = tokio::spawn(run_publisher(
         client,
         device.clone(),
-        settings,
-        counters.clone(),
+        settings.clone(),
+        counters,
         shutdown.clone(),
         period_rx,
     ));
-    drive(
-        eventloop,
-        &device.id,
-        &counters,
-        shutdown,
-        false,
-        Some(handler),
-    )
-    .await;
+    let route = Route {
+        device: &device,
+        nodes: &nodes,
+        node,
+        tally: &tally,
+        inflight: BENCH_INFLIGHT,
+        tls: settings.tls.as_ref(),
+    };
+    drive(eventloop, route, shutdown, false, Some(handler)).await;
     // The publisher normally ended by itself on shutdown; this only matters if the event
     // loop gave up first.
     publisher.abort();
@@ -292,16 +385,20 @@ async fn run_publisher(
 ///
 /// Returns PUBACK latencies in microseconds for QoS 1.
 pub async fn bench_device(device: Device, messages: u64, ctx: Arc<BenchCtx>) -> Vec<u32> {
+    let node = home(device.index, ctx.nodes.len());
     let (client, eventloop) = match client_for(
         &device,
-        &ctx.mqtt_addr,
+        &ctx.nodes[node].mqtt,
+        node,
         BENCH_INFLIGHT,
         BENCH_QUEUE,
         ctx.tls.as_ref(),
     ) {
         Ok(pair) => pair,
         Err(e) => {
-            ctx.counters.error(|| format!("{}: {e:#}", device.id));
+            ctx.counters
+                .node(node)
+                .error(|| format!("{}: {e:#}", device.id));
             ctx.finished.fetch_add(1, Ordering::Relaxed);
             return Vec::new();
         }
@@ -313,15 +410,15 @@ pub async fn bench_device(device: Device, messages: u64, ctx: Arc<BenchCtx>) -> 
         ctx.clone(),
     ));
     let track_latency = ctx.qos == Qos::AtLeastOnce;
-    let latencies = drive(
-        eventloop,
-        &device.id,
-        &ctx.counters,
-        ctx.shutdown.clone(),
-        track_latency,
-        None,
-    )
-    .await;
+    let route = Route {
+        device: &device,
+        nodes: &ctx.nodes,
+        node,
+        tally: &ctx.counters,
+        inflight: BENCH_INFLIGHT,
+        tls: ctx.tls.as_ref(),
+    };
+    let latencies = drive(eventloop, route, ctx.shutdown.clone(), track_latency, None).await;
     publisher.abort();
     latencies
 }
@@ -348,7 +445,9 @@ async fn publish_burst(client: &AsyncClient, device: &Device, messages: u64, ctx
         let payload = match source.next_message(now_ms().saturating_sub(remaining_after)) {
             Ok(payload) => payload,
             Err(e) => {
-                ctx.counters.error(|| format!("{}: {e:#}", device.id));
+                ctx.counters
+                    .node(home(device.index, ctx.nodes.len()))
+                    .error(|| format!("{}: {e:#}", device.id));
                 return;
             }
         };
@@ -437,17 +536,18 @@ mod tests {
     fn client_options_use_device_id_and_credentials() {
         let mut device = crate::device::fleet("sim", 1).remove(0);
         let (_client, eventloop) =
-            client_for(&device, "127.0.0.1:1883", 100, 8, None).expect("options");
+            client_for(&device, "127.0.0.1:1883", 0, 100, 8, None).expect("options");
         assert_eq!(eventloop.mqtt_options.client_id(), "sim-00000");
         assert_eq!(eventloop.mqtt_options.credentials(), None);
         assert!(eventloop.mqtt_options.clean_session());
 
-        device.credentials = Some(crate::device::Credentials {
+        let token = |t: &str| crate::device::Credentials {
             username: "sim-00000".into(),
-            password: "token".into(),
-        });
+            password: t.into(),
+        };
+        device.credentials = vec![token("other"), token("token")];
         let (_client, eventloop) =
-            client_for(&device, "[::1]:1884", 100, 8, None).expect("options");
+            client_for(&device, "[::1]:1884", 1, 100, 8, None).expect("options");
         let login = eventloop
             .mqtt_options
             .credentials()
@@ -458,6 +558,6 @@ mod tests {
             eventloop.mqtt_options.broker_address(),
             ("::1".to_string(), 1884)
         );
-        assert!(client_for(&device, "no-port", 100, 8, None).is_err());
+        assert!(client_for(&device, "no-port", 0, 100, 8, None).is_err());
     }
 }

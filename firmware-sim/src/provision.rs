@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::{Credentials, Device};
 use crate::metrics::http_request;
+use crate::nodes::{Node, distinct_http};
 
 /// Where tokens come from: the admin key to create devices, and the tokens file.
 #[derive(Debug, Clone)]
@@ -22,6 +23,9 @@ pub struct Provisioning {
     pub api_key: Option<String>,
     /// The tokens file.
     pub tokens_file: std::path::PathBuf,
+    /// Every node answers from one registry (cluster nodes on PostgreSQL): provision
+    /// once, on the first node, and present that token everywhere.
+    pub shared_registry: bool,
 }
 
 /// Most devices per bulk request (the gateway's limit).
@@ -98,13 +102,61 @@ struct Rotated {
     token: String,
 }
 
-/// Give every device its credentials, creating devices or tokens on the gateway as
-/// needed, and save the tokens file.
+/// Give every device its credentials for every node, creating devices or tokens on the
+/// gateways as needed, and save the tokens file.
+///
+/// Each distinct HTTP address of `nodes` is its own registry (single-node gateways, or
+/// cluster nodes before they share one), so devices are provisioned on each and carry
+/// one token per node. With `--shared-registry` (cluster nodes on one PostgreSQL
+/// registry) they are provisioned once, on the first node, and that token is presented
+/// to every node: provisioning on a second node of a shared registry would re-key the
+/// devices and invalidate the first token.
 pub async fn provision(
-    http: &str,
+    nodes: &[Node],
     provisioning: &Provisioning,
     devices: &mut [Device],
 ) -> anyhow::Result<()> {
+    let shared_registry = provisioning.shared_registry;
+    let mut registries = distinct_http(nodes);
+    if shared_registry {
+        registries.truncate(1);
+    }
+    let mut tokens = BTreeMap::new();
+    for http in registries {
+        tokens.insert(http, tokens_on(http, provisioning, devices).await?);
+    }
+    let per_node: Vec<&BTreeMap<String, String>> = if shared_registry {
+        tokens.values().take(1).collect()
+    } else {
+        nodes
+            .iter()
+            .filter_map(|n| tokens.get(n.http.as_str()))
+            .collect()
+    };
+    for device in devices.iter_mut() {
+        device.credentials = per_node
+            .iter()
+            .map(|known| {
+                let token = known
+                    .get(&device.id)
+                    .with_context(|| format!("no token for {}", device.id))?;
+                Ok(Credentials {
+                    username: device.id.clone(),
+                    password: token.clone(),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    Ok(())
+}
+
+/// The tokens of `devices` on the gateway at `http`, creating devices or tokens there as
+/// needed and saving the tokens file.
+async fn tokens_on(
+    http: &str,
+    provisioning: &Provisioning,
+    devices: &[Device],
+) -> anyhow::Result<BTreeMap<String, String>> {
     let (api_key, tokens_file) = (
         provisioning.api_key.as_deref(),
         provisioning.tokens_file.as_path(),
@@ -179,17 +231,7 @@ pub async fn provision(
         file.save(tokens_file)?;
         eprintln!("tokens saved to {}", tokens_file.display());
     }
-    let known = file.gateways.get(http).cloned().unwrap_or_default();
-    for device in devices.iter_mut() {
-        let token = known
-            .get(&device.id)
-            .with_context(|| format!("no token for {}", device.id))?;
-        device.credentials = Some(Credentials {
-            username: device.id.clone(),
-            password: token.clone(),
-        });
-    }
-    Ok(())
+    Ok(file.gateways.get(http).cloned().unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -232,10 +274,10 @@ mod tests {
         let p = Provisioning {
             api_key: None,
             tokens_file: dir.join("t.json"),
+            shared_registry: false,
         };
-        let err = provision("127.0.0.1:9", &p, &mut devices)
-            .await
-            .unwrap_err();
+        let nodes = crate::nodes::parse_nodes("127.0.0.1:1", "127.0.0.1:9", None).unwrap();
+        let err = provision(&nodes, &p, &mut devices).await.unwrap_err();
         assert!(err.to_string().contains("--api-key"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

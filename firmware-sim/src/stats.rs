@@ -27,6 +27,9 @@ pub struct Counters {
     /// Messages that were generated but never handed to the network, because the device
     /// was disconnected and its outgoing queue was full.
     pub dropped: AtomicU64,
+    /// Connections established by devices that had been connected before (to this node
+    /// or another): a node's reconnects count the devices that came back or moved in.
+    pub reconnects: AtomicU64,
     /// Wall-clock millisecond of the last error line printed; see [`Counters::error`].
     last_error_log_ms: AtomicU64,
 }
@@ -44,6 +47,22 @@ pub struct Snapshot {
     pub errors: u64,
     /// See [`Counters::dropped`].
     pub dropped: u64,
+    /// See [`Counters::reconnects`].
+    pub reconnects: u64,
+}
+
+impl Snapshot {
+    /// The field-wise sum of two snapshots.
+    fn add(self, other: Snapshot) -> Snapshot {
+        Snapshot {
+            connected: self.connected + other.connected,
+            sent: self.sent + other.sent,
+            acked: self.acked + other.acked,
+            errors: self.errors + other.errors,
+            dropped: self.dropped + other.dropped,
+            reconnects: self.reconnects + other.reconnects,
+        }
+    }
 }
 
 impl Counters {
@@ -85,7 +104,48 @@ impl Counters {
             acked: self.acked.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// The counters of every gateway node a fleet talks to (`--mqtt a,b,c`), one
+/// [`Counters`] per node. A device counts into the node it is connected to (or trying),
+/// so the per-node figures say what each node got; fleet totals are their sum.
+#[derive(Debug)]
+pub struct Tally {
+    nodes: Vec<Arc<Counters>>,
+}
+
+impl Tally {
+    /// Zeroed counters for `nodes` nodes (at least one).
+    pub fn shared(nodes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            nodes: (0..nodes.max(1)).map(|_| Counters::shared()).collect(),
+        })
+    }
+
+    /// The counters of node `node` (wrapping, so any index is valid).
+    pub fn node(&self, node: usize) -> &Arc<Counters> {
+        // `nodes` is never empty (see `shared`).
+        &self.nodes[node % self.nodes.len()]
+    }
+
+    /// Number of nodes.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Per-node snapshots, in node order.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.nodes.iter().map(|c| c.snapshot()).collect()
+    }
+
+    /// The fleet-wide totals.
+    pub fn total(&self) -> Snapshot {
+        self.snapshots()
+            .into_iter()
+            .fold(Snapshot::default(), Snapshot::add)
     }
 }
 
@@ -137,7 +197,7 @@ impl Drop for ConnectedGuard {
 /// Rates are computed from the difference to the previous line, so "sent/s" is the rate
 /// of the last second rather than an average since the start.
 pub async fn report_progress(
-    counters: Arc<Counters>,
+    counters: Arc<Tally>,
     total_devices: usize,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -147,7 +207,7 @@ pub async fn report_progress(
     // The first tick of a tokio interval completes immediately; skip it so the first line
     // covers a full second.
     ticker.tick().await;
-    let mut prev = counters.snapshot();
+    let mut prev = counters.total();
     let mut prev_at = Instant::now();
     loop {
         tokio::select! {
@@ -155,12 +215,23 @@ pub async fn report_progress(
             () = stopped(&mut stop) => return,
         }
         let now = Instant::now();
-        let snap = counters.snapshot();
+        let snap = counters.total();
+        // With several nodes, how many devices each one holds right now.
+        let per_node = if counters.node_count() > 1 {
+            let held: Vec<String> = counters
+                .snapshots()
+                .iter()
+                .map(|s| s.connected.to_string())
+                .collect();
+            format!(" [{}]", held.join(" "))
+        } else {
+            String::new()
+        };
         let secs = now.duration_since(prev_at).as_secs_f64().max(1e-9);
         let rate = snap.sent.saturating_sub(prev.sent) as f64 / secs;
         let ack_rate = snap.acked.saturating_sub(prev.acked) as f64 / secs;
         eprintln!(
-            "[{:>7.1}s] conn {}/{} | sent {:>9.0}/s total {} | acked {:>9.0}/s total {} | errors {} | dropped {}",
+            "[{:>7.1}s] conn {}/{}{per_node} | sent {:>9.0}/s total {} | acked {:>9.0}/s total {} | errors {} | dropped {} | reconnects {}",
             start.elapsed().as_secs_f64(),
             snap.connected,
             total_devices,
@@ -170,6 +241,7 @@ pub async fn report_progress(
             snap.acked,
             snap.errors,
             snap.dropped,
+            snap.reconnects,
         );
         prev = snap;
         prev_at = now;
@@ -270,6 +342,21 @@ mod tests {
         assert_eq!(s.p99_ms, 990.0);
         assert_eq!(s.max_ms, 1000.0);
         assert_eq!(LatencySummary::from_micros(Vec::new()), None);
+    }
+
+    #[test]
+    fn tally_sums_its_nodes() {
+        let t = Tally::shared(3);
+        Counters::inc(&t.node(0).sent);
+        Counters::inc(&t.node(2).sent);
+        Counters::inc(&t.node(5).sent);
+        Counters::inc(&t.node(1).reconnects);
+        t.node(1).connected.fetch_add(2, Ordering::Relaxed);
+        let per_node: Vec<u64> = t.snapshots().iter().map(|s| s.sent).collect();
+        assert_eq!(per_node, [1, 0, 2]);
+        let total = t.total();
+        assert_eq!((total.sent, total.reconnects, total.connected), (3, 1, 2));
+        assert_eq!(Tally::shared(0).node_count(), 1);
     }
 
     #[test]

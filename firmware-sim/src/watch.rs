@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::clock::now_ms;
+use crate::nodes::split_list;
 use crate::procfs;
 
 /// Latencies are counted per whole millisecond up to this; larger ones land in the last
@@ -29,7 +30,7 @@ const MAX_LATENCY_MS: usize = 60_000;
 /// Settings of a watch run.
 #[derive(Debug, Clone)]
 pub struct WatchSettings {
-    /// Gateway HTTP `HOST:PORT`.
+    /// Gateway HTTP `HOST:PORT`, or a comma-separated list of several nodes'.
     pub http: String,
     /// Operator API key (viewer is enough).
     pub api_key: String,
@@ -139,10 +140,15 @@ pub async fn watch(settings: WatchSettings) -> anyhow::Result<WatchReport> {
         errors: AtomicU64::new(0),
         latency: (0..=MAX_LATENCY_MS).map(|_| AtomicU64::new(0)).collect(),
     });
+    // Several gateway nodes (`--http a,b,c`): subscribers are spread round-robin, so a
+    // cluster's fan-out is measured on every node at once.
+    let nodes = split_list(&settings.http);
+    anyhow::ensure!(!nodes.is_empty(), "--http names no address");
     let deadline = tokio::time::Instant::now() + settings.duration;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..settings.subscribers {
         let (stats, mut s) = (stats.clone(), settings.clone());
+        s.http = nodes[i % nodes.len()].clone();
         // `{i}` in the filter becomes the subscriber's index, formatted like the
         // simulator's device numbers, so subscriber i can watch device i.
         s.filter = s.filter.replace("{i}", &format!("{i:05}"));

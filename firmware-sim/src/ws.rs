@@ -36,7 +36,8 @@ use crate::clock::now_ms;
 use crate::commands::{self, CommandSettings, Effect};
 use crate::config::RunSettings;
 use crate::device::{Device, MessageSource, Payload};
-use crate::stats::{ConnectedGuard, Counters, micros};
+use crate::nodes::{Node, home, next};
+use crate::stats::{ConnectedGuard, Counters, Tally, micros};
 use crate::stop::stopped;
 use crate::ticker::{device_ticker, ticker_every};
 use crate::tls::TlsSettings;
@@ -60,14 +61,14 @@ pub fn ingest_url(http_addr: &str, device_id: &str) -> String {
     format!("ws://{http_addr}/api/v1/ingest/ws?device={device_id}")
 }
 
-/// The ingest URL with `tls`: `wss://` on the HTTPS listener (`--https`, else `--http`).
-fn device_url(http_addr: &str, device_id: &str, tls: Option<&TlsSettings>) -> String {
-    match tls {
-        None => ingest_url(http_addr, device_id),
-        Some(tls) => {
-            let addr = tls.https.as_deref().unwrap_or(http_addr);
-            format!("wss://{addr}/api/v1/ingest/ws?device={device_id}")
-        }
+/// The ingest URL of `device_id` on `node`; with `tls`, `wss://` on the node's HTTPS
+/// listener (`--https`, else `--http`).
+fn device_url(node: &Node, device_id: &str, tls: bool) -> String {
+    if tls {
+        let addr = node.https.as_deref().unwrap_or(&node.http);
+        format!("wss://{addr}/api/v1/ingest/ws?device={device_id}")
+    } else {
+        ingest_url(&node.http, device_id)
     }
 }
 
@@ -139,7 +140,13 @@ fn to_message(payload: Payload) -> Message {
     }
 }
 
-async fn connect(url: &str, device: &Device, tls: Option<&TlsSettings>) -> Result<Ws, String> {
+/// Opens the WebSocket at `url` on node `node`, presenting the device's token for it.
+async fn connect(
+    url: &str,
+    device: &Device,
+    node: usize,
+    tls: Option<&TlsSettings>,
+) -> Result<Ws, String> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let mut request = url.into_client_request().map_err(|e| e.to_string())?;
     // A client certificate names the device; it then needs no token.
@@ -150,7 +157,7 @@ async fn connect(url: &str, device: &Device, tls: Option<&TlsSettings>) -> Resul
         )),
         None => None,
     };
-    if let (Some(c), false) = (&device.credentials, cert_auth) {
+    if let (Some(c), false) = (device.credentials(node), cert_auth) {
         let value = format!("Bearer {}", c.password)
             .parse()
             .map_err(|_| "the device token is not a valid header value".to_string())?;
@@ -232,29 +239,39 @@ impl<'a> ReplyTracker<'a> {
     }
 }
 
-/// Runs one device of `run` until `shutdown`, reconnecting with backoff.
+/// Runs one device of `run` until `shutdown`, starting on its home node of `nodes` and
+/// reconnecting with backoff, each time to the next node.
 pub async fn run_device(
     device: Device,
+    nodes: Arc<[Node]>,
     settings: Arc<RunSettings>,
-    counters: Arc<Counters>,
+    tally: Arc<Tally>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let url = device_url(&settings.http, &device.id, settings.tls.as_ref());
+    let tls = settings.tls.as_ref();
+    let mut node = home(device.index, nodes.len());
     let period_ms = u64::try_from(settings.period.as_millis()).unwrap_or(u64::MAX);
     let mut source = MessageSource::new(&device, period_ms, settings.encoding);
     let mut ticker = device_ticker(settings.rate);
     let mut backoff = Backoff::default();
-    let mut guard = ConnectedGuard::new(counters.clone());
+    let mut connected_before = false;
 
     loop {
+        let counters = tally.node(node).clone();
+        let url = device_url(&nodes[node], &device.id, tls.is_some());
         let connected = tokio::select! {
-            result = connect(&url, &device, settings.tls.as_ref()) => result,
+            result = connect(&url, &device, node, tls) => result,
             () = stopped(&mut shutdown) => return,
         };
         let failure = match connected {
             Ok(ws) => {
+                let mut guard = ConnectedGuard::new(counters.clone());
                 guard.up();
                 backoff.reset();
+                if connected_before {
+                    Counters::inc(&counters.reconnects);
+                }
+                connected_before = true;
                 let outcome = run_connection(
                     ws,
                     &device.id,
@@ -274,9 +291,16 @@ pub async fn run_device(
             Err(e) => e,
         };
         let delay = backoff.next_delay();
+        let from = node;
+        node = next(node, nodes.len());
+        let moved = if node == from {
+            String::new()
+        } else {
+            format!(", moving to node {node}")
+        };
         counters.error(|| {
             format!(
-                "{}: WebSocket: {failure} (retrying in {delay:.1?})",
+                "{}: WebSocket: {failure} (retrying in {delay:.1?}{moved})",
                 device.id
             )
         });
@@ -400,32 +424,53 @@ fn handle_frame(
     }
 }
 
-/// Runs one device of `bench`: connects once, waits for the start signal, then keeps up
-/// to `ctx.max_inflight` unacknowledged messages in flight until `messages` have been
-/// sent and answered (or the deadline passes).
+/// Runs one device of `bench`: connects once (to its home node, or if that fails to the
+/// other nodes in turn), waits for the start signal, then keeps up to
+/// `ctx.max_inflight` unacknowledged messages in flight until `messages` have been sent
+/// and answered (or the deadline passes).
 ///
-/// Returns reply latencies in microseconds. Connection failures are not retried: a
-/// benchmark that silently reconnected would measure the reconnects.
+/// Returns reply latencies in microseconds. A connection that fails once the benchmark
+/// runs is not retried: a benchmark that silently reconnected would measure the
+/// reconnects.
 pub async fn bench_device(device: Device, messages: u64, ctx: Arc<BenchCtx>) -> Vec<u32> {
     let latencies = bench_connection(&device, messages, &ctx).await;
     ctx.finished.fetch_add(1, Ordering::Relaxed);
     latencies
 }
 
-async fn bench_connection(device: &Device, messages: u64, ctx: &Arc<BenchCtx>) -> Vec<u32> {
-    let url = with_ack_mode(
-        device_url(&ctx.http_addr, &device.id, ctx.tls.as_ref()),
-        ctx.cumulative_acks,
-    );
-    let ws = match connect(&url, device, ctx.tls.as_ref()).await {
-        Ok(ws) => ws,
-        Err(e) => {
-            ctx.counters
-                .error(|| format!("{}: WebSocket connect to {url}: {e}", device.id));
-            return Vec::new();
+/// Connects `device` for the benchmark: its home node first, then each other node once.
+/// Every failed attempt is an error of the node it was made to.
+async fn bench_connect(device: &Device, ctx: &BenchCtx) -> Option<(Ws, usize)> {
+    let nodes = ctx.nodes.len();
+    let mut node = home(device.index, nodes);
+    for attempt in 0..nodes {
+        let url = with_ack_mode(
+            device_url(&ctx.nodes[node], &device.id, ctx.tls.is_some()),
+            ctx.cumulative_acks,
+        );
+        match connect(&url, device, node, ctx.tls.as_ref()).await {
+            Ok(ws) => {
+                if attempt > 0 {
+                    Counters::inc(&ctx.counters.node(node).reconnects);
+                }
+                return Some((ws, node));
+            }
+            Err(e) => ctx
+                .counters
+                .node(node)
+                .error(|| format!("{}: WebSocket connect to {url}: {e}", device.id)),
         }
+        node = next(node, nodes);
+    }
+    None
+}
+
+async fn bench_connection(device: &Device, messages: u64, ctx: &Arc<BenchCtx>) -> Vec<u32> {
+    let Some((ws, node)) = bench_connect(device, ctx).await else {
+        return Vec::new();
     };
-    let mut guard = ConnectedGuard::new(ctx.counters.clone());
+    let counters = ctx.counters.node(node).clone();
+    let mut guard = ConnectedGuard::new(counters.clone());
     guard.up();
     let (sink, stream) = ws.split();
     let window = Arc::new(Semaphore::new(ctx.max_inflight));
@@ -437,9 +482,10 @@ async fn bench_connection(device: &Device, messages: u64, ctx: &Arc<BenchCtx>) -
         messages,
         window.clone(),
         sent_tx,
-        ctx.clone(),
+        (ctx.clone(), counters.clone()),
     ));
-    let (latencies, reader_ok) = bench_reader(stream, &device.id, sent_rx, &window, ctx).await;
+    let (latencies, reader_ok) =
+        bench_reader(stream, &device.id, sent_rx, &window, ctx, &counters).await;
     // After a reader failure the writer may be blocked on a socket the gateway no longer
     // reads; aborting it keeps the benchmark bounded. On success it has already finished,
     // because the reader only completes once the writer dropped its channel end.
@@ -452,9 +498,7 @@ async fn bench_connection(device: &Device, messages: u64, ctx: &Arc<BenchCtx>) -
         }
         Ok(_) => {}
         Err(e) if e.is_cancelled() => {}
-        Err(e) => ctx
-            .counters
-            .error(|| format!("{}: writer task failed: {e}", device.id)),
+        Err(e) => counters.error(|| format!("{}: writer task failed: {e}", device.id)),
     }
     guard.down();
     latencies
@@ -469,7 +513,7 @@ async fn bench_writer(
     messages: u64,
     window: Arc<Semaphore>,
     sent_tx: mpsc::UnboundedSender<Instant>,
-    ctx: Arc<BenchCtx>,
+    (ctx, counters): (Arc<BenchCtx>, Arc<Counters>),
 ) -> Option<SplitSink<Ws, Message>> {
     let mut go = ctx.go.clone();
     if go.wait_for(|go| *go).await.is_err() {
@@ -483,8 +527,8 @@ async fn bench_writer(
             Err(TryAcquireError::Closed) => break,
             Err(TryAcquireError::NoPermits) => {
                 // The window is full: push out what is buffered, then wait for a reply.
-                if let Err(e) = flush(&mut sink, &mut unflushed, &ctx.counters).await {
-                    ctx.counters.error(|| format!("{}: send: {e}", device.id));
+                if let Err(e) = flush(&mut sink, &mut unflushed, &counters).await {
+                    counters.error(|| format!("{}: send: {e}", device.id));
                     return None;
                 }
                 match tokio::time::timeout_at(ctx.deadline.into(), window.acquire()).await {
@@ -503,7 +547,7 @@ async fn bench_writer(
         let payload = match source.next_message(now_ms().saturating_sub(remaining_after)) {
             Ok(payload) => payload,
             Err(e) => {
-                ctx.counters.error(|| format!("{}: {e:#}", device.id));
+                counters.error(|| format!("{}: {e:#}", device.id));
                 break;
             }
         };
@@ -513,14 +557,14 @@ async fn bench_writer(
             return None;
         }
         if let Err(e) = sink.feed(to_message(payload)).await {
-            ctx.counters.error(|| format!("{}: send: {e}", device.id));
+            counters.error(|| format!("{}: send: {e}", device.id));
             return None;
         }
         unflushed += 1;
         ctx.queued.fetch_add(1, Ordering::Relaxed);
     }
-    if let Err(e) = flush(&mut sink, &mut unflushed, &ctx.counters).await {
-        ctx.counters.error(|| format!("{}: send: {e}", device.id));
+    if let Err(e) = flush(&mut sink, &mut unflushed, &counters).await {
+        counters.error(|| format!("{}: send: {e}", device.id));
         return None;
     }
     // Dropping `sent_tx` here tells the reader that no further replies are expected.
@@ -549,9 +593,10 @@ async fn bench_reader(
     mut sent_rx: mpsc::UnboundedReceiver<Instant>,
     window: &Semaphore,
     ctx: &BenchCtx,
+    counters: &Counters,
 ) -> (Vec<u32>, bool) {
     let mut latencies = Vec::new();
-    let mut replies = ReplyTracker::new(device_id, &ctx.counters);
+    let mut replies = ReplyTracker::new(device_id, counters);
     // Messages whose reply has been accounted for; a cumulative ack may already have
     // answered several messages ahead of this count.
     let mut accounted = 0u64;
@@ -561,14 +606,14 @@ async fn bench_reader(
             let frame = match tokio::time::timeout_at(limit.into(), stream.next()).await {
                 Ok(frame) => frame,
                 Err(_) => {
-                    ctx.counters.error(|| {
+                    counters.error(|| {
                         format!("{device_id}: no reply within {REPLY_STALL:?}; giving up")
                     });
                     return (latencies, false);
                 }
             };
             if let Err(e) = handle_frame(frame, &mut replies) {
-                ctx.counters.error(|| format!("{device_id}: {e}"));
+                counters.error(|| format!("{device_id}: {e}"));
                 return (latencies, false);
             }
         }

@@ -216,7 +216,8 @@ fn failure_rate(s: &str) -> Result<f64, String> {
 /// How the fleet gets its device tokens.
 #[derive(Debug, Args)]
 struct ProvisionArgs {
-    /// Admin API key, used to create devices that have no saved token yet.
+    /// Admin API key, used to create devices that have no saved token yet; with several
+    /// gateways that each have their own registry, one per --http address (`k1,k2,k3`).
     #[arg(long, env = "FLUXGATE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Where device tokens are kept between runs (owner-only permissions).

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::{Credentials, Device};
 use crate::metrics::http_request;
-use crate::nodes::{Node, distinct_http};
+use crate::nodes::{Node, distinct_http, split_list};
 
 /// Where tokens come from: the admin key to create devices, and the tokens file.
 #[derive(Debug, Clone)]
@@ -121,9 +121,18 @@ pub async fn provision(
     if shared_registry {
         registries.truncate(1);
     }
+    let keys = provisioning
+        .api_key
+        .as_deref()
+        .map(split_list)
+        .unwrap_or_default();
     let mut tokens = BTreeMap::new();
-    for http in registries {
-        tokens.insert(http, tokens_on(http, provisioning, devices).await?);
+    for (k, http) in registries.into_iter().enumerate() {
+        let key = keys.get(k % keys.len().max(1)).map(String::as_str);
+        tokens.insert(
+            http,
+            tokens_on(http, key, &provisioning.tokens_file, devices).await?,
+        );
     }
     let per_node: Vec<&BTreeMap<String, String>> = if shared_registry {
         tokens.values().take(1).collect()
@@ -154,13 +163,10 @@ pub async fn provision(
 /// needed and saving the tokens file.
 async fn tokens_on(
     http: &str,
-    provisioning: &Provisioning,
+    api_key: Option<&str>,
+    tokens_file: &Path,
     devices: &[Device],
 ) -> anyhow::Result<BTreeMap<String, String>> {
-    let (api_key, tokens_file) = (
-        provisioning.api_key.as_deref(),
-        provisioning.tokens_file.as_path(),
-    );
     let mut file = TokenFile::load(tokens_file)?;
     let known = file.gateways.entry(http.to_owned()).or_default();
     let missing: Vec<&str> = devices

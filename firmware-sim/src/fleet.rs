@@ -24,7 +24,7 @@ use crate::config::{Encoding, Shape};
 use crate::device::{self, Device, MessageSource};
 use crate::metrics::scrape_counter;
 use crate::mqtt::topic_for;
-use crate::nodes::parse_nodes;
+use crate::nodes::{Node, distinct_http, home, next, parse_nodes};
 use crate::procfs;
 use crate::provision::{Provisioning, provision};
 use crate::raw_mqtt::{self, ConnectError, Login};
@@ -66,10 +66,24 @@ pub struct FleetSettings {
     pub gateway_pid: Option<u32>,
     /// Signal period of the simulated sensors.
     pub period: Duration,
+    /// Every node stores every reading (cluster mode): "stored" is the least any node
+    /// stored, not the sum over the nodes.
+    pub replicated: bool,
+}
+
+/// Per-node counters of the fleet shapes (several nodes: `--mqtt a,b,c`).
+#[derive(Debug, Default)]
+struct NodeShared {
+    online: AtomicUsize,
+    sent: AtomicU64,
+    /// Connections of devices that had been online before (here or elsewhere).
+    reconnects: AtomicU64,
+    /// Failed connection attempts to this node.
+    connect_errors: AtomicU64,
 }
 
 /// Fleet-wide counters shared by the device tasks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     online: AtomicUsize,
     sent: AtomicU64,
@@ -77,9 +91,44 @@ struct Shared {
     errors: Mutex<BTreeMap<ConnectError, u64>>,
     /// Per device, milliseconds from the start until its first CONNACK.
     online_ms: Mutex<Vec<u64>>,
+    /// Per node, in node order.
+    nodes: Vec<NodeShared>,
 }
 
 impl Shared {
+    fn new(nodes: usize) -> Self {
+        Self {
+            online: AtomicUsize::new(0),
+            sent: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
+            errors: Mutex::new(BTreeMap::new()),
+            online_ms: Mutex::new(Vec::new()),
+            nodes: (0..nodes.max(1)).map(|_| NodeShared::default()).collect(),
+        }
+    }
+
+    fn node(&self, node: usize) -> &NodeShared {
+        // `nodes` is never empty (see `new`).
+        &self.nodes[node % self.nodes.len()]
+    }
+
+    /// The per-node figures for the report.
+    fn nodes_json(&self, nodes: &[Node]) -> serde_json::Value {
+        self.nodes
+            .iter()
+            .zip(nodes)
+            .map(|(n, node)| {
+                serde_json::json!({
+                    "address": node.mqtt,
+                    "online": n.online.load(Relaxed),
+                    "sent": n.sent.load(Relaxed),
+                    "reconnects": n.reconnects.load(Relaxed),
+                    "connect_errors": n.connect_errors.load(Relaxed),
+                })
+            })
+            .collect()
+    }
+
     fn error(&self, e: ConnectError) {
         if let Ok(mut m) = self.errors.lock() {
             *m.entry(e).or_default() += 1;
@@ -97,7 +146,8 @@ impl Shared {
 /// What a device task needs besides its device.
 #[derive(Debug)]
 struct TaskCfg {
-    server: SocketAddr,
+    /// The nodes' MQTT addresses, in node order.
+    servers: Vec<SocketAddr>,
     sources: Vec<IpAddr>,
     publish: Option<Duration>,
     connect_timeout: Duration,
@@ -105,6 +155,8 @@ struct TaskCfg {
     start: Instant,
 }
 
+/// One device: connects to its home node (round-robin), and after a failed attempt or a
+/// lost connection moves on to the next node before it tries again.
 async fn device_task(
     device: Device,
     slot: usize,
@@ -112,15 +164,8 @@ async fn device_task(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some(creds) = device.credentials(0).cloned() else {
-        return;
-    };
-    let login = Login {
-        client_id: &device.id,
-        username: &creds.username,
-        password: &creds.password,
-        keep_alive: KEEP_ALIVE.as_secs() as u16,
-    };
+    let nodes = cfg.servers.len();
+    let mut node = home(device.index, nodes);
     let source = cfg.sources.get(slot % cfg.sources.len().max(1)).copied();
     let topic = topic_for(&device.id, Encoding::Json);
     let mut messages = MessageSource::new(&device, cfg.period_ms, Encoding::Json);
@@ -128,11 +173,24 @@ async fn device_task(
     let mut first = true;
     'connection: loop {
         let mut conn = loop {
+            let Some(creds) = device.credentials(node) else {
+                return;
+            };
+            let login = Login {
+                client_id: &device.id,
+                username: &creds.username,
+                password: &creds.password,
+                keep_alive: KEEP_ALIVE.as_secs() as u16,
+            };
             tokio::select! {
                 _ = stopped(&mut stop) => return,
-                r = raw_mqtt::connect(cfg.server, source, login, cfg.connect_timeout) => match r {
+                r = raw_mqtt::connect(cfg.servers[node], source, login, cfg.connect_timeout) => match r {
                     Ok(c) => break c,
-                    Err(e) => shared.error(e),
+                    Err(e) => {
+                        shared.error(e);
+                        shared.node(node).connect_errors.fetch_add(1, Relaxed);
+                        node = next(node, nodes);
+                    }
                 },
             }
             tokio::select! {
@@ -141,14 +199,18 @@ async fn device_task(
             }
         };
         backoff.reset();
+        let here = shared.node(node);
         if first {
             first = false;
             let ms = cfg.start.elapsed().as_millis() as u64;
             if let Ok(mut v) = shared.online_ms.lock() {
                 v.push(ms);
             }
+        } else {
+            here.reconnects.fetch_add(1, Relaxed);
         }
         shared.online.fetch_add(1, Relaxed);
+        here.online.fetch_add(1, Relaxed);
         // Devices start at a random phase, so a fleet's sends are spread over the period.
         let every = cfg.publish.unwrap_or(Duration::from_secs(3_600));
         let phase = every.mul_f64(fastrand::f64());
@@ -166,15 +228,18 @@ async fn device_task(
                         break true;
                     }
                     shared.sent.fetch_add(1, Relaxed);
+                    here.sent.fetch_add(1, Relaxed);
                 }
                 _ = ping.tick() => if conn.ping().await.is_err() { break true },
             }
         };
         shared.online.fetch_sub(1, Relaxed);
+        here.online.fetch_sub(1, Relaxed);
         if !lost {
             return;
         }
         shared.disconnects.fetch_add(1, Relaxed);
+        node = next(node, nodes);
         continue 'connection;
     }
 }
@@ -190,12 +255,20 @@ fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
         .copied()
 }
 
-async fn stored_readings(http: &str) -> Option<u64> {
-    scrape_counter(http, STORED, &[])
-        .await
-        .ok()
-        .flatten()
-        .map(|v| v as u64)
+/// The readings the gateways stored: the sum over the distinct HTTP addresses, or with
+/// `replicated` (every node stores every reading) the least any of them stored. `None`
+/// when a gateway does not answer.
+async fn stored_readings(gateways: &[String], replicated: bool) -> Option<u64> {
+    let mut counts = Vec::with_capacity(gateways.len());
+    for http in gateways {
+        let value = scrape_counter(http, STORED, &[]).await.ok().flatten()?;
+        counts.push(value as u64);
+    }
+    if replicated {
+        counts.into_iter().min()
+    } else {
+        Some(counts.into_iter().sum())
+    }
 }
 
 /// Run the storm or fleet shape and return its report (one JSON object).
@@ -223,12 +296,22 @@ pub async fn fleet(
         devices.len(),
         provisioned.elapsed().as_secs_f64()
     );
-    let server = tokio::net::lookup_host(&settings.mqtt)
-        .await
-        .with_context(|| format!("resolving {}", settings.mqtt))?
-        .next()
-        .with_context(|| format!("{} has no address", settings.mqtt))?;
-    let sources: Vec<IpAddr> = if server.ip().is_loopback() && server.is_ipv4() {
+    let mut servers = Vec::with_capacity(nodes.len());
+    for node in &nodes {
+        let server = tokio::net::lookup_host(&node.mqtt)
+            .await
+            .with_context(|| format!("resolving {}", node.mqtt))?
+            .next()
+            .with_context(|| format!("{} has no address", node.mqtt))?;
+        servers.push(server);
+    }
+    let gateways: Vec<String> = distinct_http(&nodes)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let stored_readings = || stored_readings(&gateways, settings.replicated);
+    let loopback_v4 = servers.iter().all(|s| s.ip().is_loopback() && s.is_ipv4());
+    let sources: Vec<IpAddr> = if loopback_v4 {
         (1..=settings.source_addrs.max(1))
             .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
             .collect()
@@ -241,13 +324,13 @@ pub async fn fleet(
     let own_cpu_start = procfs::own_cpu_ticks();
     // Devices send as soon as they are online, so what is stored counts from here.
     let stored_base = if settings.shape == Shape::Fleet {
-        stored_readings(&settings.http).await
+        stored_readings().await
     } else {
         None
     };
     let start = Instant::now();
     let cfg = Arc::new(TaskCfg {
-        server,
+        servers,
         sources,
         publish: (settings.shape == Shape::Fleet && settings.rate > 0.0)
             .then(|| Duration::from_secs_f64(1.0 / settings.rate)),
@@ -255,7 +338,7 @@ pub async fn fleet(
         period_ms: settings.period.as_millis() as u64,
         start,
     });
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared::new(nodes.len()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let total = devices.len();
     let mut tasks = tokio::task::JoinSet::new();
@@ -326,7 +409,7 @@ pub async fn fleet(
         let base = stored_base.unwrap_or(0);
         let stored_msgs = |readings: u64| readings.saturating_sub(base) / READINGS_PER_MESSAGE;
         let sent0 = shared.sent.load(Relaxed);
-        let stored0 = stored_readings(&settings.http).await.unwrap_or(base);
+        let stored0 = stored_readings().await.unwrap_or(base);
         let steady = Instant::now();
         let gw0 = pid.and_then(procfs::cpu_ticks);
         let own0 = procfs::own_cpu_ticks();
@@ -340,7 +423,7 @@ pub async fn fleet(
             let online = shared.online.load(Relaxed);
             min_online = min_online.min(online);
             let sent = shared.sent.load(Relaxed);
-            let stored = stored_readings(&settings.http).await.unwrap_or(last.1);
+            let stored = stored_readings().await.unwrap_or(last.1);
             let lag = sent as i64 - stored_msgs(stored) as i64;
             eprintln!(
                 "{second:>4} {online:>7} {:>10} {:>10} {lag:>10}",
@@ -355,13 +438,15 @@ pub async fn fleet(
         let rss = pid.and_then(procfs::rss_kib);
         let steady_sent = last.0 - sent0;
         let steady_stored = last.1.saturating_sub(stored0) / READINGS_PER_MESSAGE;
+        // Per node, at the end of the steady phase (before the devices disconnect).
+        let per_node = shared.nodes_json(&nodes);
         // Stop sending, then give the gateway a moment to store what is in flight.
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         let sent = shared.sent.load(Relaxed);
         let mut stored = 0;
         for _ in 0..50 {
-            stored = stored_msgs(stored_readings(&settings.http).await.unwrap_or(0));
+            stored = stored_msgs(stored_readings().await.unwrap_or(0));
             if stored >= sent {
                 break;
             }
@@ -380,12 +465,16 @@ pub async fn fleet(
             "gateway_cpu_percent": gateway_cpu,
             "gateway_rss_mib": rss.map(|k| k as f64 / 1024.0),
             "sim_cpu_percent": own_cpu,
+            "nodes": per_node,
         });
         if let (Some(obj), serde_json::Value::Object(extra)) = (report.as_object_mut(), steady_json)
         {
             obj.extend(extra);
         }
     } else {
+        if let Some(obj) = report.as_object_mut() {
+            obj.insert("nodes".into(), shared.nodes_json(&nodes));
+        }
         let _ = stop_tx.send(true);
     }
     while tasks.join_next().await.is_some() {}

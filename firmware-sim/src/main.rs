@@ -304,6 +304,10 @@ struct BenchArgs {
     /// The gateway's process id, to report its CPU use and resident memory.
     #[arg(long)]
     gateway_pid: Option<u32>,
+    /// Every listed node stores every reading (cluster mode): the fleet shape's
+    /// "stored" is the least any node stored, instead of the sum over the nodes.
+    #[arg(long)]
+    replicated: bool,
     /// Transport under test.
     #[arg(long, value_enum, default_value = "mqtt")]
     transport: Transport,
@@ -443,12 +447,6 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 !args.tls.tls,
                 "--tls is supported by --shape burst (rumqttc, WebSocket), not by the fleet shapes"
             );
-            anyhow::ensure!(
-                nodes::split_list(&args.mqtt).len() == 1
-                    && nodes::split_list(&args.http).len() == 1,
-                "several nodes (--mqtt a,b,c) are supported by --shape burst, `run` and `watch`, \
-                 not yet by the fleet shapes: run one fleet process per node"
-            );
             let report = fleet::fleet(
                 fleet::FleetSettings {
                     shape: args.shape,
@@ -464,6 +462,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     source_addrs: args.source_addrs,
                     gateway_pid: args.gateway_pid,
                     period: config::DEFAULT_PERIOD,
+                    replicated: args.replicated,
                 },
                 args.provisioning.into_provisioning(),
             )

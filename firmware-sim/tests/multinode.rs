@@ -273,3 +273,61 @@ async fn mqtt_devices_of_a_stopped_node_reconnect_to_the_next_node() {
 async fn websocket_devices_of_a_stopped_node_reconnect_to_the_next_node() {
     run_fails_over("ws").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_shape_spreads_devices_and_sums_what_the_nodes_stored() {
+    let nodes = vec![
+        Node::start().await,
+        Node::start().await,
+        Node::start().await,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let out = sim(
+        &nodes,
+        dir.path(),
+        &[
+            "bench",
+            "--shape",
+            "fleet",
+            "--devices",
+            "6",
+            "--rate",
+            "10",
+            "--duration",
+            "2s",
+            "--source-addrs",
+            "1",
+            "--json",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = stdout.trim().strip_prefix("json: ").unwrap();
+    let report: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(report["online"], 6, "{report}");
+    assert_eq!(report["unstored_at_end"], 0, "{report}");
+    let per_node = report["nodes"].as_array().unwrap();
+    let mut sent = 0;
+    for (k, node) in per_node.iter().enumerate() {
+        assert_eq!(node["address"], nodes[k].mqtt.as_str());
+        assert_eq!(node["online"], 2, "node {k}: {node}");
+        assert_eq!(node["reconnects"], 0, "node {k}: {node}");
+        sent += node["sent"].as_u64().unwrap();
+    }
+    // Each gateway stored what its own devices sent; the report's total is their sum.
+    let mut stored = 0.0;
+    for n in &nodes {
+        let here = n.metric("fluxgate_store_readings_written_total").await;
+        assert!(here > 0.0);
+        stored += here;
+    }
+    assert_eq!(report["stored_messages"], stored as u64 / 4, "{report}");
+    assert!(sent > 0 && sent <= report["sent"].as_u64().unwrap());
+}

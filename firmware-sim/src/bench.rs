@@ -780,6 +780,50 @@ mod tests {
     }
 
     #[test]
+    fn several_nodes_combine_and_report_per_node() {
+        let part = |arrived, complete, secs| EndToEnd {
+            baseline: 10,
+            arrived,
+            complete,
+            secs,
+        };
+        let total = EndToEnd::combine(&[part(400, true, 2.0), part(600, true, 3.0)]);
+        assert_eq!((total.baseline, total.arrived), (20, 1_000));
+        assert!(total.complete);
+        assert_eq!(total.secs, 3.0);
+        assert!(!EndToEnd::combine(&[part(1, true, 1.0), part(1, false, 1.0)]).complete);
+
+        let mut r = report(Some(total), 1_000);
+        r.settings.mqtt = "a:1,b:2".into();
+        r.reconnects = 3;
+        r.nodes = ["a:1", "b:2"]
+            .into_iter()
+            .zip([400u64, 600])
+            .map(|(address, sent)| NodeReport {
+                address: address.into(),
+                devices: 5,
+                connected: 5,
+                counts: Snapshot {
+                    sent,
+                    reconnects: u64::from(sent == 600) * 3,
+                    ..Snapshot::default()
+                },
+                e2e: Some(part(sent, true, 2.0)),
+            })
+            .collect();
+        let table = r.to_table();
+        assert!(table.contains("2 nodes, mqtt qos0"), "{table}");
+        assert!(table.contains("node 1           b:2: devices 5 (connected 5), sent 600 = 300 msg/s"), "{table}");
+        assert!(table.contains("reconnects       3"), "{table}");
+        let json = r.to_json();
+        assert_eq!(json["reconnects"], 3);
+        assert_eq!(json["nodes"][0]["address"], "a:1");
+        assert_eq!(json["nodes"][1]["reconnects"], 3);
+        assert_eq!(json["nodes"][1]["e2e"]["rate"], 300.0);
+        assert_eq!(json["nodes"][0]["send_rate"], 200.0);
+    }
+
+    #[test]
     fn validation_rejects_nonsense() {
         assert!(settings().validate().is_ok());
         for broken in [

@@ -127,12 +127,20 @@ pub async fn provision(
         .map(split_list)
         .unwrap_or_default();
     let mut tokens = BTreeMap::new();
+    let mut issued = false;
     for (k, http) in registries.into_iter().enumerate() {
         let key = keys.get(k % keys.len().max(1)).map(String::as_str);
-        tokens.insert(
-            http,
-            tokens_on(http, key, &provisioning.tokens_file, devices).await?,
-        );
+        let (known, new) = tokens_on(http, key, &provisioning.tokens_file, devices).await?;
+        issued |= new;
+        tokens.insert(http, known);
+    }
+    if shared_registry && issued && nodes.len() > 1 {
+        // The other nodes learn of new devices and tokens through the shared registry's
+        // change notifications, within a second (cluster mode's promise); a device that
+        // connected to another node before that would be refused and move on, and the
+        // spread over the nodes would no longer be round-robin.
+        eprintln!("waiting {SHARED_REGISTRY_SETTLE:?} for every node to learn the new tokens");
+        tokio::time::sleep(SHARED_REGISTRY_SETTLE).await;
     }
     let per_node: Vec<&BTreeMap<String, String>> = if shared_registry {
         tokens.values().take(1).collect()
@@ -159,14 +167,18 @@ pub async fn provision(
     Ok(())
 }
 
+/// How long the nodes of a shared registry get to learn about devices provisioned on the
+/// first one.
+const SHARED_REGISTRY_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The tokens of `devices` on the gateway at `http`, creating devices or tokens there as
-/// needed and saving the tokens file.
+/// needed and saving the tokens file; and whether any token was issued now.
 async fn tokens_on(
     http: &str,
     api_key: Option<&str>,
     tokens_file: &Path,
     devices: &[Device],
-) -> anyhow::Result<BTreeMap<String, String>> {
+) -> anyhow::Result<(BTreeMap<String, String>, bool)> {
     let mut file = TokenFile::load(tokens_file)?;
     let known = file.gateways.entry(http.to_owned()).or_default();
     let missing: Vec<&str> = devices
@@ -237,7 +249,8 @@ async fn tokens_on(
         file.save(tokens_file)?;
         eprintln!("tokens saved to {}", tokens_file.display());
     }
-    Ok(file.gateways.get(http).cloned().unwrap_or_default())
+    let issued = !missing.is_empty();
+    Ok((file.gateways.get(http).cloned().unwrap_or_default(), issued))
 }
 
 #[cfg(test)]

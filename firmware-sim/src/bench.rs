@@ -813,7 +813,10 @@ mod tests {
             .collect();
         let table = r.to_table();
         assert!(table.contains("2 nodes, mqtt qos0"), "{table}");
-        assert!(table.contains("node 1           b:2: devices 5 (connected 5), sent 600 = 300 msg/s"), "{table}");
+        assert!(
+            table.contains("node 1           b:2: devices 5 (connected 5), sent 600 = 300 msg/s"),
+            "{table}"
+        );
         assert!(table.contains("reconnects       3"), "{table}");
         let json = r.to_json();
         assert_eq!(json["reconnects"], 3);

@@ -419,3 +419,41 @@ async fn the_keys_cli_writes_the_shared_registry_in_cluster_mode() {
     assert_eq!(found.id, key.id);
     assert_eq!(found.role, Role::Viewer);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_new_on_another_node_is_found_when_it_connects() {
+    let pg = Postgres::start().await;
+    let url = pg.create_database("newdev").await;
+    // No listeners: b hears of nothing, as in the moment before a notification arrives.
+    let a = open_pg(&url).await;
+    let b = open_pg(&url).await;
+    let created = on(&a, |r| {
+        r.create_devices(vec![("d1".into(), fields("one", true))])
+    })
+    .await
+    .unwrap();
+    let token = created[0].as_ref().unwrap().1.clone();
+    assert!(b.authenticate_token(&token).is_err());
+    assert!(b.authenticate_mqtt("d1", "d1", &token).is_err());
+
+    // b loads the device and the check passes on the second try.
+    assert!(b.refresh_for_auth("d1", &token).await);
+    assert_eq!(&*b.authenticate_token(&token).unwrap(), "d1");
+    assert!(b.authenticate_mqtt("d1", "d1", &token).is_ok());
+    // A device that exists nowhere changes nothing; a wrong token for a device b knows
+    // up to date changes nothing either (the second check refuses it as before).
+    assert!(!b.refresh_for_auth("nope", "fgd_wrong").await);
+    assert!(!b.refresh_for_auth("d1", "fgd_wrong").await);
+    assert!(b.authenticate_mqtt("d1", "d1", "fgd_wrong").is_err());
+
+    // One node never looks: its file is the whole truth.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let single = tokio::task::spawn_blocking(move || {
+        Registry::open(&d, Duration::from_secs(60), Arc::new(Metrics::default()))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!single.refresh_for_auth("d1", &token).await);
+}

@@ -269,7 +269,7 @@ impl DeviceAuth {
     /// device `claimed` (the path's id; for a WebSocket `?device=`, or the certificate's
     /// only name when not given). A bad credential from an address that failed too
     /// often gets 429 instead of 401.
-    pub fn check(
+    pub async fn check(
         headers: &HeaderMap,
         cert: Option<&PeerIdentity>,
         claimed: Option<&str>,
@@ -297,9 +297,15 @@ impl DeviceAuth {
             unauthorized(detail)
         };
         if let Some(token) = bearer_of(headers) {
-            let device = st
-                .registry
-                .authenticate_token(token)
+            let mut checked = st.registry.authenticate_token(token);
+            // Cluster mode: the device may be new on another node (see
+            // `Registry::refresh_for_auth`).
+            if let (Err(_), Some(device)) = (&checked, claimed)
+                && st.registry.refresh_for_auth(device, token).await
+            {
+                checked = st.registry.authenticate_token(token);
+            }
+            let device = checked
                 .map_err(|reason| failed(st, addr, Credential::DeviceToken, || refuse(reason)))?;
             return Ok(DeviceAuth {
                 device,
@@ -317,9 +323,11 @@ impl DeviceAuth {
                     refuse(AuthFailure::CertificateMismatch)
                 })
             })?;
-        st.registry
-            .authenticate_certificate(device)
-            .map_err(|reason| failed(st, addr, Credential::DeviceToken, || refuse(reason)))?;
+        let mut checked = st.registry.authenticate_certificate(device);
+        if checked.is_err() && st.registry.refresh_for_auth(device, "certificate").await {
+            checked = st.registry.authenticate_certificate(device);
+        }
+        checked.map_err(|reason| failed(st, addr, Credential::DeviceToken, || refuse(reason)))?;
         Ok(DeviceAuth {
             device: Arc::from(device),
             credential: DeviceCredential::Certificate,

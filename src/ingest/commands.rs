@@ -31,7 +31,7 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 const MAX_REPLY_BODY: usize = 64 * 1024;
 
 /// The token's device, which must be the path's.
-fn own_device(
+async fn own_device(
     headers: &HeaderMap,
     cert: Option<&Extension<PeerIdentity>>,
     st: &AppState,
@@ -40,7 +40,7 @@ fn own_device(
 ) -> Result<std::sync::Arc<str>, ApiError> {
     let cert = cert.map(|Extension(c)| c);
     let DeviceAuth { device, .. } =
-        DeviceAuth::check(headers, cert, Some(id), st, Transport::Http, addr)?;
+        DeviceAuth::check(headers, cert, Some(id), st, Transport::Http, addr).await?;
     if *device != *id {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -75,7 +75,7 @@ pub async fn next(
     headers: HeaderMap,
     cert: Option<Extension<PeerIdentity>>,
 ) -> Result<Response, ApiError> {
-    let device = own_device(&headers, cert.as_ref(), &st, addr, &id)?;
+    let device = own_device(&headers, cert.as_ref(), &st, addr, &id).await?;
     let mut wait = DEFAULT_WAIT;
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match &*key {
@@ -137,7 +137,7 @@ pub async fn reply(
     cert: Option<Extension<PeerIdentity>>,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let device = own_device(&headers, cert.as_ref(), &st, addr, &id)?;
+    let device = own_device(&headers, cert.as_ref(), &st, addr, &id).await?;
     let (ct, mime) = content_type(&headers);
     if mime != "application/json" {
         return Err(ApiError::new(

@@ -56,7 +56,7 @@ pub async fn telemetry(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let cert = cert.as_ref().map(|Extension(c)| c);
     let DeviceAuth { device, .. } =
-        DeviceAuth::check(&headers, cert, Some(&id), &st, Transport::Http, addr)?;
+        DeviceAuth::check(&headers, cert, Some(&id), &st, Transport::Http, addr).await?;
     if *device != *id {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

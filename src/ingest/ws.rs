@@ -89,7 +89,7 @@ pub async fn upgrade(
     };
     let cert = cert.as_ref().map(|Extension(c)| c);
     let DeviceAuth { device, credential } =
-        DeviceAuth::check(&headers, cert, claimed.as_deref(), &st, Transport::Ws, addr)?;
+        DeviceAuth::check(&headers, cert, claimed.as_deref(), &st, Transport::Ws, addr).await?;
     if claimed.is_some_and(|c| *c != *device) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

@@ -86,4 +86,50 @@ impl Registry {
     pub fn token_hash_of(&self, device: &str) -> Option<Hash> {
         self.read().devices.get(device).map(|e| e.record.token_hash)
     }
+
+    /// Cluster mode: a device credential was just refused from the cache; whether the
+    /// shared registry knows better. A device created (or re-enabled, or re-keyed) on
+    /// another node a moment ago may not have reached this node's cache yet: load
+    /// `device` from the database and say whether the cache changed, so the check is
+    /// worth repeating. One lookup at a time (waiting is async), and a refused
+    /// `credential` (a token, or the device's name for a certificate) is remembered in
+    /// the negative cache, so a wrong credential cannot make the node query the
+    /// database at its rate. Always false on one node.
+    pub async fn refresh_for_auth(self: &Arc<Self>, device: &str, credential: &str) -> bool {
+        if !self.backend.shared() || device.is_empty() || device.len() > 256 {
+            return false;
+        }
+        let negative = secret::hash(&format!("auth:{device}:{credential}"));
+        if crate::sync::lock(&self.negative).contains(&negative, std::time::Instant::now()) {
+            return false;
+        }
+        let Ok(_turn) = self.lookup_turn.acquire().await else {
+            return false;
+        };
+        let reg = self.clone();
+        let device = device.to_owned();
+        let changed = tokio::task::spawn_blocking(move || {
+            let before = reg
+                .read()
+                .devices
+                .get(device.as_str())
+                .map(|e| e.record.version);
+            let _write = crate::sync::lock(&reg.write_turn);
+            if let Err(e) = reg.refresh_device_locked(&device) {
+                tracing::error!(error = %e, "device lookup after a refused credential failed");
+                return false;
+            }
+            reg.read()
+                .devices
+                .get(device.as_str())
+                .map(|e| e.record.version)
+                != before
+        })
+        .await
+        .unwrap_or(false);
+        if !changed {
+            crate::sync::lock(&self.negative).insert(negative, std::time::Instant::now());
+        }
+        changed
+    }
 }

@@ -314,11 +314,23 @@ impl Connection<'_> {
                 DeviceCredential::Certificate
             }
             (None, Some(login)) => {
-                if let Err(reason) =
+                let mut checked =
                     front
                         .registry
-                        .authenticate_mqtt(&id, &login.username, &login.password)
+                        .authenticate_mqtt(&id, &login.username, &login.password);
+                // Cluster mode: the device may be new on another node (see
+                // `Registry::refresh_for_auth`).
+                if matches!(
+                    checked,
+                    Err(AuthFailure::Unknown | AuthFailure::BadToken | AuthFailure::Disabled)
+                ) && front.registry.refresh_for_auth(&id, &login.password).await
                 {
+                    checked =
+                        front
+                            .registry
+                            .authenticate_mqtt(&id, &login.username, &login.password);
+                }
+                if let Err(reason) = checked {
                     return Err(self.refuse(&id, reason).await);
                 }
                 DeviceCredential::Token(secret::hash(&login.password))

@@ -11,6 +11,7 @@
 // Each test binary compiles this module and uses a different subset of it.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod engines;
 
 use std::collections::HashMap;
@@ -1088,6 +1089,16 @@ impl Sse {
 
     /// The next event (comments such as heartbeats are skipped); `None` at the end.
     pub async fn next_event(&mut self) -> Option<SseEvent> {
+        self.next_or_end(false).await
+    }
+
+    /// Like [`Sse::next_event`], with a broken connection (the server died) as the end
+    /// instead of a failure.
+    pub async fn next_event_or_broken(&mut self) -> Option<SseEvent> {
+        self.next_or_end(true).await
+    }
+
+    async fn next_or_end(&mut self, broken_is_end: bool) -> Option<SseEvent> {
         loop {
             if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
                 let block: Vec<u8> = self.buf.drain(..end + 2).collect();
@@ -1122,7 +1133,11 @@ impl Sse {
                 }
                 continue;
             }
-            let chunk = self.body.next().await?.unwrap();
+            let chunk = match self.body.next().await? {
+                Ok(chunk) => chunk,
+                Err(_) if broken_is_end => return None,
+                Err(e) => panic!("SSE stream broken: {e}"),
+            };
             self.buf.extend_from_slice(&chunk);
         }
     }

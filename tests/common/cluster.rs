@@ -201,8 +201,9 @@ impl Node {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// Every reading of `metric` of `device` from `from` to `to` (ms, inclusive) as its
-    /// REST history API answers it, following `next_from` until the answer is complete:
+    /// Every reading of `metric` of `device` from `from` to `to` (ms) as its
+    /// REST history API answers it, following `next_from` until the answer is complete
+    /// (`to` is exclusive):
     /// (ts, value as JSON).
     pub async fn history(
         &self,

@@ -66,9 +66,7 @@ impl Cluster {
 
     /// The index of the NATS server that leads the telemetry stream.
     async fn stream_leader(&self) -> usize {
-        let client = async_nats::connect(self.nats.urls().join(","))
-            .await
-            .unwrap();
+        let client = async_nats::connect(self.nats.url(0)).await.unwrap();
         let js = async_nats::jetstream::new(client);
         let mut stream = js.get_stream(subject::STREAM).await.unwrap();
         let info = stream.info().await.unwrap();

@@ -352,6 +352,8 @@ impl Drop for Postgres {
 /// A VictoriaMetrics process of the test's own; killed on drop.
 pub struct Vm {
     port: u16,
+    /// Extra command-line flags (kept for restarts).
+    flags: Vec<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
     http: reqwest::Client,
@@ -359,7 +361,19 @@ pub struct Vm {
 
 impl Vm {
     pub async fn start() -> Vm {
+        Vm::start_with(&[]).await
+    }
+
+    /// Like [`Vm::start`] with InfluxDB's point identity: one sample per series and
+    /// timestamp (`-dedup.minScrapeInterval=1ms`), so a point written again overwrites
+    /// itself as it does in InfluxDB instead of being stored twice.
+    pub async fn start_deduplicating() -> Vm {
+        Vm::start_with(&["-dedup.minScrapeInterval=1ms"]).await
+    }
+
+    async fn start_with(flags: &[&str]) -> Vm {
         let mut vm = Vm {
+            flags: flags.iter().map(|f| (*f).to_owned()).collect(),
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
@@ -385,6 +399,7 @@ impl Vm {
             // Its default retention (1 month) would reject old device timestamps.
             .arg("-retentionPeriod=100y")
             .arg("-loggerLevel=ERROR")
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -475,6 +490,24 @@ impl Vm {
             .iter()
             .map(|v| v["timestamps"].as_array().map_or(0, Vec::len))
             .sum()
+    }
+
+    /// Every stored sample with how many times it is stored (more than once: written
+    /// again, e.g. after a redelivery).
+    pub async fn sample_counts(&self) -> std::collections::BTreeMap<Sample, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for v in self.export_lines().await {
+            let name = v["metric"]["__name__"].as_str().unwrap();
+            let field = name.strip_prefix("telemetry_").unwrap().to_owned();
+            let device = v["metric"]["device"].as_str().unwrap().to_owned();
+            let values = v["values"].as_array().unwrap();
+            let stamps = v["timestamps"].as_array().unwrap();
+            for (val, ts) in values.iter().zip(stamps) {
+                let s = sample(&field, &device, ts.as_i64().unwrap(), val.as_f64().unwrap());
+                *out.entry(s).or_default() += 1;
+            }
+        }
+        out
     }
 
     /// Poll the export until it equals `expected`; fail with the difference.

@@ -259,7 +259,7 @@ async fn killing_a_gateway_and_a_nats_server_mid_stream_loses_no_acknowledged_re
     .await;
 }
 
-/// The `v` values and position of an SSE event's readings.
+/// The `v` values of an SSE event's readings.
 fn values(data: &str) -> Vec<i64> {
     let v: serde_json::Value = serde_json::from_str(data).unwrap();
     v["readings"]
@@ -293,7 +293,7 @@ async fn a_dashboard_whose_node_died_resumes_on_another_with_exactly_what_it_mis
             progress: progress.clone(),
         };
         let task = tokio::spawn(device.run());
-        wait_progress(&[progress.clone()], 20, "before the dashboard").await;
+        wait_progress(std::slice::from_ref(&progress), 20, "before the dashboard").await;
 
         // A dashboard on b follows the device: a snapshot, then its readings live.
         let b = &cluster.nodes[1];
@@ -330,7 +330,7 @@ async fn a_dashboard_whose_node_died_resumes_on_another_with_exactly_what_it_mis
         }
         drop(sse);
         wait_progress(
-            &[progress.clone()],
+            std::slice::from_ref(&progress),
             at_kill + 50,
             "while the dashboard is away",
         )

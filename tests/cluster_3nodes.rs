@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -150,6 +150,11 @@ async fn killing_a_gateway_and_a_nats_server_mid_stream_loses_no_acknowledged_re
                 kinds.push((t, n));
             }
         }
+        // And a QoS 0 device on b, which stays up: what it loses, it loses while the
+        // stream has no leader, and that must be counted.
+        const QOS0: &str = "mqtt0-b";
+        ids.push(QOS0.to_owned());
+        kinds.push((Transport::MqttQos0, 1));
         let nodes: Vec<&Node> = cluster.nodes.iter().collect();
         let tokens = provision_everywhere(&nodes, &ids).await;
         let t0 = now_ms() - 300_000;
@@ -199,23 +204,87 @@ async fn killing_a_gateway_and_a_nats_server_mid_stream_loses_no_acknowledged_re
         // Every acknowledged reading (all of them: a device resends until it is
         // acknowledged) is in the store of both surviving nodes, each exactly once,
         // as their REST history answers.
+        let acked_ids: Vec<&String> = ids.iter().filter(|id| *id != QOS0).collect();
         for node in &cluster.nodes[1..] {
-            for id in &ids {
+            for id in &acked_ids {
                 assert_history(node, id, t0, COUNT).await;
             }
         }
-
-        let moves: BTreeMap<&str, (&Vec<usize>, &std::collections::HashMap<usize, u64>)> =
-            outcomes.iter().map(|o| (o.id.as_str(), (&o.path, &o.refused))).collect();
+        let moves: BTreeMap<&str, (&Vec<usize>, &HashMap<usize, u64>)> = outcomes
+            .iter()
+            .map(|o| (o.id.as_str(), (&o.path, &o.refused)))
+            .collect();
         eprintln!("device paths (node indexes) and refusals per node: {moves:?}");
 
+        // Counted: every message a surviving node refused as unavailable is a dropped
+        // reading there (one reading per message), every MQTT connection it closed for
+        // that is counted as such, and on b the QoS 0 readings it could not publish
+        // are the rest of its dropped readings. Both b and c hold the same QoS 0
+        // readings (the stream's), each once.
+        let mut qos0_stored = Vec::new();
+        for (n, node) in cluster.nodes.iter().enumerate().skip(1) {
+            let refused: u64 = outcomes
+                .iter()
+                .map(|o| o.refused.get(&n).copied().unwrap_or(0))
+                .sum();
+            let mqtt_refused: u64 = outcomes
+                .iter()
+                .zip(&kinds)
+                .filter(|(_, (t, _))| *t == Transport::Mqtt)
+                .map(|(o, _)| o.refused.get(&n).copied().unwrap_or(0))
+                .sum();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let (stored, dropped, closed) = loop {
+                let text = node.metrics_text().await;
+                let dropped = scrape_or_zero(
+                    &text,
+                    "fluxgate_dropped_readings_total{reason=\"stream_failed\"}",
+                ) as i64;
+                let closed = scrape_or_zero(
+                    &text,
+                    "fluxgate_mqtt_connections_closed_total{reason=\"unavailable\"}",
+                ) as i64;
+                let stored = node.history(QOS0, "v", t0, t0 + COUNT).await;
+                let lost = if n == 1 { COUNT - stored.len() as i64 } else { 0 };
+                if dropped == refused as i64 + lost || Instant::now() > deadline {
+                    break (stored, dropped, closed);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            let lost = COUNT - stored.len() as i64;
+            eprintln!(
+                "node {}: refused {refused} messages ({mqtt_refused} MQTT), lost {lost} QoS 0 readings; counted {dropped} readings, {closed} MQTT closes",
+                node.id
+            );
+            let counted_lost = if n == 1 { lost } else { 0 };
+            assert_eq!(
+                dropped,
+                refused as i64 + counted_lost,
+                "node {}: dropped readings counted vs refused and lost",
+                node.id
+            );
+            assert_eq!(closed, mqtt_refused as i64, "node {}", node.id);
+            for (ts, v) in &stored {
+                assert_eq!(v.as_i64(), Some(ts - t0), "{QOS0} on node {}", node.id);
+            }
+            let distinct: BTreeSet<i64> = stored.iter().map(|p| p.0).collect();
+            assert_eq!(distinct.len(), stored.len(), "{QOS0} twice on node {}", node.id);
+            qos0_stored.push(stored);
+        }
+        assert_eq!(qos0_stored[0], qos0_stored[1], "b and c hold other QoS 0 readings");
+
         // In VictoriaMetrics, written by whichever nodes run the sink through the shared
-        // consumer: every reading, nothing else, and each sample once.
+        // consumer: every stored reading, nothing else, and each sample once.
         let vm = cluster.vm.as_ref().unwrap();
-        let expected: BTreeSet<_> = ids
+        let mut expected: BTreeSet<_> = acked_ids
             .iter()
             .flat_map(|id| (0..COUNT).map(move |i| sample("v", id, t0 + i, i as f64)))
             .collect();
+        expected.extend(
+            qos0_stored[0]
+                .iter()
+                .map(|(ts, _)| sample("v", QOS0, *ts, (ts - t0) as f64)),
+        );
         // Records that a held unacknowledged come back to b or c after the ack wait
         // (30 s).
         vm.wait_for_exactly(&expected, Duration::from_secs(90)).await;
@@ -230,31 +299,6 @@ async fn killing_a_gateway_and_a_nats_server_mid_stream_loses_no_acknowledged_re
             expected.len()
         );
         assert_eq!(samples, expected.len(), "samples stored more than once");
-
-        // Counted: every message a surviving node refused as unavailable is a dropped
-        // reading there (one reading per message), and every MQTT connection it closed
-        // for it is counted as such.
-        for (n, node) in cluster.nodes.iter().enumerate().skip(1) {
-            let text = node.metrics_text().await;
-            let refused: u64 = outcomes.iter().map(|o| o.refused.get(&n).copied().unwrap_or(0)).sum();
-            let mqtt_refused: u64 = outcomes
-                .iter()
-                .zip(&kinds)
-                .filter(|(_, (t, _))| *t == Transport::Mqtt)
-                .map(|(o, _)| o.refused.get(&n).copied().unwrap_or(0))
-                .sum();
-            let dropped = scrape_or_zero(&text, "fluxgate_dropped_readings_total{reason=\"stream_failed\"}");
-            let closed = scrape_or_zero(
-                &text,
-                "fluxgate_mqtt_connections_closed_total{reason=\"unavailable\"}",
-            );
-            eprintln!(
-                "node {}: refused {refused} messages ({mqtt_refused} MQTT), counted {dropped} readings, {closed} MQTT closes",
-                node.id
-            );
-            assert_eq!(dropped, refused as f64, "node {}", node.id);
-            assert_eq!(closed, mqtt_refused as f64, "node {}", node.id);
-        }
     })
     .await;
 }

@@ -278,6 +278,9 @@ pub enum Transport {
     Http,
     /// MQTT QoS 1, one PUBLISH in flight (its PUBACK says it is durable).
     Mqtt,
+    /// MQTT QoS 0: fire and forget. Each reading is sent once (counted as its
+    /// progress); nothing is acknowledged, so nothing is sent again.
+    MqttQos0,
 }
 
 /// Where a device can connect: a node's HTTP and MQTT listeners.
@@ -369,6 +372,7 @@ impl Device {
                 Transport::Http => self.http(node, &mut todo, &mut out).await,
                 Transport::Ws => self.ws(node, &mut todo, &mut out).await,
                 Transport::Mqtt => self.mqtt(node, &mut todo, &mut out).await,
+                Transport::MqttQos0 => self.mqtt_qos0(node, &mut todo, &mut out).await,
             }
             if !todo.is_empty() {
                 // The connection is gone: the next node, after a wait.
@@ -534,6 +538,44 @@ impl Device {
             }
             tokio::time::sleep(self.pause).await;
         }
+    }
+}
+
+impl Device {
+    /// Publish with QoS 0 to `node` until everything was sent or the connection is
+    /// gone; then a PINGREQ, whose answer says the node has read every PUBLISH before
+    /// it.
+    async fn mqtt_qos0(&self, node: usize, todo: &mut VecDeque<i64>, out: &mut Outcome) {
+        let addr = self.addrs[node].mqtt;
+        let mut raw =
+            match RawMqtt::try_device(addr, &self.id, &self.tokens[node], ANSWER_WAIT).await {
+                Ok(Connect::Accepted(raw)) => raw,
+                _ => return,
+            };
+        let topic = fluxgate_proto::topic::telemetry(&self.id);
+        while let Some(i) = todo.pop_front() {
+            let mut body = Vec::new();
+            push_str(&mut body, topic.as_bytes());
+            body.extend_from_slice(self.body(i).as_bytes());
+            *out.sends.entry(i).or_default() += 1;
+            if !raw.send(&packet(0x30, &body)).await {
+                // Not sent: no one has it.
+                todo.push_front(i);
+                return;
+            }
+            self.acked();
+            tokio::time::sleep(self.pause).await;
+        }
+        let answered = raw.send(&[0xc0, 0]).await
+            && matches!(
+                raw.read_within(ANSWER_WAIT).await,
+                Some(Read::Packet(0xd0, _))
+            );
+        assert!(
+            answered,
+            "device {}: node {node} did not answer PINGREQ",
+            self.id
+        );
     }
 }
 

@@ -53,7 +53,7 @@ impl Cluster {
         };
         let mut nodes = Vec::new();
         for id in NAMES {
-            nodes.push(Node::start(id, &setup).await);
+            nodes.push(Node::start(id, &setup, None).await);
         }
         Cluster {
             nats,

@@ -54,9 +54,10 @@ pub struct Node {
 }
 
 impl Node {
-    /// Write node `id`'s config file and start it; returns once it listens and printed
-    /// its admin key.
-    pub async fn start(id: &str, setup: &NodeSetup) -> Node {
+    /// Write node `id`'s config file and start it; returns once it listens and, unless
+    /// it joins a registry that has keys already (`joining`: the admin key the first
+    /// node printed), printed its admin key.
+    pub async fn start(id: &str, setup: &NodeSetup, joining: Option<&str>) -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -92,12 +93,16 @@ impl Node {
         };
         node.spawn();
         node.wait_listening().await;
-        let key = node
-            .wait_line(&node.stdout_path(), |l| {
-                l.starts_with("    ") && l.trim_start().starts_with("fgk_")
-            })
-            .await;
-        node.admin_key = key.trim().to_owned();
+        node.admin_key = match joining {
+            Some(key) => key.to_owned(),
+            None => node
+                .wait_line(&node.stdout_path(), |l| {
+                    l.starts_with("    ") && l.trim_start().starts_with("fgk_")
+                })
+                .await
+                .trim()
+                .to_owned(),
+        };
         node.admin = Operator::new(http, &node.admin_key);
         node
     }

@@ -4,8 +4,8 @@
 //! and data directory, and devices that do what devices do when a node dies: resend
 //! what was not acknowledged, to another node.
 //!
-//! Each node keeps its own SQLite registry until the registry moves to PostgreSQL, so
-//! every device is provisioned on every node and holds a token per node.
+//! The registry is PostgreSQL's, shared by the nodes: a device is provisioned once,
+//! through any node, and its token is valid on every node.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::scrape_or_zero;
-use common::cluster::{Addr, Device, Node, NodeSetup, Outcome, Transport, provision_everywhere};
+use common::cluster::{Addr, Device, Node, NodeSetup, Outcome, Transport};
 use common::engines::{NatsCluster, Postgres, Vm, sample};
 use common::{Sse, bounded, now_ms};
 use fluxgate::cluster::subject;
@@ -51,9 +51,12 @@ impl Cluster {
             replicas: 3,
             influx: vm.as_ref().map(Vm::url),
         };
-        let mut nodes = Vec::new();
-        for id in NAMES {
-            nodes.push(Node::start(id, &setup, None).await);
+        // The first node creates the admin key in the shared registry; the others
+        // join with it.
+        let mut nodes = vec![Node::start(NAMES[0], &setup, None).await];
+        for id in &NAMES[1..] {
+            let key = nodes[0].admin_key.clone();
+            nodes.push(Node::start(id, &setup, Some(&key)).await);
         }
         Cluster {
             nats,
@@ -155,8 +158,9 @@ async fn killing_a_gateway_and_a_nats_server_mid_stream_loses_no_acknowledged_re
         const QOS0: &str = "mqtt0-b";
         ids.push(QOS0.to_owned());
         kinds.push((Transport::MqttQos0, 1));
-        let nodes: Vec<&Node> = cluster.nodes.iter().collect();
-        let tokens = provision_everywhere(&nodes, &ids).await;
+        // Provisioned once, through a (which dies later): the registry is PostgreSQL,
+        // so each token is valid on every node.
+        let tokens = cluster.nodes[0].admin.provision_many(&ids).await;
         let t0 = now_ms() - 300_000;
         const COUNT: i64 = 300;
         let addrs = cluster.addrs();
@@ -169,7 +173,7 @@ async fn killing_a_gateway_and_a_nats_server_mid_stream_loses_no_acknowledged_re
                 id: id.clone(),
                 transport,
                 addrs: addrs.clone(),
-                tokens: tokens.iter().map(|t| t[id].clone()).collect(),
+                token: tokens[id].clone(),
                 start,
                 t0,
                 count: COUNT,
@@ -319,8 +323,9 @@ async fn a_dashboard_whose_node_died_resumes_on_another_with_exactly_what_it_mis
     bounded(120, async {
         let mut cluster = Cluster::start(false).await;
         let ids = vec!["pump-1".to_owned()];
-        let nodes: Vec<&Node> = cluster.nodes.iter().collect();
-        let tokens = provision_everywhere(&nodes, &ids).await;
+        // Provisioned once, through a: the registry is PostgreSQL, so each token is
+        // valid on every node.
+        let tokens = cluster.nodes[0].admin.provision_many(&ids).await;
         let t0 = now_ms() - 300_000;
         const COUNT: i64 = 400;
         let progress = Arc::new(AtomicI64::new(0));
@@ -329,7 +334,7 @@ async fn a_dashboard_whose_node_died_resumes_on_another_with_exactly_what_it_mis
             id: ids[0].clone(),
             transport: Transport::Http,
             addrs: cluster.addrs(),
-            tokens: tokens.iter().map(|t| t[&ids[0]].clone()).collect(),
+            token: tokens[&ids[0]].clone(),
             start: 0,
             t0,
             count: COUNT,
@@ -415,8 +420,9 @@ async fn a_node_restarted_after_a_while_down_catches_up_and_answers_for_that_per
     bounded(150, async {
         let mut cluster = Cluster::start(false).await;
         let ids = vec!["meter-a".to_owned(), "meter-b".to_owned()];
-        let nodes: Vec<&Node> = cluster.nodes.iter().collect();
-        let tokens = provision_everywhere(&nodes, &ids).await;
+        // Provisioned once, through a: the registry is PostgreSQL, so each token is
+        // valid on every node.
+        let tokens = cluster.nodes[0].admin.provision_many(&ids).await;
         let t0 = now_ms() - 300_000;
         // 20 ms apart and an answer each: some 20-30 s of traffic while c is down.
         const COUNT: i64 = 600;
@@ -430,7 +436,7 @@ async fn a_node_restarted_after_a_while_down_catches_up_and_answers_for_that_per
                 id: id.clone(),
                 transport,
                 addrs: addrs.clone(),
-                tokens: tokens.iter().map(|t| t[id].clone()).collect(),
+                token: tokens[id].clone(),
                 start: n,
                 t0,
                 count: COUNT,

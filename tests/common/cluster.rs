@@ -261,19 +261,6 @@ impl Drop for Node {
     }
 }
 
-/// Provision `ids` on every node; returns `tokens[node][device]`.
-///
-/// Each node has its own SQLite registry until the registry moves to PostgreSQL: a
-/// device that moves to another node needs a token valid there, so it exists on every
-/// node with a token per node.
-pub async fn provision_everywhere(nodes: &[&Node], ids: &[String]) -> Vec<HashMap<String, String>> {
-    let mut out = Vec::new();
-    for node in nodes {
-        out.push(node.admin.provision_many(ids).await);
-    }
-    out
-}
-
 /// How a simulated device talks to its node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -314,8 +301,8 @@ pub struct Device {
     pub transport: Transport,
     /// Every node's address, by node index.
     pub addrs: Vec<Addr>,
-    /// Its token on each node, by node index.
-    pub tokens: Vec<String>,
+    /// Its token: one registry (PostgreSQL) for every node.
+    pub token: String,
     pub start: usize,
     pub t0: i64,
     pub count: i64,
@@ -412,7 +399,7 @@ impl Device {
             *out.sends.entry(i).or_default() += 1;
             let r = client
                 .post(&url)
-                .header("authorization", bearer(&self.tokens[node]))
+                .header("authorization", bearer(&self.token))
                 .header("content-type", "application/json")
                 .body(self.body(i))
                 .send()
@@ -441,15 +428,11 @@ impl Device {
     async fn ws(&self, node: usize, todo: &mut VecDeque<i64>, out: &mut Outcome) {
         const WINDOW: usize = 8;
         let url = format!("ws://{}/api/v1/ingest/ws", self.addrs[node].http);
-        let mut ws: Ws = match tokio::time::timeout(
-            ANSWER_WAIT,
-            ws_open_quiet(&url, &self.tokens[node]),
-        )
-        .await
-        {
-            Ok(Some(ws)) => ws,
-            _ => return,
-        };
+        let mut ws: Ws =
+            match tokio::time::timeout(ANSWER_WAIT, ws_open_quiet(&url, &self.token)).await {
+                Ok(Some(ws)) => ws,
+                _ => return,
+            };
         // (connection seq, reading) in flight, in order.
         let mut in_flight: VecDeque<(u64, i64)> = VecDeque::new();
         let mut seq = 0u64;
@@ -505,11 +488,10 @@ impl Device {
     /// connection is gone.
     async fn mqtt(&self, node: usize, todo: &mut VecDeque<i64>, out: &mut Outcome) {
         let addr = self.addrs[node].mqtt;
-        let mut raw =
-            match RawMqtt::try_device(addr, &self.id, &self.tokens[node], ANSWER_WAIT).await {
-                Ok(Connect::Accepted(raw)) => raw,
-                _ => return,
-            };
+        let mut raw = match RawMqtt::try_device(addr, &self.id, &self.token, ANSWER_WAIT).await {
+            Ok(Connect::Accepted(raw)) => raw,
+            _ => return,
+        };
         let topic = fluxgate_proto::topic::telemetry(&self.id);
         let mut packet_id: u16 = 0;
         while let Some(&i) = todo.front() {
@@ -552,11 +534,10 @@ impl Device {
     /// it.
     async fn mqtt_qos0(&self, node: usize, todo: &mut VecDeque<i64>, out: &mut Outcome) {
         let addr = self.addrs[node].mqtt;
-        let mut raw =
-            match RawMqtt::try_device(addr, &self.id, &self.tokens[node], ANSWER_WAIT).await {
-                Ok(Connect::Accepted(raw)) => raw,
-                _ => return,
-            };
+        let mut raw = match RawMqtt::try_device(addr, &self.id, &self.token, ANSWER_WAIT).await {
+            Ok(Connect::Accepted(raw)) => raw,
+            _ => return,
+        };
         let topic = fluxgate_proto::topic::telemetry(&self.id);
         while let Some(i) = todo.pop_front() {
             let mut body = Vec::new();

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::scrape_or_zero;
-use common::cluster::{Addr, Device, Node, NodeSetup, Outcome, Transport};
+use common::cluster::{Addr, Device, Node, NodeSetup, Outcome, Transport, wait_tokens_everywhere};
 use common::engines::{NatsCluster, Postgres, Vm, sample};
 use common::{Sse, bounded, now_ms};
 use fluxgate::cluster::subject;
@@ -161,6 +161,8 @@ async fn killing_a_gateway_and_a_nats_server_mid_stream_loses_no_acknowledged_re
         // Provisioned once, through a (which dies later): the registry is PostgreSQL,
         // so each token is valid on every node.
         let tokens = cluster.nodes[0].admin.provision_many(&ids).await;
+        let took = wait_tokens_everywhere(&cluster.nodes.iter().collect::<Vec<_>>(), &tokens).await;
+        eprintln!("every node accepted the new tokens after {took:?}");
         let t0 = now_ms() - 300_000;
         const COUNT: i64 = 300;
         let addrs = cluster.addrs();
@@ -326,6 +328,8 @@ async fn a_dashboard_whose_node_died_resumes_on_another_with_exactly_what_it_mis
         // Provisioned once, through a: the registry is PostgreSQL, so each token is
         // valid on every node.
         let tokens = cluster.nodes[0].admin.provision_many(&ids).await;
+        let took = wait_tokens_everywhere(&cluster.nodes.iter().collect::<Vec<_>>(), &tokens).await;
+        eprintln!("every node accepted the new tokens after {took:?}");
         let t0 = now_ms() - 300_000;
         const COUNT: i64 = 400;
         let progress = Arc::new(AtomicI64::new(0));
@@ -423,6 +427,8 @@ async fn a_node_restarted_after_a_while_down_catches_up_and_answers_for_that_per
         // Provisioned once, through a: the registry is PostgreSQL, so each token is
         // valid on every node.
         let tokens = cluster.nodes[0].admin.provision_many(&ids).await;
+        let took = wait_tokens_everywhere(&cluster.nodes.iter().collect::<Vec<_>>(), &tokens).await;
+        eprintln!("every node accepted the new tokens after {took:?}");
         let t0 = now_ms() - 300_000;
         // 20 ms apart and an answer each: some 20-30 s of traffic while c is down.
         const COUNT: i64 = 600;

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tempfile::TempDir;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::engines::free_port;
 use super::{Connect, Operator, RawMqtt, Read, Ws, bearer, fluxgate, packet, push_str};
@@ -261,6 +261,45 @@ impl Drop for Node {
     }
 }
 
+/// Wait until every node accepts the device tokens of `tokens` (device -> token),
+/// asking each node the device's own command poll without waiting (204: the token is
+/// valid there); returns how long that took. A device provisioned through one node
+/// reaches the other nodes' registry caches through a PostgreSQL notification, which
+/// the registry promises within a second; this waits at most 5 s.
+pub async fn wait_tokens_everywhere(nodes: &[&Node], tokens: &HashMap<String, String>) -> Duration {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(5);
+    let client = reqwest::Client::new();
+    for node in nodes {
+        for (device, token) in tokens {
+            loop {
+                let status = client
+                    .get(format!(
+                        "http://{}/api/v1/devices/{device}/commands/next?wait=0s",
+                        node.http
+                    ))
+                    .header("authorization", bearer(token))
+                    .send()
+                    .await
+                    .expect("command poll")
+                    .status()
+                    .as_u16();
+                match status {
+                    204 => break,
+                    401 => assert!(
+                        Instant::now() < deadline,
+                        "node {} still refuses the token of {device} 5 s after it was provisioned",
+                        node.id
+                    ),
+                    other => panic!("node {}: command poll of {device}: {other}", node.id),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    started.elapsed()
+}
+
 /// How a simulated device talks to its node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -484,13 +523,28 @@ impl Device {
         }
     }
 
+    /// An MQTT connection to `node`, or `None` when it is down or unavailable
+    /// (CONNACK 3); any other refusal fails the test.
+    async fn mqtt_connect(&self, node: usize) -> Option<RawMqtt> {
+        let addr = self.addrs[node].mqtt;
+        match RawMqtt::try_device(addr, &self.id, &self.token, ANSWER_WAIT).await {
+            Ok(Connect::Accepted(raw)) => Some(raw),
+            Ok(Connect::Refused(3) | Connect::Closed) | Err(_) => None,
+            Ok(Connect::Refused(code)) => {
+                panic!(
+                    "device {}: node {node} refused CONNECT with code {code}",
+                    self.id
+                )
+            }
+        }
+    }
+
     /// Publish with QoS 1 to `node`, one message at a time, until done or the
     /// connection is gone.
     async fn mqtt(&self, node: usize, todo: &mut VecDeque<i64>, out: &mut Outcome) {
         let addr = self.addrs[node].mqtt;
-        let mut raw = match RawMqtt::try_device(addr, &self.id, &self.token, ANSWER_WAIT).await {
-            Ok(Connect::Accepted(raw)) => raw,
-            _ => return,
+        let Some(mut raw) = self.mqtt_connect(node).await else {
+            return;
         };
         let topic = fluxgate_proto::topic::telemetry(&self.id);
         let mut packet_id: u16 = 0;
@@ -533,10 +587,8 @@ impl Device {
     /// gone; then a PINGREQ, whose answer says the node has read every PUBLISH before
     /// it.
     async fn mqtt_qos0(&self, node: usize, todo: &mut VecDeque<i64>, out: &mut Outcome) {
-        let addr = self.addrs[node].mqtt;
-        let mut raw = match RawMqtt::try_device(addr, &self.id, &self.token, ANSWER_WAIT).await {
-            Ok(Connect::Accepted(raw)) => raw,
-            _ => return,
+        let Some(mut raw) = self.mqtt_connect(node).await else {
+            return;
         };
         let topic = fluxgate_proto::topic::telemetry(&self.id);
         while let Some(i) = todo.pop_front() {
@@ -573,10 +625,18 @@ async fn ws_open_quiet(url: &str, token: &str) -> Option<Ws> {
     request
         .headers_mut()
         .insert("authorization", bearer(token).parse().ok()?);
-    tokio_tungstenite::connect_async(request)
-        .await
-        .ok()
-        .map(|(ws, _)| ws)
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Some(ws),
+        // A node that is up but unavailable: another node may take the device.
+        Err(tungstenite::Error::Http(r)) if r.status().as_u16() == 503 => None,
+        // Any other refusal (a token not valid there) is a failure, not a node down.
+        Err(tungstenite::Error::Http(r)) => panic!(
+            "WebSocket upgrade at {url} refused: {} {}",
+            r.status(),
+            String::from_utf8_lossy(r.body().as_deref().unwrap_or_default())
+        ),
+        Err(_) => None,
+    }
 }
 
 /// The series of a `/metrics` text, 0 when absent.

@@ -415,6 +415,19 @@ async fn a_dashboard_whose_node_died_resumes_on_another_with_exactly_what_it_mis
             (from..COUNT).collect::<Vec<i64>>(),
             "the dashboard's readings across b and c"
         );
+        // c served the resume from its own ring (it followed the stream all along), and
+        // says so.
+        let text = c.metrics_text().await;
+        let resumes = |source: &str| {
+            scrape_or_zero(
+                &text,
+                &format!("fluxgate_live_resumes_total{{source=\"{source}\"}}"),
+            )
+        };
+        assert_eq!(
+            (resumes("ring"), resumes("store"), resumes("reset")),
+            (1.0, 0.0, 0.0)
+        );
     })
     .await;
 }

@@ -331,7 +331,8 @@ impl From<&Node> for Addr {
 }
 
 /// A device that sends readings `0..count` of metric `v` (value `i` at `t0 + i` ms, one
-/// reading per message), starting at node `start`, until every one is acknowledged.
+/// reading per message), starting at node `start`, until every one is acknowledged
+/// (QoS 0: sent).
 /// When its node refuses a message as unavailable it sends it again; when its node is
 /// gone it moves to the next node (in `addrs` order) and sends everything that was not
 /// acknowledged again.
@@ -355,7 +356,8 @@ pub struct Device {
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub id: String,
-    /// Per reading: how many times it was sent (each was acknowledged once at the end).
+    /// Per reading: how many times it was sent (once acknowledged, never again; QoS 0:
+    /// once).
     pub sends: BTreeMap<i64, u32>,
     /// Per node index: messages it refused as unavailable (HTTP 503, a WebSocket
     /// `unavailable` error frame, an MQTT connection closed before the PUBACK while the

@@ -443,15 +443,16 @@ async fn a_node_restarted_after_a_while_down_catches_up_and_answers_for_that_per
         let took = wait_tokens_everywhere(&cluster.nodes.iter().collect::<Vec<_>>(), &tokens).await;
         eprintln!("every node accepted the new tokens after {took:?}");
         let t0 = now_ms() - 300_000;
-        // 20 ms apart and an answer each: some 20-30 s of traffic while c is down.
-        const COUNT: i64 = 600;
+        // HTTP: 20 ms apart and an answer each; WebSocket: 40 ms apart, answers
+        // pipelined. Both go on for some 10 s after c is back.
+        const COUNT: i64 = 800;
         let addrs = cluster.addrs();
         let progress: Vec<Arc<AtomicI64>> = ids.iter().map(|_| Arc::default()).collect();
         let devices = ids
             .iter()
-            .zip([Transport::Http, Transport::Ws])
+            .zip([(Transport::Http, 20), (Transport::Ws, 40)])
             .enumerate()
-            .map(|(n, (id, transport))| Device {
+            .map(|(n, (id, (transport, pause)))| Device {
                 id: id.clone(),
                 transport,
                 addrs: addrs.clone(),
@@ -459,27 +460,36 @@ async fn a_node_restarted_after_a_while_down_catches_up_and_answers_for_that_per
                 start: n,
                 t0,
                 count: COUNT,
-                pause: Duration::from_millis(20),
+                pause: Duration::from_millis(pause),
                 progress: progress[n].clone(),
             })
             .collect();
         let tasks = spawn_all(devices);
         wait_progress(&progress, 50, "before c goes down").await;
 
-        // c dies (kill -9) and stays down while the devices send the rest to a and b.
+        // c hangs for a second (its consumer keeps delivering records it never
+        // acknowledges), then dies (kill -9), and stays down for 20 s of traffic: less
+        // than the consumers' ack wait (30 s), so when it is back, those records come
+        // back to it after newer ones.
+        cluster.nodes[2].freeze();
+        tokio::time::sleep(Duration::from_secs(1)).await;
         cluster.nodes[2].kill9();
-        let down = Instant::now();
         let at_kill: Vec<i64> = progress.iter().map(|p| p.load(Ordering::SeqCst)).collect();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let at_restart: Vec<i64> = progress.iter().map(|p| p.load(Ordering::SeqCst)).collect();
+        eprintln!("c was down while readings {at_kill:?} to {at_restart:?} were acknowledged");
+        assert!(
+            at_restart.iter().all(|&n| n < COUNT),
+            "the devices finished while c was down: {at_restart:?}"
+        );
+
+        // Started again, it catches up from its consumer, follows the rest live, and
+        // answers for the period it was down, every reading once.
+        cluster.nodes[2].restart().await;
         for t in tasks {
             let o = t.await.unwrap();
             assert!(!o.path.contains(&2), "{} used c: {:?}", o.id, o.path);
         }
-        let downtime = down.elapsed();
-        eprintln!("c was down for {downtime:?}, from {at_kill:?} acknowledged readings on");
-
-        // Started again, it catches up from its consumer and answers for the period it
-        // was down, every reading once.
-        cluster.nodes[2].restart().await;
         for id in &ids {
             assert_history(&cluster.nodes[2], id, t0, COUNT).await;
         }

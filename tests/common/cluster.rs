@@ -181,6 +181,17 @@ impl Node {
         }
     }
 
+    /// Stop the process (SIGSTOP): it holds its connections and answers nothing.
+    pub fn freeze(&self) {
+        if let Some(c) = &self.child {
+            let status = std::process::Command::new("kill")
+                .args(["-STOP", &c.id().to_string()])
+                .status()
+                .expect("kill -STOP");
+            assert!(status.success(), "kill -STOP node {}", self.id);
+        }
+    }
+
     /// `kill -9` the process (no shutdown of any kind) and reap it.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

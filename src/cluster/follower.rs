@@ -10,9 +10,19 @@
 //! stream order: a batch the store could not take is retried (its messages kept from
 //! redelivery by progress acks) rather than handed back to JetStream, which would
 //! redeliver it after newer ones.
+//!
+//! JetStream itself hands a record back out of order when this consumer had it delivered
+//! and never acknowledged it: a node killed with records in flight, or a record lost on
+//! the way when a NATS server died. It comes back after the ack wait, and newer records
+//! arrive meanwhile. Applying those first would move the stored position past the
+//! missing record, and it would then be skipped as stored: lost on this node. So a
+//! record beyond the next expected sequence is handed back with a short delay until the
+//! missing one has come (within the ack wait). Only a gap that outlasts
+//! [`GAP_GIVE_UP`] is taken as records that are gone from the stream (expired before
+//! this node stored them), logged, and stepped over.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
@@ -30,6 +40,15 @@ const MAX_BATCH: usize = 512;
 /// The wait before the store is asked again to take a batch it failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
+/// How long a record that arrived ahead of a missing one is kept back (handed back to
+/// JetStream) before it is delivered again.
+const HOLD_BACK: Duration = Duration::from_millis(500);
+
+/// How long a gap in the stream sequence may last before it is stepped over: twice the
+/// consumers' ack wait, by which time every record delivered to this consumer and not
+/// acknowledged has come back.
+const GAP_GIVE_UP: Duration = Duration::from_secs(60);
+
 /// The follower component.
 pub struct Follower {
     /// This node's replica consumer.
@@ -45,6 +64,8 @@ pub struct Follower {
 impl Follower {
     /// Follow the stream until shutdown.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        // Since when the record after `applied` has been missing while newer ones came.
+        let mut gap_since: Option<Instant> = None;
         let mut messages = match self.consumer.messages().await {
             Ok(m) => m,
             Err(e) => {
@@ -69,6 +90,13 @@ impl Follower {
                     _ => break,
                 }
             }
+            // Records handed back come back in about, not exactly, stream order.
+            batch.sort_by_key(|m| {
+                m.as_ref()
+                    .ok()
+                    .and_then(|m| m.info().ok())
+                    .map_or(0, |i| i.stream_sequence)
+            });
             let mut readings: Vec<Reading> = Vec::new();
             let mut positions: Vec<u64> = Vec::new();
             let mut applied: Vec<Message> = Vec::new();
@@ -82,11 +110,25 @@ impl Follower {
                     }
                 };
                 let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-                if seq != 0 && seq <= self.applied {
+                if seq != 0 && seq <= last {
                     // Stored before a crash; only its acknowledgement was lost.
                     let _ = message.ack().await;
                     continue;
                 }
+                if seq > last + 1 && last != 0 {
+                    // Records before this one are still out (see the module docs).
+                    let since = *gap_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < GAP_GIVE_UP {
+                        let _ = message.ack_with(AckKind::Nak(Some(HOLD_BACK))).await;
+                        continue;
+                    }
+                    tracing::warn!(
+                        from = last + 1,
+                        to = seq - 1,
+                        "telemetry records never reached this node's store (gone from the stream)"
+                    );
+                }
+                gap_since = None;
                 match record::decode(&message.payload) {
                     Ok(mut r) => {
                         // A reading's live position: the record's stream sequence and
@@ -99,12 +141,17 @@ impl Follower {
                     }
                     Err(e) => {
                         // Never redelivered: it would fail the same way on every node.
+                        // It counts as applied, so the records after it follow.
                         tracing::warn!(error = %e, "a telemetry record was refused");
                         let _ = message.ack_with(AckKind::Term).await;
+                        last = last.max(seq);
                     }
                 }
             }
             if applied.is_empty() {
+                // Only refused records (nothing to store; their position is stored with
+                // the next batch) or records held back.
+                self.applied = last;
                 continue;
             }
             let readings = Arc::new(readings);

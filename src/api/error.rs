@@ -179,7 +179,9 @@ impl From<CommandsError> for ApiError {
             CommandsError::Conflict { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
-            CommandsError::ShuttingDown => ApiError::unavailable(e.to_string()),
+            CommandsError::ShuttingDown | CommandsError::OwnerUnreachable(_) => {
+                ApiError::unavailable(e.to_string())
+            }
             CommandsError::Registry(e) => e.into(),
         }
     }
@@ -195,7 +197,9 @@ impl From<ReplyRefused> for ApiError {
             ReplyRefused::Malformed => {
                 ApiError::new(StatusCode::BAD_REQUEST, "malformed_reply", e.to_string())
             }
-            ReplyRefused::ShuttingDown => ApiError::unavailable(e.to_string()),
+            ReplyRefused::ShuttingDown | ReplyRefused::OwnerUnreachable => {
+                ApiError::unavailable(e.to_string())
+            }
         }
     }
 }

@@ -14,6 +14,15 @@
 //! Nothing here waits for a device: MQTT outcomes are futures polled by the loop, WS
 //! connections are checked for closing by the once-a-second tick, which also retries
 //! devices with queued commands (a reachability hint may have been dropped).
+//!
+//! Cluster mode (with a [`Remote`] port): a command this node owns and cannot deliver
+//! itself is offered to the node that holds the device (one offer at a time per device,
+//! at most [`MAX_OFFERS`] in the air; the device counts as busy meanwhile, and the
+//! command turns `sent` when the holder took it). As the holder, this dispatcher hands
+//! other owners' commands to its transports and remembers them (at most [`MAX_HELD`];
+//! full: the offer is declined, counted) until the device replied, the transport lost
+//! it, or the command's timeout passed, so that the device's receipt, reply or loss is
+//! forwarded to the owner.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -30,14 +39,34 @@ use tokio_util::sync::CancellationToken;
 use super::error::{CommandsError, ReplyRefused};
 use super::expiry::{Deadlines, instant_of};
 use super::machine::{self, Step};
+use super::remote::{Confirm, Offered, Remote, RemoteFuture, RemoteOffer, Via};
 use crate::config::CommandsConfig;
-use crate::model::{Command, CommandState, Downlink, Outgoing, Reply, now_ms};
-use crate::observe::{CommandRefusal, Event, Metrics};
+use crate::model::{Command, CommandState, Downlink, Outgoing, now_ms};
+use crate::observe::{CommandRefusal, CommandRouteFailure, Event, Metrics};
 use crate::registry::{Registry, RegistryError};
 
 /// How often queued commands are offered again and WS deliveries checked for a closed
 /// connection.
 const TICK: Duration = Duration::from_secs(1);
+
+/// Offers to other nodes waiting for their answer; more devices wait for a later tick.
+pub const MAX_OFFERS: usize = 256;
+/// Other owners' commands this node delivered and still forwards for.
+pub const MAX_HELD: usize = 16 * 1024;
+/// How long past its timeout a held delivery is remembered (a late reply is still
+/// forwarded, and the owner decides).
+const HELD_GRACE: Duration = Duration::from_secs(60);
+
+/// An answer that another node may have to give.
+pub(super) enum Answer<T> {
+    /// This node's answer.
+    Here(T),
+    /// The command belongs to this node (the owner): ask it.
+    Owner(String),
+    /// Not a command of this node, nor one it delivered (cluster mode only): the
+    /// registry row may name its owner.
+    Unknown,
+}
 
 /// A request to the dispatcher.
 pub(super) enum Request {
@@ -48,18 +77,26 @@ pub(super) enum Request {
     Cancel {
         device: String,
         id: String,
-        resp: oneshot::Sender<Result<Command, CommandsError>>,
+        resp: oneshot::Sender<Answer<Result<Command, CommandsError>>>,
     },
-    Received {
+    Confirm {
         device: String,
         id: String,
-        resp: oneshot::Sender<Result<(), ReplyRefused>>,
+        what: Confirm,
+        resp: oneshot::Sender<Answer<Result<(), ReplyRefused>>>,
     },
-    Reply {
+    /// From another node (the owner): deliver this command if its device is connected
+    /// here.
+    Offer {
+        device: String,
+        offer: RemoteOffer,
+        resp: oneshot::Sender<Option<Via>>,
+    },
+    /// From another node (the holder): its transport lost command `id`.
+    Lost {
+        node: String,
         device: String,
         id: String,
-        reply: Reply,
-        resp: oneshot::Sender<Result<(), ReplyRefused>>,
     },
     AttachWs {
         device: String,
@@ -80,6 +117,22 @@ enum Route {
     Push,
     /// A WebSocket connection: lost if it closes before `received` or a reply.
     Ws(mpsc::Sender<Outgoing>),
+    /// Another node's transport (the holder, named): it reports a loss.
+    Remote(String),
+}
+
+/// Another owner's command that this node delivered (see the module docs).
+struct Held {
+    owner: String,
+    device: String,
+    /// Which delivery this is (an outcome of an earlier one is stale).
+    token: u64,
+    /// A WS delivery: lost if the connection closes before the receipt.
+    ws: Option<mpsc::Sender<Outgoing>>,
+    /// The device confirmed it (nothing is lost any more).
+    received: bool,
+    /// Forgotten after this.
+    until: Instant,
 }
 
 struct Entry {
@@ -99,11 +152,15 @@ struct DeviceQueue {
     queued: VecDeque<String>,
     /// The command sent and not yet confirmed.
     in_flight: Option<String>,
+    /// The command offered to another node, waiting for its answer.
+    offering: Option<String>,
     /// Unfinished commands (queued, sent, delivered): the `max_queued` count.
     open: usize,
 }
 
 type OutcomeFuture = Pin<Box<dyn Future<Output = (String, u32, bool)> + Send + Sync>>;
+type OfferFuture = Pin<Box<dyn Future<Output = (String, String, u32, Offered)> + Send + Sync>>;
+type HeldFuture = Pin<Box<dyn Future<Output = (String, u64, bool)> + Send + Sync>>;
 
 /// The command component's task (see the module docs). Built with
 /// [`Commands::new`](super::Commands::new), started by `app` with [`Dispatcher::run`].
@@ -122,6 +179,17 @@ pub struct Dispatcher {
     /// The waiting HTTP long poll per device (a newer poll replaces an older one).
     pollers: HashMap<String, oneshot::Sender<Outgoing>>,
     outcomes: FuturesUnordered<OutcomeFuture>,
+    /// Cluster mode: the other nodes.
+    remote: Option<Arc<dyn Remote>>,
+    /// Offers to other nodes, waiting for their answers (at most [`MAX_OFFERS`]).
+    offers: FuturesUnordered<OfferFuture>,
+    /// Other owners' commands delivered here, by id (at most [`MAX_HELD`]).
+    held: HashMap<String, Held>,
+    /// Push outcomes of held deliveries.
+    held_outcomes: FuturesUnordered<HeldFuture>,
+    /// Receipts and losses on their way to owners (one per held delivery at most).
+    notices: FuturesUnordered<RemoteFuture<()>>,
+    next_token: u64,
 }
 
 impl Dispatcher {
@@ -131,6 +199,7 @@ impl Dispatcher {
         config: Arc<CommandsConfig>,
         requests: mpsc::Receiver<Request>,
         events: broadcast::Sender<Arc<Command>>,
+        remote: Option<Arc<dyn Remote>>,
     ) -> Self {
         Self {
             registry,
@@ -144,7 +213,18 @@ impl Dispatcher {
             ws: HashMap::new(),
             pollers: HashMap::new(),
             outcomes: FuturesUnordered::new(),
+            remote,
+            offers: FuturesUnordered::new(),
+            held: HashMap::new(),
+            held_outcomes: FuturesUnordered::new(),
+            notices: FuturesUnordered::new(),
+            next_token: 0,
         }
+    }
+
+    /// This node's id as an owner (empty on a single node).
+    fn node(&self) -> &str {
+        self.remote.as_ref().map_or("", |r| r.node())
     }
 
     /// Load the unfinished commands, then serve requests until shutdown (or until every
@@ -175,6 +255,13 @@ impl Dispatcher {
                 Some((id, attempt, acked)) = self.outcomes.next(), if !self.outcomes.is_empty() => {
                     self.outcome(&id, attempt, acked, &downlinks).await;
                 }
+                Some((device, id, attempt, offered)) = self.offers.next(), if !self.offers.is_empty() => {
+                    self.offered(&device, &id, attempt, offered, &downlinks).await;
+                }
+                Some((id, token, acked)) = self.held_outcomes.next(), if !self.held_outcomes.is_empty() => {
+                    self.held_outcome(&id, token, acked);
+                }
+                Some(()) = self.notices.next(), if !self.notices.is_empty() => {}
                 () = sleep_until(next) => self.expire(&downlinks).await,
                 _ = tick.tick() => self.retry(&downlinks).await,
             }
@@ -186,7 +273,8 @@ impl Dispatcher {
     /// for that reason), a `delivered` one waits for its reply until its timeout.
     async fn load(&mut self) {
         let reg = self.registry.clone();
-        let open = match tokio::task::spawn_blocking(move || reg.commands_open()).await {
+        let node = self.node().to_owned();
+        let open = match tokio::task::spawn_blocking(move || reg.commands_open(&node)).await {
             Ok(Ok(open)) => open,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "cannot load the unfinished commands");
@@ -251,20 +339,38 @@ impl Dispatcher {
             Request::Cancel { device, id, resp } => {
                 let _ = resp.send(self.cancel(&device, &id).await);
             }
-            Request::Received { device, id, resp } => {
-                let r = self.confirm(&device, &id, Step::Delivered, downlinks).await;
-                let _ = resp.send(r);
-            }
-            Request::Reply {
+            Request::Confirm {
                 device,
                 id,
-                reply,
+                what,
                 resp,
             } => {
-                let r = self
-                    .confirm(&device, &id, Step::Reply(reply), downlinks)
-                    .await;
+                let r = if self.entries.get(&id).is_some_and(|e| e.cmd.device == device) {
+                    let step = match what {
+                        Confirm::Received => Step::Delivered,
+                        Confirm::Reply(reply) => Step::Reply(reply),
+                    };
+                    Answer::Here(self.confirm(&device, &id, step, downlinks).await)
+                } else {
+                    self.confirm_held(&device, &id, &what)
+                };
                 let _ = resp.send(r);
+            }
+            Request::Offer {
+                device,
+                offer,
+                resp,
+            } => {
+                let _ = resp.send(self.offer_here(&device, offer, downlinks));
+            }
+            Request::Lost { node, device, id } => {
+                let by_it = self.entries.get(&id).is_some_and(|e| {
+                    e.cmd.device == device && matches!(&e.route, Some(Route::Remote(n)) if *n == node)
+                });
+                if by_it {
+                    self.lost(&id).await;
+                    self.dispatch(&device, downlinks).await;
+                }
             }
             Request::AttachWs { device, tx } => {
                 let conns = self.ws.entry(device.clone()).or_default();
@@ -283,6 +389,7 @@ impl Dispatcher {
     }
 
     async fn create(&mut self, mut cmd: Command) -> Result<Command, CommandsError> {
+        cmd.node = self.node().to_owned();
         let max = self.config.max_queued;
         let open = self.devices.get(&cmd.device).map_or(0, |q| q.open);
         if open >= max {
@@ -334,9 +441,10 @@ impl Dispatcher {
         Ok(created)
     }
 
-    async fn cancel(&mut self, device: &str, id: &str) -> Result<Command, CommandsError> {
+    async fn cancel(&mut self, device: &str, id: &str) -> Answer<Result<Command, CommandsError>> {
         let Some(entry) = self.entries.get_mut(id).filter(|e| e.cmd.device == device) else {
-            // Finished (a conflict) or unknown: the database knows which.
+            // Finished (a conflict), another node's, or unknown: the database knows
+            // which.
             let reg = self.registry.clone();
             let (d, i) = (device.to_owned(), id.to_owned());
             let found = tokio::task::spawn_blocking(move || reg.command_get(&d, &i))
@@ -344,26 +452,202 @@ impl Dispatcher {
                 .ok()
                 .and_then(Result::ok)
                 .flatten();
-            return Err(match found {
-                Some(c) => CommandsError::Conflict {
+            return match found {
+                Some(c) if !c.state.is_final() && !c.node.is_empty() && c.node != self.node() => {
+                    Answer::Owner(c.node)
+                }
+                Some(c) => Answer::Here(Err(CommandsError::Conflict {
                     id: c.id,
                     state: c.state,
-                },
-                None => CommandsError::NotFound(id.to_owned()),
-            });
+                })),
+                None => Answer::Here(Err(CommandsError::NotFound(id.to_owned()))),
+            };
         };
         if let Err(e) = machine::apply(&mut entry.cmd, Step::Cancel, now_ms()) {
-            return Err(CommandsError::Conflict {
+            return Answer::Here(Err(CommandsError::Conflict {
                 id: id.to_owned(),
                 state: e.from,
-            });
+            }));
         }
         let cmd = entry.cmd.clone();
         if let Some(q) = self.devices.get_mut(device) {
             q.queued.retain(|c| c != id);
         }
         self.finish(&cmd).await;
-        Ok(cmd)
+        Answer::Here(Ok(cmd))
+    }
+
+    /// A receipt or reply for a command this node does not own: forwarded to its owner
+    /// when this node delivered it; otherwise unknown here.
+    fn confirm_held(&mut self, device: &str, id: &str, what: &Confirm) -> Answer<Result<(), ReplyRefused>> {
+        let Some(held) = self.held.get_mut(id).filter(|h| h.device == device) else {
+            if self.remote.is_some() {
+                return Answer::Unknown;
+            }
+            self.metrics.emit(Event::CommandRefused {
+                device,
+                id,
+                reason: CommandRefusal::UnknownCommand,
+            });
+            return Answer::Here(Err(ReplyRefused::Unknown));
+        };
+        let owner = held.owner.clone();
+        match what {
+            Confirm::Received => held.received = true,
+            // The reply is the device's last word on it.
+            Confirm::Reply(_) => {
+                self.held.remove(id);
+            }
+        }
+        Answer::Owner(owner)
+    }
+
+    /// Another owner's command for `device`, offered here: handed to the first local
+    /// transport that takes it (push, WebSocket, long poll), and remembered.
+    fn offer_here(
+        &mut self,
+        device: &str,
+        offer: RemoteOffer,
+        downlinks: &[Arc<dyn Downlink>],
+    ) -> Option<Via> {
+        let id = offer.out.id.clone();
+        if self.held.len() >= MAX_HELD && !self.held.contains_key(&id) {
+            self.metrics.emit(Event::CommandRouteFailed {
+                id: &id,
+                node: &offer.owner,
+                reason: CommandRouteFailure::HeldFull,
+            });
+            return None;
+        }
+        let out = offer.out;
+        let mut via = None;
+        let mut ws = None;
+        let token = self.next_token;
+        for d in downlinks {
+            if let Some(outcome) = d.offer(device, out.mqtt_payload()) {
+                let id = id.clone();
+                self.held_outcomes
+                    .push(Box::pin(async move { (id, token, outcome.await) }));
+                via = Some(Via::Push);
+                break;
+            }
+        }
+        if via.is_none()
+            && let Some(conns) = self.ws.get_mut(device)
+        {
+            conns.retain(|c| !c.is_closed());
+            for c in conns.iter() {
+                if c.try_send(out.clone()).is_ok() {
+                    via = Some(Via::Ws);
+                    ws = Some(c.clone());
+                    break;
+                }
+            }
+        }
+        if via.is_none()
+            && let Some(poller) = self.pollers.remove(device)
+            && poller.send(out).is_ok()
+        {
+            via = Some(Via::Poll);
+        }
+        let via = via?;
+        self.next_token += 1;
+        self.held.insert(
+            id,
+            Held {
+                owner: offer.owner,
+                device: device.to_owned(),
+                token,
+                ws,
+                received: via == Via::Poll,
+                until: Instant::now() + Duration::from_millis(offer.timeout_ms) + HELD_GRACE,
+            },
+        );
+        Some(via)
+    }
+
+    /// The push outcome of a held delivery: the receipt or the loss goes to the owner.
+    fn held_outcome(&mut self, id: &str, token: u64, acked: bool) {
+        let Some(held) = self.held.get_mut(id).filter(|h| h.token == token) else {
+            return;
+        };
+        let Some(remote) = self.remote.clone() else {
+            return;
+        };
+        if acked {
+            if held.received {
+                return;
+            }
+            held.received = true;
+            let f = remote.confirm(&held.owner, &held.device, id, Confirm::Received);
+            self.notices.push(Box::pin(async move {
+                let _ = f.await;
+            }));
+        } else if let Some(held) = self.held.remove(id) {
+            self.notices.push(remote.lost(&held.owner, &held.device, id));
+        }
+    }
+
+    /// The holder's answer to an offer of this node's command `id`.
+    async fn offered(
+        &mut self,
+        device: &str,
+        id: &str,
+        attempt: u32,
+        offered: Offered,
+        downlinks: &[Arc<dyn Downlink>],
+    ) {
+        if let Some(q) = self.devices.get_mut(device)
+            && q.offering.as_deref() == Some(id)
+        {
+            q.offering = None;
+        }
+        let current = self.entries.get(id).is_some_and(|e| {
+            e.attempt + 1 == attempt && e.cmd.state == CommandState::Queued
+        });
+        // Taken after it was cancelled or expired meanwhile: the device may run it;
+        // its reply is refused as unknown (see ARCHITECTURE "Commands across nodes").
+        let Offered::Taken { node, via } = offered else {
+            self.forget(device);
+            return;
+        };
+        if !current {
+            self.forget(device);
+            return;
+        }
+        let now = now_ms();
+        let Some(entry) = self.entries.get_mut(id) else {
+            return;
+        };
+        if machine::apply(&mut entry.cmd, Step::Send, now).is_err() {
+            return;
+        }
+        entry.attempt = attempt;
+        entry.route = Some(Route::Remote(node));
+        entry.deadline = Instant::now() + Duration::from_millis(entry.cmd.timeout_ms);
+        self.deadlines.arm(entry.deadline, id);
+        let sent = entry.cmd.clone();
+        let q = self.devices.entry(device.to_owned()).or_default();
+        q.queued.retain(|c| c != id);
+        q.in_flight = Some(id.to_owned());
+        if via == Via::Poll {
+            // As with a local long poll: the answer is the delivery.
+            let Some(entry) = self.entries.get_mut(id) else {
+                return;
+            };
+            let _ = machine::apply(&mut entry.cmd, Step::Delivered, now);
+            let delivered = entry.cmd.clone();
+            if let Some(q) = self.devices.get_mut(device) {
+                q.in_flight = None;
+            }
+            self.persist(&delivered).await;
+            self.changed(&sent);
+            self.changed(&delivered);
+            self.dispatch(device, downlinks).await;
+            return;
+        }
+        self.persist(&sent).await;
+        self.changed(&sent);
     }
 
     /// A receipt or a reply from `device` for command `id`.
@@ -464,7 +748,7 @@ impl Dispatcher {
             let Some(q) = self.devices.get(device) else {
                 return;
             };
-            if q.in_flight.is_some() {
+            if q.in_flight.is_some() || q.offering.is_some() {
                 return;
             }
             let Some(id) = q.queued.front().cloned() else {
@@ -511,6 +795,7 @@ impl Dispatcher {
                 polled = true;
             }
             let Some(route) = route else {
+                self.offer_remote(device, &id);
                 return;
             };
             let now = now_ms();
@@ -549,6 +834,35 @@ impl Dispatcher {
             self.changed(&sent);
             return;
         }
+    }
+
+    /// Offer `device`'s next command `id` to the node that holds the device, if another
+    /// node does and the offers in the air leave room.
+    fn offer_remote(&mut self, device: &str, id: &str) {
+        let Some(remote) = self.remote.clone() else {
+            return;
+        };
+        if self.offers.len() >= MAX_OFFERS {
+            return;
+        }
+        let Some(entry) = self.entries.get(id) else {
+            return;
+        };
+        let offer = RemoteOffer {
+            owner: remote.node().to_owned(),
+            out: entry.cmd.outgoing(),
+            timeout_ms: entry.cmd.timeout_ms,
+        };
+        let attempt = entry.attempt + 1;
+        let Some(answer) = remote.offer(device, offer) else {
+            return;
+        };
+        if let Some(q) = self.devices.get_mut(device) {
+            q.offering = Some(id.to_owned());
+        }
+        let (device, id) = (device.to_owned(), id.to_owned());
+        self.offers
+            .push(Box::pin(async move { (device, id, attempt, answer.await) }));
     }
 
     /// Deadlines that came due: `ttl` of queued commands, `timeout` of sent ones.
@@ -590,6 +904,7 @@ impl Dispatcher {
         for id in closed {
             self.lost(&id).await;
         }
+        self.held_tick();
         self.pollers.retain(|_, p| !p.is_closed());
         self.ws.retain(|_, conns| {
             conns.retain(|c| !c.is_closed());
@@ -598,12 +913,30 @@ impl Dispatcher {
         let waiting: Vec<String> = self
             .devices
             .iter()
-            .filter(|(_, q)| q.in_flight.is_none() && !q.queued.is_empty())
+            .filter(|(_, q)| q.in_flight.is_none() && q.offering.is_none() && !q.queued.is_empty())
             .map(|(d, _)| d.clone())
             .collect();
         for device in waiting {
             self.dispatch(&device, downlinks).await;
         }
+    }
+
+    /// Held deliveries whose WebSocket closed before the receipt are lost (the owner is
+    /// told); those past their time are forgotten.
+    fn held_tick(&mut self) {
+        let now = Instant::now();
+        let lost: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, h)| !h.received && h.ws.as_ref().is_some_and(|tx| tx.is_closed()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lost {
+            if let (Some(h), Some(remote)) = (self.held.remove(&id), self.remote.as_ref()) {
+                self.notices.push(remote.lost(&h.owner, &h.device, &id));
+            }
+        }
+        self.held.retain(|_, h| h.until > now);
     }
 
     /// A command reached a final state: stored, announced, and forgotten here.
@@ -657,7 +990,9 @@ impl Dispatcher {
         if self
             .devices
             .get(device)
-            .is_some_and(|q| q.open == 0 && q.queued.is_empty() && q.in_flight.is_none())
+            .is_some_and(|q| {
+                q.open == 0 && q.queued.is_empty() && q.in_flight.is_none() && q.offering.is_none()
+            })
         {
             self.devices.remove(device);
         }
@@ -704,6 +1039,9 @@ impl Dispatcher {
             delivery,
             reply,
         });
+        if let Some(remote) = &self.remote {
+            remote.changed(cmd);
+        }
         // Nobody listening is fine; a lagging listener is told by the channel.
         let _ = self.events.send(Arc::new(cmd.clone()));
     }

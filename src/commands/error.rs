@@ -40,6 +40,9 @@ pub enum CommandsError {
     /// The gateway is shutting down.
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// Cluster mode: the node that owns the command did not answer (try again).
+    #[error("the node that owns command `{0}` cannot be reached now; try again")]
+    OwnerUnreachable(String),
     /// The registry database failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -61,4 +64,8 @@ pub enum ReplyRefused {
     /// The gateway is shutting down: the reply was not recorded (send it again).
     #[error("the gateway is shutting down; send the reply again")]
     ShuttingDown,
+    /// Cluster mode: the node that owns the command did not answer; the reply was not
+    /// recorded (send it again).
+    #[error("the command's node cannot be reached now; send the reply again")]
+    OwnerUnreachable,
 }

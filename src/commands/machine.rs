@@ -119,6 +119,7 @@ mod tests {
             finished_ms: None,
             result: None,
             error: None,
+            node: String::new(),
         }
     }
 

@@ -20,20 +20,22 @@ mod dispatcher;
 mod error;
 mod expiry;
 pub mod machine;
+pub mod remote;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-pub use dispatcher::Dispatcher;
+pub use dispatcher::{Dispatcher, MAX_HELD, MAX_OFFERS};
 pub use error::{CommandsError, ReplyRefused};
+pub use remote::{Confirm, Offered, Remote, RemoteFuture, RemoteOffer, Via};
 
 use crate::config::CommandsConfig;
 use crate::model::{Command, CommandState, Outgoing, Reply, now_ms};
-use crate::observe::Metrics;
+use crate::observe::{CommandRefusal, Event, Metrics};
 use crate::registry::Registry;
-use dispatcher::Request;
+use dispatcher::{Answer, Request};
 
 /// Requests waiting for the dispatcher.
 pub const REQUEST_QUEUE: usize = 1024;
@@ -63,6 +65,9 @@ pub struct Commands {
     tx: mpsc::Sender<Request>,
     events: broadcast::Sender<Arc<Command>>,
     config: Arc<CommandsConfig>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    remote: Option<Arc<dyn Remote>>,
 }
 
 impl Commands {
@@ -72,11 +77,36 @@ impl Commands {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> (Commands, Dispatcher) {
+        Commands::with_remote(config, registry, metrics, None)
+    }
+
+    /// [`new`](Self::new), in cluster mode: `remote` reaches the other nodes.
+    pub fn with_remote(
+        config: CommandsConfig,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        remote: Option<Arc<dyn Remote>>,
+    ) -> (Commands, Dispatcher) {
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
         let (events, _) = broadcast::channel(EVENT_QUEUE);
         let config = Arc::new(config);
-        let dispatcher = Dispatcher::new(registry, metrics, config.clone(), rx, events.clone());
-        (Commands { tx, events, config }, dispatcher)
+        let dispatcher = Dispatcher::new(
+            registry.clone(),
+            metrics.clone(),
+            config.clone(),
+            rx,
+            events.clone(),
+            remote.clone(),
+        );
+        let commands = Commands {
+            tx,
+            events,
+            config,
+            registry,
+            metrics,
+            remote,
+        };
+        (commands, dispatcher)
     }
 
     /// The settings.
@@ -91,32 +121,141 @@ impl Commands {
         self.call(|resp| Request::Create { cmd, resp }).await?
     }
 
-    /// Cancel a queued command.
+    /// Cancel a queued command (in cluster mode, another node's command is cancelled by
+    /// that node).
     pub async fn cancel(&self, device: &str, id: &str) -> Result<Command, CommandsError> {
+        match self.cancel_at(device, id).await? {
+            Answer::Here(r) => r,
+            Answer::Owner(owner) => match &self.remote {
+                Some(remote) => remote.cancel(&owner, device, id).await,
+                None => Err(CommandsError::NotFound(id.to_owned())),
+            },
+            Answer::Unknown => Err(CommandsError::NotFound(id.to_owned())),
+        }
+    }
+
+    /// A cancel that another node forwarded: answered here, never forwarded again.
+    pub async fn cancel_forwarded(&self, device: &str, id: &str) -> Result<Command, CommandsError> {
+        match self.cancel_at(device, id).await? {
+            Answer::Here(r) => r,
+            Answer::Owner(_) | Answer::Unknown => Err(CommandsError::NotFound(id.to_owned())),
+        }
+    }
+
+    async fn cancel_at(
+        &self,
+        device: &str,
+        id: &str,
+    ) -> Result<Answer<Result<Command, CommandsError>>, CommandsError> {
         let (device, id) = (device.to_owned(), id.to_owned());
-        self.call(|resp| Request::Cancel { device, id, resp })
-            .await?
+        self.call(|resp| Request::Cancel { device, id, resp }).await
     }
 
     /// `device` confirmed receipt of command `id` (WS `received`).
     pub async fn received(&self, device: &str, id: &str) -> Result<(), ReplyRefused> {
-        let (device, id) = (device.to_owned(), id.to_owned());
-        self.call(|resp| Request::Received { device, id, resp })
-            .await
-            .unwrap_or(Err(ReplyRefused::ShuttingDown))
+        self.confirm(device, id, Confirm::Received, true).await
     }
 
     /// `device` answered command `id`.
     pub async fn reply(&self, device: &str, id: &str, reply: Reply) -> Result<(), ReplyRefused> {
-        let (device, id) = (device.to_owned(), id.to_owned());
-        self.call(|resp| Request::Reply {
+        self.confirm(device, id, Confirm::Reply(reply), true).await
+    }
+
+    /// A receipt or reply that another node forwarded: answered here, never forwarded
+    /// again (so two nodes can never send one back and forth).
+    pub async fn confirm_forwarded(
+        &self,
+        device: &str,
+        id: &str,
+        what: Confirm,
+    ) -> Result<(), ReplyRefused> {
+        self.confirm(device, id, what, false).await
+    }
+
+    async fn confirm(
+        &self,
+        device: &str,
+        id: &str,
+        what: Confirm,
+        forward: bool,
+    ) -> Result<(), ReplyRefused> {
+        let (d, i) = (device.to_owned(), id.to_owned());
+        let answer = self
+            .call(|resp| Request::Confirm {
+                device: d,
+                id: i,
+                what: what.clone(),
+                resp,
+            })
+            .await
+            .unwrap_or(Answer::Here(Err(ReplyRefused::ShuttingDown)));
+        let owner = match answer {
+            Answer::Here(r) => return r,
+            Answer::Owner(owner) => Some(owner),
+            // Neither this node's nor delivered by it: the row names the owner (the
+            // registry is shared in cluster mode), e.g. after this node restarted.
+            Answer::Unknown if forward => self.owner_of(device, id).await,
+            Answer::Unknown => None,
+        };
+        match (owner, &self.remote) {
+            (Some(owner), Some(remote)) if forward => {
+                remote.confirm(&owner, device, id, what).await
+            }
+            _ => {
+                self.metrics.emit(Event::CommandRefused {
+                    device,
+                    id,
+                    reason: CommandRefusal::UnknownCommand,
+                });
+                Err(ReplyRefused::Unknown)
+            }
+        }
+    }
+
+    /// The node that owns `device`'s unfinished command `id`, when another node does.
+    async fn owner_of(&self, device: &str, id: &str) -> Option<String> {
+        let remote = self.remote.as_ref()?;
+        let reg = self.registry.clone();
+        let (d, i) = (device.to_owned(), id.to_owned());
+        let row = tokio::task::spawn_blocking(move || reg.command_get(&d, &i))
+            .await
+            .ok()?
+            .ok()??;
+        (!row.state.is_final() && !row.node.is_empty() && row.node != remote.node())
+            .then_some(row.node)
+    }
+
+    /// Another node (the owner) offers its command for `device`: handed to a
+    /// transport here, or `None` when the device is not reachable here.
+    pub async fn offer_here(&self, device: &str, offer: RemoteOffer) -> Option<Via> {
+        let device = device.to_owned();
+        self.call(|resp| Request::Offer {
             device,
-            id,
-            reply,
+            offer,
             resp,
         })
         .await
-        .unwrap_or(Err(ReplyRefused::ShuttingDown))
+        .ok()
+        .flatten()
+    }
+
+    /// Node `node` (a holder) lost this node's command `id` before the device
+    /// confirmed it: it is queued again.
+    pub async fn lost_at(&self, node: &str, device: &str, id: &str) {
+        let _ = self
+            .tx
+            .send(Request::Lost {
+                node: node.to_owned(),
+                device: device.to_owned(),
+                id: id.to_owned(),
+            })
+            .await;
+    }
+
+    /// Another node's command changed state: told to this node's listeners (live
+    /// streams, waiting requests) like a change here.
+    pub fn changed_elsewhere(&self, cmd: Command) {
+        let _ = self.events.send(Arc::new(cmd));
     }
 
     /// A WebSocket ingest connection of `device` opened: commands for it arrive on the
@@ -227,6 +366,7 @@ impl Commands {
             finished_ms: None,
             result: None,
             error: None,
+            node: String::new(),
         })
     }
 }

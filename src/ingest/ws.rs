@@ -323,7 +323,7 @@ async fn command_answer(st: &AppState, device: &DeviceId, frame: ControlFrame) -
         ReplyRefused::Unknown => "unknown_command",
         ReplyRefused::NotSent => "not_sent",
         ReplyRefused::Malformed => "malformed_reply",
-        ReplyRefused::ShuttingDown => "unavailable",
+        ReplyRefused::ShuttingDown | ReplyRefused::OwnerUnreachable => "unavailable",
     };
     Some(
         serde_json::json!({"type": "error", "id": id, "reason": reason, "detail": detail})

@@ -115,6 +115,9 @@ pub struct Command {
     pub result: Option<serde_json::Value>,
     /// The device's `error`, or why the gateway ended it (`timeout`).
     pub error: Option<String>,
+    /// Cluster mode: the node that created it and runs its life until it finishes
+    /// (`cluster.node_id`); empty on a single node.
+    pub node: String,
 }
 
 impl Command {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::auth_metrics::{AuthTable, Credential, KeyMiss, OperatorRefusal};
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::labels::{
-    CommandRefusal, HttpCloseReason, MqttCloseReason, MqttViolation, ResumeSource,
+    CommandRefusal, CommandRouteFailure, HttpCloseReason, MqttCloseReason, MqttViolation, ResumeSource,
 };
 use super::tls_metrics::{TlsFailure, TlsListener};
 use crate::model::{AuthFailure, CommandState, Transport};
@@ -289,6 +289,15 @@ pub enum Event<'a> {
         id: &'a str,
         /// Why.
         reason: CommandRefusal,
+    },
+    /// Cluster mode: routing a command between nodes failed.
+    CommandRouteFailed {
+        /// The command (empty when a message could not be read).
+        id: &'a str,
+        /// The other node.
+        node: &'a str,
+        /// Why.
+        reason: CommandRouteFailure,
     },
     /// A command's new state could not be written to the registry database; it holds
     /// in memory and is written with the command's next step (a restart meanwhile

@@ -294,6 +294,47 @@ pub enum CommandRefusal {
     MalformedReply,
 }
 
+/// Why routing a command between cluster nodes failed
+/// (`fluxgate_command_route_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandRouteFailure {
+    /// The holder declined an offer: it already remembers `MAX_HELD` deliveries for other
+    /// nodes (the command stays queued at its owner).
+    HeldFull,
+    /// An offer to the holder got no answer (the command stays queued; the next tick
+    /// offers it again).
+    OfferFailed,
+    /// A receipt, reply, loss or cancel did not reach the command's owner.
+    ForwardFailed,
+    /// A state change was not published to the other nodes (its queue was full or
+    /// NATS refused it): their live streams miss it; the registry has it.
+    EventDropped,
+    /// A message from another node that is not one this version understands.
+    BadMessage,
+}
+
+impl CommandRouteFailure {
+    /// Every reason, in discriminant order.
+    pub(super) const ALL: [CommandRouteFailure; 5] = [
+        CommandRouteFailure::HeldFull,
+        CommandRouteFailure::OfferFailed,
+        CommandRouteFailure::ForwardFailed,
+        CommandRouteFailure::EventDropped,
+        CommandRouteFailure::BadMessage,
+    ];
+
+    /// The metric label.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            CommandRouteFailure::HeldFull => "held_full",
+            CommandRouteFailure::OfferFailed => "offer_failed",
+            CommandRouteFailure::ForwardFailed => "forward_failed",
+            CommandRouteFailure::EventDropped => "event_dropped",
+            CommandRouteFailure::BadMessage => "bad_message",
+        }
+    }
+}
+
 impl CommandRefusal {
     /// Every reason, in discriminant order.
     pub(super) const ALL: [CommandRefusal; 4] = [
@@ -338,6 +379,9 @@ mod tests {
             assert_eq!(*r as usize, i, "{r:?}");
         }
         for (i, r) in CommandRefusal::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        for (i, r) in CommandRouteFailure::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{r:?}");
         }
         for (i, t) in Transport::ALL.iter().enumerate() {

@@ -37,11 +37,13 @@ pub(super) enum LogClass {
     HttpRefused,
     /// A command request or a device's reply to a command was refused.
     CommandRefused,
+    /// Routing a command between cluster nodes failed.
+    CommandRoute,
 }
 
 impl LogClass {
     /// How many classes there are; the discriminant indexes [`LogBudgets`].
-    const COUNT: usize = 10;
+    const COUNT: usize = 11;
 }
 
 /// One budget per [`LogClass`].
@@ -109,6 +111,7 @@ mod tests {
         LogClass::StoreQueryRejected,
         LogClass::HttpRefused,
         LogClass::CommandRefused,
+        LogClass::CommandRoute,
     ];
 
     /// Uses up the budget of `class` in `second` and checks that the next line is

@@ -14,7 +14,7 @@ use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::event::Event;
 use super::histogram::{COMMAND_SECONDS_BOUNDS, Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
 use super::labels::{
-    CommandRefusal, HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource,
+    CommandRefusal, CommandRouteFailure, HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource,
     transport_index,
 };
 use super::log_budget::{LogBudgets, LogClass};
@@ -111,6 +111,7 @@ pub struct Metrics {
     pub(super) commands_refused: [AtomicU64; CommandRefusal::ALL.len()],
     /// Failed writes of a command's state.
     pub(super) command_store_errors: AtomicU64,
+    pub(super) command_route_failures: [AtomicU64; CommandRouteFailure::ALL.len()],
     /// Seconds from sending a command to the device's confirmation.
     pub(super) command_delivery: Histogram,
     /// Seconds from sending a command to the device's reply.
@@ -208,6 +209,7 @@ impl Default for Metrics {
             commands: Default::default(),
             commands_refused: Default::default(),
             command_store_errors: AtomicU64::new(0),
+            command_route_failures: Default::default(),
             command_delivery: Histogram::new(COMMAND_SECONDS_BOUNDS, 1e6),
             command_reply: Histogram::new(COMMAND_SECONDS_BOUNDS, 1e6),
             log_budgets: LogBudgets::default(),
@@ -617,6 +619,18 @@ impl Metrics {
                         reason = reason.as_str(),
                         suppressed,
                         "command request or reply refused"
+                    );
+                }
+            }
+            Event::CommandRouteFailed { id, node, reason } => {
+                self.command_route_failures[reason as usize].fetch_add(1, Relaxed);
+                if let Some(suppressed) = self.log_budgets.take(LogClass::CommandRoute) {
+                    tracing::warn!(
+                        id,
+                        node,
+                        reason = reason.as_str(),
+                        suppressed,
+                        "routing a command between nodes failed"
                     );
                 }
             }

@@ -12,7 +12,7 @@ use fluxgate_proto::DECODE_ERROR_REASONS;
 
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::labels::{
-    CommandRefusal, HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource,
+    CommandRefusal, CommandRouteFailure, HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource,
     transport_index,
 };
 use super::metrics::Metrics;
@@ -196,6 +196,13 @@ impl Metrics {
             "Command requests and device replies to commands refused, by reason.",
             CommandRefusal::ALL.iter().map(|r| r.as_str()),
             &self.commands_refused,
+        );
+        labelled_counter(
+            &mut out,
+            "fluxgate_command_route_failures_total",
+            "Cluster mode: failures routing commands between nodes, by reason.",
+            CommandRouteFailure::ALL.iter().map(|r| r.as_str()),
+            &self.command_route_failures,
         );
         self.command_delivery.render(
             &mut out,

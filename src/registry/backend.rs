@@ -105,8 +105,9 @@ pub(super) trait Backend: Send + Sync {
     fn command_insert(&self, c: &Command, keep_finished: usize) -> Result<i64, RegistryError>;
     /// Store a command's state and timestamps.
     fn command_update(&self, c: &Command) -> Result<(), RegistryError>;
-    /// Every unfinished command, in creation order.
-    fn commands_open(&self) -> Result<Vec<Command>, RegistryError>;
+    /// Every unfinished command owned by `node` (empty on a single node), in creation
+    /// order.
+    fn commands_open(&self, node: &str) -> Result<Vec<Command>, RegistryError>;
     /// One command of a device.
     fn command_get(&self, device: &str, id: &str) -> Result<Option<Command>, RegistryError>;
     /// A page of a device's commands after `after`, in `state` when given.
@@ -151,7 +152,7 @@ pub(super) const KEY_COLUMNS: &str = "id, name, role, hash, created_ms";
 /// The columns of a command row, in the order [`command_from`] reads them.
 pub(super) const COMMAND_COLUMNS: &str = "seq, id, device, name, params, timeout_ms, ttl_ms, \
                                           state, created_ms, sent_ms, delivered_ms, \
-                                          finished_ms, result, error";
+                                          finished_ms, result, error, node";
 
 /// A result row's columns by index, whichever database it came from, so that rows
 /// become records in one place.
@@ -235,6 +236,7 @@ pub(super) fn command_from(r: &impl Columns) -> Result<Command, RegistryError> {
         finished_ms: ms(11)?,
         result: r.opt_text(12)?.and_then(|t| serde_json::from_str(&t).ok()),
         error: r.opt_text(13)?,
+        node: r.text(14)?,
     })
 }
 

@@ -21,9 +21,10 @@ impl Registry {
         self.backend.command_update(c)
     }
 
-    /// Every command that has not finished, in creation order (loaded at start).
-    pub fn commands_open(&self) -> Result<Vec<Command>, RegistryError> {
-        self.backend.commands_open()
+    /// Every command of `node` (its owner; empty on a single node) that has not
+    /// finished, in creation order (loaded at start: a node resumes its own commands).
+    pub fn commands_open(&self, node: &str) -> Result<Vec<Command>, RegistryError> {
+        self.backend.commands_open(node)
     }
 
     /// One command of `device`.

@@ -86,6 +86,10 @@ CREATE TABLE commands (
     error        TEXT
 );
 CREATE INDEX commands_by_device ON commands (device, seq);
+", "
+-- 2: the cluster node that owns a command.
+ALTER TABLE commands ADD COLUMN node TEXT NOT NULL DEFAULT '';
+CREATE INDEX commands_by_node ON commands (node, state);
 "];
 
 /// A connection whose I/O future the caller drives (the change listener reads
@@ -559,8 +563,8 @@ impl Backend for Postgres {
             }
             let seq: i64 = tx
                 .query_one(
-                    "INSERT INTO commands (id, device, name, params, timeout_ms, ttl_ms, state, created_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq",
+                    "INSERT INTO commands (id, device, name, params, timeout_ms, ttl_ms, state, created_ms, node)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING seq",
                     &[
                         &c.id,
                         &c.device,
@@ -570,6 +574,7 @@ impl Backend for Postgres {
                         &to_i64(c.ttl_ms),
                         &c.state.as_str(),
                         &to_i64(c.created_ms),
+                        &c.node,
                     ],
                 )
                 .await?
@@ -608,13 +613,14 @@ impl Backend for Postgres {
         })
     }
 
-    fn commands_open(&self) -> Result<Vec<Command>, RegistryError> {
+    fn commands_open(&self, node: &str) -> Result<Vec<Command>, RegistryError> {
         self.read(async |c| {
             c.query(
                 &format!(
-                    "SELECT {COMMAND_COLUMNS} FROM commands WHERE state NOT IN {FINAL_STATES} ORDER BY seq"
+                    "SELECT {COMMAND_COLUMNS} FROM commands WHERE node = $1 AND state NOT IN {FINAL_STATES} \
+                     ORDER BY seq"
                 ),
-                &[],
+                &[&node],
             )
             .await?
             .iter()

@@ -64,6 +64,11 @@ CREATE TABLE IF NOT EXISTS commands (
     error        TEXT
 ) STRICT;
 CREATE INDEX IF NOT EXISTS commands_by_device ON commands (device, seq);
+", "
+-- 2: the cluster node that owns a command (empty on a single node and for every command
+-- from before cluster mode).
+ALTER TABLE commands ADD COLUMN node TEXT NOT NULL DEFAULT '';
+CREATE INDEX commands_by_node ON commands (node, state);
 "];
 
 /// The SQLite backend.
@@ -358,7 +363,7 @@ impl Backend for Sqlite {
         tx.execute(
             &format!(
                 "INSERT INTO commands ({COMMAND_COLUMNS}) VALUES \
-                 (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, NULL, NULL, NULL, NULL)"
+                 (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, NULL, NULL, NULL, NULL, ?9)"
             ),
             params![
                 c.id,
@@ -369,6 +374,7 @@ impl Backend for Sqlite {
                 to_i64(c.ttl_ms),
                 c.state.as_str(),
                 to_i64(c.created_ms),
+                c.node,
             ],
         )?;
         let seq = tx.last_insert_rowid();
@@ -402,12 +408,13 @@ impl Backend for Sqlite {
         Ok(())
     }
 
-    fn commands_open(&self) -> Result<Vec<Command>, RegistryError> {
+    fn commands_open(&self, node: &str) -> Result<Vec<Command>, RegistryError> {
         let db = lock(&self.db);
         let mut stmt = db.prepare(&format!(
-            "SELECT {COMMAND_COLUMNS} FROM commands WHERE state NOT IN {FINAL_STATES} ORDER BY seq"
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE node = ?1 AND state NOT IN {FINAL_STATES} \
+             ORDER BY seq"
         ))?;
-        let rows = stmt.query_map([], |r| Ok(command_from(r)))?;
+        let rows = stmt.query_map([node], |r| Ok(command_from(r)))?;
         rows.map(|r| r?).collect()
     }
 

@@ -28,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::throttle::{FailureThrottle, ThrottleSettings};
 use crate::api::{self, ApiSettings, AppState};
-use crate::cluster::{Engines, Follower, PresenceSync, Publisher, TsdbFeeder};
-use crate::commands::Commands;
+use crate::cluster::{
+    CommandRelay, Engines, Follower, NatsRoute, PresenceSync, Publisher, TsdbFeeder,
+};
+use crate::commands::{Commands, Remote};
 use crate::config::Config;
 use crate::ingest::mqtt::{MqttCommands, MqttIngest};
 use crate::live::{Hub, HubLimits};
@@ -295,7 +297,21 @@ impl Gateway {
         // Cluster mode: the pipeline's batches go to the stream (the publisher's queue:
         // full-policy backpressure, like the store's), and this node's follower applies
         // the whole stream to the local store and hub.
+        let mut command_route = None;
         if let Some(engines) = engines {
+            // Commands across nodes: the port the dispatcher asks other nodes through,
+            // and the queue of changes it publishes (full-policy: dropped, counted; see
+            // cluster::commands).
+            command_route = Some((
+                NatsRoute::new(
+                    engines.jetstream.client(),
+                    config.cluster.node_id.clone(),
+                    engines.presence.clone(),
+                    registry.clone(),
+                    metrics.clone(),
+                ),
+                engines.jetstream.client(),
+            ));
             let (tx, rx) = flume::bounded::<DurableBatch>(config.batch.queue_capacity);
             let publisher = Publisher {
                 jetstream: engines.jetstream.clone(),
@@ -356,8 +372,30 @@ impl Gateway {
         // is bounded (full-policy: callers wait; reachability hints are dropped and the
         // dispatcher's retry tick covers them). The push transports (MQTT) are its
         // inputs; WS connections and HTTP long polls attach through the handle.
-        let (commands, dispatcher) =
-            Commands::new(config.commands.clone(), registry.clone(), metrics.clone());
+        // In cluster mode the remote port reaches the other nodes, and the relay answers
+        // them (at most MAX_SERVING requests at once).
+        let (route, relay) = match command_route {
+            Some(((route, outbox), client)) => (
+                Some(Arc::new(route) as Arc<dyn Remote>),
+                Some((outbox, client)),
+            ),
+            None => (None, None),
+        };
+        let (commands, dispatcher) = Commands::with_remote(
+            config.commands.clone(),
+            registry.clone(),
+            metrics.clone(),
+            route,
+        );
+        if let Some((outbox, client)) = relay {
+            let relay = CommandRelay {
+                client,
+                node_id: config.cluster.node_id.clone(),
+                commands: commands.clone(),
+                metrics: metrics.clone(),
+            };
+            tasks.push(tokio::spawn(relay.run(outbox, shutdown.clone())));
+        }
         let mut downlinks: Vec<Arc<dyn Downlink>> = Vec::new();
 
         let mut mqtt_commands = None;

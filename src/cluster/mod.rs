@@ -10,6 +10,7 @@
 //! settings (changing a stream under running nodes is an operator's decision, not a
 //! side effect of starting one more node).
 
+pub mod commands;
 mod follower;
 mod nats;
 mod presence;
@@ -21,6 +22,7 @@ mod tsdb;
 
 use crate::config::ClusterConfig;
 
+pub use commands::{CommandRelay, NatsRoute};
 pub use follower::Follower;
 pub use presence::PresenceSync;
 pub use publisher::Publisher;

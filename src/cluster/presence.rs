@@ -37,6 +37,15 @@ fn device(key: &str) -> String {
     key.replace('=', ".")
 }
 
+/// The node that last reported `device` connected (the bucket drops a report after
+/// `presence_ttl`); `None` when none did, or the bucket cannot be read.
+pub(super) async fn holder(bucket: &Store, device: &str) -> Option<String> {
+    let value = bucket.get(key(device)).await.ok()??;
+    serde_json::from_slice::<Report>(&value)
+        .ok()
+        .map(|r| r.node)
+}
+
 /// The presence component.
 pub struct PresenceSync {
     /// The presence bucket.

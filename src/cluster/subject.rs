@@ -14,6 +14,20 @@ pub const TSDB_CONSUMER: &str = "tsdb";
 /// The key-value bucket of device presence.
 pub const PRESENCE_BUCKET: &str = "fluxgate_presence";
 
+/// Requests to node `node_id` about commands (offers from owners; receipts, replies,
+/// losses and cancels from other nodes), answered with NATS request/reply.
+pub fn commands(node_id: &str) -> String {
+    format!("fluxgate.commands.{node_id}")
+}
+
+/// Every node's command state changes (each node publishes those of the commands it
+/// owns and follows the others').
+pub const COMMAND_EVENTS: &str = "fluxgate.command_events";
+
+/// "Device `d` may be reachable at node `n` now", so that owners of its queued commands
+/// offer them at once rather than at their next retry.
+pub const COMMAND_REACHABLE: &str = "fluxgate.command_reachable";
+
 /// The durable consumer through which node `node_id` follows the whole stream into its
 /// local replica. The node id is validated by the config to `[A-Za-z0-9_-]`.
 pub fn replica_consumer(node_id: &str) -> String {
@@ -42,5 +56,6 @@ mod tests {
         assert_eq!(telemetry("a.b."), "fluxgate.telemetry.a~b~");
         assert_ne!(telemetry("a.b"), telemetry("a-b"));
         assert_eq!(replica_consumer("node-a"), "replica-node-a");
+        assert_eq!(commands("node-a"), "fluxgate.commands.node-a");
     }
 }

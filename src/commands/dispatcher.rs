@@ -92,6 +92,11 @@ pub(super) enum Request {
         offer: RemoteOffer,
         resp: oneshot::Sender<Option<Via>>,
     },
+    /// From another node: `device` may be reachable there now.
+    ReachableAt {
+        device: String,
+        node: String,
+    },
     /// From another node (the holder): its transport lost command `id`.
     Lost {
         node: String,
@@ -345,7 +350,11 @@ impl Dispatcher {
                 what,
                 resp,
             } => {
-                let r = if self.entries.get(&id).is_some_and(|e| e.cmd.device == device) {
+                let r = if self
+                    .entries
+                    .get(&id)
+                    .is_some_and(|e| e.cmd.device == device)
+                {
                     let step = match what {
                         Confirm::Received => Step::Delivered,
                         Confirm::Reply(reply) => Step::Reply(reply),
@@ -365,7 +374,8 @@ impl Dispatcher {
             }
             Request::Lost { node, device, id } => {
                 let by_it = self.entries.get(&id).is_some_and(|e| {
-                    e.cmd.device == device && matches!(&e.route, Some(Route::Remote(n)) if *n == node)
+                    e.cmd.device == device
+                        && matches!(&e.route, Some(Route::Remote(n)) if *n == node)
                 });
                 if by_it {
                     self.lost(&id).await;
@@ -377,14 +387,29 @@ impl Dispatcher {
                 conns.retain(|c| !c.is_closed());
                 conns.push(tx);
                 self.dispatch(&device, downlinks).await;
+                self.tell_reachable(&device);
             }
             Request::Poll { device, tx } => {
                 // A newer poll of the same device replaces the older, which then
                 // answers 204 at once: one waiting poll per device at most.
                 self.pollers.insert(device.clone(), tx);
                 self.dispatch(&device, downlinks).await;
+                self.tell_reachable(&device);
             }
-            Request::Reachable { device } => self.dispatch(&device, downlinks).await,
+            Request::Reachable { device } => {
+                self.dispatch(&device, downlinks).await;
+                self.tell_reachable(&device);
+            }
+            Request::ReachableAt { device, node } => {
+                let next = self
+                    .devices
+                    .get(&device)
+                    .filter(|q| q.in_flight.is_none() && q.offering.is_none())
+                    .and_then(|q| q.queued.front().cloned());
+                if let Some(id) = next {
+                    self.offer_remote(&device, &id, Some(&node));
+                }
+            }
         }
     }
 
@@ -479,7 +504,12 @@ impl Dispatcher {
 
     /// A receipt or reply for a command this node does not own: forwarded to its owner
     /// when this node delivered it; otherwise unknown here.
-    fn confirm_held(&mut self, device: &str, id: &str, what: &Confirm) -> Answer<Result<(), ReplyRefused>> {
+    fn confirm_held(
+        &mut self,
+        device: &str,
+        id: &str,
+        what: &Confirm,
+    ) -> Answer<Result<(), ReplyRefused>> {
         let Some(held) = self.held.get_mut(id).filter(|h| h.device == device) else {
             if self.remote.is_some() {
                 return Answer::Unknown;
@@ -584,7 +614,8 @@ impl Dispatcher {
                 let _ = f.await;
             }));
         } else if let Some(held) = self.held.remove(id) {
-            self.notices.push(remote.lost(&held.owner, &held.device, id));
+            self.notices
+                .push(remote.lost(&held.owner, &held.device, id));
         }
     }
 
@@ -602,9 +633,10 @@ impl Dispatcher {
         {
             q.offering = None;
         }
-        let current = self.entries.get(id).is_some_and(|e| {
-            e.attempt + 1 == attempt && e.cmd.state == CommandState::Queued
-        });
+        let current = self
+            .entries
+            .get(id)
+            .is_some_and(|e| e.attempt + 1 == attempt && e.cmd.state == CommandState::Queued);
         // Taken after it was cancelled or expired meanwhile: the device may run it;
         // its reply is refused as unknown (see ARCHITECTURE "Commands across nodes").
         let Offered::Taken { node, via } = offered else {
@@ -795,7 +827,7 @@ impl Dispatcher {
                 polled = true;
             }
             let Some(route) = route else {
-                self.offer_remote(device, &id);
+                self.offer_remote(device, &id, None);
                 return;
             };
             let now = now_ms();
@@ -838,7 +870,7 @@ impl Dispatcher {
 
     /// Offer `device`'s next command `id` to the node that holds the device, if another
     /// node does and the offers in the air leave room.
-    fn offer_remote(&mut self, device: &str, id: &str) {
+    fn offer_remote(&mut self, device: &str, id: &str, holder: Option<&str>) {
         let Some(remote) = self.remote.clone() else {
             return;
         };
@@ -854,7 +886,7 @@ impl Dispatcher {
             timeout_ms: entry.cmd.timeout_ms,
         };
         let attempt = entry.attempt + 1;
-        let Some(answer) = remote.offer(device, offer) else {
+        let Some(answer) = remote.offer(device, holder, offer) else {
             return;
         };
         if let Some(q) = self.devices.get_mut(device) {
@@ -863,6 +895,13 @@ impl Dispatcher {
         let (device, id) = (device.to_owned(), id.to_owned());
         self.offers
             .push(Box::pin(async move { (device, id, attempt, answer.await) }));
+    }
+
+    /// Cluster mode: tell the other nodes that `device` may be reachable here.
+    fn tell_reachable(&self, device: &str) {
+        if let Some(remote) = &self.remote {
+            remote.reachable(device);
+        }
     }
 
     /// Deadlines that came due: `ttl` of queued commands, `timeout` of sent ones.
@@ -987,13 +1026,9 @@ impl Dispatcher {
 
     /// Drop a device's queue entry when nothing of it is left.
     fn forget(&mut self, device: &str) {
-        if self
-            .devices
-            .get(device)
-            .is_some_and(|q| {
-                q.open == 0 && q.queued.is_empty() && q.in_flight.is_none() && q.offering.is_none()
-            })
-        {
+        if self.devices.get(device).is_some_and(|q| {
+            q.open == 0 && q.queued.is_empty() && q.in_flight.is_none() && q.offering.is_none()
+        }) {
             self.devices.remove(device);
         }
     }

@@ -252,6 +252,15 @@ impl Commands {
             .await;
     }
 
+    /// Another node says `device` may be reachable there: its queued commands here are
+    /// offered to it. Never waits (full queue: dropped, the retry tick covers it).
+    pub fn reachable_at(&self, device: &str, node: &str) {
+        let _ = self.tx.try_send(Request::ReachableAt {
+            device: device.to_owned(),
+            node: node.to_owned(),
+        });
+    }
+
     /// Another node's command changed state: told to this node's listeners (live
     /// streams, waiting requests) like a change here.
     pub fn changed_elsewhere(&self, cmd: Command) {

@@ -90,10 +90,20 @@ pub trait Remote: Send + Sync {
     /// This node's id: the owner written on the commands it creates.
     fn node(&self) -> &str;
 
-    /// Offer `offer` for `device` to the node that holds its connection. `None` when no
-    /// other node is known to hold it (checked without waiting), so there is nothing to
-    /// ask.
-    fn offer(&self, device: &str, offer: RemoteOffer) -> Option<RemoteFuture<Offered>>;
+    /// Offer `offer` for `device` to the node that holds its connection: `holder` when
+    /// known (it said the device is reachable there), else the one presence names.
+    /// `None` when no other node is known to hold it (checked without waiting), so there
+    /// is nothing to ask.
+    fn offer(
+        &self,
+        device: &str,
+        holder: Option<&str>,
+        offer: RemoteOffer,
+    ) -> Option<RemoteFuture<Offered>>;
+
+    /// `device` may be reachable here now (it connected, subscribed, or polls): the
+    /// owners of its queued commands offer them at once. Never waits.
+    fn reachable(&self, device: &str);
 
     /// Forward a device's receipt or reply to `owner`; its answer is the device's.
     fn confirm(

@@ -11,7 +11,8 @@ use std::time::Duration;
 use super::auth_metrics::{AuthTable, Credential, KeyMiss, OperatorRefusal};
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::labels::{
-    CommandRefusal, CommandRouteFailure, HttpCloseReason, MqttCloseReason, MqttViolation, ResumeSource,
+    CommandRefusal, CommandRouteFailure, HttpCloseReason, MqttCloseReason, MqttViolation,
+    ResumeSource,
 };
 use super::tls_metrics::{TlsFailure, TlsListener};
 use crate::model::{AuthFailure, CommandState, Transport};

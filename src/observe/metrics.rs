@@ -14,8 +14,8 @@ use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::event::Event;
 use super::histogram::{COMMAND_SECONDS_BOUNDS, Histogram, ROWS_BOUNDS, SECONDS_BOUNDS};
 use super::labels::{
-    CommandRefusal, CommandRouteFailure, HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource,
-    transport_index,
+    CommandRefusal, CommandRouteFailure, HttpCloseReason, MqttCloseReason, MqttViolation, Queue,
+    ResumeSource, transport_index,
 };
 use super::log_budget::{LogBudgets, LogClass};
 use super::tls_metrics::{TlsListener, TlsMetrics};

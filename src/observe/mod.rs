@@ -37,7 +37,8 @@ pub use auth_metrics::{AuthTable, Credential, KeyMiss, OperatorRefusal};
 pub use drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 pub use event::Event;
 pub use labels::{
-    CommandRefusal, CommandRouteFailure, HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource,
+    CommandRefusal, CommandRouteFailure, HttpCloseReason, MqttCloseReason, MqttViolation, Queue,
+    ResumeSource,
 };
 pub use metrics::Metrics;
 pub use tls_metrics::{TlsFailure, TlsListener};

@@ -12,8 +12,8 @@ use fluxgate_proto::DECODE_ERROR_REASONS;
 
 use super::drop_reason::{MessageDropReason, PointDropReason, ReadingDropReason};
 use super::labels::{
-    CommandRefusal, CommandRouteFailure, HttpCloseReason, MqttCloseReason, MqttViolation, Queue, ResumeSource,
-    transport_index,
+    CommandRefusal, CommandRouteFailure, HttpCloseReason, MqttCloseReason, MqttViolation, Queue,
+    ResumeSource, transport_index,
 };
 use super::metrics::Metrics;
 use crate::model::{AuthFailure, CommandState, Transport};

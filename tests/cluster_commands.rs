@@ -223,8 +223,14 @@ async fn an_mqtt_device_on_one_node_answers_a_command_created_on_another() {
             Duration::from_secs(5),
         )
         .await;
-        assert_eq!(a.metric("fluxgate_commands_total{state=\"failed\"}").await, 1.0);
-        assert_eq!(b.metric("fluxgate_commands_total{state=\"sent\"}").await, 0.0);
+        assert_eq!(
+            a.metric("fluxgate_commands_total{state=\"failed\"}").await,
+            1.0
+        );
+        assert_eq!(
+            b.metric("fluxgate_commands_total{state=\"sent\"}").await,
+            0.0
+        );
         assert_eq!(
             b.metric("fluxgate_commands_refused_total{reason=\"unknown_command\"}")
                 .await,
@@ -241,7 +247,8 @@ async fn an_mqtt_device_on_one_node_answers_a_command_created_on_another() {
         for n in [&a, &b] {
             let text = n.metrics_text().await;
             for reason in ["offer_failed", "forward_failed", "bad_message"] {
-                let series = format!("fluxgate_command_route_failures_total{{reason=\"{reason}\"}}");
+                let series =
+                    format!("fluxgate_command_route_failures_total{{reason=\"{reason}\"}}");
                 assert_eq!(common::scrape(&text, &series), 0.0, "{series}");
             }
         }
@@ -379,7 +386,10 @@ async fn commands_for_an_offline_device_go_out_in_order_from_the_node_it_connect
             let done = wait_state(&a, "late", &ids[i], "replied").await;
             assert_eq!(done["result"], i);
         }
-        assert!(dev.commands.try_recv().is_err(), "the cancelled one never went out");
+        assert!(
+            dev.commands.try_recv().is_err(),
+            "the cancelled one never went out"
+        );
         dev.task.abort();
     })
     .await;

@@ -56,6 +56,7 @@ enum Request {
     },
     /// From a holder: the device confirmed receipt (no `reply`) or answered.
     Confirm {
+        from: String,
         device: String,
         id: String,
         reply: Option<WireReply>,
@@ -361,6 +362,7 @@ impl Remote for NatsRoute {
             }),
         };
         let request = Request::Confirm {
+            from: self.node_id.clone(),
             device: device.to_owned(),
             id: id.to_owned(),
             reply,
@@ -632,7 +634,12 @@ async fn answer(commands: &Commands, request: Request) -> Answer {
                 None => Answer::NotTaken,
             }
         }
-        Request::Confirm { device, id, reply } => {
+        Request::Confirm {
+            from,
+            device,
+            id,
+            reply,
+        } => {
             let what = match reply {
                 None => Confirm::Received,
                 Some(r) => match Reply::from_parts(r.ok, r.result, r.error) {
@@ -644,7 +651,7 @@ async fn answer(commands: &Commands, request: Request) -> Answer {
                     }
                 },
             };
-            match commands.confirm_forwarded(&device, &id, what).await {
+            match commands.confirm_forwarded(&from, &device, &id, what).await {
                 Ok(()) => Answer::Ok,
                 Err(e) => Answer::Refused {
                     reason: match e {

@@ -83,6 +83,8 @@ pub(super) enum Request {
         device: String,
         id: String,
         what: Confirm,
+        /// The holder that forwarded it (`None`: the device is connected here).
+        from: Option<String>,
         resp: oneshot::Sender<Answer<Result<(), ReplyRefused>>>,
     },
     /// From another node (the owner): deliver this command if its device is connected
@@ -348,8 +350,12 @@ impl Dispatcher {
                 device,
                 id,
                 what,
+                from,
                 resp,
             } => {
+                if let Some(node) = from {
+                    self.settle_offer(&device, &id, node, downlinks).await;
+                }
                 let r = if self
                     .entries
                     .get(&id)
@@ -373,6 +379,8 @@ impl Dispatcher {
                 let _ = resp.send(self.offer_here(&device, offer, downlinks));
             }
             Request::Lost { node, device, id } => {
+                self.settle_offer(&device, &id, node.clone(), downlinks)
+                    .await;
                 let by_it = self.entries.get(&id).is_some_and(|e| {
                     e.cmd.device == device
                         && matches!(&e.route, Some(Route::Remote(n)) if *n == node)
@@ -617,6 +625,34 @@ impl Dispatcher {
             self.notices
                 .push(remote.lost(&held.owner, &held.device, id));
         }
+    }
+
+    /// Node `node` speaks of command `id` while its offer is still waiting for the
+    /// answer (the device's receipt can overtake it): the offer was taken.
+    async fn settle_offer(
+        &mut self,
+        device: &str,
+        id: &str,
+        node: String,
+        downlinks: &[Arc<dyn Downlink>],
+    ) {
+        let offering = self
+            .devices
+            .get(device)
+            .is_some_and(|q| q.offering.as_deref() == Some(id));
+        let Some(attempt) = self
+            .entries
+            .get(id)
+            .filter(|e| offering && e.cmd.state == CommandState::Queued)
+            .map(|e| e.attempt + 1)
+        else {
+            return;
+        };
+        let taken = Offered::Taken {
+            node,
+            via: Via::Push,
+        };
+        self.offered(device, id, attempt, taken, downlinks).await;
     }
 
     /// The holder's answer to an offer of this node's command `id`.

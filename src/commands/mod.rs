@@ -153,38 +153,43 @@ impl Commands {
 
     /// `device` confirmed receipt of command `id` (WS `received`).
     pub async fn received(&self, device: &str, id: &str) -> Result<(), ReplyRefused> {
-        self.confirm(device, id, Confirm::Received, true).await
+        self.confirm(device, id, Confirm::Received, None).await
     }
 
     /// `device` answered command `id`.
     pub async fn reply(&self, device: &str, id: &str, reply: Reply) -> Result<(), ReplyRefused> {
-        self.confirm(device, id, Confirm::Reply(reply), true).await
+        self.confirm(device, id, Confirm::Reply(reply), None).await
     }
 
-    /// A receipt or reply that another node forwarded: answered here, never forwarded
-    /// again (so two nodes can never send one back and forth).
+    /// A receipt or reply that node `from` (the holder) forwarded: answered here, never
+    /// forwarded again (so two nodes can never send one back and forth).
     pub async fn confirm_forwarded(
         &self,
+        from: &str,
         device: &str,
         id: &str,
         what: Confirm,
     ) -> Result<(), ReplyRefused> {
-        self.confirm(device, id, what, false).await
+        self.confirm(device, id, what, Some(from.to_owned())).await
     }
 
+    /// `from`: the holder that forwarded it (`None`: the device is connected here, and
+    /// the answer may be forwarded to the owner).
     async fn confirm(
         &self,
         device: &str,
         id: &str,
         what: Confirm,
-        forward: bool,
+        from: Option<String>,
     ) -> Result<(), ReplyRefused> {
+        let forward = from.is_none();
         let (d, i) = (device.to_owned(), id.to_owned());
         let answer = self
             .call(|resp| Request::Confirm {
                 device: d,
                 id: i,
                 what: what.clone(),
+                from,
                 resp,
             })
             .await

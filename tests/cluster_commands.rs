@@ -236,9 +236,10 @@ async fn an_mqtt_device_on_one_node_answers_a_command_created_on_another() {
                 .await,
             0.0
         );
-        // A repeated reply is refused as on one node, and counted by the owner.
+        // A repeated reply is refused as on one node, and counted by the node the
+        // device talks to (it no longer forwards for a finished command).
         dev.reply(&cmd, json!({"ok": true})).await;
-        a.wait_metric(
+        b.wait_metric(
             "fluxgate_commands_refused_total{reason=\"unknown_command\"}",
             1.0,
             Duration::from_secs(10),

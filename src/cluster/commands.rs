@@ -84,7 +84,7 @@ enum Answer {
     /// A confirmation refused: `unknown`, `not_sent`, `unavailable`.
     Refused { reason: String },
     /// A cancel done: the command as it stands.
-    Cancelled { command: WireCommand },
+    Cancelled { command: Box<WireCommand> },
     /// A cancel refused: `not_found`, `conflict` (with the state), `unavailable`.
     CancelRefused {
         reason: String,
@@ -173,7 +173,7 @@ struct Reachable {
 
 /// Something for the relay to publish.
 enum Outbound {
-    Changed(WireCommand),
+    Changed(Box<WireCommand>),
     Reachable(String),
 }
 
@@ -444,7 +444,7 @@ impl Remote for NatsRoute {
                 .await;
                 match answer {
                     Some(Answer::Cancelled { command }) => {
-                        command.into_command().ok_or_else(unreachable)
+                        (*command).into_command().ok_or_else(unreachable)
                     }
                     Some(Answer::CancelRefused { reason, state }) => {
                         match (
@@ -467,7 +467,7 @@ impl Remote for NatsRoute {
     }
 
     fn changed(&self, cmd: &Command) {
-        self.publish(Outbound::Changed(WireCommand::from(cmd)), &cmd.id);
+        self.publish(Outbound::Changed(Box::new(WireCommand::from(cmd))), &cmd.id);
     }
 }
 
@@ -545,7 +545,7 @@ impl CommandRelay {
         let (subject, body, id) = match out {
             Outbound::Changed(c) => {
                 let id = c.id.clone();
-                (subject::COMMAND_EVENTS, serde_json::to_vec(&c), id)
+                (subject::COMMAND_EVENTS, serde_json::to_vec(&*c), id)
             }
             Outbound::Reachable(device) => (
                 subject::COMMAND_REACHABLE,
@@ -672,7 +672,7 @@ async fn answer(commands: &Commands, request: Request) -> Answer {
         }
         Request::Cancel { device, id } => match commands.cancel_forwarded(&device, &id).await {
             Ok(c) => Answer::Cancelled {
-                command: WireCommand::from(&c),
+                command: Box::new(WireCommand::from(&c)),
             },
             Err(e) => {
                 let (reason, state) = match e {

@@ -395,3 +395,56 @@ async fn commands_for_an_offline_device_go_out_in_order_from_the_node_it_connect
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_device_long_polling_one_node_gets_another_nodes_command() {
+    bounded(120, async {
+        let nats = NatsCluster::start(1).await;
+        let pg = Postgres::start().await;
+        let a = node("a", &nats, &pg).await;
+        let b = node("b", &nats, &pg).await;
+        let tokens = provision(&[&a, &b], "h1").await;
+        // Created while the device is offline: queued on a.
+        let r = create(&a, "h1", json!({"name": "read_config"})).await;
+        assert_eq!(r.body["state"], "queued", "{}", r.body);
+        let cmd = r.body["id"].as_str().unwrap().to_owned();
+
+        // The device polls b: b tells the other nodes, a offers, the poll answers.
+        let poll = b
+            .http_client
+            .get(b.http_url("/api/v1/devices/h1/commands/next?wait=20s"))
+            .header("authorization", common::bearer(&tokens[1]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(poll.status(), 200);
+        let got: Value = poll.json().await.unwrap();
+        assert_eq!(got, json!({"id": cmd, "name": "read_config", "params": {}}));
+        wait_state(&a, "h1", &cmd, "delivered").await;
+
+        let r = b
+            .http_client
+            .post(b.http_url(&format!("/api/v1/devices/h1/commands/{cmd}/reply")))
+            .header("authorization", common::bearer(&tokens[1]))
+            .header("content-type", "application/json")
+            .body(json!({"ok": true, "result": {"period_ms": 1000}}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+        let done = wait_state(&a, "h1", &cmd, "replied").await;
+        assert_eq!(done["result"], json!({"period_ms": 1000}));
+        // Answered twice: 404 on b, as on one node.
+        let r = b
+            .http_client
+            .post(b.http_url(&format!("/api/v1/devices/h1/commands/{cmd}/reply")))
+            .header("authorization", common::bearer(&tokens[1]))
+            .header("content-type", "application/json")
+            .body(json!({"ok": true}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    })
+    .await;
+}

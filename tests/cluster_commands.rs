@@ -448,3 +448,33 @@ async fn an_http_device_long_polling_one_node_gets_another_nodes_command() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_taken_by_a_node_that_stops_goes_out_again_through_another() {
+    bounded(120, async {
+        let nats = NatsCluster::start(1).await;
+        let pg = Postgres::start().await;
+        let a = node("a", &nats, &pg).await;
+        let b = node("b", &nats, &pg).await;
+        let c = node("c", &nats, &pg).await;
+        let tokens = provision(&[&a, &b, &c], "s1").await;
+        let mut ws = b.ws_ingest(&tokens[1], "").await;
+        wait_online(&a, "s1").await;
+        let r = create(&a, "s1", json!({"name": "survive"})).await;
+        let cmd = r.body["id"].as_str().unwrap().to_owned();
+        let frame = ws_next_json(&mut ws).await;
+        assert_eq!(frame["id"], cmd.as_str());
+        wait_state(&a, "s1", &cmd, "sent").await;
+        // b stops before the device confirmed: a finds the command no longer held
+        // and queues it again; the device, now on c, gets it.
+        drop(ws);
+        b.shutdown().await;
+        wait_state(&a, "s1", &cmd, "queued").await;
+        let mut dev = mqtt_device(&c, "s1", &tokens[2]).await;
+        assert_eq!(dev.next().await["id"], cmd.as_str());
+        dev.reply(&cmd, json!({"ok": true})).await;
+        wait_state(&a, "s1", &cmd, "replied").await;
+        dev.task.abort();
+    })
+    .await;
+}

@@ -67,6 +67,8 @@ enum Request {
         device: String,
         id: String,
     },
+    /// From the owner: do you still hold this command (taken, not yet confirmed)?
+    Holding { id: String },
     /// From any node: an operator cancels the command.
     Cancel { device: String, id: String },
 }
@@ -83,6 +85,8 @@ enum Answer {
     Ok,
     /// A confirmation refused: `unknown`, `not_sent`, `unavailable`.
     Refused { reason: String },
+    /// Whether the command is held here.
+    Holds { held: bool },
     /// A cancel done: the command as it stands.
     Cancelled { command: Box<WireCommand> },
     /// A cancel refused: `not_found`, `conflict` (with the state), `unavailable`.
@@ -394,6 +398,38 @@ impl Remote for NatsRoute {
         )
     }
 
+    fn holding(&self, holder: &str, id: &str) -> RemoteFuture<bool> {
+        let request = Request::Holding { id: id.to_owned() };
+        let (client, metrics) = (self.client.clone(), self.metrics.clone());
+        let (holder, id) = (holder.to_owned(), id.to_owned());
+        detached(
+            async move {
+                let Ok(body) = serde_json::to_vec(&request) else {
+                    return true;
+                };
+                let sent = client.request(subject::commands(&holder), body.into());
+                match tokio::time::timeout(REQUEST_TIMEOUT, sent).await {
+                    Ok(Ok(msg)) => match serde_json::from_slice::<Answer>(&msg.payload) {
+                        Ok(Answer::Holds { held }) => held,
+                        _ => true,
+                    },
+                    // Nobody serves the holder's subject: it is gone, and its
+                    // connection to the device with it.
+                    Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => false,
+                    Ok(Err(_)) | Err(_) => {
+                        metrics.emit(Event::CommandRouteFailed {
+                            id: &id,
+                            node: &holder,
+                            reason: CommandRouteFailure::OfferFailed,
+                        });
+                        true
+                    }
+                }
+            },
+            || true,
+        )
+    }
+
     fn lost(&self, owner: &str, device: &str, id: &str) -> RemoteFuture<()> {
         let request = Request::Lost {
             from: self.node_id.clone(),
@@ -666,6 +702,9 @@ async fn answer(commands: &Commands, request: Request) -> Answer {
                 },
             }
         }
+        Request::Holding { id } => Answer::Holds {
+            held: commands.holds(&id).await,
+        },
         Request::Lost { from, device, id } => {
             commands.lost_at(&from, &device, &id).await;
             Answer::Ok

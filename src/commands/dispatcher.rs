@@ -53,6 +53,9 @@ const TICK: Duration = Duration::from_secs(1);
 pub const MAX_OFFERS: usize = 256;
 /// Other owners' commands this node delivered and still forwards for.
 pub const MAX_HELD: usize = 16 * 1024;
+/// How long a command sent through another node may stay unconfirmed before the owner
+/// asks whether that node still holds it (a holder that stopped cannot report the loss).
+const PROBE_AFTER: Duration = Duration::from_secs(5);
 /// How long past its timeout a held delivery is remembered (a late reply is still
 /// forwarded, and the owner decides).
 const HELD_GRACE: Duration = Duration::from_secs(60);
@@ -93,6 +96,11 @@ pub(super) enum Request {
         device: String,
         offer: RemoteOffer,
         resp: oneshot::Sender<Option<Via>>,
+    },
+    /// From another node (an owner): does this node hold command `id`?
+    Holds {
+        id: String,
+        resp: oneshot::Sender<bool>,
     },
     /// From another node: `device` may be reachable there now.
     ReachableAt {
@@ -168,6 +176,7 @@ struct DeviceQueue {
 type OutcomeFuture = Pin<Box<dyn Future<Output = (String, u32, bool)> + Send + Sync>>;
 type OfferFuture = Pin<Box<dyn Future<Output = (String, String, u32, Offered)> + Send + Sync>>;
 type HeldFuture = Pin<Box<dyn Future<Output = (String, u64, bool)> + Send + Sync>>;
+type ProbeFuture = Pin<Box<dyn Future<Output = (String, u32, bool)> + Send + Sync>>;
 
 /// The command component's task (see the module docs). Built with
 /// [`Commands::new`](super::Commands::new), started by `app` with [`Dispatcher::run`].
@@ -194,6 +203,8 @@ pub struct Dispatcher {
     held: HashMap<String, Held>,
     /// Push outcomes of held deliveries.
     held_outcomes: FuturesUnordered<HeldFuture>,
+    /// Questions to holders whether they still hold a command (at most [`MAX_OFFERS`]).
+    probes: FuturesUnordered<ProbeFuture>,
     /// Receipts and losses on their way to owners (one per held delivery at most).
     notices: FuturesUnordered<RemoteFuture<()>>,
     next_token: u64,
@@ -225,6 +236,7 @@ impl Dispatcher {
             held: HashMap::new(),
             held_outcomes: FuturesUnordered::new(),
             notices: FuturesUnordered::new(),
+            probes: FuturesUnordered::new(),
             next_token: 0,
         }
     }
@@ -269,6 +281,9 @@ impl Dispatcher {
                     self.held_outcome(&id, token, acked);
                 }
                 Some(()) = self.notices.next(), if !self.notices.is_empty() => {}
+                Some((id, attempt, held)) = self.probes.next(), if !self.probes.is_empty() => {
+                    self.probed(&id, attempt, held, &downlinks).await;
+                }
                 () = sleep_until(next) => self.expire(&downlinks).await,
                 _ = tick.tick() => self.retry(&downlinks).await,
             }
@@ -370,6 +385,11 @@ impl Dispatcher {
                     self.confirm_held(&device, &id, &what)
                 };
                 let _ = resp.send(r);
+            }
+            Request::Holds { id, resp } => {
+                // Held, confirmed or not: the device has it, so the owner must not send
+                // it again because a forwarded receipt went missing.
+                let _ = resp.send(self.held.contains_key(&id));
             }
             Request::Offer {
                 device,
@@ -980,6 +1000,7 @@ impl Dispatcher {
             self.lost(&id).await;
         }
         self.held_tick();
+        self.probe();
         self.pollers.retain(|_, p| !p.is_closed());
         self.ws.retain(|_, conns| {
             conns.retain(|c| !c.is_closed());
@@ -994,6 +1015,56 @@ impl Dispatcher {
         for device in waiting {
             self.dispatch(&device, downlinks).await;
         }
+    }
+
+    /// Commands sent through another node and unconfirmed for [`PROBE_AFTER`]: ask
+    /// that node whether it still holds them (one question per command per tick).
+    fn probe(&mut self) {
+        let Some(remote) = self.remote.clone() else {
+            return;
+        };
+        if !self.probes.is_empty() {
+            return;
+        }
+        let due = now_ms().saturating_sub(PROBE_AFTER.as_millis() as u64);
+        let asks: Vec<(String, u32, String)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                e.cmd.state == CommandState::Sent && e.cmd.sent_ms.is_some_and(|s| s <= due)
+            })
+            .filter_map(|(id, e)| match &e.route {
+                Some(Route::Remote(node)) => Some((id.clone(), e.attempt, node.clone())),
+                _ => None,
+            })
+            .take(MAX_OFFERS)
+            .collect();
+        for (id, attempt, node) in asks {
+            let held = remote.holding(&node, &id);
+            self.probes
+                .push(Box::pin(async move { (id, attempt, held.await) }));
+        }
+    }
+
+    /// A holder's answer whether it still holds command `id`: if not, it was lost.
+    async fn probed(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        held: bool,
+        downlinks: &[Arc<dyn Downlink>],
+    ) {
+        let same = self.entries.get(id).is_some_and(|e| {
+            e.attempt == attempt
+                && e.cmd.state == CommandState::Sent
+                && matches!(e.route, Some(Route::Remote(_)))
+        });
+        if held || !same {
+            return;
+        }
+        let device = self.entries[id].cmd.device.clone();
+        self.lost(id).await;
+        self.dispatch(&device, downlinks).await;
     }
 
     /// Held deliveries whose WebSocket closed before the receipt are lost (the owner is

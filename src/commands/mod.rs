@@ -244,6 +244,15 @@ impl Commands {
         .flatten()
     }
 
+    /// Whether this node holds another owner's command `id` (delivered here, the
+    /// device's reply not yet forwarded).
+    pub async fn holds(&self, id: &str) -> bool {
+        let id = id.to_owned();
+        self.call(|resp| Request::Holds { id, resp })
+            .await
+            .unwrap_or(false)
+    }
+
     /// Node `node` (a holder) lost this node's command `id` before the device
     /// confirmed it: it is queued again.
     pub async fn lost_at(&self, node: &str, device: &str, id: &str) {

@@ -119,6 +119,12 @@ pub trait Remote: Send + Sync {
     /// of it finds the command failed by its timeout.
     fn lost(&self, owner: &str, device: &str, id: &str) -> RemoteFuture<()>;
 
+    /// Whether `holder` still holds this node's command `id` (it took it and the device
+    /// has not confirmed it yet). False only when it said no or is gone (no node
+    /// answers on its subject); an answer that does not come in time counts as yes, so
+    /// a slow link never sends a command twice.
+    fn holding(&self, holder: &str, id: &str) -> RemoteFuture<bool>;
+
     /// Forward an operator's cancel to `owner`.
     fn cancel(
         &self,

@@ -5,10 +5,8 @@
 //! answers with the reply; a device offline at creation gets its commands, in order,
 //! from whichever node it connects to later; a loss on the holder requeues.
 //!
-//! Until the registry is shared (PostgreSQL, branch `pgreg`), each node has its own
-//! SQLite registry: devices are provisioned on every node (tokens differ per node), and
-//! what needs the shared registry (a non-owner node reading or cancelling another
-//! node's command) is asserted only with [`SHARED_REGISTRY`].
+//! The registry is shared (PostgreSQL): a device provisioned through one node is known
+//! to all, and every node reads and cancels every node's commands.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -18,6 +16,7 @@ use std::time::Duration;
 
 use common::engines::{NatsCluster, Postgres};
 use common::{TestGateway, bounded, ws_next_json};
+use fluxgate::Config;
 use fluxgate::config::Secret;
 use futures_util::SinkExt;
 use reqwest::Method;
@@ -26,12 +25,9 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite;
 
-/// The registry is one for all nodes: a non-owner node reads and cancels another
-/// node's commands. Off until the PostgreSQL registry is on main.
-const SHARED_REGISTRY: bool = false;
-
+/// Node `id`; the first node on `pg` creates the admin key, the others join with it.
 async fn node(id: &str, nats: &NatsCluster, pg: &Postgres) -> TestGateway {
-    TestGateway::spawn_with(|c| {
+    let adjust = |c: &mut Config| {
         c.cluster.enabled = true;
         c.cluster.node_id = id.to_owned();
         c.cluster.nats = nats.urls();
@@ -40,17 +36,15 @@ async fn node(id: &str, nats: &NatsCluster, pg: &Postgres) -> TestGateway {
         c.cluster.stream_max_bytes = 256 << 20;
         // Reports every second: other nodes learn soon that a device connected here.
         c.cluster.presence_ttl = Duration::from_secs(3);
-    })
-    .await
-}
-
-/// Provision `device` on every node; its token on each, in order.
-async fn provision(nodes: &[&TestGateway], device: &str) -> Vec<String> {
-    let mut tokens = Vec::new();
-    for n in nodes {
-        tokens.push(n.provision(device).await);
+    };
+    match pg.admin_key() {
+        None => {
+            let gw = TestGateway::spawn_with(adjust).await;
+            pg.set_admin_key(&gw.admin_key);
+            gw
+        }
+        Some(key) => TestGateway::spawn_joining(adjust, &key).await,
     }
-    tokens
 }
 
 /// An rumqttc device subscribed to its command topic; commands arrive on `commands`.
@@ -149,6 +143,23 @@ async fn wait_state(gw: &TestGateway, device: &str, cmd: &str, state: &str) -> V
     }
 }
 
+/// Provision `device` through the first node and wait until every node's registry
+/// cache has it (a change reaches the others within a second, LISTEN/NOTIFY); its token.
+async fn provision(nodes: &[&TestGateway], device: &str) -> String {
+    let token = nodes[0].provision(device).await;
+    for n in nodes {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while n.admin.get(&path(device)).await.status != 200 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{device} never reached a node"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    token
+}
+
 /// Wait until `gw` counts `device` online (another node reported it connected).
 async fn wait_online(gw: &TestGateway, device: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -173,8 +184,8 @@ async fn an_mqtt_device_on_one_node_answers_a_command_created_on_another() {
         let pg = Postgres::start().await;
         let a = node("a", &nats, &pg).await;
         let b = node("b", &nats, &pg).await;
-        let tokens = provision(&[&a, &b], "m1").await;
-        let mut dev = mqtt_device(&b, "m1", &tokens[1]).await;
+        let token = provision(&[&a, &b], "m1").await;
+        let mut dev = mqtt_device(&b, "m1", &token).await;
         wait_online(&a, "m1").await;
 
         // `?wait` on a (the owner): the device on b answers, a's request carries it.
@@ -210,11 +221,9 @@ async fn an_mqtt_device_on_one_node_answers_a_command_created_on_another() {
             .await;
         let done = wait_state(&a, "m1", &cmd, "failed").await;
         assert_eq!(done["error"], "battery low");
-        if SHARED_REGISTRY {
-            // Needs the shared registry: b reads a's command.
-            let on_b = wait_state(&b, "m1", &cmd, "failed").await;
-            assert_eq!(on_b["error"], "battery low");
-        }
+        // b reads a's command from the shared registry.
+        let on_b = wait_state(&b, "m1", &cmd, "failed").await;
+        assert_eq!(on_b["error"], "battery low");
 
         // The owner counts the states; the holder only delivered.
         a.wait_metric(
@@ -265,8 +274,8 @@ async fn a_ws_device_on_one_node_confirms_and_replies_to_another_nodes_command()
         let pg = Postgres::start().await;
         let a = node("a", &nats, &pg).await;
         let b = node("b", &nats, &pg).await;
-        let tokens = provision(&[&a, &b], "w1").await;
-        let mut ws = b.ws_ingest(&tokens[1], "").await;
+        let token = provision(&[&a, &b], "w1").await;
+        let mut ws = b.ws_ingest(&token, "").await;
         wait_online(&a, "w1").await;
         // Live command events on b, a node that owns nothing here.
         let mut sse = b.sse("/api/v1/live/sse?devices=w1&metrics=temp").await;
@@ -330,7 +339,7 @@ async fn a_ws_device_on_one_node_confirms_and_replies_to_another_nodes_command()
         ws.close(None).await.unwrap();
         drop(ws);
         wait_state(&a, "w1", &cmd, "queued").await;
-        let mut ws = b.ws_ingest(&tokens[1], "").await;
+        let mut ws = b.ws_ingest(&token, "").await;
         let frame = ws_next_json(&mut ws).await;
         assert_eq!(frame["id"], cmd.as_str(), "sent again after the loss");
         ws.send(send(json!({"type": "reply", "id": cmd, "ok": true})))
@@ -349,7 +358,7 @@ async fn commands_for_an_offline_device_go_out_in_order_from_the_node_it_connect
         let a = node("a", &nats, &pg).await;
         let b = node("b", &nats, &pg).await;
         let c = node("c", &nats, &pg).await;
-        let tokens = provision(&[&a, &b, &c], "late").await;
+        let token = provision(&[&a, &b, &c], "late").await;
 
         // Queued on a while the device is offline; one is cancelled.
         let mut ids = Vec::new();
@@ -360,23 +369,30 @@ async fn commands_for_an_offline_device_go_out_in_order_from_the_node_it_connect
             ids.push(r.body["id"].as_str().unwrap().to_owned());
         }
         let cancel = format!("{}/{}", path("late"), ids[1]);
-        if SHARED_REGISTRY {
-            // Needs the shared registry: b finds a's command and forwards the cancel.
-            let r = b.admin.call(Method::DELETE, &cancel, None).await;
-            assert_eq!(r.status, 200, "{}", r.body);
-            assert_eq!(r.body["state"], "cancelled");
-        } else {
-            // Without it, b does not know the command; a cancels it.
-            let r = b.admin.call(Method::DELETE, &cancel, None).await;
-            assert_eq!(r.status, 404, "{}", r.body);
-            let r = a.admin.call(Method::DELETE, &cancel, None).await;
-            assert_eq!(r.status, 200, "{}", r.body);
-        }
+        // b finds a's command in the shared registry and forwards the cancel to a.
+        let r = b.admin.call(Method::DELETE, &cancel, None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["state"], "cancelled");
         wait_state(&a, "late", &ids[1], "cancelled").await;
+        // Cancelled already: 409 through either node, as on one node.
+        for n in [&a, &b] {
+            let r = n.admin.call(Method::DELETE, &cancel, None).await;
+            r.assert_problem(409, "conflict");
+        }
+        // The list on c (a node that owns nothing) shows a's commands in order.
+        let r = c.admin.get(&path("late")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let listed: Vec<&str> = r.body["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(listed, ids.iter().map(String::as_str).collect::<Vec<_>>());
 
         // The device connects to c: a's queued commands reach it in creation order,
         // each after the reply to the one before.
-        let mut dev = mqtt_device(&c, "late", &tokens[2]).await;
+        let mut dev = mqtt_device(&c, "late", &token).await;
         for i in [0, 2] {
             let got = dev.next().await;
             assert_eq!(got["id"], ids[i].as_str(), "{got}");
@@ -403,7 +419,8 @@ async fn an_http_device_long_polling_one_node_gets_another_nodes_command() {
         let pg = Postgres::start().await;
         let a = node("a", &nats, &pg).await;
         let b = node("b", &nats, &pg).await;
-        let tokens = provision(&[&a, &b], "h1").await;
+        let c = node("c", &nats, &pg).await;
+        let token = provision(&[&a, &b, &c], "h1").await;
         // Created while the device is offline: queued on a.
         let r = create(&a, "h1", json!({"name": "read_config"})).await;
         assert_eq!(r.body["state"], "queued", "{}", r.body);
@@ -413,7 +430,7 @@ async fn an_http_device_long_polling_one_node_gets_another_nodes_command() {
         let poll = b
             .http_client
             .get(b.http_url("/api/v1/devices/h1/commands/next?wait=20s"))
-            .header("authorization", common::bearer(&tokens[1]))
+            .header("authorization", common::bearer(&token))
             .send()
             .await
             .unwrap();
@@ -422,10 +439,12 @@ async fn an_http_device_long_polling_one_node_gets_another_nodes_command() {
         assert_eq!(got, json!({"id": cmd, "name": "read_config", "params": {}}));
         wait_state(&a, "h1", &cmd, "delivered").await;
 
-        let r = b
+        // The reply comes through c, which neither owns nor delivered the command: the
+        // registry row names the owner, and c forwards it there.
+        let r = c
             .http_client
-            .post(b.http_url(&format!("/api/v1/devices/h1/commands/{cmd}/reply")))
-            .header("authorization", common::bearer(&tokens[1]))
+            .post(c.http_url(&format!("/api/v1/devices/h1/commands/{cmd}/reply")))
+            .header("authorization", common::bearer(&token))
             .header("content-type", "application/json")
             .body(json!({"ok": true, "result": {"period_ms": 1000}}).to_string())
             .send()
@@ -438,7 +457,7 @@ async fn an_http_device_long_polling_one_node_gets_another_nodes_command() {
         let r = b
             .http_client
             .post(b.http_url(&format!("/api/v1/devices/h1/commands/{cmd}/reply")))
-            .header("authorization", common::bearer(&tokens[1]))
+            .header("authorization", common::bearer(&token))
             .header("content-type", "application/json")
             .body(json!({"ok": true}).to_string())
             .send()
@@ -457,8 +476,8 @@ async fn a_command_taken_by_a_node_that_stops_goes_out_again_through_another() {
         let a = node("a", &nats, &pg).await;
         let b = node("b", &nats, &pg).await;
         let c = node("c", &nats, &pg).await;
-        let tokens = provision(&[&a, &b, &c], "s1").await;
-        let mut ws = b.ws_ingest(&tokens[1], "").await;
+        let token = provision(&[&a, &b, &c], "s1").await;
+        let mut ws = b.ws_ingest(&token, "").await;
         wait_online(&a, "s1").await;
         let r = create(&a, "s1", json!({"name": "survive"})).await;
         let cmd = r.body["id"].as_str().unwrap().to_owned();
@@ -470,7 +489,7 @@ async fn a_command_taken_by_a_node_that_stops_goes_out_again_through_another() {
         drop(ws);
         b.shutdown().await;
         wait_state(&a, "s1", &cmd, "queued").await;
-        let mut dev = mqtt_device(&c, "s1", &tokens[2]).await;
+        let mut dev = mqtt_device(&c, "s1", &token).await;
         assert_eq!(dev.next().await["id"], cmd.as_str());
         dev.reply(&cmd, json!({"ok": true})).await;
         wait_state(&a, "s1", &cmd, "replied").await;

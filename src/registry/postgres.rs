@@ -43,7 +43,8 @@ pub const CHANNEL: &str = "fluxgate_registry";
 const MIGRATION_LOCK: i64 = 0x666c_7578_6761_7465;
 
 /// The schema's migrations, in order: index `i` is version `i + 1`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE devices (
     id           TEXT PRIMARY KEY,
     name         TEXT NOT NULL,
@@ -86,11 +87,13 @@ CREATE TABLE commands (
     error        TEXT
 );
 CREATE INDEX commands_by_device ON commands (device, seq);
-", "
+",
+    "
 -- 2: the cluster node that owns a command.
 ALTER TABLE commands ADD COLUMN node TEXT NOT NULL DEFAULT '';
 CREATE INDEX commands_by_node ON commands (node, state);
-"];
+",
+];
 
 /// A connection whose I/O future the caller drives (the change listener reads
 /// notifications from it), connected within `timeout`.

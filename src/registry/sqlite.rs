@@ -27,7 +27,8 @@ use crate::model::Command;
 use crate::sync::lock;
 
 /// The schema's migrations, in order: index `i` is version `i + 1`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE IF NOT EXISTS devices (
     id           TEXT PRIMARY KEY,
     name         TEXT NOT NULL,
@@ -64,12 +65,14 @@ CREATE TABLE IF NOT EXISTS commands (
     error        TEXT
 ) STRICT;
 CREATE INDEX IF NOT EXISTS commands_by_device ON commands (device, seq);
-", "
+",
+    "
 -- 2: the cluster node that owns a command (empty on a single node and for every command
 -- from before cluster mode).
 ALTER TABLE commands ADD COLUMN node TEXT NOT NULL DEFAULT '';
 CREATE INDEX commands_by_node ON commands (node, state);
-"];
+",
+];
 
 /// The SQLite backend.
 pub(super) struct Sqlite {

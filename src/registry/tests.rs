@@ -257,3 +257,42 @@ fn stream_tokens_per_key_are_bounded() {
     reg.issue_stream_token("k3", Duration::from_secs(60))
         .unwrap();
 }
+
+/// A file from before commands had an owner node (schema version 1) keeps its open
+/// commands: migration 2 gives them the empty node, which a single node loads.
+#[test]
+fn a_version_1_file_keeps_its_open_commands_for_the_single_node() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join(FILE_NAME)).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE devices (
+                id TEXT PRIMARY KEY, name TEXT NOT NULL, labels TEXT NOT NULL,
+                enabled INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+                updated_ms INTEGER NOT NULL, version INTEGER NOT NULL,
+                token_hash BLOB NOT NULL, last_seen_ms INTEGER, transport TEXT) STRICT;
+             CREATE TABLE api_keys (
+                id TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL,
+                hash BLOB NOT NULL UNIQUE, created_ms INTEGER NOT NULL) STRICT;
+             CREATE TABLE commands (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+                device TEXT NOT NULL, name TEXT NOT NULL, params TEXT NOT NULL,
+                timeout_ms INTEGER NOT NULL, ttl_ms INTEGER NOT NULL, state TEXT NOT NULL,
+                created_ms INTEGER NOT NULL, sent_ms INTEGER, delivered_ms INTEGER,
+                finished_ms INTEGER, result TEXT, error TEXT) STRICT;
+             INSERT INTO commands (id, device, name, params, timeout_ms, ttl_ms, state, created_ms)
+                VALUES ('c1', 'd1', 'reboot', '{}', 1000, 2000, 'queued', 5);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let reg = open(dir.path());
+    let open_here = reg.commands_open("").unwrap();
+    assert_eq!(open_here.len(), 1);
+    assert_eq!(
+        (open_here[0].id.as_str(), open_here[0].node.as_str()),
+        ("c1", "")
+    );
+    // Another node's id owns none of them.
+    assert!(reg.commands_open("a").unwrap().is_empty());
+}

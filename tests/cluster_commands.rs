@@ -14,15 +14,14 @@ mod common;
 
 use std::time::Duration;
 
+use common::command_device::mqtt_device;
 use common::engines::{NatsCluster, Postgres};
 use common::{TestGateway, bounded, ws_next_json};
 use fluxgate::Config;
 use fluxgate::config::Secret;
 use futures_util::SinkExt;
 use reqwest::Method;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite;
 
 /// Node `id`; the first node on `pg` creates the admin key, the others join with it.
@@ -44,76 +43,6 @@ async fn node(id: &str, nats: &NatsCluster, pg: &Postgres) -> TestGateway {
             gw
         }
         Some(key) => TestGateway::spawn_joining(adjust, &key).await,
-    }
-}
-
-/// An rumqttc device subscribed to its command topic; commands arrive on `commands`.
-struct MqttDevice {
-    id: String,
-    client: AsyncClient,
-    commands: mpsc::UnboundedReceiver<Value>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn mqtt_device(gw: &TestGateway, id: &str, token: &str) -> MqttDevice {
-    let mut options = MqttOptions::new(id, gw.mqtt.ip().to_string(), gw.mqtt.port());
-    options
-        .set_credentials(id, token)
-        .set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(options, 16);
-    let (tx, commands) = mpsc::unbounded_channel();
-    let (subacked_tx, subacked) = tokio::sync::oneshot::channel();
-    let mut subacked_tx = Some(subacked_tx);
-    client
-        .subscribe(format!("devices/{id}/commands"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(s) = subacked_tx.take() {
-                        let _ = s.send(());
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = tx.send(serde_json::from_slice(&p.payload).unwrap());
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), subacked)
-        .await
-        .expect("no SUBACK")
-        .unwrap();
-    MqttDevice {
-        id: id.to_owned(),
-        client,
-        commands,
-        task,
-    }
-}
-
-impl MqttDevice {
-    async fn next(&mut self) -> Value {
-        tokio::time::timeout(Duration::from_secs(20), self.commands.recv())
-            .await
-            .expect("no command within 20 s")
-            .expect("device event loop ended")
-    }
-
-    async fn reply(&self, cmd: &str, body: Value) {
-        self.client
-            .publish(
-                format!("devices/{}/commands/{cmd}/reply", self.id),
-                QoS::AtLeastOnce,
-                false,
-                body.to_string(),
-            )
-            .await
-            .unwrap();
     }
 }
 

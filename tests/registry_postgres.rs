@@ -142,12 +142,11 @@ async fn script(reg: Arc<Registry>) -> Vec<String> {
         .await
         .unwrap();
     let keys = on(&reg, |r| r.list_keys()).await.unwrap();
-    log.push(format!(
-        "keys {:?}",
-        keys.iter()
-            .map(|k| (k.name.clone(), k.role))
-            .collect::<Vec<_>>()
-    ));
+    // By creation time, then id: keys made in the same millisecond come in id order,
+    // which is random; compare them by name.
+    let mut named: Vec<_> = keys.iter().map(|k| (k.name.clone(), k.role)).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    log.push(format!("keys {named:?}"));
     let admin = keys
         .iter()
         .find(|k| k.role == Role::Admin)

@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod command_device;
 pub mod engines;
 
 use std::collections::HashMap;

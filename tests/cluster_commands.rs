@@ -15,35 +15,20 @@ mod common;
 use std::time::Duration;
 
 use common::command_device::mqtt_device;
-use common::engines::{NatsCluster, Postgres};
+use common::engines::{NatsCluster, Postgres, cluster_gateway};
 use common::{TestGateway, bounded, ws_next_json};
-use fluxgate::Config;
-use fluxgate::config::Secret;
 use futures_util::SinkExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
 
-/// Node `id`; the first node on `pg` creates the admin key, the others join with it.
+/// Node `id` (see [`cluster_gateway`]), reporting presence often so that other nodes
+/// learn soon that a device connected here.
 async fn node(id: &str, nats: &NatsCluster, pg: &Postgres) -> TestGateway {
-    let adjust = |c: &mut Config| {
-        c.cluster.enabled = true;
-        c.cluster.node_id = id.to_owned();
-        c.cluster.nats = nats.urls();
-        c.cluster.postgres = Secret(pg.url());
-        c.cluster.replicas = 1;
-        c.cluster.stream_max_bytes = 256 << 20;
-        // Reports every second: other nodes learn soon that a device connected here.
-        c.cluster.presence_ttl = Duration::from_secs(3);
-    };
-    match pg.admin_key() {
-        None => {
-            let gw = TestGateway::spawn_with(adjust).await;
-            pg.set_admin_key(&gw.admin_key);
-            gw
-        }
-        Some(key) => TestGateway::spawn_joining(adjust, &key).await,
-    }
+    cluster_gateway(id, nats, pg, |c| {
+        c.cluster.presence_ttl = Duration::from_secs(3)
+    })
+    .await
 }
 
 fn path(device: &str) -> String {

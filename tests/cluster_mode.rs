@@ -9,33 +9,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::engines::{NatsCluster, Postgres, Vm, sample};
+use common::engines::{NatsCluster, Postgres, Vm, cluster_config, cluster_gateway, sample};
 use common::{TestGateway, bounded, now_ms, points_held, store_count, wait_for};
 use fluxgate::cluster::subject;
-use fluxgate::config::Secret;
 use fluxgate::model::Value;
 use fluxgate::{Config, Gateway};
 
-/// Turn `config` into node `id` of the cluster on these engines.
-fn cluster_node(config: &mut Config, id: &str, nats: &NatsCluster, pg: &Postgres) {
-    config.cluster.enabled = true;
-    config.cluster.node_id = id.to_owned();
-    config.cluster.nats = nats.urls();
-    config.cluster.postgres = Secret(pg.url());
-    config.cluster.replicas = 1;
-    config.cluster.stream_max_bytes = 256 << 20;
-}
-
-/// Node `id`; the first node on `pg` creates the admin key, the others join with it.
+/// Node `id` (see [`cluster_gateway`]).
 async fn node(id: &str, nats: &NatsCluster, pg: &Postgres) -> TestGateway {
-    match pg.admin_key() {
-        None => {
-            let gw = TestGateway::spawn_with(|c| cluster_node(c, id, nats, pg)).await;
-            pg.set_admin_key(&gw.admin_key);
-            gw
-        }
-        Some(key) => TestGateway::spawn_joining(|c| cluster_node(c, id, nats, pg), &key).await,
-    }
+    cluster_gateway(id, nats, pg, |_| {}).await
 }
 
 /// A node without the test client: only its store is looked at.
@@ -51,7 +33,7 @@ async fn bare_node(
     };
     config.http.listen = "127.0.0.1:0".parse().unwrap();
     config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
-    cluster_node(&mut config, id, nats, pg);
+    cluster_config(&mut config, id, nats, pg);
     config.validate().unwrap();
     Gateway::start(config).await.unwrap()
 }
@@ -213,7 +195,7 @@ async fn the_tsdb_is_written_once_by_whichever_nodes_run_the_sink() {
         let pg = Postgres::start().await;
         let vm = Vm::start().await;
         let with_sink = |c: &mut Config, id: &str| {
-            cluster_node(c, id, &nats, &pg);
+            cluster_config(c, id, &nats, &pg);
             let s = &mut c.sinks.influxdb;
             s.enabled = true;
             s.url = vm.url();
@@ -273,7 +255,7 @@ async fn losing_a_nats_server_mid_stream_loses_no_acknowledged_reading() {
         let mut nats = NatsCluster::start(3).await;
         let pg = Postgres::start().await;
         let r3 = |c: &mut Config, id: &str| {
-            cluster_node(c, id, &nats, &pg);
+            cluster_config(c, id, &nats, &pg);
             c.cluster.replicas = 3;
         };
         let a = TestGateway::spawn_with(|c| r3(c, "a")).await;
@@ -330,7 +312,7 @@ async fn a_device_connected_to_one_node_is_online_on_every_node() {
         let nats = NatsCluster::start(1).await;
         let pg = Postgres::start().await;
         let fast = |c: &mut Config, id: &str| {
-            cluster_node(c, id, &nats, &pg);
+            cluster_config(c, id, &nats, &pg);
             c.cluster.presence_ttl = Duration::from_secs(1);
             c.devices.online_timeout = Duration::from_secs(2);
         };
@@ -366,7 +348,7 @@ async fn a_full_stream_refuses_new_readings_and_says_so() {
         let pg = Postgres::start().await;
         // The smallest stream the config allows: 1 MiB, full-policy `discard = new`.
         let a = TestGateway::spawn_with(|c| {
-            cluster_node(c, "a", &nats, &pg);
+            cluster_config(c, "a", &nats, &pg);
             c.cluster.stream_max_bytes = 1 << 20;
         })
         .await;

@@ -548,3 +548,37 @@ pub type Sample = (String, String, i64, String);
 pub fn sample(field: &str, device: &str, ts: i64, value: f64) -> Sample {
     (field.to_owned(), device.to_owned(), ts, format!("{value}"))
 }
+
+/// Turn `config` into cluster node `id` on these engines (a one-replica stream of
+/// 256 MiB: the tests' JetStream is one server unless they say otherwise).
+pub fn cluster_config(config: &mut fluxgate::Config, id: &str, nats: &NatsCluster, pg: &Postgres) {
+    config.cluster.enabled = true;
+    config.cluster.node_id = id.to_owned();
+    config.cluster.nats = nats.urls();
+    config.cluster.postgres = fluxgate::config::Secret(pg.url());
+    config.cluster.replicas = 1;
+    config.cluster.stream_max_bytes = 256 << 20;
+}
+
+/// An in-process gateway as cluster node `id`, with `adjust` applied after
+/// [`cluster_config`]; the first node on `pg` creates the admin key, the others join
+/// with it.
+pub async fn cluster_gateway(
+    id: &str,
+    nats: &NatsCluster,
+    pg: &Postgres,
+    adjust: impl Fn(&mut fluxgate::Config),
+) -> super::TestGateway {
+    let setup = |c: &mut fluxgate::Config| {
+        cluster_config(c, id, nats, pg);
+        adjust(c);
+    };
+    match pg.admin_key() {
+        None => {
+            let gw = super::TestGateway::spawn_with(setup).await;
+            pg.set_admin_key(&gw.admin_key);
+            gw
+        }
+        Some(key) => super::TestGateway::spawn_joining(setup, &key).await,
+    }
+}

@@ -126,7 +126,7 @@ pub async fn next(
         (status = 409, description = "The command is queued again and was not sent (`not_sent`)", body = crate::api::problem::Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = crate::api::problem::Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = crate::api::problem::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Shutting down", body = crate::api::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Shutting down, or (cluster mode) the node that owns the command is unreachable; retry", body = crate::api::problem::Problem, content_type = "application/problem+json"),
     ),
     security(("device_token" = [])))]
 pub async fn reply(

@@ -65,7 +65,7 @@ impl Changes {
             Some(("r", id)) => {
                 self.revoked_keys.insert(id.to_owned());
             }
-            // Key creations (`k:`) need nothing (see the module docs); anything else is
+            // Anything else (key creations are not notified, see the module docs) is
             // from a newer node and is ignored.
             _ => {}
         }

@@ -9,9 +9,11 @@
 //! `tokio-postgres` is asynchronous; the registry's methods run on blocking threads, which
 //! wait for it with [`Handle::block_on`] (the connection tasks run on the runtime).
 //!
-//! Every committed change sends a notification on [`CHANNEL`] in its own transaction
+//! Every committed device change and key revocation sends a notification on [`CHANNEL`]
+//! in its own transaction
 //! (`pg_notify`, delivered on commit): `d:{device}` a device was created, changed or
-//! deleted; `k:{key}` a key was created; `r:{key}` a key was revoked. Other nodes'
+//! deleted; `r:{key}` a key was revoked (a key created elsewhere needs none: it is found
+//! by a lookup on its first use). Other nodes'
 //! [`ChangeListener`](super::ChangeListener)s apply them to their caches.
 //!
 //! Migrations are versioned in table `fluxgate_migrations`; a node applies the missing
@@ -423,7 +425,6 @@ impl Backend for Postgres {
                 &[&key.id, &key.name, &key.role.as_str(), &&hash[..], &key.created_ms],
             )
             .await?;
-            notify(&tx, format!("k:{}", key.id)).await?;
             tx.commit().await?;
             Ok(true)
         })

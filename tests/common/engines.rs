@@ -30,6 +30,19 @@ fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Send `signal` (`-INT`, `-TERM`) and wait up to `within` for the process to end on its
+/// own; then kill it.
+fn signal_then_kill(child: &mut Child, signal: &str, within: Duration) {
+    let _ = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + within;
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill9(child);
+}
+
 /// One nats-server of a [`NatsCluster`].
 struct NatsNode {
     port: u16,
@@ -326,14 +339,7 @@ impl Postgres {
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // A fast shutdown (SIGINT) leaves no shared memory behind.
-            let _ = Command::new("kill")
-                .args(["-INT", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            kill9(&mut c);
+            signal_then_kill(&mut c, "-INT", Duration::from_secs(10));
         }
     }
 
@@ -423,15 +429,7 @@ impl Vm {
     /// is not the outage being tested.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            signal_then_kill(&mut c, "-TERM", Duration::from_secs(20));
         }
     }
 
